@@ -1,0 +1,36 @@
+"""hf-attn-zoo: attention and Mixture-of-Experts surgery on pretrained Hugging Face Transformers models.
+
+>>> import hf_attn_zoo
+>>> model = hf_attn_zoo.patch(model, "moh", router="onorm")
+>>> model.save_pretrained("out"); model = hf_attn_zoo.from_pretrained("out")
+"""
+
+from __future__ import annotations
+
+from . import assets
+from . import patches as _patches  # noqa: F401  (registers every method)
+from .errors import ZooError
+from .loading import from_pretrained
+from .patching import applied_patches, aux_loss, new_module_names, new_parameters, patch, unpatch
+from .registry import PATCHES, MethodInfo, method_info, register_patch
+
+__all__ = [
+    "assets",
+    "ZooError",
+    "applied_patches",
+    "aux_loss",
+    "from_pretrained",
+    "methods",
+    "new_module_names",
+    "new_parameters",
+    "patch",
+    "register_patch",
+    "unpatch",
+]
+
+__version__ = "0.1.0"
+
+
+def methods() -> list[MethodInfo]:
+    """Every registered method: name, one-line summary and options (name, type, default, help)."""
+    return [method_info(PATCHES[name]) for name in sorted(PATCHES)]

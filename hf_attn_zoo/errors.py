@@ -1,0 +1,50 @@
+"""One exception class per kind of bad input.
+
+Every error the library raises on purpose is a `ZooError` (a `ValueError`), and its message names what is wrong
+and how to fix it. The model is never modified when one of them is raised by `patch()`.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ZooError",
+    "UnknownMethodError",
+    "InvalidOptionError",
+    "UnsupportedArchitectureError",
+    "PatchConflictError",
+    "CheckpointMismatchError",
+    "MissingAssetError",
+    "RecipeError",
+]
+
+
+class ZooError(ValueError):
+    """Base class of every error raised by hf_attn_zoo on bad input."""
+
+
+class UnknownMethodError(ZooError):
+    """A patch name that is not registered (typo, or a checkpoint made by a newer version)."""
+
+
+class InvalidOptionError(ZooError):
+    """An unknown option, an option of the wrong type, or a value out of range."""
+
+
+class UnsupportedArchitectureError(ZooError):
+    """A `model_type` without a family adapter, or a family the method cannot handle."""
+
+
+class PatchConflictError(ZooError):
+    """Patches that cannot be combined (e.g. the same layer patched twice by a method that forbids it)."""
+
+
+class CheckpointMismatchError(ZooError):
+    """Saved weights that do not match the patches recorded in the checkpoint's config."""
+
+
+class MissingAssetError(ZooError):
+    """An offline asset (model, corpus, benchmark data) whose package is not installed."""
+
+
+class RecipeError(ZooError):
+    """A tuning recipe that does not parse or validate; the message names the file, the key and the line."""

@@ -1,0 +1,1 @@
+"""Attention kernels and the `zoo` attention dispatcher (no method logic here)."""

@@ -1,0 +1,423 @@
+"""MoH: Multi-Head Attention as Mixture-of-Head Attention (arXiv:2410.11842, ICML 2025).
+
+Multi-head attention is a sum over heads, `MHA(x) = sum_i H_i W_O^i`; MoH weights it, `MoH(x) = sum_i g_i H_i W_O^i`
+(Eq. 4), where heads 1..h_s are *shared* (always on) and each token picks the top-k of the *routed* heads (Eq. 5).
+Three routers:
+
+- `learned` (Eq. 5-6): linear routers on the attention input; routed gates softmax -> top-k, renormalised over the
+  selected heads and scaled by k; shared gates softmax * h_s; the two-stage balance `[a1, a2] = softmax(W_h x) * 2`.
+  The scale factors follow the official code so that every gate is 1 at initialisation (zero-initialised routers
+  reproduce the dense model). `gate="binary"` uses 0/1 gates with a straight-through estimator (Eq. 9-10).
+  Load-balance loss (Eq. 7-8): `L_b = E * sum_i f_i P_i`, weighted by `balance_loss_weight` (0.01) and averaged over
+  layers, as in the official code.
+- `qnorm`: the training-free MoH-LLaMA3 release: routed heads ranked by the L2 norm of their query vectors,
+  normalised by the per-token std, softmax -> top-k, binary gates with a straight-through estimator.
+- `onorm`: training-free, ranks heads by the norm of their attention output. Measured on SmolLM2 (7 of 9 heads):
+  perplexity 20.4 -> 21.2, where query-norm selection gives 117-221. It computes every head and saves only the
+  output projection; it is also the target that `distill_router` fits the learned router to.
+
+What it replaces: the attention *function* of each patched layer (through the `zoo` dispatcher, so q/k/v/o
+projections, norms, RoPE and the KV cache are the family's own) plus a `head_router` module per layer (learned).
+GQA: routing is over query heads (`granularity="head"`) or over whole KV groups (`granularity="group"`). In the
+decode step, heads a token did not select are not computed: their attention and output projection are skipped when
+that is faster than dense (see `decode_skip`).
+
+Official code: https://github.com/SkyworkAI/MoH
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import PretrainedConfig
+
+from ..errors import InvalidOptionError
+from ..families.spec import FamilySpec, HeadLayout
+from ..kernels.head_sparse import active_runs, head_sparse_decode_attention
+from ..kernels.register import install_handler, remove_handler
+from ..registry import Capabilities, Patch, PatchConfig, PatchHandle, register_patch
+
+__all__ = ["MoHConfig", "MoHPatch", "MoHRouter", "distill_router", "moh_routers"]
+
+ACTIVE_FRACTION = 0.75
+SHARED_FRACTION = 0.5
+
+
+@dataclass
+class MoHConfig(PatchConfig):
+    router: Literal["learned", "qnorm", "onorm"] = field(
+        default="learned",
+        metadata={"help": "learned (Eq. 5), qnorm (MoH-LLaMA3, training-free) or onorm (attention-output norm, "
+                  "training-free)."},
+    )
+    shared_heads: int | None = field(
+        default=None,
+        metadata={"help": "always-active heads (the first ones). Default: half of the heads (learned, qnorm), "
+                  "0 (onorm)."},
+    )
+    routed_heads: int | None = field(
+        default=None,
+        metadata={"help": "heads a token routes over (after the shared ones); heads beyond shared+routed are never "
+                  "used. Default: all remaining heads."},
+    )
+    top_k: int | None = field(
+        default=None,
+        metadata={"help": "active routed heads per token. Default: 75% of all heads active in total."},
+    )
+    gate: Literal["weighted", "binary"] | None = field(
+        default=None,
+        metadata={"help": "weighted (Eq. 5 gates) or binary (0/1 with straight-through gradients). Default: "
+                  "weighted for learned, binary otherwise (qnorm/onorm are always binary)."},
+    )
+    granularity: Literal["head", "group"] = field(
+        default="head",
+        metadata={"help": "route over query heads, or over whole KV groups (GQA-aware: an unselected group's KV "
+                  "cache is not read when decoding). In group mode head counts must be multiples of the group "
+                  "size."},
+    )
+    balance_loss_weight: float = field(
+        default=0.01, metadata={"help": "weight of the load-balance loss (Eq. 8), averaged over patched layers."}
+    )
+    decode_skip: Literal["auto", "always", "never"] = field(
+        default="auto",
+        metadata={"help": "skip unselected heads in the decode step: auto (only where it reads less KV than dense "
+                  "and the context is long enough to pay), always, never (mask only)."},
+    )
+    skip_min_context: int = field(
+        default=512, metadata={"help": "decode_skip=auto: shortest KV length at which skipping is used."}
+    )
+
+
+@dataclass(frozen=True)
+class _Units:
+    """Routing units (heads, or KV groups in group mode): shared [0, s), routed [s, s+r), unused after."""
+
+    total: int
+    shared: int
+    routed: int
+    top_k: int
+    size: int  # heads per unit
+
+
+def _units(config: MoHConfig, layout: HeadLayout) -> _Units:
+    size = layout.group_size if config.granularity == "group" else 1
+    return _Units(layout.num_heads // size, config.shared_heads // size, config.routed_heads // size,
+                  config.top_k // size, size)
+
+
+class MoHRouter(nn.Module):
+    """Per-layer head router; computes the head gates `g` of Eq. 5 (shape `[B, T, H]`).
+
+    It also keeps head-usage counts (how often each head was active) and, in training, the load-balance loss of the
+    last forward (`last_aux_loss`).
+    """
+
+    def __init__(self, hidden_size: int, layout: HeadLayout, config: MoHConfig):
+        super().__init__()
+        self.config = config
+        self.layout = layout
+        self.units = _units(config, layout)
+        u = self.units
+        learned = config.router == "learned"
+        weighted = config.gate == "weighted"
+        # zero-initialised: uniform softmaxes, so with the code's scale factors every gate starts at exactly 1
+        self.routed = nn.Linear(hidden_size, u.routed, bias=False) if learned and u.routed > 0 else None
+        self.shared = nn.Linear(hidden_size, u.shared, bias=False) if learned and weighted and u.shared > 1 else None
+        self.mix = (nn.Linear(hidden_size, 2, bias=False)
+                    if learned and weighted and u.shared > 0 and u.routed > 0 else None)
+        for linear in (self.routed, self.shared, self.mix):
+            if linear is not None:
+                nn.init.zeros_(linear.weight)
+        self.last_aux_loss: torch.Tensor | None = None
+        self.teacher: str | None = None  # "onorm" while distill_router collects targets
+        self.distill_buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.reset_usage()
+
+    def extra_repr(self) -> str:
+        u = self.units
+        return (f"router={self.config.router}, gate={self.config.gate}, granularity={self.config.granularity}, "
+                f"shared={u.shared}, routed={u.routed}, top_k={u.top_k} (units of {u.size} head(s))")
+
+    def reset_usage(self) -> None:
+        self.usage_counts = torch.zeros(self.layout.num_heads, dtype=torch.float64)  # plain attribute: not saved
+        self.usage_tokens = 0
+
+    @property
+    def needs_head_outputs(self) -> bool:
+        return self.config.router == "onorm" or self.teacher is not None
+
+    def _unit_norms(self, per_head: torch.Tensor) -> torch.Tensor:
+        """Per-head norms `[B, T, H]` -> per-unit norms `[B, T, U]`."""
+        if self.units.size == 1:
+            return per_head
+        return per_head.pow(2).unflatten(-1, (self.units.total, self.units.size)).sum(-1).sqrt()
+
+    def routing_scores(self, hidden: torch.Tensor, query: torch.Tensor | None,
+                       head_out: torch.Tensor | None) -> torch.Tensor:
+        """Scores of the routed units `[B, T, r]` (logits for learned/qnorm, norms for onorm)."""
+        u = self.units
+        mode = self.teacher or self.config.router
+        if mode == "learned":
+            return self.routed(hidden.to(self.routed.weight.dtype))
+        if mode == "qnorm":
+            norms = self._unit_norms(query.float().norm(dim=-1).transpose(1, 2))  # [B, H, T] -> [B, T, U]
+        else:
+            norms = self._unit_norms(head_out.float().norm(dim=-1))  # head_out [B, T, H, D]
+        return norms[..., u.shared : u.shared + u.routed]
+
+    def forward(self, hidden: torch.Tensor, query: torch.Tensor | None = None,
+                head_out: torch.Tensor | None = None) -> torch.Tensor:
+        """Head gates `[B, T, H]` for the attention input `hidden` `[B, T, C]` (Eq. 5)."""
+        u, config = self.units, self.config
+        batch, length = hidden.shape[:2]
+        gates = hidden.new_zeros(batch, length, u.total, dtype=torch.float32)
+        routed = self._routed_gates(hidden, query, head_out) if u.routed > 0 else None
+        shared = self._shared_gates(hidden) if u.shared > 0 else None
+        if self.mix is not None:
+            alpha = torch.softmax(self.mix(hidden.to(self.mix.weight.dtype)).float(), dim=-1) * 2  # [a1, a2] of Eq. 5
+            shared, routed = shared * alpha[..., :1], routed * alpha[..., 1:]
+        if shared is not None:
+            gates[..., : u.shared] = shared
+        if routed is not None:
+            gates[..., u.shared : u.shared + u.routed] = routed
+        if u.size > 1:
+            gates = gates.repeat_interleave(u.size, dim=-1)
+        with torch.no_grad():
+            if self.usage_counts.device != gates.device:
+                self.usage_counts = self.usage_counts.to(gates.device)
+            self.usage_counts += (gates > 0).sum(dim=(0, 1))
+            self.usage_tokens += batch * length
+        if self.teacher is not None:
+            scores = self.routing_scores(hidden, query, head_out)
+            self.distill_buffer.append((hidden.detach().reshape(-1, hidden.shape[-1]).cpu(),
+                                        scores.detach().reshape(-1, scores.shape[-1]).cpu()))
+        return gates
+
+    def _shared_gates(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.shared is None:
+            return hidden.new_ones(*hidden.shape[:2], self.units.shared, dtype=torch.float32)
+        return torch.softmax(self.shared(hidden.to(self.shared.weight.dtype)).float(), dim=-1) * self.units.shared
+
+    def _routed_gates(self, hidden, query, head_out) -> torch.Tensor:
+        u, config = self.units, self.config
+        mode = self.teacher or config.router
+        scores = self.routing_scores(hidden, query, head_out).float()
+        if mode == "qnorm":
+            scores = scores / scores.std(dim=-1, keepdim=True, unbiased=False).clamp_min(1e-6)
+        mask = torch.zeros_like(scores)
+        if u.top_k > 0:
+            mask.scatter_(-1, scores.topk(u.top_k, dim=-1).indices, 1.0)
+        if mode == "onorm":
+            self.last_aux_loss = None
+            return mask
+        probs = torch.softmax(scores, dim=-1)
+        if self.training and 0 < u.top_k < u.routed:
+            # L_b = E * sum_i f_i P_i (official code's normalisation of Eq. 7)
+            f = mask.reshape(-1, u.routed).mean(0)
+            p = probs.reshape(-1, u.routed).mean(0)
+            self.last_aux_loss = u.routed * (f * p).sum()
+        else:
+            self.last_aux_loss = None
+        if config.gate == "weighted":
+            kept = probs * mask
+            return kept / kept.sum(-1, keepdim=True).clamp_min(1e-20) * u.top_k
+        # straight-through estimator (Eq. 9-10): forward 0/1, backward through the router probabilities
+        return mask + probs - probs.detach()
+
+    def routed_mask(self, hidden: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Active heads `[B, T, H]` (bool) without head outputs: only for learned/qnorm routers."""
+        return self.forward(hidden, query) > 0
+
+
+def _moh_handler(base, module, query, key, value, attention_mask, **kwargs):
+    """Attention handler of a MoH layer (installed on the attention module instance)."""
+    router: MoHRouter = module.head_router
+    hidden = module.__dict__.pop("_zoo_hidden")
+    if _use_sparse_decode(router, query, key, attention_mask, kwargs):
+        active = router.routed_mask(hidden, query)[:, 0]  # [B, H]
+        out = head_sparse_decode_attention(query, key, value, attention_mask, active, kwargs.get("scaling"))
+        if out.shape[0] == 1:
+            o_proj = _base_layer(getattr(module, "o_proj"))
+            o_proj.__dict__["_zoo_head_runs"] = (out.data_ptr(), active_runs(active[0].cpu()))
+        return out, None
+    out, weights = base(module, query, key, value, attention_mask, **kwargs)  # out [B, T, H, D]
+    gates = router(hidden, query, out if router.needs_head_outputs else None)
+    return out * gates.unsqueeze(-1).to(out.dtype), weights
+
+
+def _use_sparse_decode(router: MoHRouter, query, key, attention_mask, kwargs) -> bool:
+    config = router.config
+    if config.decode_skip == "never" or router.needs_head_outputs or query.shape[2] != 1:
+        return False
+    if torch.is_grad_enabled() or kwargs.get("softcap") or kwargs.get("s_aux") is not None:
+        return False
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        return False  # e.g. a flex BlockMask
+    if config.decode_skip == "always":
+        return True
+    # auto: only when a KV group can go unread (otherwise every KV head is read anyway and dense SDPA is faster)
+    u = router.units
+    unused_groups = u.total - u.shared - u.top_k if u.size == router.layout.group_size else 0
+    return unused_groups > 0 and key.shape[2] >= config.skip_min_context
+
+
+def _base_layer(module: nn.Module) -> nn.Module:
+    """The plain `nn.Linear` under a PEFT wrapper."""
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module
+
+
+def _head_sparse_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`o_proj` forward that multiplies only the active heads' columns when a MoH decode step left their runs."""
+    stash = self.__dict__.pop("_zoo_head_runs", None)
+    if stash is None or stash[0] != x.data_ptr():
+        return F.linear(x, self.weight, self.bias)
+    head_dim = x.shape[-1] // self._zoo_num_heads
+    out = x.new_zeros(*x.shape[:-1], self.weight.shape[0]) if self.bias is None else self.bias.expand(
+        *x.shape[:-1], -1).clone()
+    for start, stop in stash[1]:
+        cols = slice(start * head_dim, stop * head_dim)
+        out = out + x[..., cols] @ self.weight[:, cols].T
+    return out
+
+
+def _capture_hidden(module, args, kwargs):
+    module.__dict__["_zoo_hidden"] = args[0] if args else kwargs["hidden_states"]
+
+
+@register_patch
+class MoHPatch(Patch):
+    name = "moh"
+    summary = "Mixture-of-Head attention: shared + top-k routed heads per token (learned, query-norm or output-norm router)."
+    config_class = MoHConfig
+    capabilities = Capabilities(training_free=False, new_params=True, kv_cache=True, generate=True)
+    targets = ("attention_fn",)
+
+    def validate(self, config: MoHConfig, family: FamilySpec, model_config: PretrainedConfig) -> MoHConfig:
+        layout = family.head_layout(model_config)
+        size = layout.group_size if config.granularity == "group" else 1
+        units = layout.num_heads // size
+        shared = config.shared_heads
+        if shared is None:
+            shared = 0 if config.router == "onorm" else int(units * SHARED_FRACTION) * size
+        routed = config.routed_heads if config.routed_heads is not None else layout.num_heads - shared
+        top_k = config.top_k
+        if top_k is None:
+            top_k = max(0, min(routed // size, round(units * ACTIVE_FRACTION) - shared // size)) * size
+        gate = config.gate or ("weighted" if config.router == "learned" else "binary")
+        unit_name = "heads" if size == 1 else f"heads (group mode: multiples of the group size {size})"
+        for name, value in (("shared_heads", shared), ("routed_heads", routed), ("top_k", top_k)):
+            if value < 0 or value % size:
+                raise InvalidOptionError(f"moh: {name}={value} must be a non-negative number of {unit_name}.")
+        if shared + routed > layout.num_heads:
+            raise InvalidOptionError(
+                f"moh: shared_heads + routed_heads = {shared} + {routed} exceeds the {layout.num_heads} heads of "
+                "this model.")
+        if top_k > routed:
+            raise InvalidOptionError(f"moh: top_k={top_k} active heads cannot exceed routed_heads={routed}.")
+        if shared + top_k == 0:
+            raise InvalidOptionError("moh: shared_heads + top_k is 0, so no head would be active.")
+        if gate == "weighted" and config.router != "learned":
+            raise InvalidOptionError(f"moh: gate='weighted' needs router='learned'; the {config.router} router "
+                                     "uses binary gates.")
+        if not 0 <= config.balance_loss_weight:
+            raise InvalidOptionError("moh: balance_loss_weight must be >= 0.")
+        if config.skip_min_context < 1:
+            raise InvalidOptionError("moh: skip_min_context must be >= 1.")
+        return replace(config, shared_heads=shared, routed_heads=routed, top_k=top_k, gate=gate)
+
+    def apply(self, model, config: MoHConfig, family: FamilySpec, layers: list[int], handle: PatchHandle) -> None:
+        layout = family.head_layout(model.config)
+        attentions = [family.attention_module(model, i) for i in layers]
+        routers = []
+        for attention in attentions:
+            weight = getattr(attention, family.attention.q).weight
+            routers.append(MoHRouter(model.config.hidden_size, layout, config).to(weight.device))
+        for attention, router in zip(attentions, routers):
+            attention.head_router = router
+            handle.on_revert(lambda a=attention: delattr(a, "head_router"))
+            hook = attention.register_forward_pre_hook(_capture_hidden, with_kwargs=True)
+            handle.on_revert(hook.remove)
+            install_handler(model, attention, _moh_handler)
+            handle.on_revert(lambda a=attention: remove_handler(model, a))
+            if config.decode_skip != "never":
+                o_proj = _base_layer(getattr(attention, family.attention.o))
+                o_proj._zoo_num_heads = layout.num_heads
+                o_proj.forward = types.MethodType(_head_sparse_linear_forward, o_proj)
+                handle.on_revert(lambda o=o_proj: (o.__dict__.pop("forward"), o.__dict__.pop("_zoo_num_heads")))
+        handle.modules.extend(r for r in routers if any(True for _ in r.parameters()))
+
+        def layer_mean_balance_loss() -> torch.Tensor | None:
+            losses = [r.last_aux_loss for r in routers if r.last_aux_loss is not None]
+            for r in routers:
+                r.last_aux_loss = None
+            if not losses or config.balance_loss_weight == 0:
+                return None
+            return config.balance_loss_weight * torch.stack(losses).mean()
+
+        handle.aux_loss_fn = layer_mean_balance_loss
+
+    def neutral_config(self, family: FamilySpec, model_config: PretrainedConfig) -> MoHConfig:
+        heads = family.head_layout(model_config).num_heads
+        return MoHConfig(router="onorm", shared_heads=0, routed_heads=heads, top_k=heads)
+
+
+def moh_routers(model: nn.Module) -> dict[str, MoHRouter]:
+    """The MoH routers of a model, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoHRouter)}
+
+
+def distill_router(model: nn.Module, batches, steps: int = 200, lr: float = 1e-2,
+                   temperature: float = 1.0) -> dict[str, float]:
+    """Fit every learned MoH router to the output-norm ranking (the training-free `onorm` router) on real text.
+
+    Runs the model over `batches` (dicts with `input_ids`, optionally `attention_mask`) with output-norm routing,
+    records each layer's attention input and the norms of its routed heads' outputs, then trains each routed
+    router (a linear map, so this is cheap) with cross-entropy against `softmax(norms / std / temperature)`.
+    Returns the final distillation loss and top-k agreement per layer, averaged.
+    """
+    routers = [r for r in moh_routers(model).values() if r.routed is not None]
+    if steps < 1:
+        raise InvalidOptionError(f"distill_router: steps={steps} must be >= 1.")
+    if not routers:
+        raise InvalidOptionError("distill_router needs MoH layers with router='learned' and routed heads.")
+    was_training = model.training
+    model.eval()
+    for r in routers:
+        r.teacher, r.distill_buffer = "onorm", []
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")})
+    finally:
+        for r in routers:
+            r.teacher = None
+    losses, agreements = [], []
+    for r in routers:
+        hidden = torch.cat([h for h, _ in r.distill_buffer]).to(r.routed.weight)
+        norms = torch.cat([s for _, s in r.distill_buffer]).to(hidden)
+        r.distill_buffer = []
+        target = torch.softmax(norms / norms.std(-1, keepdim=True).clamp_min(1e-6) / temperature, dim=-1)
+        optimizer = torch.optim.Adam(r.routed.parameters(), lr=lr)
+        with torch.enable_grad():
+            for _ in range(steps):
+                loss = F.cross_entropy(r.routed(hidden).float(), target)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        with torch.no_grad():
+            k = max(r.units.top_k, 1)
+            picked = r.routed(hidden).topk(k, -1).indices.sort(-1).values
+            wanted = norms.topk(k, -1).indices.sort(-1).values
+            agreements.append((picked == wanted).all(-1).float().mean().item())
+        losses.append(loss.item())
+    model.train(was_training)
+    return {"loss": sum(losses) / len(losses), "topk_agreement": sum(agreements) / len(agreements),
+            "layers": len(routers), "tokens": int(hidden.shape[0])}

@@ -1,0 +1,146 @@
+"""`patch()` and `unpatch()`: validate everything, then change the model, then record what was done.
+
+Applied patches are recorded in `model.config.hf_attn_zoo` (a list of `{"method", "layers", "options"}`), so
+`save_pretrained` persists them and `hf_attn_zoo.from_pretrained` re-applies them before loading the weights.
+The live undo handles sit on the model object (`model._zoo_handles`) and are not saved.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .errors import PatchConflictError, UnsupportedArchitectureError
+from .families.spec import resolve_family
+from .layers import LayerSelector, resolve_layers
+from .registry import PatchHandle, get_patch
+
+__all__ = ["patch", "unpatch", "applied_patches", "aux_loss", "new_parameters", "new_module_names"]
+
+RECORD_KEY = "hf_attn_zoo"
+_HANDLES = "_zoo_handles"
+_HOOK = "_zoo_aux_loss_hook"
+
+
+def applied_patches(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """The patch records of `model` (a copy), in the order they were applied."""
+    return [dict(r) for r in (getattr(model.config, RECORD_KEY, None) or [])]
+
+
+def _handles(model: torch.nn.Module) -> list[PatchHandle]:
+    return model.__dict__.setdefault(_HANDLES, [])
+
+
+def patch(model: torch.nn.Module, method: str, layers: LayerSelector = "all", **options: Any) -> torch.nn.Module:
+    """Patch `model` in place with a method of the zoo and return it.
+
+    Everything is validated before the model changes: on any error the model is left exactly as it was.
+
+    Args:
+        model (`PreTrainedModel`): a loaded causal LM of a supported family (see `hf-attn-zoo methods`).
+        method (`str`): the method key, e.g. `"moh"`.
+        layers (`str | int | list[int]`, *optional*, defaults to `"all"`): which decoder layers to patch.
+        **options: the method's options (see `hf_attn_zoo.methods()`).
+
+    Example:
+        >>> model = hf_attn_zoo.patch(model, "moh", router="onorm", top_k=7, shared_heads=0)
+    """
+    impl = get_patch(method)
+    family = resolve_family(model.config)
+    reason = impl.check(family, model.config)
+    if reason is not None:
+        raise UnsupportedArchitectureError(f"{method} cannot patch a {family.name} model: {reason}")
+    config = impl.validate(impl.config_class.from_options(method, options), family, model.config)
+    num_layers = len(family.decoder_layers(model))
+    layer_ids = resolve_layers(layers, num_layers)
+    for record in applied_patches(model):
+        other = get_patch(record["method"])
+        overlap = sorted(set(record["layers"]) & set(layer_ids))
+        if overlap and set(other.targets) & set(impl.targets) and (impl.exclusive or other.exclusive):
+            raise PatchConflictError(
+                f"layers {overlap} already carry a {record['method']!r} patch of their {'/'.join(other.targets)}; "
+                f"{method!r} cannot be applied to them as well. Call hf_attn_zoo.unpatch(model) first, or choose "
+                "other layers."
+            )
+
+    handle = PatchHandle(method, layer_ids, config)
+    try:
+        impl.apply(model, config, family, layer_ids, handle)
+    except BaseException:
+        handle.revert()
+        raise
+    _handles(model).append(handle)
+    records = applied_patches(model)
+    records.append({"method": method, "layers": layer_ids, "options": config.to_dict()})
+    setattr(model.config, RECORD_KEY, records)
+    _ensure_aux_loss_hook(model)
+    return model
+
+
+def unpatch(model: torch.nn.Module) -> torch.nn.Module:
+    """Revert every patch applied to `model` in this process (newest first); outputs become bit-identical."""
+    handles = _handles(model)
+    while handles:
+        handles.pop().revert()
+    if hasattr(model.config, RECORD_KEY):
+        delattr(model.config, RECORD_KEY)
+    hook = model.__dict__.pop(_HOOK, None)
+    if hook is not None:
+        hook.remove()
+    return model
+
+
+def aux_loss(model: torch.nn.Module) -> torch.Tensor | None:
+    """The weighted sum of the patches' auxiliary losses (e.g. MoH load balance) from the last training forward.
+
+    Reading it clears it. A patched causal LM already adds it to `outputs.loss` and exposes it as
+    `outputs.aux_loss`, so training loops (and `transformers.Trainer`) include it without calling this.
+    """
+    total = None
+    for handle in _handles(_unwrap(model)):
+        loss = handle.aux_loss()
+        if loss is not None:
+            total = loss if total is None else total + loss
+    return total
+
+
+def _ensure_aux_loss_hook(model: torch.nn.Module) -> None:
+    if _HOOK in model.__dict__:
+        return
+
+    def add_aux_loss(module, args, output):
+        total = aux_loss(module)
+        if total is None or not hasattr(output, "keys"):
+            return output
+        output["aux_loss"] = total
+        if output.get("loss") is not None:
+            output["loss"] = output["loss"] + total.to(output["loss"].dtype)
+        return output
+
+    model.__dict__[_HOOK] = model.register_forward_hook(add_aux_loss)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The patched transformers model inside a PEFT or DDP wrapper."""
+    seen = 0
+    while _HANDLES not in model.__dict__ and seen < 4:
+        inner = getattr(model, "module", None) or getattr(model, "base_model", None) or getattr(model, "model", None)
+        if inner is None or inner is model:
+            break
+        model, seen = inner, seen + 1
+    return model
+
+
+def new_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters created by patches, by their full name in `model` (what recipes train with `what: new`)."""
+    created = {id(p) for handle in _handles(_unwrap(model)) for m in handle.modules for p in m.parameters()}
+    return {name: p for name, p in model.named_parameters() if id(p) in created}
+
+
+def new_module_names(model: torch.nn.Module) -> list[str]:
+    """Leaf names of the modules created by patches (e.g. `["head_router"]`), for peft's `modules_to_save`."""
+    inner = _unwrap(model)
+    created = {id(m) for handle in _handles(inner) for m in handle.modules}
+    names = {name.rsplit(".", 1)[-1] for name, m in inner.named_modules() if id(m) in created}
+    return sorted(names)

@@ -1,0 +1,224 @@
+"""The patch registry: the `Patch` base class every method subclasses, and `register_patch`."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from .errors import InvalidOptionError, UnknownMethodError
+
+if typing.TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from .families.spec import FamilySpec
+
+__all__ = [
+    "Capabilities",
+    "MethodInfo",
+    "OptionInfo",
+    "PATCHES",
+    "Patch",
+    "PatchConfig",
+    "PatchHandle",
+    "get_patch",
+    "register_patch",
+]
+
+
+@dataclass
+class PatchConfig:
+    """Base class of the options of a method.
+
+    Subclasses are dataclasses whose fields carry `metadata={"help": ...}`; field types are checked when a config is
+    built from user options (`from_options`), so a wrong type is reported with the option's name.
+    """
+
+    @classmethod
+    def from_options(cls, method: str, options: dict[str, Any]) -> PatchConfig:
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise InvalidOptionError(
+                f"{method}: unknown option(s) {unknown}; known options: {sorted(known)}. "
+                f"See `hf-attn-zoo methods` for their meaning."
+            )
+        hints = typing.get_type_hints(cls)
+        for name, value in options.items():
+            _check_type(method, name, value, hints[name])
+        return cls(**options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_type(method: str, name: str, value: Any, annotation: Any) -> None:
+    if not _matches(value, annotation):
+        raise InvalidOptionError(
+            f"{method}: option {name}={value!r} has the wrong type; expected {_describe(annotation)}."
+        )
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return True
+    if annotation is type(None):
+        return value is None
+    if origin is Literal:
+        return value in typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(annotation))
+    if origin in (list, tuple):
+        (item,) = typing.get_args(annotation)[:1] or (Any,)
+        return isinstance(value, (list, tuple)) and all(_matches(v, item) for v in value)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _describe(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a patch supports; the common test grid reads these instead of skip lists."""
+
+    training_free: bool
+    new_params: bool
+    kv_cache: bool = True
+    generate: bool = True
+
+
+class PatchHandle:
+    """What one `apply` changed, with the undo steps to revert it (run in reverse order)."""
+
+    def __init__(self, method: str, layers: list[int], config: PatchConfig):
+        self.method = method
+        self.layers = layers
+        self.config = config
+        self.modules: list[torch.nn.Module] = []
+        self._undo: list[Callable[[], None]] = []
+        self.aux_loss_fn: Callable[[], torch.Tensor | None] | None = None
+
+    def on_revert(self, fn: Callable[[], None]) -> None:
+        self._undo.append(fn)
+
+    def revert(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    def aux_loss(self) -> torch.Tensor | None:
+        return self.aux_loss_fn() if self.aux_loss_fn is not None else None
+
+
+class Patch:
+    """A method of the zoo. Subclass it in `patches/<name>.py` and decorate with `@register_patch`.
+
+    Class attributes:
+        name: method key (== file stem == recipe folder == CLI key).
+        summary: one line shown by `hf-attn-zoo methods`.
+        config_class: the `PatchConfig` dataclass of its options.
+        targets: what it replaces (`attention`, `attention_fn`, `router`, `experts`, `mlp`).
+        capabilities: what the patch supports.
+        exclusive: a layer can carry this patch at most once.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    config_class: ClassVar[type[PatchConfig]]
+    capabilities: ClassVar[Capabilities]
+    targets: ClassVar[tuple[str, ...]]
+    exclusive: ClassVar[bool] = True
+
+    def check(self, family: FamilySpec, model_config: PretrainedConfig) -> str | None:
+        """The reason this patch cannot be applied to this family, or `None`."""
+        return None
+
+    def validate(self, config: PatchConfig, family: FamilySpec, model_config: PretrainedConfig) -> PatchConfig:
+        """Cross-check the options against the model (head counts ...); return the completed config."""
+        return config
+
+    def apply(
+        self, model: torch.nn.Module, config: PatchConfig, family: FamilySpec, layers: list[int], handle: PatchHandle
+    ) -> None:
+        """Change the model; register every undo step on `handle` as soon as the change is made."""
+        raise NotImplementedError
+
+    def neutral_config(self, family: FamilySpec, model_config: PretrainedConfig) -> PatchConfig | None:
+        """Options under which the patched model reproduces the unpatched one, or `None` if there are none."""
+        return None
+
+
+PATCHES: dict[str, type[Patch]] = {}
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def register_patch(cls: type[Patch]) -> type[Patch]:
+    """Class decorator that adds a `Patch` subclass to the registry under `cls.name`."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"{cls.__name__}.name must be lower snake case, got {name!r}")
+    if name in PATCHES and PATCHES[name] is not cls:
+        raise ValueError(f"a patch named {name!r} is already registered ({PATCHES[name].__qualname__})")
+    for attr in ("summary", "config_class", "capabilities", "targets"):
+        if not hasattr(cls, attr):
+            raise ValueError(f"{cls.__name__} must define `{attr}`")
+    PATCHES[name] = cls
+    return cls
+
+
+def get_patch(name: str) -> Patch:
+    if name not in PATCHES:
+        raise UnknownMethodError(
+            f"unknown method {name!r}; available: {', '.join(sorted(PATCHES)) or 'none'}. "
+            "A checkpoint that records it was made by a version of hf_attn_zoo that has it: upgrade hf-attn-zoo."
+        )
+    return PATCHES[name]()
+
+
+@dataclass(frozen=True)
+class OptionInfo:
+    name: str
+    type: str
+    default: Any
+    help: str
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    summary: str
+    options: tuple[OptionInfo, ...] = field(default_factory=tuple)
+    training_free: bool = False
+
+
+def method_info(cls: type[Patch]) -> MethodInfo:
+    hints = typing.get_type_hints(cls.config_class)
+    options = tuple(
+        OptionInfo(
+            name=f.name,
+            type=_describe(hints[f.name]),
+            default=f.default if f.default is not dataclasses.MISSING else None,
+            help=f.metadata.get("help", ""),
+        )
+        for f in dataclasses.fields(cls.config_class)
+    )
+    return MethodInfo(cls.name, cls.summary, options, cls.capabilities.training_free)
