@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from . import assets
+from . import analysis, assets
 from . import patches as _patches  # noqa: F401  (registers every method)
 from .errors import ZooError
 from .loading import from_pretrained
@@ -15,6 +15,7 @@ from .patching import applied_patches, aux_loss, new_module_names, new_parameter
 from .registry import PATCHES, MethodInfo, method_info, register_patch
 
 __all__ = [
+    "analysis",
     "assets",
     "ZooError",
     "applied_patches",

@@ -56,17 +56,19 @@ def head_sparse_decode_attention(
     for b in range(batch):
         mask = None if attention_mask is None else attention_mask[b : b + 1, :, -1:]
         for start, stop in active_runs(active_cpu[b]):
-            # a run may span several KV groups: split it at group boundaries
             h = start
             while h < stop:
                 g = h // group
-                end = min(stop, (g + 1) * group)
-                # [1, 1, n, D]: the n active heads of group g as n query positions of KV head g
-                q = query[b : b + 1, h:end, 0].unsqueeze(1)
+                full_groups = (stop - h) // group if h == g * group else 0
+                # whole KV groups in one call (lets SDPA parallelise over them); a partial group on its own
+                end = h + full_groups * group if full_groups else min(stop, (g + 1) * group)
+                n_kv = max(full_groups, 1)
+                # [1, n_kv, heads per KV head, D]: active query heads as query positions of their KV head
+                q = query[b : b + 1, h:end, 0].reshape(1, n_kv, -1, head_dim)
                 o = F.scaled_dot_product_attention(
-                    q, key[b : b + 1, g : g + 1], value[b : b + 1, g : g + 1], attn_mask=mask, scale=scaling
+                    q, key[b : b + 1, g : g + n_kv], value[b : b + 1, g : g + n_kv], attn_mask=mask, scale=scaling
                 )
-                out[b, 0, h:end] = o[0, 0]
+                out[b, 0, h:end] = o[0].reshape(-1, head_dim)
                 h = end
     return out
 

@@ -89,8 +89,10 @@ class MoHConfig(PatchConfig):
         metadata={"help": "skip unselected heads in the decode step: auto (only where it reads less KV than dense "
                   "and the context is long enough to pay), always, never (mask only)."},
     )
-    skip_min_context: int = field(
-        default=512, metadata={"help": "decode_skip=auto: shortest KV length at which skipping is used."}
+    skip_min_unread_kv: int = field(
+        default=1024,
+        metadata={"help": "decode_skip=auto: skip only when the KV positions left unread per KV head (context length "
+                  "x fraction of KV groups unselected) reach this; below it the per-call overhead costs more."},
     )
 
 
@@ -228,7 +230,7 @@ class MoHRouter(nn.Module):
             kept = probs * mask
             return kept / kept.sum(-1, keepdim=True).clamp_min(1e-20) * u.top_k
         # straight-through estimator (Eq. 9-10): forward 0/1, backward through the router probabilities
-        return mask + probs - probs.detach()
+        return (probs - probs.detach()) + mask
 
     def routed_mask(self, hidden: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """Active heads `[B, T, H]` (bool) without head outputs: only for learned/qnorm routers."""
@@ -261,10 +263,13 @@ def _use_sparse_decode(router: MoHRouter, query, key, attention_mask, kwargs) ->
         return False  # e.g. a flex BlockMask
     if config.decode_skip == "always":
         return True
-    # auto: only when a KV group can go unread (otherwise every KV head is read anyway and dense SDPA is faster)
+    # auto: only when whole KV groups go unread (otherwise every KV head is read anyway and dense SDPA is faster),
+    # and enough of them for the saved reads to outweigh the per-call overhead (benchmarks/moh_decode.py)
     u = router.units
-    unused_groups = u.total - u.shared - u.top_k if u.size == router.layout.group_size else 0
-    return unused_groups > 0 and key.shape[2] >= config.skip_min_context
+    if u.size != router.layout.group_size:
+        return False
+    unread_fraction = (u.total - u.shared - u.top_k) / u.total
+    return key.shape[2] * unread_fraction >= config.skip_min_unread_kv
 
 
 def _base_layer(module: nn.Module) -> nn.Module:
@@ -310,7 +315,8 @@ class MoHPatch(Patch):
         routed = config.routed_heads if config.routed_heads is not None else layout.num_heads - shared
         top_k = config.top_k
         if top_k is None:
-            top_k = max(0, min(routed // size, round(units * ACTIVE_FRACTION) - shared // size)) * size
+            active = math.floor(units * ACTIVE_FRACTION + 0.5)  # round half up: 9 heads -> 7, 6 -> 5
+            top_k = max(0, min(routed // size, active - shared // size)) * size
         gate = config.gate or ("weighted" if config.router == "learned" else "binary")
         unit_name = "heads" if size == 1 else f"heads (group mode: multiples of the group size {size})"
         for name, value in (("shared_heads", shared), ("routed_heads", routed), ("top_k", top_k)):
@@ -329,8 +335,8 @@ class MoHPatch(Patch):
                                      "uses binary gates.")
         if not 0 <= config.balance_loss_weight:
             raise InvalidOptionError("moh: balance_loss_weight must be >= 0.")
-        if config.skip_min_context < 1:
-            raise InvalidOptionError("moh: skip_min_context must be >= 1.")
+        if config.skip_min_unread_kv < 0:
+            raise InvalidOptionError("moh: skip_min_unread_kv must be >= 0.")
         return replace(config, shared_heads=shared, routed_heads=routed, top_k=top_k, gate=gate)
 
     def apply(self, model, config: MoHConfig, family: FamilySpec, layers: list[int], handle: PatchHandle) -> None:

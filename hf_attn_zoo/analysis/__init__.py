@@ -1,0 +1,5 @@
+"""Analyses of patched models (statistics, plots). Imports patches, never the reverse."""
+
+from .head_usage import head_usage, plot_head_usage, reset_head_usage
+
+__all__ = ["head_usage", "plot_head_usage", "reset_head_usage"]

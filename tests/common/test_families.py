@@ -1,0 +1,45 @@
+"""Family adapters: every spec resolves on a tiny model of its family; unknown architectures are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config
+
+import hf_attn_zoo
+from hf_attn_zoo.errors import UnsupportedArchitectureError
+from hf_attn_zoo.families import family_specs, resolve_family, supported_model_types
+from tests.matrix import FAMILIES, tiny_model
+
+
+def test_the_issue_families_are_supported():
+    assert {"llama", "mistral", "qwen2", "qwen3", "olmo2", "gemma3_text"} <= set(supported_model_types())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_spec_resolves_modules_and_heads(family):
+    spec = family_specs()[family]
+    model = tiny_model(family)
+    assert resolve_family(model.config) is spec
+    layers = spec.decoder_layers(model)
+    assert len(layers) == model.config.num_hidden_layers
+    assert spec.decoder_layers(model.model) is layers
+    attention = spec.attention_module(model, 0)
+    layout = spec.head_layout(model.config)
+    q, o = getattr(attention, spec.attention.q), getattr(attention, spec.attention.o)
+    assert q.out_features == layout.num_heads * layout.head_dim == o.in_features
+    assert getattr(attention, spec.attention.k).out_features == layout.num_kv_heads * layout.head_dim
+    for norm in spec.attention.qk_norm or ():
+        assert isinstance(getattr(attention, norm), torch.nn.Module)
+
+
+def test_gemma3_tiny_model_mixes_sliding_and_global_layers():
+    model = tiny_model("gemma3")
+    assert model.config.layer_types == ["sliding_attention", "sliding_attention", "full_attention"]
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedArchitectureError, match="model_type 'gpt2' .* supported: .*llama.*qwen3"):
+        hf_attn_zoo.patch(model, "moh")
+    assert hf_attn_zoo.applied_patches(model) == []

@@ -1,0 +1,130 @@
+"""The common grid: every registered method on every family (tiny random models)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import hf_attn_zoo
+from hf_attn_zoo.families import family_specs
+from hf_attn_zoo.registry import PATCHES, get_patch
+from tests.matrix import ATOL_FP32, FAMILIES, METHOD_CASES, clone, randomize_new_parameters, tiny_model
+
+GRID = [pytest.param(m, f, id=f"{m}-{f}") for m in sorted(METHOD_CASES) for f in FAMILIES]
+
+
+def _ids(batch: int = 2, length: int = 10) -> torch.Tensor:
+    return torch.randint(3, 128, (batch, length))
+
+
+def _patched(method: str, family: str, **options) -> tuple[torch.nn.Module, torch.nn.Module]:
+    base = tiny_model(family)
+    reason = get_patch(method).check(family_specs()[family], base.config)
+    if reason is not None:
+        pytest.skip(f"{method} does not support {family}: {reason}")
+    model = hf_attn_zoo.patch(clone(base), method, **{**METHOD_CASES[method], **options})
+    randomize_new_parameters(model)
+    return base, model
+
+
+@pytest.mark.parametrize("method,family", GRID)
+def test_forward_shape_and_finite(method, family):
+    _, model = _patched(method, family)
+    ids = _ids()
+    logits = model(ids).logits
+    assert logits.shape == (2, 10, model.config.vocab_size)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("method,family", GRID)
+def test_neutral_setting_reproduces_the_original(method, family):
+    base = tiny_model(family)
+    neutral = get_patch(method).neutral_config(family_specs()[family], base.config)
+    assert neutral is not None, f"{method} has no neutral setting"
+    model = hf_attn_zoo.patch(clone(base), method, **neutral.to_dict())
+    ids = _ids()
+    torch.testing.assert_close(model(ids).logits, base(ids).logits, atol=ATOL_FP32, rtol=0)
+
+
+@pytest.mark.parametrize("method,family", GRID)
+def test_unpatch_restores_bit_identical_outputs(method, family):
+    base, model = _patched(method, family)
+    ids = _ids()
+    assert not torch.equal(model(ids).logits, base(ids).logits), "the patch should change the outputs"
+    hf_attn_zoo.unpatch(model)
+    assert torch.equal(model(ids).logits, base(ids).logits)
+    assert model.state_dict().keys() == base.state_dict().keys()
+    assert hf_attn_zoo.applied_patches(model) == []
+    assert model.config._attn_implementation == base.config._attn_implementation
+
+
+@pytest.mark.parametrize("method,family", GRID)
+def test_left_padding_does_not_change_the_row(method, family):
+    _, model = _patched(method, family)
+    ids = _ids(1, 8)
+    padded = torch.cat([torch.zeros(1, 3, dtype=ids.dtype), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 8, dtype=torch.long)], dim=1)
+    alone = model(ids).logits
+    with_pad = model(padded, attention_mask=mask).logits[:, 3:]
+    torch.testing.assert_close(with_pad, alone, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method,family", GRID)
+def test_incremental_decoding_equals_full_forward(method, family):
+    if not PATCHES[method].capabilities.kv_cache:
+        pytest.skip(f"{method} declares no KV-cache support")
+    _, model = _patched(method, family)
+    ids = _ids(2, 12)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(ids[:, :7], cache=cache, use_cache=True).logits]
+        steps += [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(7, 12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
+    generated = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert generated.shape == (2, 16)
+
+
+@pytest.mark.parametrize("method,family", GRID)
+def test_gradients_reach_new_parameters(method, family):
+    _, model = _patched(method, family)
+    model.train()
+    ids = _ids()
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    params = hf_attn_zoo.new_parameters(model)
+    if PATCHES[method].capabilities.new_params:
+        assert params, "the patch declares new parameters but created none"
+    for name, param in params.items():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, f"no gradient reached {name}"
+
+
+@pytest.mark.parametrize("method,family", GRID)
+def test_lora_on_top_of_the_patch(method, family):
+    from peft import LoraConfig, get_peft_model
+
+    _, model = _patched(method, family)
+    names = hf_attn_zoo.new_module_names(model)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=names or None)
+    )
+    peft_model.train()
+    ids = _ids()
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    trained = [n for n, p in peft_model.named_parameters() if p.requires_grad and p.grad is not None]
+    assert any("lora_" in n for n in trained)
+    for leaf in names:
+        assert any(f"{leaf}." in n and "modules_to_save" in n for n in trained), leaf
+
+
+@pytest.mark.parametrize("method,family", GRID)
+def test_save_and_reload_reproduce_the_logits(method, family, tmp_path):
+    _, model = _patched(method, family)
+    ids = _ids()
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    reloaded = hf_attn_zoo.from_pretrained(tmp_path).eval()
+    assert hf_attn_zoo.applied_patches(reloaded) == hf_attn_zoo.applied_patches(model)
+    assert torch.equal(reloaded(ids).logits, expected)

@@ -1,0 +1,42 @@
+"""The test grid: every family (from families/*.yaml) x every method case."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from hf_attn_zoo.families import family_specs
+
+FAMILIES = sorted(family_specs())
+
+# tiny-model options per method; the neutral setting comes from the patch itself
+METHOD_CASES: dict[str, dict] = {
+    "moh": {"router": "learned"},
+}
+
+ATOL_FP32 = 1e-5
+
+
+def tiny_model(family: str, **overrides) -> torch.nn.Module:
+    spec = family_specs()[family]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(spec.tiny_config(**overrides))
+    return model.eval()
+
+
+def clone(model: torch.nn.Module) -> torch.nn.Module:
+    twin = AutoModelForCausalLM.from_config(copy.deepcopy(model.config))
+    twin.load_state_dict(model.state_dict())
+    return twin.eval()
+
+
+def randomize_new_parameters(model: torch.nn.Module) -> None:
+    """Give the patch's new parameters (zero-initialised) values, so tests exercise real routing."""
+    import hf_attn_zoo
+
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in hf_attn_zoo.new_parameters(model).values():
+            param.copy_(torch.randn(param.shape, generator=generator))
