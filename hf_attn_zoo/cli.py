@@ -1,0 +1,172 @@
+"""`hf-attn-zoo`: methods | patch | tune | validate | eval | report | analyze | demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+_USAGE = """hf-attn-zoo <command> [args]
+
+commands:
+  methods   [--markdown]                     list the methods and their options
+  patch     MODEL METHOD OUT [k=v ...]       patch a checkpoint (folder, hub id or 'default') and save it
+  tune      RECIPE [key=value ...]           continue-tune with a YAML recipe (path or shipped recipe name)
+  validate  [RECIPE ...]                     validate recipes (default: every shipped recipe)
+  eval      [lm-eval flags]                  lm-eval with the 'hf-attn-zoo' model and the offline task pack
+  report    RESULTS... --names ... --out DIR side-by-side table (md, json) and chart (png)
+  analyze   head-usage MODEL --out PNG       per-layer, per-head usage of a MoH model on real text
+  demo      [--out DIR] [--quick]            SmolLM2 -> MoH -> tune -> eval, offline
+"""
+
+
+def _parse_value(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _parse_options(pairs: list[str]) -> dict[str, Any]:
+    from .errors import InvalidOptionError
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidOptionError(f"option {pair!r} is not key=value")
+        options[key] = _parse_value(value)
+    return options
+
+
+def _resolve_model(name: str) -> str:
+    from . import assets
+
+    return str(assets.default_model_path()) if name == "default" else name
+
+
+def _methods(argv: list[str]) -> int:
+    import hf_attn_zoo
+
+    parser = argparse.ArgumentParser(prog="hf-attn-zoo methods")
+    parser.add_argument("--markdown", action="store_true", help="the README's table of methods")
+    args = parser.parse_args(argv)
+    infos = hf_attn_zoo.methods()
+    if args.markdown:
+        print("| method | what it does | training-free | options |\n|---|---|---|---|")
+        for info in infos:
+            options = ", ".join(f"`{o.name}`" for o in info.options)
+            print(f"| `{info.name}` | {info.summary} | {'yes' if info.training_free else 'no'} | {options} |")
+        return 0
+    for info in infos:
+        print(f"{info.name}: {info.summary}")
+        for option in info.options:
+            print(f"    {option.name} ({option.type}, default {option.default!r}): {option.help}")
+    return 0
+
+
+def _patch(argv: list[str]) -> int:
+    import hf_attn_zoo
+
+    parser = argparse.ArgumentParser(prog="hf-attn-zoo patch", description="Patch a checkpoint and save it.")
+    parser.add_argument("model", help="local folder, hub id, or 'default' (the embedded SmolLM2-135M)")
+    parser.add_argument("method")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("options", nargs="*", help="method options as key=value (e.g. router=onorm top_k=7)")
+    parser.add_argument("--layers", default="all", help="'all', 'every_2nd', or a comma-separated list of indices")
+    args = parser.parse_args(argv)
+    from transformers import AutoTokenizer
+
+    path = _resolve_model(args.model)
+    layers: Any = args.layers
+    if "," in layers or layers.lstrip("-").isdigit():
+        layers = [int(i) for i in layers.split(",")]
+    model = hf_attn_zoo.from_pretrained(path)
+    hf_attn_zoo.patch(model, args.method, layers=layers, **_parse_options(args.options))
+    model.save_pretrained(args.out)
+    AutoTokenizer.from_pretrained(path).save_pretrained(args.out)
+    record = hf_attn_zoo.applied_patches(model)[-1]
+    print(f"patched {path} with {args.method} on {len(record['layers'])} layers -> {args.out}")
+    print(f"options: {record['options']}")
+    return 0
+
+
+def _analyze(argv: list[str]) -> int:
+    import torch
+
+    import hf_attn_zoo
+
+    parser = argparse.ArgumentParser(prog="hf-attn-zoo analyze")
+    parser.add_argument("what", choices=["head-usage"])
+    parser.add_argument("model", help="a patched checkpoint folder (or 'default' plus --patch options)")
+    parser.add_argument("--out", type=Path, default=Path("head_usage.png"))
+    parser.add_argument("--corpus", default="python_stdlib_docs", help="held-out text to run the model on")
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("options", nargs="*", help="patch options (key=value) to apply moh first, e.g. router=onorm")
+    args = parser.parse_args(argv)
+    from transformers import AutoTokenizer
+
+    from .assets.corpora import held_out_texts
+
+    path = _resolve_model(args.model)
+    patches = [{"method": "moh", **_parse_options(args.options)}] if args.options else None
+    model = hf_attn_zoo.from_pretrained(path, patches=patches).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer("\n\n".join(held_out_texts(args.corpus, 64)), return_tensors="pt").input_ids[:, : args.tokens]
+    with torch.no_grad():
+        for chunk in ids.split(512, dim=1):
+            model(chunk)
+    usage = hf_attn_zoo.analysis.head_usage(model)
+    out = hf_attn_zoo.analysis.plot_head_usage(usage, args.out, title=f"head usage ({args.corpus})")
+    print(f"mean active fraction {usage['mean_active_fraction']:.3f}; wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .errors import ZooError
+
+    try:
+        if command == "methods":
+            return _methods(rest)
+        if command == "patch":
+            return _patch(rest)
+        if command == "analyze":
+            return _analyze(rest)
+        if command == "tune":
+            from .tuning.cli import tune_main
+
+            return tune_main(rest)
+        if command == "validate":
+            from .tuning.cli import validate_main
+
+            return validate_main(rest)
+        if command == "eval":
+            from .eval_harness.cli import eval_main
+
+            return eval_main(rest)
+        if command == "report":
+            from .eval_harness.cli import report_main
+
+            return report_main(rest)
+        if command == "demo":
+            from .demo import demo_main
+
+            return demo_main(rest)
+    except ZooError as error:
+        print(f"hf-attn-zoo {command}: error: {error}", file=sys.stderr)
+        return 2
+    print(f"hf-attn-zoo: unknown command {command!r}\n\n{_USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

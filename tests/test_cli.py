@@ -1,0 +1,46 @@
+"""The `hf-attn-zoo` command line (in-process)."""
+
+from __future__ import annotations
+
+import torch
+
+import hf_attn_zoo
+from hf_attn_zoo.cli import main
+from tests.matrix import tiny_model
+
+
+def test_methods_markdown_table(capsys):
+    assert main(["methods", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| method |") and "| `moh` |" in out
+
+
+def test_patch_command_saves_a_loadable_patched_model(tmp_path, capsys):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    source = tmp_path / "src"
+    model = tiny_model("qwen2")
+    model.save_pretrained(source)
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
+                            unk_token="<unk>").save_pretrained(source)
+    out = tmp_path / "out"
+    assert main(["patch", str(source), "moh", str(out), "router=onorm", "top_k=3", "--layers", "0"]) == 0
+    reloaded = hf_attn_zoo.from_pretrained(out)
+    record = hf_attn_zoo.applied_patches(reloaded)[0]
+    assert record["layers"] == [0] and record["options"]["router"] == "onorm" and record["options"]["top_k"] == 3
+    assert isinstance(reloaded(torch.randint(3, 100, (1, 4))).logits, torch.Tensor)
+
+
+def test_bad_option_exits_2_with_one_line(tmp_path, capsys):
+    source = tmp_path / "src"
+    tiny_model("llama").save_pretrained(source)
+    assert main(["patch", str(source), "moh", str(tmp_path / "out"), "top_k=99"]) == 2
+    err = capsys.readouterr().err
+    assert "error: moh: top_k=99 active heads cannot exceed routed_heads=2" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_command(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
