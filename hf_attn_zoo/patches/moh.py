@@ -128,14 +128,16 @@ class MoHRouter(nn.Module):
         u = self.units
         learned = config.router == "learned"
         weighted = config.gate == "weighted"
-        # zero-initialised: uniform softmaxes, so with the code's scale factors every gate starts at exactly 1
-        self.routed = nn.Linear(hidden_size, u.routed, bias=False) if learned and u.routed > 0 else None
-        self.shared = nn.Linear(hidden_size, u.shared, bias=False) if learned and weighted and u.shared > 1 else None
-        self.mix = (nn.Linear(hidden_size, 2, bias=False)
-                    if learned and weighted and u.shared > 0 and u.routed > 0 else None)
-        for linear in (self.routed, self.shared, self.mix):
-            if linear is not None:
-                nn.init.zeros_(linear.weight)
+        # W_r, W_s and W_h of Eq. 5 stacked in one projection (one matmul per token): rows
+        # [0, r) routed logits, [r, r + s) shared logits, then the 2 logits of the shared/routed balance
+        self.routed_rows = u.routed if learned else 0
+        self.shared_rows = u.shared if learned and weighted and u.shared > 1 else 0
+        self.mix_rows = 2 if learned and weighted and u.shared > 0 and u.routed > 0 else 0
+        rows = self.routed_rows + self.shared_rows + self.mix_rows
+        self.proj = nn.Linear(hidden_size, rows, bias=False) if rows else None
+        if self.proj is not None:
+            # zero-initialised: uniform softmaxes, so with the code's scale factors every gate starts at exactly 1
+            nn.init.zeros_(self.proj.weight)
         self.last_aux_loss: torch.Tensor | None = None
         self.teacher: str | None = None  # "onorm" while distill_router collects targets
         self.distill_buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -154,40 +156,56 @@ class MoHRouter(nn.Module):
     def needs_head_outputs(self) -> bool:
         return self.config.router == "onorm" or self.teacher is not None
 
+    def router_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The learned routed logits `W_r x` `[B, T, r]`."""
+        return F.linear(hidden.to(self.proj.weight.dtype), self.proj.weight[: self.routed_rows])
+
     def _unit_norms(self, per_head: torch.Tensor) -> torch.Tensor:
-        """Per-head norms `[B, T, H]` -> per-unit norms `[B, T, U]`."""
-        if self.units.size == 1:
-            return per_head
-        return per_head.pow(2).unflatten(-1, (self.units.total, self.units.size)).sum(-1).sqrt()
+        """Per-head norms `[B, T, H]` -> per-unit norms `[B, T, U]`, routed units only."""
+        u = self.units
+        if u.size > 1:
+            per_head = per_head.pow(2).unflatten(-1, (u.total, u.size)).sum(-1).sqrt()
+        return per_head[..., u.shared : u.shared + u.routed]
 
     def routing_scores(self, hidden: torch.Tensor, query: torch.Tensor | None,
                        head_out: torch.Tensor | None) -> torch.Tensor:
-        """Scores of the routed units `[B, T, r]` (logits for learned/qnorm, norms for onorm)."""
-        u = self.units
+        """Scores of the routed units `[B, T, r]` (logits for learned, norms for qnorm/onorm)."""
         mode = self.teacher or self.config.router
         if mode == "learned":
-            return self.routed(hidden.to(self.routed.weight.dtype))
+            return self.router_logits(hidden).float()
         if mode == "qnorm":
-            norms = self._unit_norms(query.float().norm(dim=-1).transpose(1, 2))  # [B, H, T] -> [B, T, U]
-        else:
-            norms = self._unit_norms(head_out.float().norm(dim=-1))  # head_out [B, T, H, D]
-        return norms[..., u.shared : u.shared + u.routed]
+            return self._unit_norms(query.float().norm(dim=-1).transpose(1, 2))  # query [B, H, T, D]
+        return self._unit_norms(head_out.float().norm(dim=-1))  # head_out [B, T, H, D]
 
     def forward(self, hidden: torch.Tensor, query: torch.Tensor | None = None,
                 head_out: torch.Tensor | None = None) -> torch.Tensor:
         """Head gates `[B, T, H]` for the attention input `hidden` `[B, T, C]` (Eq. 5)."""
-        u, config = self.units, self.config
+        u = self.units
+        mode = self.teacher or self.config.router
         batch, length = hidden.shape[:2]
-        gates = hidden.new_zeros(batch, length, u.total, dtype=torch.float32)
-        routed = self._routed_gates(hidden, query, head_out) if u.routed > 0 else None
-        shared = self._shared_gates(hidden) if u.shared > 0 else None
-        if self.mix is not None:
-            alpha = torch.softmax(self.mix(hidden.to(self.mix.weight.dtype)).float(), dim=-1) * 2  # [a1, a2] of Eq. 5
-            shared, routed = shared * alpha[..., :1], routed * alpha[..., 1:]
-        if shared is not None:
-            gates[..., : u.shared] = shared
-        if routed is not None:
-            gates[..., u.shared : u.shared + u.routed] = routed
+        logits = None
+        if self.proj is not None and mode == "learned":
+            logits = self.proj(hidden.to(self.proj.weight.dtype)).float()
+        parts = []
+        if u.shared > 0:
+            if self.shared_rows and mode == "learned":
+                shared_logits = logits[..., self.routed_rows : self.routed_rows + self.shared_rows]
+                parts.append(torch.softmax(shared_logits, dim=-1) * u.shared)
+            else:
+                parts.append(hidden.new_ones(batch, length, u.shared, dtype=torch.float32))
+        if u.routed > 0:
+            if mode == "learned":
+                scores = logits[..., : self.routed_rows]
+            else:
+                scores = self.routing_scores(hidden, query, head_out)
+            parts.append(self._routed_gates(scores, mode))
+        if self.mix_rows and mode == "learned":
+            alpha = torch.softmax(logits[..., -2:], dim=-1) * 2  # [a1, a2] of Eq. 5
+            parts[0], parts[1] = parts[0] * alpha[..., :1], parts[1] * alpha[..., 1:]
+        unused = u.total - u.shared - u.routed
+        if unused:
+            parts.append(hidden.new_zeros(batch, length, unused, dtype=torch.float32))
+        gates = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
         if u.size > 1:
             gates = gates.repeat_interleave(u.size, dim=-1)
         with torch.no_grad():
@@ -201,34 +219,34 @@ class MoHRouter(nn.Module):
                                         scores.detach().reshape(-1, scores.shape[-1]).cpu()))
         return gates
 
-    def _shared_gates(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.shared is None:
-            return hidden.new_ones(*hidden.shape[:2], self.units.shared, dtype=torch.float32)
-        return torch.softmax(self.shared(hidden.to(self.shared.weight.dtype)).float(), dim=-1) * self.units.shared
-
-    def _routed_gates(self, hidden, query, head_out) -> torch.Tensor:
+    def _routed_gates(self, scores: torch.Tensor, mode: str) -> torch.Tensor:
+        """Gates of the routed units from their scores `[B, T, r]` (Eq. 5 routed branch, or 0/1 + STE)."""
         u, config = self.units, self.config
-        mode = self.teacher or config.router
-        scores = self.routing_scores(hidden, query, head_out).float()
-        if mode == "qnorm":
+        self.last_aux_loss = None
+        if u.top_k == 0:
+            return torch.zeros_like(scores)
+        binary = mode == "onorm" or config.gate == "binary"
+        if mode == "qnorm" and (self.training or torch.is_grad_enabled()):
             scores = scores / scores.std(dim=-1, keepdim=True, unbiased=False).clamp_min(1e-6)
-        mask = torch.zeros_like(scores)
-        if u.top_k > 0:
-            mask.scatter_(-1, scores.topk(u.top_k, dim=-1).indices, 1.0)
-        if mode == "onorm":
-            self.last_aux_loss = None
-            return mask
+        if binary and not torch.is_grad_enabled():
+            # softmax and the per-token std are monotonic: the selection is the top-k of the raw scores
+            if u.top_k == u.routed:
+                return torch.ones_like(scores)
+            return torch.zeros_like(scores).scatter_(-1, scores.topk(u.top_k, dim=-1).indices, 1.0)
         probs = torch.softmax(scores, dim=-1)
-        if self.training and 0 < u.top_k < u.routed:
+        top_p, top_i = probs.topk(u.top_k, dim=-1)
+        mask = torch.zeros_like(probs).scatter_(-1, top_i, 1.0)
+        if self.training and u.top_k < u.routed:
             # L_b = E * sum_i f_i P_i (official code's normalisation of Eq. 7)
             f = mask.reshape(-1, u.routed).mean(0)
             p = probs.reshape(-1, u.routed).mean(0)
             self.last_aux_loss = u.routed * (f * p).sum()
-        else:
-            self.last_aux_loss = None
+        if mode == "onorm":
+            return mask
         if config.gate == "weighted":
-            kept = probs * mask
-            return kept / kept.sum(-1, keepdim=True).clamp_min(1e-20) * u.top_k
+            # renormalised over the selected heads and scaled by k (official code): unit gates at a uniform start
+            weights = top_p * (u.top_k / top_p.sum(-1, keepdim=True))
+            return torch.zeros_like(probs).scatter(-1, top_i, weights)
         # straight-through estimator (Eq. 9-10): forward 0/1, backward through the router probabilities
         return (probs - probs.detach()) + mask
 
@@ -389,7 +407,7 @@ def distill_router(model: nn.Module, batches, steps: int = 200, lr: float = 1e-2
     router (a linear map, so this is cheap) with cross-entropy against `softmax(norms / std / temperature)`.
     Returns the final distillation loss and top-k agreement per layer, averaged.
     """
-    routers = [r for r in moh_routers(model).values() if r.routed is not None]
+    routers = [r for r in moh_routers(model).values() if r.routed_rows]
     if steps < 1:
         raise InvalidOptionError(f"distill_router: steps={steps} must be >= 1.")
     if not routers:
@@ -407,20 +425,21 @@ def distill_router(model: nn.Module, batches, steps: int = 200, lr: float = 1e-2
             r.teacher = None
     losses, agreements = [], []
     for r in routers:
-        hidden = torch.cat([h for h, _ in r.distill_buffer]).to(r.routed.weight)
+        hidden = torch.cat([h for h, _ in r.distill_buffer]).to(r.proj.weight)
         norms = torch.cat([s for _, s in r.distill_buffer]).to(hidden)
         r.distill_buffer = []
         target = torch.softmax(norms / norms.std(-1, keepdim=True).clamp_min(1e-6) / temperature, dim=-1)
-        optimizer = torch.optim.Adam(r.routed.parameters(), lr=lr)
+        optimizer = torch.optim.Adam(r.proj.parameters(), lr=lr)
         with torch.enable_grad():
             for _ in range(steps):
-                loss = F.cross_entropy(r.routed(hidden).float(), target)
+                # only the routed rows get a gradient: the shared and balance rows stay as they are
+                loss = F.cross_entropy(r.router_logits(hidden).float(), target)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
         with torch.no_grad():
             k = max(r.units.top_k, 1)
-            picked = r.routed(hidden).topk(k, -1).indices.sort(-1).values
+            picked = r.router_logits(hidden).topk(k, -1).indices.sort(-1).values
             wanted = norms.topk(k, -1).indices.sort(-1).values
             agreements.append((picked == wanted).all(-1).float().mean().item())
         losses.append(loss.item())

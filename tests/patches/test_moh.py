@@ -38,18 +38,19 @@ def test_zero_initialised_learned_router_gives_unit_gates():
 
 def test_weighted_gates_follow_eq5():
     router = _router()
+    assert router.proj.weight.shape == (4 + 2 + 2, 16)  # W_r, W_s, W_h stacked
     with torch.no_grad():
-        for linear in (router.routed, router.shared, router.mix):
-            linear.weight.normal_()
+        router.proj.weight.normal_()
     x = torch.randn(3, 4, 16)
     gates = router(x)
-    routed_logits = router.routed(x)
+    w_r, w_s, w_h = router.proj.weight.split([4, 2, 2])
+    routed_logits = x @ w_r.T
     probs = routed_logits.softmax(-1)
     top = routed_logits.topk(2, -1).indices
     kept = torch.zeros_like(probs).scatter(-1, top, probs.gather(-1, top))
-    alpha = router.mix(x).softmax(-1) * 2
+    alpha = (x @ w_h.T).softmax(-1) * 2
     expected_routed = kept / kept.sum(-1, keepdim=True) * 2 * alpha[..., 1:]
-    expected_shared = router.shared(x).softmax(-1) * 2 * alpha[..., :1]
+    expected_shared = (x @ w_s.T).softmax(-1) * 2 * alpha[..., :1]
     torch.testing.assert_close(gates[..., 2:], expected_routed)
     torch.testing.assert_close(gates[..., :2], expected_shared)
     assert ((gates[..., 2:] > 0).sum(-1) == 2).all()
@@ -57,22 +58,23 @@ def test_weighted_gates_follow_eq5():
 
 def test_binary_gates_use_the_straight_through_estimator():
     router = _router(gate="binary")
+    assert router.proj.weight.shape == (4, 16)  # binary gates: only W_r
     with torch.no_grad():
-        router.routed.weight.normal_()
+        router.proj.weight.normal_()
     x = torch.randn(2, 3, 16)
     gates = router(x)
     assert set(gates.detach().unique().tolist()) <= {0.0, 1.0}
     (gates * torch.randn_like(gates)).sum().backward()
-    assert router.routed.weight.grad.abs().sum() > 0
+    assert router.proj.weight.grad.abs().sum() > 0
 
 
 def test_load_balance_loss_is_E_times_sum_f_P():
     router = _router().train()
     with torch.no_grad():
-        router.routed.weight.normal_()
+        router.proj.weight.normal_()
     x = torch.randn(4, 7, 16)
     router(x)
-    logits = router.routed(x).reshape(-1, 4)
+    logits = router.router_logits(x).reshape(-1, 4)
     probs = logits.softmax(-1)
     f = torch.zeros_like(probs).scatter(-1, logits.topk(2, -1).indices, 1.0).mean(0)
     expected = 4 * (f * probs.mean(0)).sum()
@@ -92,7 +94,7 @@ def test_aux_loss_is_added_to_the_model_loss_and_reaches_the_router():
     task_loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1))
     torch.testing.assert_close(out.loss, task_loss + out.aux_loss)
     out.aux_loss.backward()
-    assert all(r.routed.weight.grad.abs().sum() > 0 for r in moh_routers(model).values())
+    assert all(r.proj.weight.grad[: r.routed_rows].abs().sum() > 0 for r in moh_routers(model).values())
 
 
 def test_qnorm_router_picks_the_largest_query_norms():
