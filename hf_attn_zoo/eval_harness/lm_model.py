@@ -1,0 +1,243 @@
+"""lm-eval model class `hf-attn-zoo`: lm-eval's `HFLM`, loading and patching through `hf_attn_zoo`.
+
+lm-eval has no plugin discovery, so the class is registered when this module is imported (the `hf-attn-zoo eval`
+command and `hf_attn_zoo.eval_harness.evaluate` do that). Everything else (batching, padding, generation, every
+`HFLM` model argument) is lm-eval's own code, so scores are those of `--model hf` on the same weights.
+
+Patches in `model_args` (values cannot contain commas, lm-eval splits the string on them):
+
+    --model_args pretrained=DIR,patch=moh,patch_options=router:onorm;top_k:6;layers:0|1
+    --model_args pretrained=DIR,patch_options=patches.json
+
+`patch_options` is a JSON/YAML file, a JSON string, or inline `key:value;key:value` pairs whose values are parsed as
+YAML scalars (`6`, `0.5`, `true`, `null`, `onorm`) and where `a|b|c` makes a list. A file may hold the options of
+`patch`, or, without `patch`, one `{"method": ..., **options}` dict or a list of them to stack several patches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+import hf_attn_zoo
+from hf_attn_zoo.errors import InvalidOptionError
+
+
+__all__ = ["ZooLM", "parse_patch_args"]
+
+logger = logging.getLogger(__name__)
+
+PatchSpec = dict[str, Any]
+
+
+
+def _parse_scalar(text: str) -> Any:
+    if "|" in text:
+        return [_parse_scalar(part) for part in text.split("|") if part.strip()]
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _parse_inline(text: str) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        key, sep, value = item.partition(":")
+        if not sep or not key.strip():
+            raise InvalidOptionError(f"patch_options: expected 'key:value' pairs separated by ';', got {item!r}")
+        options[key.strip()] = _parse_scalar(value.strip())
+    return options
+
+
+def _read_options(value: Any) -> Any:
+    if value is None or isinstance(value, (dict, list)):
+        return value
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise InvalidOptionError(f"patch_options must be a dict, a list, a file path or a string, got {value!r}")
+    text = value.strip()
+    if not text:
+        return None
+    path = Path(text).expanduser()
+    if text.endswith((".json", ".yaml", ".yml")):
+        if not path.is_file():
+            raise InvalidOptionError(f"patch_options file {str(path)!r} does not exist")
+        content = path.read_text(encoding="utf-8")
+        return json.loads(content) if path.suffix == ".json" else yaml.safe_load(content)
+    if text[0] in "{[":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise InvalidOptionError(f"patch_options is not valid JSON: {err}") from None
+    return _parse_inline(text)
+
+
+def parse_patch_args(patch: str | None = None, patch_options: Any = None) -> list[PatchSpec] | None:
+    """Turn the `patch` / `patch_options` model arguments into `hf_attn_zoo.from_pretrained(patches=...)` specs.
+
+    Args:
+        patch (`str`, *optional*):
+            A method key (e.g. `"moh"`).
+        patch_options (`dict | list | str | os.PathLike`, *optional*):
+            The method's options: a dict, a `.json`/`.yaml` file, a JSON string, or inline `key:value;key:value`.
+            Without `patch`, a `{"method": ..., **options}` dict or a list of them.
+
+    Returns:
+        `list[dict] | None`: One `{"method": ..., **options}` dict per patch, or `None` when nothing is patched.
+
+    Raises:
+        `InvalidOptionError`: Malformed options, or options without a method.
+
+    Example:
+        >>> parse_patch_args("moh", "router:onorm;top_k:6;layers:0|1")
+        [{'method': 'moh', 'router': 'onorm', 'top_k': 6, 'layers': [0, 1]}]
+    """
+    if isinstance(patch, str) and patch.strip().lower() in ("", "none"):
+        patch = None
+    options = _read_options(patch_options)
+    if patch is not None:
+        if options is None:
+            options = {}
+        if not isinstance(options, dict):
+            raise InvalidOptionError(
+                f"patch={patch!r} takes a dict of options; got {type(options).__name__}. Drop `patch` to pass a "
+                "list of {'method': ..., **options} specs."
+            )
+        options.pop("method", None)
+        return [{"method": str(patch), **options}]
+    if options is None:
+        return None
+    specs = options if isinstance(options, list) else [options]
+    for spec in specs:
+        if not isinstance(spec, dict) or "method" not in spec:
+            raise InvalidOptionError(
+                f"patch_options without `patch` must give each patch's method, e.g. {{'method': 'moh', ...}}; "
+                f"got {spec!r}"
+            )
+    return [dict(spec) for spec in specs]
+
+
+class _ZooAutoModel:
+    """Stands in for `AutoModelForCausalLM` inside `HFLM._create_model`, so lm-eval's own loading path is kept."""
+
+    def __init__(self, patches: list[PatchSpec] | None):
+        self.patches = patches
+
+    def from_pretrained(self, pretrained_model_name_or_path: str, **kwargs: Any) -> torch.nn.Module:
+        return hf_attn_zoo.from_pretrained(pretrained_model_name_or_path, patches=self.patches, **kwargs)
+
+
+def _reset_head_usage(model: torch.nn.Module) -> None:
+    try:
+        from hf_attn_zoo.analysis import reset_head_usage
+    except ImportError:
+        return
+    reset_head_usage(model)
+
+
+def _head_usage(model: torch.nn.Module) -> dict[str, Any] | None:
+    try:
+        from hf_attn_zoo.analysis import head_usage
+    except ImportError:
+        return None
+    try:
+        usage = head_usage(model)
+    except Exception as err:  # noqa: BLE001  the statistic is optional; failing on it must not lose the scores
+        logger.warning("hf_attn_zoo.analysis.head_usage failed: %s", err)
+        return None
+    if not usage.get("layers"):
+        return None
+    return json.loads(json.dumps(usage, default=_to_jsonable))
+
+
+def _to_jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if hasattr(value, "__dataclass_fields__"):
+        return {name: getattr(value, name) for name in value.__dataclass_fields__}
+    return str(value)
+
+
+@register_model("hf-attn-zoo")
+class ZooLM(HFLM):
+    """lm-eval's `HFLM` that loads through `hf_attn_zoo.from_pretrained` and can patch the model first.
+
+    Checkpoints saved from a patched model are re-patched from their `config.hf_attn_zoo` record; `patch` /
+    `patch_options` add patches on top (their new weights start from the method's initialisation).
+
+    Args:
+        pretrained (`str | os.PathLike | PreTrainedModel`):
+            A local folder, a hub id, or an already-built (possibly patched) model.
+        patch (`str`, *optional*):
+            Method key to apply, e.g. `"moh"`.
+        patch_options (`dict | list | str`, *optional*):
+            Options of `patch`, or patch specs; see `parse_patch_args`.
+        **kwargs:
+            Every `HFLM` argument (`tokenizer`, `dtype`, `batch_size`, `device`, `max_length`, `peft`, ...).
+
+    Example:
+        >>> lm = ZooLM(pretrained="smollm2", patch="moh", patch_options={"router": "onorm"}, device="cpu")
+    """
+
+    def __init__(
+        self,
+        pretrained: str | os.PathLike | torch.nn.Module,
+        patch: str | None = None,
+        patch_options: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        self._zoo_patches = parse_patch_args(patch, patch_options)
+        if isinstance(pretrained, os.PathLike):
+            pretrained = os.fspath(pretrained)
+        if not isinstance(pretrained, str):
+            for spec in self._zoo_patches or []:
+                spec = dict(spec)
+                hf_attn_zoo.patch(pretrained, spec.pop("method"), **spec)
+        super().__init__(pretrained=pretrained, **kwargs)
+        # MoH routers count head use from their creation; the report wants the counts of this evaluation only.
+        _reset_head_usage(self._model)
+
+    def _create_model(self, pretrained: str, *args: Any, **kwargs: Any) -> None:
+        auto_model_class = self.AUTO_MODEL_CLASS
+        if self.backend != "causal":
+            raise InvalidOptionError(f"hf-attn-zoo evaluates causal LMs only; {pretrained!r} is {self.backend}.")
+        self.AUTO_MODEL_CLASS = _ZooAutoModel(self._zoo_patches)
+        try:
+            super()._create_model(pretrained, *args, **kwargs)
+        finally:
+            self.AUTO_MODEL_CLASS = auto_model_class
+
+    def get_model_info(self) -> dict[str, Any]:
+        """lm-eval's model info, plus the patches and the MoH head usage of this run under `"hf_attn_zoo"`.
+
+        Unlike `HFLM`, no hub request is made for local folders or model objects.
+        """
+        model = self._model
+        pretrained = self.pretrained
+        if isinstance(pretrained, str) and not Path(pretrained).exists():
+            info = super().get_model_info()
+        else:
+            info = {
+                "model_num_parameters": sum(p.numel() for p in model.parameters()),
+                "model_dtype": str(getattr(model, "dtype", "")),
+                "model_revision": self.revision,
+                "model_sha": "",
+            }
+        zoo_info: dict[str, Any] = {"patches": hf_attn_zoo.applied_patches(model)}
+        usage = _head_usage(model)
+        if usage is not None:
+            zoo_info["head_usage"] = usage
+        info["hf_attn_zoo"] = zoo_info
+        return info

@@ -1,0 +1,290 @@
+"""Side-by-side report of lm-eval results: `report.md` (table), `report.json` (rows) and `report.png` (bars)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+__all__ = ["ReportRow", "build_rows", "load_results", "write_report"]
+
+ResultsLike = dict[str, Any] | str | os.PathLike
+
+
+@dataclass
+class ReportRow:
+    """One (task, metric, filter) line of the report, with one value per model (`None` where a model lacks it)."""
+
+    task: str
+    alias: str
+    metric: str
+    filter: str
+    higher_is_better: bool | None
+    n_samples: int | None
+    values: dict[str, float | None] = field(default_factory=dict)
+    stderrs: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.metric if self.filter == "none" else f"{self.metric} ({self.filter})"
+
+    def best(self) -> list[str]:
+        """Names of the best models on this row; empty without a direction, with one value, or when all tie."""
+        present = {name: v for name, v in self.values.items() if v is not None}
+        if self.higher_is_better is None or len(present) < 2:
+            return []
+        top = (max if self.higher_is_better else min)(present.values())
+        winners = [name for name, v in present.items() if v == top]
+        return [] if len(winners) == len(present) else winners
+
+
+def _merge(into: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    for key in ("results", "groups", "group_subtasks", "higher_is_better", "n-samples", "configs", "n-shot",
+                "versions"):
+        if isinstance(other.get(key), dict):
+            into.setdefault(key, {}).update(other[key])
+    if isinstance(other.get("config"), dict):
+        into["config"] = other["config"]
+    return into
+
+
+def load_results(source: ResultsLike) -> dict[str, Any]:
+    """Read lm-eval results: a results dict, a `results_*.json` file, or a folder lm-eval wrote into.
+
+    A folder may hold several runs (e.g. one per task); their results are merged, newest last, so a task that was
+    run twice shows its latest scores.
+
+    Args:
+        source (`dict | str | os.PathLike`): The results, or where they are.
+
+    Returns:
+        `dict`: One lm-eval results dict (`"results"`, `"higher_is_better"`, `"n-samples"`, `"config"`, ...).
+
+    Raises:
+        `FileNotFoundError`: Nothing to read at `source`.
+        `ValueError`: A JSON file that is not lm-eval output.
+    """
+    if isinstance(source, dict):
+        return source
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(path.rglob("results*.json"), key=lambda p: (p.stat().st_mtime, p.name))
+        if not files:
+            raise FileNotFoundError(f"No lm-eval results_*.json under {path}")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise FileNotFoundError(f"No lm-eval results at {path}")
+    merged: dict[str, Any] = {}
+    for file in files:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
+            raise ValueError(f"{file} is not an lm-eval results file (no 'results' mapping)")
+        _merge(merged, data)
+    return merged
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _members_of_groups(results: dict[str, Any]) -> set[str]:
+    return {sub for subs in (results.get("group_subtasks") or {}).values() for sub in subs}
+
+
+def build_rows(results: dict[str, dict[str, Any]], include_subtasks: bool = False) -> list[ReportRow]:
+    """Collect one `ReportRow` per (task, metric, filter) found in any model's results.
+
+    Args:
+        results (`dict[str, dict]`): Model name -> lm-eval results dict.
+        include_subtasks (`bool`, *optional*, defaults to `False`):
+            Also list the members of groups (e.g. the 57 MMLU subjects); by default a group shows only its aggregate.
+
+    Returns:
+        `list[ReportRow]`: In the order tasks and metrics first appear.
+    """
+    rows: dict[tuple[str, str, str], ReportRow] = {}
+    names = list(results)
+    for name, res in results.items():
+        hidden = set() if include_subtasks else _members_of_groups(res)
+        for task, metrics in res.get("results", {}).items():
+            if task in hidden or not isinstance(metrics, dict):
+                continue
+            for key, value in metrics.items():
+                # lm-eval keys scores as "metric,filter"; other keys ("alias", "sample_len") are bookkeeping.
+                metric, comma, filt = key.partition(",")
+                if not comma or metric.endswith("_stderr") or _number(value) is None:
+                    continue
+                row = rows.get((task, metric, filt))
+                if row is None:
+                    direction = (res.get("higher_is_better") or {}).get(task, {}).get(metric)
+                    # groups have no n-samples entry, only the number of documents behind them
+                    n = (res.get("n-samples") or {}).get(task, {}).get("effective", metrics.get("sample_len"))
+                    alias = str(metrics.get("alias", task)).strip(" -")
+                    row = rows[(task, metric, filt)] = ReportRow(
+                        task, alias, metric, filt, direction if isinstance(direction, bool) else None,
+                        n if isinstance(n, int) else None, dict.fromkeys(names), dict.fromkeys(names),
+                    )
+                row.values[name] = _number(value)
+                row.stderrs[name] = _number(metrics.get(f"{metric}_stderr,{filt}"))
+    return list(rows.values())
+
+
+def _num(value: float) -> str:
+    return f"{value:.4f}" if abs(value) < 1000 else f"{value:.4g}"
+
+
+def _fmt(value: float | None, stderr: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{_num(value)} ± {_num(stderr)}" if stderr is not None else _num(value)
+
+
+def _model_summary(res: dict[str, Any]) -> dict[str, Any]:
+    config = res.get("config") or {}
+    zoo = config.get("hf_attn_zoo") or {}
+    summary = {
+        "model": _pretrained(config),
+        "patches": zoo.get("patches", []),
+        "limit": config.get("limit"),
+        "n_shot": res.get("n-shot", {}),
+    }
+    usage = zoo.get("head_usage")
+    if usage is not None:
+        summary["head_usage"] = usage
+        fraction = _active_fraction(usage)
+        if fraction is not None:
+            summary["active_heads_fraction"] = fraction
+    return summary
+
+
+def _pretrained(config: dict[str, Any]) -> str | None:
+    args = config.get("model_args")
+    if isinstance(args, dict) and args.get("pretrained") is not None:
+        return str(args["pretrained"])
+    if isinstance(args, str):
+        for item in args.split(","):
+            key, _, value = item.partition("=")
+            if key.strip() == "pretrained":
+                return value.strip()
+    model = config.get("model")
+    return None if model is None else str(model)
+
+
+def _active_fraction(usage: Any) -> float | None:
+    # `hf_attn_zoo.analysis.head_usage` format: {"layers": {...}, "mean_active_fraction": float | None}
+    if isinstance(usage, dict):
+        return _number(usage.get("mean_active_fraction"))
+    return _number(usage)
+
+
+def _markdown(rows: list[ReportRow], names: list[str], models: dict[str, dict[str, Any]]) -> str:
+    lines = ["# hf-attn-zoo benchmark report", ""]
+    lines.append("| task | metric | n | " + " | ".join(names) + " |")
+    lines.append("|---|---|---:|" + "---:|" * len(names))
+    for row in rows:
+        arrow = {True: " ↑", False: " ↓"}.get(row.higher_is_better, "")
+        best = row.best()
+        cells = []
+        for name in names:
+            cell = _fmt(row.values[name], row.stderrs[name])
+            cells.append(f"**{cell}**" if name in best else cell)
+        n = "" if row.n_samples is None else str(row.n_samples)
+        lines.append(f"| {row.alias} | {row.label}{arrow} | {n} | " + " | ".join(cells) + " |")
+    lines += ["", "Values are mean ± standard error as lm-eval reports them; the best value of a row is in bold.", ""]
+    lines += ["## Models", "", "| name | model | patches | active heads | limit |", "|---|---|---|---:|---:|"]
+    for name in names:
+        info = models[name]
+        patches = ", ".join(_patch_label(p) for p in info["patches"]) or "none"
+        fraction = info.get("active_heads_fraction")
+        active = "" if fraction is None else f"{fraction:.3f}"
+        limit = "" if info.get("limit") is None else str(info["limit"])
+        lines.append(f"| {name} | {info.get('model') or ''} | {patches} | {active} | {limit} |")
+    return "\n".join(lines) + "\n"
+
+
+def _patch_label(record: dict[str, Any]) -> str:
+    layers = record.get("layers")
+    if layers is None:
+        return str(record.get("method"))
+    where = f"{len(layers)} layers" if isinstance(layers, list) and len(layers) > 4 else str(layers)
+    return f"{record.get('method')} @{where}"
+
+
+def _plot(rows: list[ReportRow], names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncols = min(4, max(1, len(rows)))
+    nrows = max(1, math.ceil(len(rows) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.8 * nrows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, row in zip(axes.flat, rows):
+        for i, name in enumerate(names):
+            value, err = row.values[name], row.stderrs[name]
+            if value is None:
+                ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8, color="gray")
+                continue
+            ax.bar(i, value, yerr=err, capsize=3, color=colors[i % len(colors)])
+        tops = [v + (row.stderrs[n] or 0.0) for n, v in row.values.items() if v is not None]
+        if tops and min(tops) >= 0:
+            ax.set_ylim(0, max(tops) * 1.15 if max(tops) > 0 else 1.0)
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        arrow = {True: " ↑", False: " ↓"}.get(row.higher_is_better, "")
+        ax.set_title(f"{row.alias}\n{row.label}{arrow}", fontsize=9)
+        ax.tick_params(axis="y", labelsize=8)
+    for ax in list(axes.flat)[len(rows):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(
+    results: dict[str, ResultsLike],
+    out_dir: str | os.PathLike,
+    include_subtasks: bool = False,
+) -> dict[str, Path]:
+    """Write the models' results side by side as `report.md`, `report.json` and `report.png` in `out_dir`.
+
+    Args:
+        results (`dict[str, dict | str | os.PathLike]`):
+            Model name -> lm-eval results (a dict from `evaluate`, a results JSON file, or an lm-eval output folder).
+        out_dir (`str | os.PathLike`):
+            Created if needed.
+        include_subtasks (`bool`, *optional*, defaults to `False`):
+            Also list the members of groups (MMLU subjects).
+
+    Returns:
+        `dict[str, Path]`: The written files under the keys `"md"`, `"json"` and `"png"`.
+
+    Example:
+        >>> write_report({"base": "out/base", "moh": "out/moh"}, "report/")
+    """
+    if not results:
+        raise ValueError("write_report needs the results of at least one model")
+    loaded = {name: load_results(source) for name, source in results.items()}
+    names = list(loaded)
+    rows = build_rows(loaded, include_subtasks=include_subtasks)
+    models = {name: _model_summary(res) for name, res in loaded.items()}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out / "report.md", "json": out / "report.json", "png": out / "report.png"}
+    paths["md"].write_text(_markdown(rows, names, models), encoding="utf-8")
+    payload = {
+        "models": names,
+        "rows": [{**asdict(row), "label": row.label, "best": row.best()} for row in rows],
+        "model_info": models,
+    }
+    paths["json"].write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    _plot(rows, names, paths["png"])
+    return paths
