@@ -7,9 +7,12 @@ The live undo handles sit on the model object (`model._zoo_handles`) and are not
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any
 
 import torch
+from transformers.utils import ModelOutput
 
 from .errors import PatchConflictError, UnsupportedArchitectureError
 from .families.spec import resolve_family
@@ -98,8 +101,9 @@ def aux_loss(model: torch.nn.Module) -> torch.Tensor | None:
     `outputs.aux_loss`, so training loops (and `transformers.Trainer`) include it without calling this.
     """
     total = None
-    for handle in _handles(_unwrap(model)):
-        loss = handle.aux_loss()
+    model = _unwrap(model)
+    for handle in _handles(model):
+        loss = handle.aux_loss(model)
         if loss is not None:
             total = loss if total is None else total + loss
     return total
@@ -111,14 +115,27 @@ def _ensure_aux_loss_hook(model: torch.nn.Module) -> None:
 
     def add_aux_loss(module, args, output):
         total = aux_loss(module)
-        if total is None or not hasattr(output, "keys"):
+        if total is None or not isinstance(output, ModelOutput):
             return output
-        output["aux_loss"] = total
-        if output.get("loss") is not None:
-            output["loss"] = output["loss"] + total.to(output["loss"].dtype)
-        return output
+        fields = dict(output)
+        if fields.get("loss") is not None:
+            fields["loss"] = fields["loss"] + total.to(fields["loss"].dtype)
+        return _with_aux_loss(type(output))(**fields, aux_loss=total)
 
     model.__dict__[_HOOK] = model.register_forward_hook(add_aux_loss)
+
+
+@functools.cache
+def _with_aux_loss(output_class: type[ModelOutput]) -> type[ModelOutput]:
+    """`output_class` with a declared `aux_loss` field: DDP rebuilds outputs from their declared fields only."""
+    if "aux_loss" in {f.name for f in dataclasses.fields(output_class)}:
+        return output_class
+    return dataclasses.make_dataclass(
+        output_class.__name__,
+        [("aux_loss", torch.FloatTensor | None, dataclasses.field(default=None))],
+        bases=(output_class,),
+        namespace={"__module__": output_class.__module__},
+    )
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

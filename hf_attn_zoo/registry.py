@@ -115,7 +115,8 @@ class PatchHandle:
         self.config = config
         self.modules: list[torch.nn.Module] = []
         self._undo: list[Callable[[], None]] = []
-        self.aux_loss_fn: Callable[[], torch.Tensor | None] | None = None
+        # aux_loss_fn(model): reads the loss from the modules as they are *now* (PEFT may run copies of them)
+        self.aux_loss_fn: Callable[[torch.nn.Module], torch.Tensor | None] | None = None
 
     def on_revert(self, fn: Callable[[], None]) -> None:
         self._undo.append(fn)
@@ -124,8 +125,8 @@ class PatchHandle:
         while self._undo:
             self._undo.pop()()
 
-    def aux_loss(self) -> torch.Tensor | None:
-        return self.aux_loss_fn() if self.aux_loss_fn is not None else None
+    def aux_loss(self, model: torch.nn.Module) -> torch.Tensor | None:
+        return self.aux_loss_fn(model) if self.aux_loss_fn is not None else None
 
 
 class Patch:

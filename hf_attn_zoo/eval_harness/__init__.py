@@ -10,9 +10,9 @@ lm-eval itself is imported only when a model is evaluated.
 
 from __future__ import annotations
 
-from hf_attn_zoo.eval_harness.report import load_results, write_report
+from hf_attn_zoo.eval_harness.report import load_results, merge_results, write_report
 from hf_attn_zoo.eval_harness.runner import evaluate, task_manager
 from hf_attn_zoo.eval_harness.tasks import TASKS_DIR
 
 
-__all__ = ["TASKS_DIR", "evaluate", "load_results", "task_manager", "write_report"]
+__all__ = ["TASKS_DIR", "evaluate", "load_results", "merge_results", "task_manager", "write_report"]

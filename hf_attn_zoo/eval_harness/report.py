@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 
-__all__ = ["ReportRow", "build_rows", "load_results", "write_report"]
+__all__ = ["ReportRow", "build_rows", "load_results", "merge_results", "write_report"]
 
 ResultsLike = dict[str, Any] | str | os.PathLike
 
@@ -42,7 +42,8 @@ class ReportRow:
         return [] if len(winners) == len(present) else winners
 
 
-def _merge(into: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+def merge_results(into: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """Merge the lm-eval results of another run of the same model into `into` (its run config wins)."""
     for key in ("results", "groups", "group_subtasks", "higher_is_better", "n-samples", "configs", "n-shot",
                 "versions"):
         if isinstance(other.get(key), dict):
@@ -84,7 +85,7 @@ def load_results(source: ResultsLike) -> dict[str, Any]:
         data = json.loads(file.read_text(encoding="utf-8"))
         if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
             raise ValueError(f"{file} is not an lm-eval results file (no 'results' mapping)")
-        _merge(merged, data)
+        merge_results(merged, data)
     return merged
 
 

@@ -14,7 +14,9 @@ from hf_attn_zoo.errors import InvalidOptionError
 from hf_attn_zoo.eval_harness.tasks import TASKS_DIR
 
 
-__all__ = ["evaluate", "task_manager"]
+__all__ = ["DEFAULT_MAX_LENGTH", "evaluate", "task_manager"]
+
+DEFAULT_MAX_LENGTH = 2048
 
 
 @functools.lru_cache(maxsize=8)
@@ -115,11 +117,16 @@ def evaluate(
         lm = model_or_path
     else:
         args = dict(model_args or {})
+        # lm-eval would use the model's whole context (8192 for SmolLM2): rolling perplexity windows of that length
+        # make batch x 8192 x vocab logits (tens of GB); 2048 keeps memory bounded, pass max_length to change it
+        args.setdefault("max_length", DEFAULT_MAX_LENGTH)
         if patches:
             args["patch_options"] = list(patches)
         if tokenizer is not None:
             args["tokenizer"] = tokenizer
         pretrained = os.fspath(model_or_path) if isinstance(model_or_path, os.PathLike) else model_or_path
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         lm = ZooLM(pretrained=pretrained, batch_size=batch_size, device=device, **args)
     results = lm_eval.simple_evaluate(
         model=lm,

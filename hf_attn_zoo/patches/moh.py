@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import types
+import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -377,10 +378,15 @@ class MoHPatch(Patch):
                 o_proj.forward = types.MethodType(_head_sparse_linear_forward, o_proj)
                 handle.on_revert(lambda o=o_proj: (o.__dict__.pop("forward"), o.__dict__.pop("_zoo_num_heads")))
         handle.modules.extend(r for r in routers if any(True for _ in r.parameters()))
+        tag = uuid.uuid4().hex
+        for router in routers:
+            router.patch_tag = tag  # a string survives PEFT's modules_to_save deep copies unchanged
 
-        def layer_mean_balance_loss() -> torch.Tensor | None:
-            losses = [r.last_aux_loss for r in routers if r.last_aux_loss is not None]
-            for r in routers:
+        def layer_mean_balance_loss(model: nn.Module) -> torch.Tensor | None:
+            # the routers that ran: under PEFT those are modules_to_save copies, so look them up in the model now
+            mine = [m for m in model.modules() if isinstance(m, MoHRouter) and getattr(m, "patch_tag", None) == tag]
+            losses = [r.last_aux_loss for r in mine if r.last_aux_loss is not None]
+            for r in mine:
                 r.last_aux_loss = None
             if not losses or config.balance_loss_weight == 0:
                 return None

@@ -1,0 +1,37 @@
+"""Continue-tuning: YAML recipes (`recipe.py`), the Trainer-based runner (`train.py`) and the CLI pieces (`cli.py`).
+
+>>> from hf_attn_zoo.tuning import load_recipe, run_recipe
+>>> result = run_recipe("moh/smollm2_quick", overrides=["train.max_steps=10"])
+>>> result.final_loss, result.train_tokens_per_second
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .init_hooks import INIT_HOOKS, get_init_hook, register_init_hook
+from .recipe import Recipe, apply_overrides, find_recipe, load_recipe, recipes_dir, shipped_recipes, validate_recipe
+
+__all__ = [
+    "INIT_HOOKS",
+    "Recipe",
+    "TuneResult",
+    "apply_overrides",
+    "find_recipe",
+    "get_init_hook",
+    "load_recipe",
+    "recipes_dir",
+    "register_init_hook",
+    "run_recipe",
+    "shipped_recipes",
+    "validate_recipe",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # the runner imports transformers.Trainer (seconds); load it only when it is used
+    if name in ("run_recipe", "TuneResult"):
+        from . import train
+
+        return getattr(train, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,605 @@
+"""Run a continue-tuning recipe with `transformers.Trainer` (so `torchrun` / `accelerate launch` scale it).
+
+`run_recipe` loads the model and tokenizer, applies the recipe's patches, runs its `init` hooks, packs the text into
+`seq_len` blocks, picks the trainable parameters (`train.what`), trains with checkpoints every `train.save_steps`,
+resumes from the last checkpoint of an interrupted run, and saves the final (LoRA-merged) model into
+`output_dir/final`, loadable with `hf_attn_zoo.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
+
+from ..errors import MissingAssetError, RecipeError, ZooError
+from .init_hooks import get_init_hook
+from .recipe import CorpusSource, FilesSource, HFDatasetSource, LoraSection, Recipe, load_recipe, validate_recipe
+
+__all__ = [
+    "TuneResult", "apply_patches", "build_datasets", "last_checkpoint", "load_model_and_tokenizer", "run_init_hooks",
+    "run_recipe",
+]
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TuneResult:
+    """What a tuning run produced.
+
+    Args:
+        output_dir (`Path`): the run folder (checkpoints, `recipe.yaml`, `result.json`).
+        final_dir (`Path`): the saved final model (`output_dir/final`).
+        global_step (`int`): optimizer steps done in total (including those before a resume).
+        final_loss (`float`, *optional*): the last logged training loss (including the auxiliary losses).
+        loss_history (`list[tuple[int, float]]`): `(step, loss)` for every logged step of the whole run.
+        aux_loss_history (`list[tuple[int, float]]`): `(step, aux_loss)` when the patches have auxiliary losses.
+        eval_loss (`float`, *optional*): loss on the held-out documents (`data.held_out_fraction` > 0).
+        train_tokens (`int`): tokens trained on in this invocation.
+        train_tokens_per_second (`float`): `train_tokens` over the wall time of the training steps.
+        resumed_from (`str`, *optional*): the checkpoint this invocation resumed from.
+        eval_results (`dict`, *optional*): what `hf_attn_zoo.eval_harness.evaluate` returned.
+    """
+
+    output_dir: Path
+    final_dir: Path
+    global_step: int
+    final_loss: float | None
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
+    aux_loss_history: list[tuple[int, float]] = field(default_factory=list)
+    eval_loss: float | None = None
+    train_tokens: int = 0
+    train_tokens_per_second: float = 0.0
+    resumed_from: str | None = None
+    eval_results: dict[str, Any] | None = None
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["output_dir"], data["final_dir"] = str(self.output_dir), str(self.final_dir)
+        return json.dumps(data, indent=2, default=str)
+
+
+def run_recipe(
+    recipe_or_path: Recipe | str | Path,
+    overrides: Iterable[str] = (),
+    callbacks: Sequence[Any] = (),
+) -> TuneResult:
+    """Continue-tune a model as a recipe says.
+
+    Args:
+        recipe_or_path (`Recipe | str | Path`):
+            A validated `Recipe`, a YAML file, or the name of a shipped recipe (`moh/smollm2_quick`).
+        overrides (`Iterable[str]`, *optional*):
+            Dotted overrides, e.g. `["train.what=all", "optim.lr=1e-4"]`.
+        callbacks (`Sequence[transformers.TrainerCallback]`, *optional*):
+            Extra Trainer callbacks.
+
+    Returns:
+        `TuneResult`: output folder, final loss, loss history and training throughput.
+
+    Raises:
+        `RecipeError`: invalid recipe or patch options (with the recipe's file and line).
+        `MissingAssetError`: a corpus, dataset or model that is not available offline.
+    """
+    recipe = _resolve(recipe_or_path, overrides)
+    output_dir = recipe.resolved_output_dir()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    train = recipe.train
+    grad_accum = _grad_accum(recipe, world_size)
+    tokens_per_step = train.batch_size * grad_accum * world_size * recipe.data.seq_len
+    max_steps = train.max_steps or math.ceil(train.token_budget / tokens_per_step)
+
+    set_seed(recipe.seed)
+    model, tokenizer = load_model_and_tokenizer(recipe)
+    apply_patches(model, recipe)
+
+    args = TrainingArguments(**_training_args(recipe, output_dir, max_steps, grad_accum))
+    with args.main_process_first(desc="tokenize and pack"):
+        train_dataset, eval_dataset = build_datasets(recipe, tokenizer)
+
+    resume_from = last_checkpoint(output_dir) if train.resume else None
+    if resume_from is None:
+        run_init_hooks(model, train_dataset, recipe)
+    elif recipe.init:
+        logger.info("resuming from %s: skipping the init hooks (the checkpoint holds their result)", resume_from)
+    model = _select_trainable(model, recipe)
+    if args.process_index == 0:
+        _write_recipe(recipe, output_dir, resume_from)
+
+    throughput = _Throughput(tokens_per_step)
+    trainer = _ZooTrainer(
+        recipe=recipe,
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=default_data_collator,
+        processing_class=tokenizer,
+        callbacks=[throughput, *callbacks],
+    )
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    eval_loss = None
+    if eval_dataset is not None:
+        eval_loss = trainer.evaluate()["eval_loss"]
+
+    final_dir = output_dir / "final"
+    final_model = _save_final(trainer, tokenizer, final_dir)
+    eval_results = None
+    if recipe.eval is not None and trainer.is_world_process_zero():
+        eval_results = _run_eval(final_model, recipe, output_dir)
+
+    history = trainer.state.log_history
+    losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    result = TuneResult(
+        output_dir=output_dir,
+        final_dir=final_dir,
+        global_step=trainer.state.global_step,
+        final_loss=losses[-1][1] if losses else None,
+        loss_history=losses,
+        aux_loss_history=[(h["step"], h["aux_loss"]) for h in history if "aux_loss" in h],
+        eval_loss=eval_loss,
+        train_tokens=throughput.tokens,
+        train_tokens_per_second=throughput.tokens_per_second,
+        resumed_from=str(resume_from) if resume_from else None,
+        eval_results=eval_results,
+    )
+    if trainer.is_world_process_zero():
+        (output_dir / "result.json").write_text(result.to_json())
+        logger.info(
+            "hf-attn-zoo tune: %d steps, final loss %s, %.0f train tokens/s, model in %s",
+            result.global_step, result.final_loss, result.train_tokens_per_second, final_dir,
+        )
+    trainer.accelerator.wait_for_everyone()
+    return result
+
+
+def _resolve(recipe_or_path: Recipe | str | Path, overrides: Iterable[str]) -> Recipe:
+    overrides = list(overrides)
+    if not isinstance(recipe_or_path, Recipe):
+        return load_recipe(recipe_or_path, overrides)
+    if not overrides:
+        return validate_recipe(recipe_or_path)
+    from .recipe import apply_overrides
+
+    data = apply_overrides(recipe_or_path.model_dump(mode="python"), overrides)
+    return validate_recipe(data, recipe_or_path._source)
+
+
+def load_model_and_tokenizer(recipe: Recipe) -> tuple[torch.nn.Module, Any]:
+    """Load the recipe's model (re-applying patches recorded in its config) and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    import hf_attn_zoo as zoo
+
+    spec = recipe.model
+    path: str | Path = spec.path
+    if path == "default":
+        path = zoo.assets.default_model_path()
+    kwargs: dict[str, Any] = {"dtype": _DTYPES[spec.dtype]}
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    if spec.revision:
+        kwargs["revision"] = spec.revision
+    try:
+        model = zoo.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **({"revision": spec.revision} if spec.revision else {}))
+    except OSError as exc:
+        raise MissingAssetError(
+            f"{recipe.location(('model', 'path'))}: cannot load {str(path)!r} ({exc}). Use a local folder, or "
+            "download the model once with network access (`huggingface-cli download ...`)."
+        ) from None
+    return model, tokenizer
+
+
+def apply_patches(model: torch.nn.Module, recipe: Recipe) -> None:
+    import hf_attn_zoo as zoo
+
+    for index, spec in enumerate(recipe.patches):
+        try:
+            zoo.patch(model, spec.method, layers=spec.layers, **spec.options)
+        except ZooError as exc:
+            raise RecipeError(f"{recipe.location(('patches', index))}: {exc}") from None
+
+
+def run_init_hooks(model: torch.nn.Module, train_dataset: Any, recipe: Recipe) -> None:
+    for index, step in enumerate(recipe.init):
+        hook = get_init_hook(step.name)
+        try:
+            hook(model, train_dataset, **step.options)
+        except (ZooError, TypeError) as exc:
+            raise RecipeError(f"{recipe.location(('init', index))}: init hook {step.name!r} failed: {exc}") from None
+
+
+def _select_trainable(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
+    import hf_attn_zoo as zoo
+
+    what = recipe.train.what
+    if what == "all":
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        return model
+    if what == "new":
+        new = zoo.new_parameters(model)
+        if not new:
+            raise RecipeError(
+                f"{recipe.location(('train', 'what'))}: the patches created no parameters (training-free settings, "
+                "e.g. moh with router qnorm/onorm), so `what: new` has nothing to train; use `all` or `lora`"
+            )
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        for parameter in new.values():
+            parameter.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = recipe.train.lora or LoraSection()
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        # the patches' new modules are trained fully (and saved) next to the adapters
+        modules_to_save=zoo.new_module_names(model) or None,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise RecipeError(f"{recipe.location(('train', 'lora'))}: {exc}") from None
+
+
+def _grad_accum(recipe: Recipe, world_size: int) -> int:
+    train = recipe.train
+    if train.global_batch_size is None:
+        return train.grad_accum
+    per_step = train.batch_size * world_size
+    if train.global_batch_size % per_step:
+        raise RecipeError(
+            f"{recipe.location(('train', 'global_batch_size'))}: {train.global_batch_size} blocks is not a multiple "
+            f"of batch_size {train.batch_size} x {world_size} process(es)"
+        )
+    return train.global_batch_size // per_step
+
+
+def _training_args(recipe: Recipe, output_dir: Path, max_steps: int, grad_accum: int) -> dict[str, Any]:
+    train, optim = recipe.train, recipe.optim
+    has_eval = recipe.data.held_out_fraction > 0
+    args: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=grad_accum,
+        max_steps=max_steps,
+        learning_rate=optim.lr,
+        # the schedule (warm-up included) is `_LRSchedule`, installed by `_ZooTrainer.create_scheduler`
+        lr_scheduler_type="constant",
+        optim=optim.name,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.betas[0],
+        adam_beta2=optim.betas[1],
+        adam_epsilon=optim.eps,
+        max_grad_norm=optim.max_grad_norm or 0.0,
+        bf16=train.mixed_precision == "bf16",
+        fp16=train.mixed_precision == "fp16",
+        logging_steps=train.logging_steps,
+        save_strategy="steps" if train.save_steps else "no",
+        save_steps=train.save_steps or 500,
+        save_total_limit=train.save_total_limit,
+        eval_strategy="steps" if has_eval and train.eval_steps else "no",
+        eval_steps=train.eval_steps,
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        use_cpu=not torch.cuda.is_available(),
+        report_to=[],
+        activation_checkpointing=train.gradient_checkpointing,
+        # non-reentrant checkpointing needs no input grads, so it works with frozen embeddings (what: new / lora)
+        activation_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        # packed blocks all have seq_len tokens; dropping a ragged last batch keeps every step the same size
+        dataloader_drop_last=True,
+        disable_tqdm=False,
+    )
+    args.update(train.trainer_args)
+    return args
+
+
+class _LRSchedule:
+    """Linear warm-up to the peak, then cosine / linear decay to `min_lr`, or constant (a picklable LambdaLR rule)."""
+
+    def __init__(self, kind: str, warmup_steps: int, total_steps: int, lr: float, min_lr: float):
+        self.kind, self.warmup_steps, self.total_steps = kind, warmup_steps, total_steps
+        self.floor = min_lr / lr
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        if self.kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if self.kind == "cosine" else 1.0 - progress
+        return self.floor + (1.0 - self.floor) * decay
+
+
+class _ZooTrainer(Trainer):
+    """Trainer with the recipe's LR schedule and separate logging of the patches' auxiliary losses."""
+
+    def __init__(self, *args: Any, recipe: Recipe, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.recipe = recipe
+        # `outputs.loss` is a per-block mean that already includes the patches' auxiliary losses (core
+        # contract). With loss kwargs the Trainer would normalise by token counts and multiply by the number of
+        # processes, which also scales the aux loss by that factor; every packed block has the same number of
+        # tokens, so a plain per-batch mean gives the same LM loss and the intended aux weight.
+        self.model_accepts_loss_kwargs = False
+        self._aux_sum: torch.Tensor | float = 0.0
+        self._aux_count = 0
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if self.lr_scheduler is None:
+            optim = self.recipe.optim
+            rule = _LRSchedule(optim.schedule, optim.warmup_steps, num_training_steps, optim.lr, optim.min_lr)
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, rule)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        aux = outputs.get("aux_loss") if hasattr(outputs, "get") else None
+        if aux is not None and model.training:
+            # kept as a tensor: converting to float here would synchronise the device every micro-step
+            self._aux_sum = self._aux_sum + aux.detach().double()
+            self._aux_count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # training logs are written on every process at the same step, so the reduction below is collective
+        if "loss" in logs and "eval_loss" not in logs:
+            aux_sum = torch.as_tensor(self._aux_sum, dtype=torch.float64, device=self.args.device).reshape(1)
+            count = torch.tensor([float(self._aux_count)], dtype=torch.float64, device=self.args.device)
+            local = torch.cat([aux_sum, count])
+            total = self.accelerator.reduce(local, reduction="sum") if self.args.world_size > 1 else local
+            if total[1] > 0:
+                logs["aux_loss"] = float(total[0] / total[1])
+                logs["lm_loss"] = logs["loss"] - logs["aux_loss"]
+            self._aux_sum, self._aux_count = 0.0, 0
+        super().log(logs, start_time)
+
+
+class _Throughput(TrainerCallback):
+    """Train tokens per second over the optimizer steps of this invocation (set-up and final save excluded)."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.start: float | None = None
+        self.first_step = 0
+        self.steps = 0
+        self.seconds = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.start is None:
+            self.start, self.first_step = time.perf_counter(), state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.start is not None:
+            self.steps = state.global_step - self.first_step
+            self.seconds = time.perf_counter() - self.start
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.tokens_per_step
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def last_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete `checkpoint-N` folder in `output_dir` (one with its trainer state), or `None`."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    found = []
+    for child in folder.iterdir():
+        match = _CHECKPOINT.match(child.name)
+        if match and child.is_dir() and (child / "trainer_state.json").is_file():
+            found.append((int(match.group(1)), child))
+    return max(found)[1] if found else None
+
+
+def _write_recipe(recipe: Recipe, output_dir: Path, resume_from: Path | None) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "recipe.yaml"
+    text = recipe.to_yaml()
+    if resume_from is not None and path.is_file() and path.read_text() != text:
+        import yaml
+
+        before, after = _flatten(yaml.safe_load(path.read_text())), _flatten(yaml.safe_load(text))
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        logger.warning("resuming %s with a changed recipe: %s", resume_from, ", ".join(changed))
+    path.write_text(text)
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        return {k: v for key, value in data.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): data}
+
+
+def _save_final(trainer: Any, tokenizer: Any, final_dir: Path) -> torch.nn.Module | None:
+    trainer.accelerator.wait_for_everyone()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not trainer.is_world_process_zero():
+        return None
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(final_dir)
+    tokenizer.save_pretrained(final_dir)
+    return model
+
+
+def _run_eval(model: torch.nn.Module, recipe: Recipe, output_dir: Path) -> dict[str, Any] | None:
+    try:
+        from ..eval_harness import evaluate
+    except ImportError:
+        logger.warning("%s: hf_attn_zoo.eval_harness.evaluate is not available; skipping the eval section",
+                       recipe.location(("eval",)))
+        return None
+    results = evaluate(model, recipe.eval.tasks, recipe.eval.limit)
+    with contextlib.suppress(TypeError):
+        (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2, default=str))
+    return results
+
+
+def build_datasets(recipe: Recipe, tokenizer: Any) -> tuple[Any, Any | None]:
+    """Tokenize the recipe's documents and pack them into `seq_len` blocks (`input_ids` and `labels` columns).
+
+    Documents are split into train / held-out at the document level (`data.held_out_fraction`, chosen by a hash of
+    each document's text, so the split does not depend on the seed or the source order), each document ends with
+    the EOS token, and the token stream is cut into full blocks (per chunk of 1,000 documents: the tail of each
+    chunk that does not fill a block is dropped). Hub datasets stay on disk (Arrow) throughout.
+
+    Returns:
+        `tuple[datasets.Dataset, datasets.Dataset | None]`: the training blocks, and the held-out blocks.
+    """
+    import datasets
+
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        documents = _documents(recipe)
+        fraction = recipe.data.held_out_fraction
+        held_out = None
+        if fraction > 0:
+            if len(documents) < 2:
+                raise RecipeError(
+                    f"{recipe.location(('data', 'held_out_fraction'))}: the data has {len(documents)} document(s); "
+                    "a document-level held-out split needs at least 2"
+                )
+            keys = documents.map(lambda b: {"_key": [_doc_key(t) for t in b["text"]]}, batched=True)["_key"]
+            order = sorted(range(len(keys)), key=keys.__getitem__)
+            chosen = set(order[: max(1, round(fraction * len(keys)))])
+            held_out = documents.select(sorted(chosen))
+            documents = documents.select([i for i in range(len(keys)) if i not in chosen])
+        train = _pack(documents, tokenizer, recipe.data.seq_len, recipe.data.num_proc)
+        if len(train) == 0:
+            raise RecipeError(
+                f"{recipe.location(('data', 'seq_len'))}: the training text is shorter than one block of "
+                f"{recipe.data.seq_len} tokens"
+            )
+        evaluation = (
+            _pack(held_out, tokenizer, recipe.data.seq_len, recipe.data.num_proc) if held_out is not None else None
+        )
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+    return train, (evaluation if evaluation is not None and len(evaluation) > 0 else None)
+
+
+def _doc_key(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", errors="replace")).hexdigest()
+
+
+_PACK_CHUNK = 1000
+
+
+def _pack(documents: Any, tokenizer: Any, seq_len: int, num_proc: int | None):
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [row + eos for row in ids]}
+
+    def pack(batch: dict[str, list]) -> dict[str, list]:
+        stream = [token for row in batch["input_ids"] for token in row]
+        blocks = [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
+        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+    dataset = documents.map(tokenize, batched=True, remove_columns=documents.column_names, num_proc=num_proc)
+    dataset = dataset.map(pack, batched=True, batch_size=_PACK_CHUNK, num_proc=num_proc)
+    return dataset.with_format("torch")
+
+
+def _documents(recipe: Recipe):
+    """Every source as one `datasets.Dataset` with a single `text` column (empty documents dropped)."""
+    import datasets
+
+    from ..assets.corpora import corpus_texts
+
+    parts = []
+    for index, source in enumerate(recipe.data.sources):
+        loc = ("data", "sources", index)
+        if isinstance(source, CorpusSource):
+            try:
+                texts = corpus_texts(source.corpus)
+            except MissingAssetError as exc:
+                raise MissingAssetError(f"{recipe.location(loc + ('corpus',))}: {exc}") from None
+            parts.append(datasets.Dataset.from_dict({"text": texts[: source.max_docs]}))
+        elif isinstance(source, FilesSource):
+            parts.append(datasets.Dataset.from_dict({"text": _read_files(source, recipe, loc)}))
+        elif isinstance(source, HFDatasetSource):
+            parts.append(_read_hf_dataset(source, recipe, loc))
+    documents = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    return documents.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
+
+
+def _read_files(source: FilesSource, recipe: Recipe, loc: tuple) -> list[str]:
+    documents = []
+    for file_index, name in enumerate(source.files):
+        path = Path(name) if Path(name).is_absolute() else recipe.base_dir / name
+        if not path.is_file():
+            raise RecipeError(f"{recipe.location(loc + ('files', file_index))}: data file {str(path)!r} does not exist")
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if source.format == "text":
+            documents.append(text)
+            continue
+        for line_number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RecipeError(f"{path}:{line_number}: invalid JSON line ({exc.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get(source.text_field), str):
+                raise RecipeError(
+                    f"{path}:{line_number}: no string field {source.text_field!r} "
+                    f"(set it with {'.'.join(map(str, loc))}.text_field)"
+                )
+            documents.append(row[source.text_field])
+    return documents
+
+
+def _read_hf_dataset(source: HFDatasetSource, recipe: Recipe, loc: tuple) -> list[str]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(source.hf_dataset, source.config, split=source.split)
+    except (FileNotFoundError, ConnectionError, OSError, ValueError) as exc:
+        raise MissingAssetError(
+            f"{recipe.location(loc + ('hf_dataset',))}: cannot load dataset {source.hf_dataset!r} "
+            f"(config {source.config!r}, split {source.split!r}) offline: {exc}. Load it once with network access "
+            "so that it is cached."
+        ) from None
+    if source.text_field not in dataset.column_names:
+        raise RecipeError(
+            f"{recipe.location(loc + ('text_field',))}: dataset {source.hf_dataset!r} has no column "
+            f"{source.text_field!r}; columns: {', '.join(dataset.column_names)}"
+        )
+    if source.max_docs is not None:
+        dataset = dataset.select(range(min(source.max_docs, len(dataset))))
+    dataset = dataset.select_columns([source.text_field])
+    return dataset.rename_column(source.text_field, "text") if source.text_field != "text" else dataset

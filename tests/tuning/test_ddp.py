@@ -1,0 +1,62 @@
+"""Two DDP processes (torchrun, gloo) give the same per-step losses as one process at the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .test_train import MOH, tiny_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+# fp32 sums over 2 x 2 blocks instead of 4: rounding only
+DDP_LOSS_ATOL = 1e-4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tune(recipe: Path, nproc: int, batch_size: int, out: Path) -> list[tuple[int, float]]:
+    tune = ["-m", "hf_attn_zoo.tuning", "tune", str(recipe), f"train.batch_size={batch_size}", f"output_dir={out}"]
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                                      f"--master_port={_free_port()}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, *launcher, *tune], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return [tuple(entry) for entry in json.loads((out / "result.json").read_text())["loss_history"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "patches",
+    [
+        pytest.param([], id="dense"),
+        # balance losses are computed over each process's own batch, so they are off here and the match is exact
+        pytest.param([{**MOH, "balance_loss_weight": 0.0}], id="moh"),
+    ],
+)
+def test_two_processes_match_one(tmp_path: Path, tiny_model_dir: Path, patches: list):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, patches=patches, train={"max_steps": 3})
+    one = _tune(recipe, 1, 4, tmp_path / "one")
+    two = _tune(recipe, 2, 2, tmp_path / "two")
+    assert [s for s, _ in one] == [s for s, _ in two] == [1, 2, 3]
+    for (_, a), (_, b) in zip(one, two):
+        assert abs(a - b) < DDP_LOSS_ATOL
+
+
+@pytest.mark.slow
+def test_two_processes_train_with_a_balance_loss(tmp_path: Path, tiny_model_dir: Path):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, patches=[MOH], train={"max_steps": 2})
+    two = _tune(recipe, 2, 2, tmp_path / "two")
+    assert [s for s, _ in two] == [1, 2]
+    aux = json.loads((tmp_path / "two" / "result.json").read_text())["aux_loss_history"]
+    assert len(aux) == 2
