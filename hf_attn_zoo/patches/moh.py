@@ -27,6 +27,7 @@ Official code: https://github.com/SkyworkAI/MoH
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 import uuid
@@ -256,7 +257,7 @@ class MoHRouter(nn.Module):
         return self.forward(hidden, query) > 0
 
 
-def _moh_handler(base, module, query, key, value, attention_mask, **kwargs):
+def _moh_handler(base, module, query, key, value, attention_mask, *, o_proj_name: str, **kwargs):
     """Attention handler of a MoH layer (installed on the attention module instance)."""
     router: MoHRouter = module.head_router
     hidden = module.__dict__.pop("_zoo_hidden")
@@ -264,7 +265,7 @@ def _moh_handler(base, module, query, key, value, attention_mask, **kwargs):
         active = router.routed_mask(hidden, query)[:, 0]  # [B, H]
         out = head_sparse_decode_attention(query, key, value, attention_mask, active, kwargs.get("scaling"))
         if out.shape[0] == 1:
-            o_proj = _base_layer(getattr(module, "o_proj"))
+            o_proj = _base_layer(getattr(module, o_proj_name))
             o_proj.__dict__["_zoo_head_runs"] = (out.data_ptr(), active_runs(active[0].cpu()))
         return out, None
     out, weights = base(module, query, key, value, attention_mask, **kwargs)  # out [B, T, H, D]
@@ -370,7 +371,7 @@ class MoHPatch(Patch):
             handle.on_revert(lambda a=attention: delattr(a, "head_router"))
             hook = attention.register_forward_pre_hook(_capture_hidden, with_kwargs=True)
             handle.on_revert(hook.remove)
-            install_handler(model, attention, _moh_handler)
+            install_handler(model, attention, functools.partial(_moh_handler, o_proj_name=family.attention.o))
             handle.on_revert(lambda a=attention: remove_handler(model, a))
             if config.decode_skip != "never":
                 o_proj = _base_layer(getattr(attention, family.attention.o))
