@@ -114,6 +114,8 @@ def _ensure_aux_loss_hook(model: torch.nn.Module) -> None:
         return
 
     def add_aux_loss(module, args, output):
+        if not module.training:
+            return output  # auxiliary losses exist only in training; skip the lookup on every inference step
         total = aux_loss(module)
         if total is None or not isinstance(output, ModelOutput):
             return output

@@ -6,8 +6,9 @@ Three routers:
 
 - `learned` (Eq. 5-6): linear routers on the attention input; routed gates softmax -> top-k, renormalised over the
   selected heads and scaled by k; shared gates softmax * h_s; the two-stage balance `[a1, a2] = softmax(W_h x) * 2`.
-  The scale factors follow the official code so that every gate is 1 at initialisation (zero-initialised routers
-  reproduce the dense model). `gate="binary"` uses 0/1 gates with a straight-through estimator (Eq. 9-10).
+  With `gate="weighted"` the scale factors follow the official code, so that every gate is 1 at initialisation.
+  The default `gate="binary"` uses 0/1 gates with a straight-through estimator (Eq. 9-10), as the paper does when
+  converting LLaMA3: weighting head outputs shifts a pretrained model's output distribution.
   Load-balance loss (Eq. 7-8): `L_b = E * sum_i f_i P_i`, weighted by `balance_loss_weight` (0.01) and averaged over
   layers, as in the official code.
 - `qnorm`: the training-free MoH-LLaMA3 release: routed heads ranked by the L2 norm of their query vectors,
@@ -72,10 +73,11 @@ class MoHConfig(PatchConfig):
         default=None,
         metadata={"help": "active routed heads per token. Default: 75% of all heads active in total."},
     )
-    gate: Literal["weighted", "binary"] | None = field(
-        default=None,
-        metadata={"help": "weighted (Eq. 5 gates) or binary (0/1 with straight-through gradients). Default: "
-                  "weighted for learned, binary otherwise (qnorm/onorm are always binary)."},
+    gate: Literal["weighted", "binary"] = field(
+        default="binary",
+        metadata={"help": "binary (0/1 with straight-through gradients, Eq. 9-10, as MoH-LLaMA3) or weighted (Eq. 5 "
+                  "gates; learned router only). Binary keeps a pretrained model's output scale: measured on "
+                  "SmolLM2 it starts closer to the dense model and decodes faster."},
     )
     granularity: Literal["head", "group"] = field(
         default="head",
@@ -151,8 +153,31 @@ class MoHRouter(nn.Module):
                 f"shared={u.shared}, routed={u.routed}, top_k={u.top_k} (units of {u.size} head(s))")
 
     def reset_usage(self) -> None:
-        self.usage_counts = torch.zeros(self.layout.num_heads, dtype=torch.float64)  # plain attribute: not saved
+        # plain attributes, not buffers: statistics are not saved with the model
+        self._usage_counts = torch.zeros(self.layout.num_heads, dtype=torch.float64)
+        self._pending_gates: list[torch.Tensor] = []
+        self._pending_numel = 0
         self.usage_tokens = 0
+
+    @property
+    def usage_counts(self) -> torch.Tensor:
+        """How many tokens used each head since the last reset `[H]`."""
+        self._flush_usage()
+        return self._usage_counts
+
+    def _record_usage(self, gates: torch.Tensor) -> None:
+        # the reduction is batched over many calls: per decode step it would be a few extra kernels per layer
+        self._pending_gates.append(gates.detach().reshape(-1, gates.shape[-1]))
+        self._pending_numel += gates.numel()
+        self.usage_tokens += gates.shape[0] * gates.shape[1]
+        if self._pending_numel >= 1 << 16 or len(self._pending_gates) >= 64:
+            self._flush_usage()
+
+    def _flush_usage(self) -> None:
+        if self._pending_gates:
+            active = torch.cat(self._pending_gates).gt(0).sum(0)
+            self._usage_counts = self._usage_counts.to(active.device) + active
+            self._pending_gates, self._pending_numel = [], 0
 
     @property
     def needs_head_outputs(self) -> bool:
@@ -210,11 +235,7 @@ class MoHRouter(nn.Module):
         gates = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
         if u.size > 1:
             gates = gates.repeat_interleave(u.size, dim=-1)
-        with torch.no_grad():
-            if self.usage_counts.device != gates.device:
-                self.usage_counts = self.usage_counts.to(gates.device)
-            self.usage_counts += (gates > 0).sum(dim=(0, 1))
-            self.usage_tokens += batch * length
+        self._record_usage(gates)
         if self.teacher is not None:
             scores = self.routing_scores(hidden, query, head_out)
             self.distill_buffer.append((hidden.detach().reshape(-1, hidden.shape[-1]).cpu(),
@@ -247,8 +268,8 @@ class MoHRouter(nn.Module):
             return mask
         if config.gate == "weighted":
             # renormalised over the selected heads and scaled by k (official code): unit gates at a uniform start
-            weights = top_p * (u.top_k / top_p.sum(-1, keepdim=True))
-            return torch.zeros_like(probs).scatter(-1, top_i, weights)
+            weights = top_p / top_p.sum(-1, keepdim=True) * u.top_k
+            return torch.zeros_like(probs).scatter_(-1, top_i, weights)
         # straight-through estimator (Eq. 9-10): forward 0/1, backward through the router probabilities
         return (probs - probs.detach()) + mask
 
@@ -337,7 +358,6 @@ class MoHPatch(Patch):
         if top_k is None:
             active = math.floor(units * ACTIVE_FRACTION + 0.5)  # round half up: 9 heads -> 7, 6 -> 5
             top_k = max(0, min(routed // size, active - shared // size)) * size
-        gate = config.gate or ("weighted" if config.router == "learned" else "binary")
         unit_name = "heads" if size == 1 else f"heads (group mode: multiples of the group size {size})"
         for name, value in (("shared_heads", shared), ("routed_heads", routed), ("top_k", top_k)):
             if value < 0 or value % size:
@@ -350,14 +370,14 @@ class MoHPatch(Patch):
             raise InvalidOptionError(f"moh: top_k={top_k} active heads cannot exceed routed_heads={routed}.")
         if shared + top_k == 0:
             raise InvalidOptionError("moh: shared_heads + top_k is 0, so no head would be active.")
-        if gate == "weighted" and config.router != "learned":
+        if config.gate == "weighted" and config.router != "learned":
             raise InvalidOptionError(f"moh: gate='weighted' needs router='learned'; the {config.router} router "
                                      "uses binary gates.")
         if not 0 <= config.balance_loss_weight:
             raise InvalidOptionError("moh: balance_loss_weight must be >= 0.")
         if config.skip_min_unread_kv < 0:
             raise InvalidOptionError("moh: skip_min_unread_kv must be >= 0.")
-        return replace(config, shared_heads=shared, routed_heads=routed, top_k=top_k, gate=gate)
+        return replace(config, shared_heads=shared, routed_heads=routed, top_k=top_k)
 
     def apply(self, model, config: MoHConfig, family: FamilySpec, layers: list[int], handle: PatchHandle) -> None:
         layout = family.head_layout(model.config)

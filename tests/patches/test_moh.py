@@ -127,7 +127,7 @@ def test_defaults_follow_the_paper_75_percent_of_heads():
     model = hf_attn_zoo.patch(_gqa_model(), "moh")
     options = hf_attn_zoo.applied_patches(model)[0]["options"]
     assert (options["shared_heads"], options["routed_heads"], options["top_k"]) == (3, 3, 2)  # 5/6 ~ 75%
-    assert options["gate"] == "weighted" and options["balance_loss_weight"] == 0.01
+    assert options["gate"] == "binary" and options["balance_loss_weight"] == 0.01
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from hf_attn_zoo.tuning.init_hooks import INIT_HOOKS
 
 LOSS_ATOL = 1e-5
 # tiny Llama: 4 heads -> 2 shared + top-1 of 2 routed (3 of 4 active), learned router with weighted gates
-MOH = {"method": "moh", "router": "learned", "shared_heads": 2, "routed_heads": 2, "top_k": 1}
+MOH = {"method": "moh", "router": "learned", "shared_heads": 2, "routed_heads": 2, "top_k": 1, "gate": "weighted"}
 
 
 def tiny_recipe(tmp_path: Path, model_dir: Path, name: str = "run", **sections) -> Path:
