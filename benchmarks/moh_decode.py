@@ -110,8 +110,8 @@ def end_to_end_table(contexts, batches, steps: int, rounds: int) -> list[str]:
     base, _ = hf_attn_zoo.assets.load_default_model()
     base.eval()
     variants = [
-        ("MoH head routing, learned (7/9 heads)", {}),
-        ("MoH head routing, learned binary gates (7/9 heads)", {"gate": "binary"}),
+        ("MoH defaults: head routing, learned, binary gates (7/9 heads)", {}),
+        ("MoH head routing, learned, Eq. 5 weighted gates (7/9 heads)", {"gate": "weighted"}),
         ("MoH group routing, 2/3 KV groups (6/9 heads)", {"granularity": "group"}),
         ("MoH group routing, 1/3 KV groups (3/9 heads)", {"granularity": "group", "shared_heads": 0, "top_k": 3}),
     ]

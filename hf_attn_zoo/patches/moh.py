@@ -140,7 +140,7 @@ class MoHRouter(nn.Module):
         rows = self.routed_rows + self.shared_rows + self.mix_rows
         self.proj = nn.Linear(hidden_size, rows, bias=False) if rows else None
         if self.proj is not None:
-            # zero-initialised: uniform softmaxes, so with the code's scale factors every gate starts at exactly 1
+            # zero-initialised: uniform softmaxes, so weighted gates (with the code's scale factors) start at exactly 1
             nn.init.zeros_(self.proj.weight)
         self.last_aux_loss: torch.Tensor | None = None
         self.teacher: str | None = None  # "onorm" while distill_router collects targets
