@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -48,7 +49,7 @@ def _resolve_model(name: str) -> str:
     return str(assets.default_model_path()) if name == "default" else name
 
 
-def _methods(argv: list[str]) -> int:
+def methods_main(argv: list[str]) -> int:
     import hf_attn_zoo
 
     parser = argparse.ArgumentParser(prog="hf-attn-zoo methods")
@@ -68,7 +69,7 @@ def _methods(argv: list[str]) -> int:
     return 0
 
 
-def _patch(argv: list[str]) -> int:
+def patch_main(argv: list[str]) -> int:
     import hf_attn_zoo
 
     parser = argparse.ArgumentParser(prog="hf-attn-zoo patch", description="Patch a checkpoint and save it.")
@@ -77,7 +78,7 @@ def _patch(argv: list[str]) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("options", nargs="*", help="method options as key=value (e.g. router=onorm top_k=7)")
     parser.add_argument("--layers", default="all", help="'all', 'every_2nd', or a comma-separated list of indices")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     from transformers import AutoTokenizer
 
     path = _resolve_model(args.model)
@@ -94,7 +95,7 @@ def _patch(argv: list[str]) -> int:
     return 0
 
 
-def _analyze(argv: list[str]) -> int:
+def analyze_main(argv: list[str]) -> int:
     import torch
 
     import hf_attn_zoo
@@ -106,7 +107,7 @@ def _analyze(argv: list[str]) -> int:
     parser.add_argument("--corpus", default="python_stdlib_docs", help="held-out text to run the model on")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("options", nargs="*", help="patch options (key=value) to apply moh first, e.g. router=onorm")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     from transformers import AutoTokenizer
 
     from .assets.corpora import held_out_texts
@@ -125,6 +126,18 @@ def _analyze(argv: list[str]) -> int:
     return 0
 
 
+_COMMANDS = {
+    "methods": ("hf_attn_zoo.cli", "methods_main"),
+    "patch": ("hf_attn_zoo.cli", "patch_main"),
+    "analyze": ("hf_attn_zoo.cli", "analyze_main"),
+    "tune": ("hf_attn_zoo.tuning.cli", "tune_main"),
+    "validate": ("hf_attn_zoo.tuning.cli", "validate_main"),
+    "eval": ("hf_attn_zoo.eval_harness.cli", "eval_main"),
+    "report": ("hf_attn_zoo.eval_harness.cli", "report_main"),
+    "demo": ("hf_attn_zoo.demo", "demo_main"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -134,38 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .errors import ZooError
 
+    if command not in _COMMANDS:
+        print(f"hf-attn-zoo: unknown command {command!r}\n\n{_USAGE}", file=sys.stderr)
+        return 2
+    module, function = _COMMANDS[command]
     try:
-        if command == "methods":
-            return _methods(rest)
-        if command == "patch":
-            return _patch(rest)
-        if command == "analyze":
-            return _analyze(rest)
-        if command == "tune":
-            from .tuning.cli import tune_main
-
-            return tune_main(rest)
-        if command == "validate":
-            from .tuning.cli import validate_main
-
-            return validate_main(rest)
-        if command == "eval":
-            from .eval_harness.cli import eval_main
-
-            return eval_main(rest)
-        if command == "report":
-            from .eval_harness.cli import report_main
-
-            return report_main(rest)
-        if command == "demo":
-            from .demo import demo_main
-
-            return demo_main(rest)
+        # subcommands import their (heavy) dependencies only when they run
+        return getattr(importlib.import_module(module), function)(rest)
     except ZooError as error:
         print(f"hf-attn-zoo {command}: error: {error}", file=sys.stderr)
         return 2
-    print(f"hf-attn-zoo: unknown command {command!r}\n\n{_USAGE}", file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import re
 import types
@@ -129,7 +130,7 @@ class PatchHandle:
         return self.aux_loss_fn(model) if self.aux_loss_fn is not None else None
 
 
-class Patch:
+class Patch(abc.ABC):
     """A method of the zoo. Subclass it in `patches/<name>.py` and decorate with `@register_patch`.
 
     Class attributes:
@@ -156,11 +157,11 @@ class Patch:
         """Cross-check the options against the model (head counts ...); return the completed config."""
         return config
 
+    @abc.abstractmethod
     def apply(
         self, model: torch.nn.Module, config: PatchConfig, family: FamilySpec, layers: list[int], handle: PatchHandle
     ) -> None:
         """Change the model; register every undo step on `handle` as soon as the change is made."""
-        raise NotImplementedError
 
     def neutral_config(self, family: FamilySpec, model_config: PretrainedConfig) -> PatchConfig | None:
         """Options under which the patched model reproduces the unpatched one, or `None` if there are none."""

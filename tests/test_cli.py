@@ -44,3 +44,14 @@ def test_bad_option_exits_2_with_one_line(tmp_path, capsys):
 def test_unknown_command(capsys):
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_analyze_head_usage_writes_the_plot(tmp_path, capsys):
+    from tests.tiny import save_tiny_llama
+
+    source = save_tiny_llama(tmp_path / "tiny", vocab_size=300, max_position_embeddings=1024, bos_prefix=False)
+    out = tmp_path / "usage.png"
+    assert main(["analyze", "head-usage", str(source), "--out", str(out), "--tokens", "256",
+                 "router=qnorm", "shared_heads=2", "top_k=1"]) == 0
+    assert "mean active fraction 0.750" in capsys.readouterr().out
+    assert out.stat().st_size > 1000 and out.with_suffix(".json").exists()
