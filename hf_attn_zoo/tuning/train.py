@@ -188,9 +188,7 @@ def load_model_and_tokenizer(recipe: Recipe) -> tuple[torch.nn.Module, Any]:
     import hf_attn_zoo as zoo
 
     spec = recipe.model
-    path: str | Path = spec.path
-    if path == "default":
-        path = zoo.assets.default_model_path()
+    path = zoo.assets.resolve_model(spec.path)
     kwargs: dict[str, Any] = {"dtype": _DTYPES[spec.dtype]}
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
