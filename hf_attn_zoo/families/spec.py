@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 from transformers import PretrainedConfig, PreTrainedModel
 
 from ..errors import UnsupportedArchitectureError
@@ -34,9 +34,19 @@ class AttentionSpec(BaseModel):
 
 
 class MLPSpec(BaseModel):
+    """The feed-forward block; for `kind: moe`, the names of its router and fused experts sub-modules."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     module: str
     kind: Literal["dense", "moe"]
+    router: str | None = None
+    experts: str | None = None
+
+    @model_validator(mode="after")
+    def _moe_names(self) -> MLPSpec:
+        if (self.kind == "moe") != (self.router is not None and self.experts is not None):
+            raise ValueError("an MLP spec names `router` and `experts` exactly when its kind is moe")
+        return self
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,15 @@ class FamilySpec(BaseModel):
 
     def attention_module(self, model: torch.nn.Module, layer: int) -> torch.nn.Module:
         return getattr(self.decoder_layers(model)[layer], self.attention.module)
+
+    def mlp_module(self, model: torch.nn.Module, layer: int) -> torch.nn.Module:
+        return getattr(self.decoder_layers(model)[layer], self.mlp.module)
+
+    def moe_layers(self, model: torch.nn.Module) -> list[int]:
+        """Indices of the layers whose MLP is a sparse MoE block (some MoE families keep dense layers)."""
+        if self.mlp.kind != "moe":
+            return []
+        return [i for i in range(len(self.decoder_layers(model))) if hasattr(self.mlp_module(model, i), self.mlp.router)]
 
     def head_layout(self, config: PretrainedConfig) -> HeadLayout:
         num_heads = config.num_attention_heads

@@ -43,3 +43,23 @@ def test_unsupported_architecture_names_the_supported_ones():
     with pytest.raises(UnsupportedArchitectureError, match="model_type 'gpt2' .* supported: .*llama.*qwen3"):
         hf_attn_zoo.patch(model, "moh")
     assert hf_attn_zoo.applied_patches(model) == []
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_moe_families_name_their_router_and_experts(family):
+    spec = family_specs()[family]
+    model = tiny_model(family)
+    moe_layers = spec.moe_layers(model)
+    if spec.mlp.kind == "dense":
+        assert moe_layers == []
+        return
+    assert moe_layers == list(range(model.config.num_hidden_layers))
+    mlp = spec.mlp_module(model, 0)
+    router, experts = getattr(mlp, spec.mlp.router), getattr(mlp, spec.mlp.experts)
+    assert router.top_k == model.config.num_experts_per_tok
+    assert experts.gate_up_proj.shape[0] == router.weight.shape[0]
+
+
+def test_moe_layers_skip_dense_layers_of_mixed_models():
+    model = tiny_model("qwen3_moe", mlp_only_layers=[0])
+    assert family_specs()["qwen3_moe"].moe_layers(model) == [1]
