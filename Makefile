@@ -37,6 +37,7 @@ bench: install
 	$(OFFLINE) $(PY) benchmarks/patch_cost.py
 	$(OFFLINE) $(PY) benchmarks/moh_decode.py
 	$(OFFLINE) $(PY) benchmarks/train_throughput.py
+	$(OFFLINE) $(PY) benchmarks/upcycle_cost.py
 
 clean:
 	rm -rf $(VENV) demo_output runs .pytest_cache

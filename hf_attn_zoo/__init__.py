@@ -11,22 +11,27 @@ from . import analysis, assets
 from . import patches as _patches  # noqa: F401  (registers every method)
 from .errors import ZooError
 from .loading import from_pretrained
+from .moe_losses import install_router_losses
 from .patching import applied_patches, aux_loss, new_module_names, new_parameters, patch, unpatch
 from .registry import PATCHES, MethodInfo, method_info, register_patch
+from .upcycling import Expert, upcycle
 
 __all__ = [
+    "Expert",
     "analysis",
     "assets",
     "ZooError",
     "applied_patches",
     "aux_loss",
     "from_pretrained",
+    "install_router_losses",
     "methods",
     "new_module_names",
     "new_parameters",
     "patch",
     "register_patch",
     "unpatch",
+    "upcycle",
 ]
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""`hf-attn-zoo`: methods | patch | tune | validate | eval | report | analyze | demo."""
+"""`hf-attn-zoo`: methods | patch | upcycle | tune | validate | eval | report | analyze | demo."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ commands:
   validate  [RECIPE ...]                     validate recipes (default: every shipped recipe)
   eval      [lm-eval flags]                  lm-eval with the 'hf-attn-zoo' model and the offline task pack
   report    RESULTS... --names ... --out DIR side-by-side table (md, json) and chart (png)
+  upcycle   SEED [EXPERT ...] --out DIR      dense -> MoE: --mode sparse|btx|bam, or --mergekit FILE
+  upcycle-study [--out DIR] [--stage ...]    SmolLM2 specialists -> sparse/BTX/BAM -> mixture tuning -> report
   analyze   head-usage MODEL --out PNG       per-layer, per-head usage of a MoH model on real text
   demo      [--out DIR] [--quick]            SmolLM2 -> MoH -> tune -> eval, offline
 """
@@ -129,6 +131,8 @@ def analyze_main(argv: list[str]) -> int:
 _COMMANDS = {
     "methods": ("hf_attn_zoo.cli", "methods_main"),
     "patch": ("hf_attn_zoo.cli", "patch_main"),
+    "upcycle": ("hf_attn_zoo.upcycling.cli", "upcycle_main"),
+    "upcycle-study": ("hf_attn_zoo.upcycling.pipeline", "pipeline_main"),
     "analyze": ("hf_attn_zoo.cli", "analyze_main"),
     "tune": ("hf_attn_zoo.tuning.cli", "tune_main"),
     "validate": ("hf_attn_zoo.tuning.cli", "validate_main"),

@@ -15,6 +15,7 @@ __all__ = [
     "CheckpointMismatchError",
     "MissingAssetError",
     "RecipeError",
+    "IncompatibleModelsError",
 ]
 
 
@@ -48,3 +49,7 @@ class MissingAssetError(ZooError):
 
 class RecipeError(ZooError):
     """A tuning recipe that does not parse or validate; the message names the file, the key and the line."""
+
+
+class IncompatibleModelsError(ZooError):
+    """Models that cannot be merged (upcycling): different architecture, shapes, layer count or tokenizer."""

@@ -3,12 +3,17 @@
 Applied patches are recorded in `model.config.hf_attn_zoo` (a list of `{"method", "layers", "options"}`), so
 `save_pretrained` persists them and `hf_attn_zoo.from_pretrained` re-applies them before loading the weights.
 The live undo handles sit on the model object (`model._zoo_handles`) and are not saved.
+
+Auxiliary losses: one forward hook on the causal LM adds, in training mode, the patches' auxiliary losses and those of
+providers registered with `register_aux_loss` (e.g. `hf_attn_zoo.install_router_losses`) to `outputs.loss`, and
+returns their sum as `outputs.aux_loss`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,11 +24,14 @@ from .families.spec import resolve_family
 from .layers import LayerSelector, resolve_layers
 from .registry import PatchHandle, get_patch
 
-__all__ = ["patch", "unpatch", "applied_patches", "aux_loss", "new_parameters", "new_module_names"]
+__all__ = [
+    "patch", "unpatch", "applied_patches", "aux_loss", "new_parameters", "new_module_names", "register_aux_loss",
+]
 
 RECORD_KEY = "hf_attn_zoo"
 _HANDLES = "_zoo_handles"
 _HOOK = "_zoo_aux_loss_hook"
+_PROVIDERS = "_zoo_aux_loss_providers"
 
 
 def applied_patches(model: torch.nn.Module) -> list[dict[str, Any]]:
@@ -88,25 +96,62 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
         handles.pop().revert()
     if hasattr(model.config, RECORD_KEY):
         delattr(model.config, RECORD_KEY)
-    hook = model.__dict__.pop(_HOOK, None)
-    if hook is not None:
-        hook.remove()
+    _drop_aux_loss_hook_if_unused(model)
     return model
 
 
 def aux_loss(model: torch.nn.Module) -> torch.Tensor | None:
-    """The weighted sum of the patches' auxiliary losses (e.g. MoH load balance) from the last training forward.
+    """The weighted sum of the auxiliary losses (e.g. MoH load balance, MoE router losses) of the last training forward.
 
-    Reading it clears it. A patched causal LM already adds it to `outputs.loss` and exposes it as
-    `outputs.aux_loss`, so training loops (and `transformers.Trainer`) include it without calling this.
+    Sums the patches' losses and those of the providers added with `register_aux_loss`. Reading it clears it. A
+    patched causal LM already adds it to `outputs.loss` and exposes it as `outputs.aux_loss`, so training loops (and
+    `transformers.Trainer`) include it without calling this.
     """
     total = None
     model = _unwrap(model)
-    for handle in _handles(model):
-        loss = handle.aux_loss(model)
+    sources = [handle.aux_loss for handle in _handles(model)] + list(model.__dict__.get(_PROVIDERS, ()))
+    for source in sources:
+        loss = source(model)
         if loss is not None:
             total = loss if total is None else total + loss
     return total
+
+
+class AuxLossRegistration:
+    """What `register_aux_loss` returns: `remove()` takes the provider out again."""
+
+    def __init__(self, model: torch.nn.Module, fn: Callable[[torch.nn.Module], torch.Tensor | None]):
+        self.model, self.fn = model, fn
+
+    def remove(self) -> None:
+        providers = self.model.__dict__.get(_PROVIDERS, [])
+        if self.fn in providers:
+            providers.remove(self.fn)
+        if not providers:
+            self.model.__dict__.pop(_PROVIDERS, None)
+        _drop_aux_loss_hook_if_unused(self.model)
+
+
+def register_aux_loss(
+    model: torch.nn.Module, fn: Callable[[torch.nn.Module], torch.Tensor | None]
+) -> AuxLossRegistration:
+    """Add an auxiliary loss that is not a patch's: `fn(model)` returns the weighted loss of the last forward, or None.
+
+    `model` is the transformers causal LM (not a PEFT/DDP wrapper). `fn` is called by the aux-loss hook after every
+    training-mode forward (never in eval mode), with the patches' losses; it should clear what it read. Its loss is
+    added to `outputs.loss` and included in `outputs.aux_loss` and `hf_attn_zoo.aux_loss(model)`.
+    """
+    model.__dict__.setdefault(_PROVIDERS, []).append(fn)
+    _ensure_aux_loss_hook(model)
+    return AuxLossRegistration(model, fn)
+
+
+def _drop_aux_loss_hook_if_unused(model: torch.nn.Module) -> None:
+    if model.__dict__.get(_HANDLES) or model.__dict__.get(_PROVIDERS):
+        return
+    hook = model.__dict__.pop(_HOOK, None)
+    if hook is not None:
+        hook.remove()
 
 
 def _ensure_aux_loss_hook(model: torch.nn.Module) -> None:
@@ -122,6 +167,12 @@ def _ensure_aux_loss_hook(model: torch.nn.Module) -> None:
         fields = dict(output)
         if fields.get("loss") is not None:
             fields["loss"] = fields["loss"] + total.to(fields["loss"].dtype)
+        own = fields.pop("aux_loss", None)
+        if own is not None:
+            # the model's own (transformers' MoE `output_router_logits` load balance), which transformers adds to
+            # `loss` weighted by `router_aux_loss_coef`: report it too, so that `loss - aux_loss` stays the LM loss
+            coef = getattr(module, "router_aux_loss_coef", getattr(module.config, "router_aux_loss_coef", 1.0))
+            total = total + coef * own.to(total)
         return _with_aux_loss(type(output))(**fields, aux_loss=total)
 
     model.__dict__[_HOOK] = model.register_forward_hook(add_aux_loss)
@@ -143,7 +194,7 @@ def _with_aux_loss(output_class: type[ModelOutput]) -> type[ModelOutput]:
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The patched transformers model inside a PEFT or DDP wrapper."""
     seen = 0
-    while _HANDLES not in model.__dict__ and seen < 4:
+    while _HANDLES not in model.__dict__ and _PROVIDERS not in model.__dict__ and seen < 4:
         inner = getattr(model, "module", None) or getattr(model, "base_model", None) or getattr(model, "model", None)
         if inner is None or inner is model:
             break

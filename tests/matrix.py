@@ -13,6 +13,7 @@ FAMILIES = sorted(family_specs())
 
 # tiny-model options per method; the neutral setting comes from the patch itself
 METHOD_CASES: dict[str, dict] = {
+    "bam": {"num_experts": 3},
     "moh": {"router": "learned"},
 }
 

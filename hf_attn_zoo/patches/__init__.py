@@ -1,3 +1,3 @@
 """The zoo: one module per method, imported here by name so that each registers itself."""
 
-from . import moh  # noqa: F401
+from . import bam, moh  # noqa: F401

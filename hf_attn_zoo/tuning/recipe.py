@@ -4,6 +4,21 @@ A recipe is one YAML file (see `hf_attn_zoo/recipes/`). Every section rejects un
 problem (invalid YAML, an unknown key, a wrong type, an unknown corpus or method option, a missing data file) into a
 single `RecipeError` whose message lists `file:line: key.path: what is wrong` for each problem found.
 
+Sections (each documented on its class below): `model` (`ModelSection`), `patches` (`PatchSpec`), `init`
+(`InitStep`), `data` (`DataSection`), `train` (`TrainSection`, with `train.lora`: `LoraSection`), `optim`
+(`OptimSection`), `moe` (`MoESection`: router losses for MoE models), `eval` (`EvalSection`), `output_dir`, `seed`.
+`docs/recipes.md` describes them in prose.
+
+A MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE, or a dense model upcycled to one) trains with its router losses like this:
+
+```yaml
+moe:
+  load_balance_weight: 0.01   # Switch load balancing N sum_i f_i P_i, mean over the MoE layers
+  z_loss_weight: 0.001        # router z-loss mean_t logsumexp(x_t)^2, mean over the MoE layers
+train:
+  what: moe                   # routers + experts (or `all`, or `lora`: routers train fully next to the adapters)
+```
+
 Example:
 
 ```python
@@ -47,6 +62,7 @@ __all__ = [
     "HFDatasetSource",
     "InitStep",
     "LoraSection",
+    "MoESection",
     "ModelSection",
     "OptimSection",
     "PatchSpec",
@@ -191,19 +207,24 @@ class DataSection(_Section):
 
 
 class LoraSection(_Section):
-    """LoRA adapters (peft). Parameters created by the patches are trained fully through `modules_to_save`.
+    """LoRA adapters (peft). Parameters created by the patches are trained fully through `modules_to_save`, and so
+    are the routers of a MoE model (`mlp.gate`).
 
     Args:
         r (`int`, *optional*, defaults to 8): rank.
         alpha (`float`, *optional*, defaults to 16): scaling numerator (`lora_alpha`).
         dropout (`float`, *optional*, defaults to 0.0): dropout on the LoRA input.
         target_modules (`list[str]`, *optional*, defaults to the attention projections): module names to adapt.
+        target_parameters (`list[str]`, *optional*, defaults to none): parameters to adapt that are not in a
+            `Linear` (peft `target_parameters`), e.g. `[experts.gate_up_proj, experts.down_proj]` for LoRA on the
+            fused experts of a MoE model.
     """
 
     r: int = Field(default=8, ge=1)
     alpha: float = Field(default=16.0, gt=0)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+    target_parameters: list[str] = Field(default_factory=list)
 
 
 class TrainSection(_Section):
@@ -211,7 +232,12 @@ class TrainSection(_Section):
 
     Args:
         what (`str`, *optional*, defaults to `"all"`):
-            `new` (only the parameters the patches created), `lora` (LoRA adapters + the new parameters) or `all`.
+            `all` (every weight); `new` (only the parameters the patches created); `moe` (MoE models: every
+            parameter of the MoE blocks (routers, experts, Qwen2-MoE's shared expert) and the new parameters,
+            the rest frozen: the usual choice for an upcycled model); `lora` (LoRA adapters + the new parameters,
+            and for MoE models the routers, trained fully through `modules_to_save`; `lora.target_parameters`
+            adds LoRA on the fused experts). Routers are not "new" parameters (they come with the checkpoint), so
+            `new` leaves them frozen.
         lora (`LoraSection`, *optional*): LoRA settings, used when `what: lora`.
         batch_size (`int`, *optional*, defaults to 8): blocks per device per micro-step.
         grad_accum (`int`, *optional*, defaults to 1): micro-steps per optimizer step.
@@ -230,7 +256,7 @@ class TrainSection(_Section):
         trainer_args (`dict`, *optional*): extra `transformers.TrainingArguments` (e.g. `fsdp`, `deepspeed`).
     """
 
-    what: Literal["new", "lora", "all"] = "all"
+    what: Literal["new", "lora", "moe", "all"] = "all"
     lora: LoraSection | None = None
     batch_size: int = Field(default=8, ge=1)
     grad_accum: int = Field(default=1, ge=1)
@@ -271,6 +297,28 @@ class OptimSection(_Section):
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(default=1e-8, gt=0)
+
+
+class MoESection(_Section):
+    """Router losses for training a MoE model (`hf_attn_zoo.install_router_losses`), added to the LM loss.
+
+    Each is computed per MoE layer from the router logits and averaged over the MoE layers (as transformers' Mixtral
+    loss and MoH's balance loss do; BAM, arXiv 2408.08274 Sec. 4, sums them: multiply by the number of MoE layers to
+    match it). Padding tokens (attention mask 0) do not count. They are logged as `aux_loss` (weighted sum, next to
+    `lm_loss`), `moe_load_balance_loss` and `moe_z_loss` (unweighted). With the section present, transformers' own
+    Mixtral-style loss (`output_router_logits`) is off during training, so the balance loss counts once. The model
+    (after the patches) must have MoE layers.
+
+    Args:
+        load_balance_weight (`float`, *optional*, defaults to 0.01):
+            weight of the Switch load-balancing loss `N sum_i f_i P_i` (f_i: share of tokens with expert i in their
+            top-k, P_i: mean router probability of expert i; `k` when perfectly balanced).
+        z_loss_weight (`float`, *optional*, defaults to 0.001):
+            weight of the router z-loss `mean_t (logsumexp_j x_tj)^2` (ST-MoE), which keeps router logits small.
+    """
+
+    load_balance_weight: float = Field(default=0.01, ge=0.0)
+    z_loss_weight: float = Field(default=0.001, ge=0.0)
 
 
 class EvalSection(_Section):
@@ -323,6 +371,7 @@ class Recipe(_Section):
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection = Field(default_factory=TrainSection)
     optim: OptimSection = Field(default_factory=OptimSection)
+    moe: MoESection | None = None
     eval: EvalSection | None = None
     output_dir: str | None = None
     seed: int = 0
@@ -345,7 +394,10 @@ class Recipe(_Section):
         return self._source.base_dir if self._source is not None else Path.cwd()
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        data = self.model_dump(mode="json")
+        if data.get("moe") is None:
+            data.pop("moe", None)  # `moe: null` in a file asks for `moe: {}` (see `_empty_moe_problems`)
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 def _format_key(loc: Loc) -> str:
@@ -606,11 +658,20 @@ def validate_recipe(data: dict | Recipe, source: _SourceMap | None = None) -> Re
     if recipe is not None:
         recipe._source = source
         problems = _semantic_problems(recipe)
+    problems += _empty_moe_problems(data, source)
     if problems:
         file = source.file if source is not None else "<recipe>"
         lines = [f"{_format_loc(source, loc)}: {message}" for loc, message in _sorted(problems, source)]
         raise RecipeError(lines[0] if len(lines) == 1 else _many(file, lines))
     return recipe
+
+
+def _empty_moe_problems(data: Any, source: _SourceMap | None) -> list[tuple[Loc, str]]:
+    """A bare `moe:` in a file is YAML null, which would mean "no router losses": say how to get the defaults."""
+    mark = source.marks.get(("moe",)) if source is not None else None
+    if isinstance(data, dict) and "moe" in data and data["moe"] is None and mark is not None and mark[1] > 0:
+        return [(("moe",), "the section is empty (null); write `moe: {}` for the default weights, or remove it")]
+    return []
 
 
 def _sorted(problems: list[tuple[Loc, str]], source: _SourceMap | None) -> list[tuple[Loc, str]]:

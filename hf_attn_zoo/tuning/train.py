@@ -1,9 +1,9 @@
 """Run a continue-tuning recipe with `transformers.Trainer` (so `torchrun` / `accelerate launch` scale it).
 
 `run_recipe` loads the model and tokenizer, applies the recipe's patches, runs its `init` hooks, packs the text into
-`seq_len` blocks, picks the trainable parameters (`train.what`), trains with checkpoints every `train.save_steps`,
-resumes from the last checkpoint of an interrupted run, and saves the final (LoRA-merged) model into
-`output_dir/final`, loadable with `hf_attn_zoo.from_pretrained`.
+`seq_len` blocks, picks the trainable parameters (`train.what`), adds the MoE router losses (`moe`), trains with
+checkpoints every `train.save_steps`, resumes from the last checkpoint of an interrupted run, and saves the final
+(LoRA-merged) model into `output_dir/final`, loadable with `hf_attn_zoo.from_pretrained`.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ class TuneResult:
         global_step (`int`): optimizer steps done in total (including those before a resume).
         final_loss (`float`, *optional*): the last logged training loss (including the auxiliary losses).
         loss_history (`list[tuple[int, float]]`): `(step, loss)` for every logged step of the whole run.
-        aux_loss_history (`list[tuple[int, float]]`): `(step, aux_loss)` when the patches have auxiliary losses.
+        aux_loss_history (`list[tuple[int, float]]`): `(step, aux_loss)` when the patches have auxiliary losses or
+            the recipe has a `moe` section (router losses).
         eval_loss (`float`, *optional*): loss on the held-out documents (`data.held_out_fraction` > 0).
         train_tokens (`int`): tokens trained on in this invocation.
         train_tokens_per_second (`float`): `train_tokens` over the wall time of the training steps.
@@ -108,6 +109,7 @@ def run_recipe(
     set_seed(recipe.seed)
     model, tokenizer = load_model_and_tokenizer(recipe)
     apply_patches(model, recipe)
+    _check_moe(model, recipe)
 
     args = TrainingArguments(**_training_args(recipe, output_dir, max_steps, grad_accum))
     with args.main_process_first(desc="tokenize and pack"):
@@ -119,12 +121,14 @@ def run_recipe(
     elif recipe.init:
         logger.info("resuming from %s: skipping the init hooks (the checkpoint holds their result)", resume_from)
     model = _select_trainable(model, recipe)
+    router_losses = _install_router_losses(model, recipe)
     if args.process_index == 0:
         _write_recipe(recipe, output_dir, resume_from)
 
     throughput = _Throughput(tokens_per_step)
     trainer = _ZooTrainer(
         recipe=recipe,
+        router_losses=router_losses,
         model=model,
         args=args,
         train_dataset=train_dataset,
@@ -133,10 +137,14 @@ def run_recipe(
         processing_class=tokenizer,
         callbacks=[throughput, *callbacks],
     )
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    eval_loss = None
-    if eval_dataset is not None:
-        eval_loss = trainer.evaluate()["eval_loss"]
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        eval_loss = None
+        if eval_dataset is not None:
+            eval_loss = trainer.evaluate()["eval_loss"]
+    finally:
+        if router_losses is not None:
+            router_losses.remove()  # the final model is saved (and evaluated) as a plain model
 
     final_dir = output_dir / "final"
     final_model = _save_final(trainer, tokenizer, final_dir)
@@ -224,13 +232,70 @@ def run_init_hooks(model: torch.nn.Module, train_dataset: Any, recipe: Recipe) -
             raise RecipeError(f"{recipe.location(('init', index))}: init hook {step.name!r} failed: {exc}") from None
 
 
+def _check_moe(model: torch.nn.Module, recipe: Recipe) -> None:
+    """A `moe` section (or `train.what: moe`) needs MoE layers: say so before the data is tokenized."""
+    from ..moe_losses import moe_layers
+
+    wanted = [loc for loc, on in ((("moe",), recipe.moe is not None), (("train", "what"), recipe.train.what == "moe"))
+              if on]
+    if not wanted:
+        return
+    try:
+        layers = moe_layers(model)
+    except ZooError as exc:
+        raise RecipeError(f"{recipe.location(wanted[0])}: {exc}") from None
+    if not layers:
+        raise RecipeError(
+            f"{recipe.location(wanted[0])}: the model ({model.config.model_type}, after the patches) has no MoE layer, "
+            "so it has no routers to train or to add router losses to. Start from a MoE model (Mixtral, Qwen2-MoE, "
+            "Qwen3-MoE, or a dense model upcycled with `hf-attn-zoo upcycle`), or, for a dense baseline, drop the "
+            "`moe:` section (on the command line: `moe=null`) and use `train.what: all`, `lora` or `new`."
+        )
+
+
+def _install_router_losses(model: torch.nn.Module, recipe: Recipe) -> Any:
+    if recipe.moe is None:
+        return None
+    from ..families.spec import resolve_family
+    from ..moe_losses import _causal_lm, install_router_losses
+
+    try:
+        handle = install_router_losses(model, recipe.moe.load_balance_weight, recipe.moe.z_loss_weight)
+    except ZooError as exc:
+        raise RecipeError(f"{recipe.location(('moe',))}: {exc}") from None
+    inner = _causal_lm(model)
+    family = resolve_family(inner.config)
+    routers = [getattr(family.mlp_module(inner, i), family.mlp.router) for i in handle.layers]
+    if not any(p.requires_grad for router in routers for p in router.parameters()):
+        logger.warning(
+            "%s: the routers are frozen under train.what=%s, so the router losses train nothing of theirs; use "
+            "`what: moe`, `all` or `lora` to train the routers", recipe.location(("moe",)), recipe.train.what,
+        )
+    return handle
+
+
 def _select_trainable(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
+    """`train.what`: `all`, `new` (patch-created parameters), `moe` (the MoE blocks + new) or `lora` (peft)."""
     import hf_attn_zoo as zoo
+
+    from ..families.spec import resolve_family
 
     what = recipe.train.what
     if what == "all":
         for parameter in model.parameters():
             parameter.requires_grad_(True)
+        return model
+    try:
+        family = resolve_family(model.config)
+    except ZooError:
+        family = None  # a model without a family adapter (no patches): plain LoRA / `new` still apply
+    moe_layers = family.moe_layers(model) if family is not None else []
+    if what == "moe":
+        # every parameter of the sparse MoE blocks (router, experts, shared expert), and those the patches created
+        chosen = {id(p) for i in moe_layers for p in family.mlp_module(model, i).parameters()}
+        chosen |= {id(p) for p in zoo.new_parameters(model).values()}
+        for parameter in model.parameters():
+            parameter.requires_grad_(id(parameter) in chosen)
         return model
     if what == "new":
         new = zoo.new_parameters(model)
@@ -247,13 +312,18 @@ def _select_trainable(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module
     from peft import LoraConfig, get_peft_model
 
     lora = recipe.train.lora or LoraSection()
+    # the patches' new modules, and a MoE model's routers, are trained fully (and saved) next to the adapters; the
+    # router goes by `mlp.gate` (peft matches name suffixes: a bare `gate` would also take `shared_expert_gate`)
+    to_save = zoo.new_module_names(model)
+    if moe_layers:
+        to_save.append(f"{family.mlp.module}.{family.mlp.router}")
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
-        # the patches' new modules are trained fully (and saved) next to the adapters
-        modules_to_save=zoo.new_module_names(model) or None,
+        target_parameters=list(lora.target_parameters) or None,
+        modules_to_save=sorted(set(to_save)) or None,
         task_type="CAUSAL_LM",
     )
     try:
@@ -333,19 +403,28 @@ class _LRSchedule:
         return self.floor + (1.0 - self.floor) * decay
 
 
-class _ZooTrainer(Trainer):
-    """Trainer with the recipe's LR schedule and separate logging of the patches' auxiliary losses."""
+# logged next to `loss` (means over the micro-steps since the last log, over every process)
+_AUX_LOGS = ("aux_loss", "moe_load_balance_loss", "moe_z_loss")
 
-    def __init__(self, *args: Any, recipe: Recipe, **kwargs: Any):
+
+class _ZooTrainer(Trainer):
+    """Trainer with the recipe's LR schedule and separate logging of the auxiliary losses.
+
+    Logs `aux_loss` (the weighted sum of the patches' losses and the MoE router losses) and `lm_loss` (`loss` minus
+    it), and with router losses their unweighted values `moe_load_balance_loss` and `moe_z_loss`.
+    """
+
+    def __init__(self, *args: Any, recipe: Recipe, router_losses: Any = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.recipe = recipe
+        self.router_losses = router_losses
         # `outputs.loss` is a per-block mean that already includes the patches' auxiliary losses (core
         # contract). With loss kwargs the Trainer would normalise by token counts and multiply by the number of
         # processes, which also scales the aux loss by that factor; every packed block has the same number of
         # tokens, so a plain per-batch mean gives the same LM loss and the intended aux weight.
         self.model_accepts_loss_kwargs = False
-        self._aux_sum: torch.Tensor | float = 0.0
-        self._aux_count = 0
+        self._aux_sums: dict[str, torch.Tensor | float] = dict.fromkeys(_AUX_LOGS, 0.0)
+        self._aux_counts: dict[str, int] = dict.fromkeys(_AUX_LOGS, 0)
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         if self.lr_scheduler is None:
@@ -357,24 +436,36 @@ class _ZooTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        aux = outputs.get("aux_loss") if hasattr(outputs, "get") else None
-        if aux is not None and model.training:
-            # kept as a tensor: converting to float here would synchronise the device every micro-step
-            self._aux_sum = self._aux_sum + aux.detach().double()
-            self._aux_count += 1
+        if model.training:
+            aux = outputs.get("aux_loss") if hasattr(outputs, "get") else None
+            self._accumulate("aux_loss", aux)
+            metrics = self.router_losses.pop_metrics() if self.router_losses is not None else {}
+            self._accumulate("moe_load_balance_loss", metrics.get("load_balance"))
+            self._accumulate("moe_z_loss", metrics.get("z"))
         return (loss, outputs) if return_outputs else loss
+
+    def _accumulate(self, key: str, value: torch.Tensor | None) -> None:
+        if value is not None:
+            # kept as a tensor: converting to float here would synchronise the device every micro-step
+            self._aux_sums[key] = self._aux_sums[key] + value.detach().double()
+            self._aux_counts[key] += 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # training logs are written on every process at the same step, so the reduction below is collective
         if "loss" in logs and "eval_loss" not in logs:
-            aux_sum = torch.as_tensor(self._aux_sum, dtype=torch.float64, device=self.args.device).reshape(1)
-            count = torch.tensor([float(self._aux_count)], dtype=torch.float64, device=self.args.device)
-            local = torch.cat([aux_sum, count])
+            device = self.args.device
+            sums = [torch.as_tensor(self._aux_sums[k], dtype=torch.float64, device=device).reshape(1)
+                    for k in _AUX_LOGS]
+            counts = torch.tensor([float(self._aux_counts[k]) for k in _AUX_LOGS], dtype=torch.float64, device=device)
+            local = torch.cat([*sums, counts])
             total = self.accelerator.reduce(local, reduction="sum") if self.args.world_size > 1 else local
-            if total[1] > 0:
-                logs["aux_loss"] = float(total[0] / total[1])
+            size = len(_AUX_LOGS)
+            for index, key in enumerate(_AUX_LOGS):
+                if total[size + index] > 0:
+                    logs[key] = float(total[index] / total[size + index])
+            if "aux_loss" in logs:
                 logs["lm_loss"] = logs["loss"] - logs["aux_loss"]
-            self._aux_sum, self._aux_count = 0.0, 0
+            self._aux_sums, self._aux_counts = dict.fromkeys(_AUX_LOGS, 0.0), dict.fromkeys(_AUX_LOGS, 0)
         super().log(logs, start_time)
 
 

@@ -1,0 +1,42 @@
+"""Held-out perplexity of a causal LM on a packaged corpus (the documents no recipe trains on)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..assets.corpora import held_out_texts
+
+__all__ = ["held_out_perplexity"]
+
+
+@torch.no_grad()
+def held_out_perplexity(model: torch.nn.Module, tokenizer: Any, corpus: str, seq_len: int = 256,
+                        max_blocks: int = 8, batch_size: int = 4) -> float:
+    """exp(mean token NLL) over the first `max_blocks` blocks of `seq_len` tokens of `corpus`'s held-out text.
+
+    The held-out documents are joined with blank lines and cut into equal blocks (the same tokens for every model
+    sharing the tokenizer), so numbers are comparable across models of one tokenizer.
+    """
+    text = "\n\n".join(held_out_texts(corpus))
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    blocks = min(max_blocks, ids.numel() // seq_len)
+    if blocks == 0:
+        raise ValueError(f"{corpus}: held-out text has fewer than {seq_len} tokens")
+    ids = ids[: blocks * seq_len].view(blocks, seq_len)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    try:
+        for batch in ids.split(batch_size):
+            batch = batch.to(device)
+            loss = model(input_ids=batch, labels=batch).loss
+            n = batch.shape[0] * (seq_len - 1)
+            total += loss.item() * n
+            count += n
+    finally:
+        model.train(was_training)
+    return math.exp(total / count)
