@@ -23,6 +23,8 @@ commands:
   upcycle   SEED [EXPERT ...] --out DIR      dense -> MoE: --mode sparse|btx|bam, or --mergekit FILE
   upcycle-study [--out DIR] [--stage ...]    SmolLM2 specialists -> sparse/BTX/BAM -> mixture tuning -> report
   analyze   head-usage MODEL --out PNG       per-layer, per-head usage of a MoH model on real text
+  analyze   experts MODEL --class NAME=SRC ... --target NAME --out PNG
+                                             fTRI (MoTE): rank the MoE experts one prompt class prefers
   demo      [--out DIR] [--quick]            SmolLM2 -> MoH -> tune -> eval, offline
 """
 
@@ -97,13 +99,12 @@ def patch_main(argv: list[str]) -> int:
     return 0
 
 
-def analyze_main(argv: list[str]) -> int:
+def _analyze_head_usage(argv: list[str]) -> int:
     import torch
 
     import hf_attn_zoo
 
-    parser = argparse.ArgumentParser(prog="hf-attn-zoo analyze")
-    parser.add_argument("what", choices=["head-usage"])
+    parser = argparse.ArgumentParser(prog="hf-attn-zoo analyze head-usage")
     parser.add_argument("model", help="a patched checkpoint folder (or 'default' plus --patch options)")
     parser.add_argument("--out", type=Path, default=Path("head_usage.png"))
     parser.add_argument("--corpus", default="python_stdlib_docs", help="held-out text to run the model on")
@@ -126,6 +127,77 @@ def analyze_main(argv: list[str]) -> int:
     out = hf_attn_zoo.analysis.plot_head_usage(usage, args.out, title=f"head usage ({args.corpus})")
     print(f"mean active fraction {usage['mean_active_fraction']:.3f}; wrote {out} and {out.with_suffix('.json')}")
     return 0
+
+
+def _analyze_experts(argv: list[str]) -> int:
+    import hf_attn_zoo
+
+    from .errors import InvalidOptionError
+
+    parser = argparse.ArgumentParser(
+        prog="hf-attn-zoo analyze experts",
+        description="fTRI expert profiling (MoTE, arXiv:2502.11096): rank the MoE experts a behaviour class of "
+                    "prompts selects more often than the other classes.",
+    )
+    parser.add_argument("model", help="a MoE checkpoint folder (or hub id)")
+    parser.add_argument("--class", dest="classes", action="append", default=[], metavar="NAME=SOURCE",
+                        required=True, help="a behaviour class (two or more): SOURCE is corpus:NAME or a prompt file")
+    parser.add_argument("--target", required=True, help="the class whose experts are sought")
+    parser.add_argument("--out", type=Path, default=Path("experts.png"), help="heat map PNG (JSON written next to it)")
+    parser.add_argument("--prompts-per-class", type=int, default=32, help="at most this many prompts per class")
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per prompt (longer ones are truncated)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--contrast", choices=["mean", "max"], default="mean",
+                        help="score = target frequency minus the mean (or max) of the other classes")
+    parser.add_argument("--top", type=int, default=10, help="experts to print")
+    args = parser.parse_args(argv)
+    from transformers import AutoTokenizer
+
+    from .upcycling.cli import read_prompts
+
+    if args.prompts_per_class < 1:
+        raise InvalidOptionError(f"--prompts-per-class must be >= 1, got {args.prompts_per_class}")
+    prompt_sets: dict[str, list[str]] = {}
+    for item in args.classes:
+        name, sep, source = item.partition("=")
+        if not sep or not name or not source:
+            raise InvalidOptionError(f"--class {item!r} is not NAME=SOURCE (SOURCE: corpus:NAME or a prompt file)")
+        if name in prompt_sets:
+            raise InvalidOptionError(f"--class {name!r} is given twice")
+        prompt_sets[name] = read_prompts(source, count=args.prompts_per_class)[: args.prompts_per_class]
+    path = _resolve_model(args.model)
+    model = hf_attn_zoo.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    profile = hf_attn_zoo.analysis.profile_experts(
+        model, tokenizer, prompt_sets, target=args.target, batch_size=args.batch_size, max_length=args.max_length,
+        contrast=args.contrast,
+    )
+    out = hf_attn_zoo.analysis.plot_expert_profile(profile, args.out, top=args.top)
+    data = profile.to_json(out.with_suffix(".json"))
+    sizes = ", ".join(
+        f"{name}: {profile.prompts[name]} prompts, {profile.tokens[name]} tokens" for name in profile.classes
+    )
+    print(f"profiled {len(profile.layers)} MoE layers ({sizes})")
+    print(f"top {args.top} experts for {args.target!r} (score = frequency minus the {args.contrast} of the others):")
+    print("| rank | layer | expert | score | target freq |\n|---|---|---|---|---|")
+    frequency = profile.frequency(args.target)
+    row_of = {layer: i for i, layer in enumerate(profile.layers)}
+    for rank, (layer, expert, score) in enumerate(profile.top(args.top), 1):
+        print(f"| {rank} | {layer} | {expert} | {score:+.4f} | {frequency[row_of[layer]][expert]:.4f} |")
+    print(f"wrote {out} and {data}")
+    return 0
+
+
+_ANALYSES = {"head-usage": _analyze_head_usage, "experts": _analyze_experts}
+
+
+def analyze_main(argv: list[str]) -> int:
+    if not argv or argv[0] not in _ANALYSES:
+        parser = argparse.ArgumentParser(prog="hf-attn-zoo analyze")
+        parser.add_argument("what", choices=list(_ANALYSES), help="head-usage (MoH) or experts (fTRI, MoE)")
+        parser.parse_args(argv[:1])  # prints the help, or the choices error, and exits
+        return 2
+    return _ANALYSES[argv[0]](argv[1:])
 
 
 _COMMANDS = {

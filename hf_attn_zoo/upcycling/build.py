@@ -17,6 +17,7 @@ Weights are read one tensor at a time from the sources' safetensors files, so pe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from transformers.initialization import no_init_weights
 
 from ..errors import InvalidOptionError
 from ..families.spec import resolve_family
+from ..registry import get_patch
 from .router_init import RouterInit, router_weights
 from .sources import Expert, Source, check_compatible, open_source
 from .targets import moe_config
@@ -112,8 +114,7 @@ def upcycle(
         if num_experts is not None and num_experts != len(specs):
             raise InvalidOptionError(f"num_experts={num_experts} but {len(specs)} expert models were given "
                                      f"({'seed + ' if include_seed else ''}experts).")
-        for spec in specs:
-            spec.noise_scale = spec.noise_scale or noise
+        specs = [dataclasses.replace(spec, noise_scale=spec.noise_scale or noise) for spec in specs]
     n = len(specs)
     if n < 2:
         raise InvalidOptionError(f"num_experts={n}: an MoE needs at least 2 experts.")
@@ -123,8 +124,7 @@ def upcycle(
     if prompts is not None:
         if len(prompts) != n:
             raise InvalidOptionError(f"prompts has {len(prompts)} lists but there are {n} experts.")
-        for spec, texts in zip(specs, prompts):
-            spec.prompts = list(texts)
+        specs = [dataclasses.replace(spec, prompts=list(texts)) for spec, texts in zip(specs, prompts)]
     shared = shared or ("seed" if mode == "sparse" else "average")
     if shared not in ("average", "seed"):
         raise InvalidOptionError(f"shared={shared!r} is not one of average, seed.")
@@ -142,6 +142,10 @@ def upcycle(
     num_layers = seed_source.config.num_hidden_layers
     moe_layers = _layers(layers, num_layers)
     config = moe_config(seed_source.config, n, top_k, moe_layers)
+    if mode == "bam":  # refuse bad attention-expert options before any weight is read
+        bam = get_patch("bam")
+        bam.validate(bam.config_class.from_options("bam", {"num_experts": n, **(bam_options or {})}),
+                     resolve_family(config), config)
     torch_dtype = _dtype(dtype, seed_source)
     config.dtype = torch_dtype
     shared_sources = sources if shared == "average" else [seed_source]
