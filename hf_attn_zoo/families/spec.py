@@ -24,13 +24,29 @@ _HERE = Path(__file__).parent
 
 
 class AttentionSpec(BaseModel):
+    """The attention module; `kind: standard` names its q/k/v/o projections (the layout attention patches need).
+
+    `kind: mla` (DeepSeek-V3 multi-head latent attention: low-rank q and compressed kv projections) names only the
+    module; attention patches refuse such a family in their `check()`.
+    """
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     module: str
-    q: str
-    k: str
-    v: str
-    o: str
+    kind: Literal["standard", "mla"] = "standard"
+    q: str | None = None
+    k: str | None = None
+    v: str | None = None
+    o: str | None = None
     qk_norm: tuple[str, str] | None = None
+
+    @model_validator(mode="after")
+    def _projection_names(self) -> AttentionSpec:
+        named = [getattr(self, p) is not None for p in "qkvo"]
+        if self.kind == "standard" and not all(named):
+            raise ValueError("a standard attention spec names all of q, k, v and o")
+        if self.kind != "standard" and (any(named) or self.qk_norm is not None):
+            raise ValueError(f"an attention spec of kind {self.kind!r} names no q/k/v/o projections or qk_norm")
+        return self
 
 
 class MLPSpec(BaseModel):

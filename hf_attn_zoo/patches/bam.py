@@ -62,7 +62,12 @@ from ..registry import Capabilities, Patch, PatchConfig, PatchHandle, register_p
 __all__ = ["BAMConfig", "BAMPatch", "BAMRouter", "ExpertLinear", "ExpertOutputLinear", "ExpertWeights", "experts_of"]
 
 # families whose q/k norm normalises the whole projection (num_heads * head_dim): extra heads cannot share it
-_FULL_WIDTH_QK_NORM = {"olmo2": "its q_norm/k_norm normalise the whole projection (num_heads * head_dim)"}
+_FULL_WIDTH_QK_NORM = {
+    "olmo2": "its q_norm/k_norm normalise the whole projection (num_heads * head_dim)",
+    "olmoe": "its q_norm/k_norm normalise the whole projection (num_heads * head_dim)",
+}
+# families whose attention has one learned parameter per head that extra heads would need as well
+_PER_HEAD_PARAMETERS = {"gpt_oss": "its attention sinks (`sinks`) are one learned logit per head"}
 # families whose decoder layer is the sequential pre-norm block x + attn(input_layernorm(x)), then
 # h + mlp(post_attention_layernorm(h)): the only ones `parallel_block` knows how to rewire
 _PRE_NORM_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe"}
@@ -386,8 +391,12 @@ class BAMPatch(Patch):
     targets = ("attention", "attention_fn")
 
     def check(self, family: FamilySpec, model_config: PretrainedConfig) -> str | None:
+        if family.attention.kind != "standard":
+            return f"its {family.attention.kind} attention has no per-head q/k/v/o projections to turn into experts"
         if family.name in _FULL_WIDTH_QK_NORM:
             return f"{_FULL_WIDTH_QK_NORM[family.name]}, so extra attention experts cannot share it"
+        if family.name in _PER_HEAD_PARAMETERS:
+            return f"{_PER_HEAD_PARAMETERS[family.name]}, which extra attention experts do not have"
         return None
 
     def validate(self, config: BAMConfig, family: FamilySpec, model_config: PretrainedConfig) -> BAMConfig:

@@ -342,6 +342,14 @@ class MoHPatch(Patch):
     capabilities = Capabilities(training_free=False, new_params=True, kv_cache=True, generate=True)
     targets = ("attention_fn",)
 
+    def check(self, family: FamilySpec, model_config: PretrainedConfig) -> str | None:
+        if family.attention.kind != "standard":
+            return f"its {family.attention.kind} attention has no per-head q/k/v/o projections to gate"
+        if family.name == "gpt_oss":
+            # the zoo dispatcher's eager fallback is Llama's, which ignores GPT-OSS's `s_aux` (attention sinks)
+            return "its attention sinks live in its own eager attention function, which the zoo dispatcher bypasses"
+        return None
+
     def validate(self, config: MoHConfig, family: FamilySpec, model_config: PretrainedConfig) -> MoHConfig:
         layout = family.head_layout(model_config)
         size = layout.group_size if config.granularity == "group" else 1

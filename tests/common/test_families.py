@@ -25,6 +25,10 @@ def test_spec_resolves_modules_and_heads(family):
     assert len(layers) == model.config.num_hidden_layers
     assert spec.decoder_layers(model.model) is layers
     attention = spec.attention_module(model, 0)
+    if spec.attention.kind != "standard":
+        # e.g. DeepSeek-V3 MLA: only the module is named, attention patches refuse the family
+        assert isinstance(attention, torch.nn.Module)
+        return
     layout = spec.head_layout(model.config)
     q, o = getattr(attention, spec.attention.q), getattr(attention, spec.attention.o)
     assert q.out_features == layout.num_heads * layout.head_dim == o.in_features
@@ -53,8 +57,11 @@ def test_moe_families_name_their_router_and_experts(family):
     if spec.mlp.kind == "dense":
         assert moe_layers == []
         return
-    assert moe_layers == list(range(model.config.num_hidden_layers))
-    mlp = spec.mlp_module(model, 0)
+    # DeepSeek-V3 keeps its first `first_k_dense_replace` MLPs dense
+    first_moe = getattr(model.config, "first_k_dense_replace", 0)
+    assert moe_layers == list(range(first_moe, model.config.num_hidden_layers))
+    assert not hasattr(spec.mlp_module(model, 0), spec.mlp.router) or first_moe == 0
+    mlp = spec.mlp_module(model, moe_layers[0])
     router, experts = getattr(mlp, spec.mlp.router), getattr(mlp, spec.mlp.experts)
     assert router.top_k == model.config.num_experts_per_tok
     assert experts.gate_up_proj.shape[0] == router.weight.shape[0]
@@ -63,3 +70,15 @@ def test_moe_families_name_their_router_and_experts(family):
 def test_moe_layers_skip_dense_layers_of_mixed_models():
     model = tiny_model("qwen3_moe", mlp_only_layers=[0])
     assert family_specs()["qwen3_moe"].moe_layers(model) == [1]
+
+
+def test_attention_spec_kinds():
+    from pydantic import ValidationError
+
+    from hf_attn_zoo.families.spec import AttentionSpec
+
+    assert AttentionSpec(module="self_attn", kind="mla").q is None
+    with pytest.raises(ValidationError, match="names all of q, k, v and o"):
+        AttentionSpec(module="self_attn", q="q_proj")
+    with pytest.raises(ValidationError, match="names no q/k/v/o"):
+        AttentionSpec(module="self_attn", kind="mla", q="q_proj")
