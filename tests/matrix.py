@@ -15,6 +15,7 @@ FAMILIES = sorted(family_specs())
 METHOD_CASES: dict[str, dict] = {
     "bam": {"num_experts": 3},
     "moh": {"router": "learned"},
+    "mote": {"off": {"all": [0]}},
 }
 
 ATOL_FP32 = 1e-5

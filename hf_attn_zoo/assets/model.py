@@ -53,8 +53,10 @@ def default_model_path() -> Path:
 
 
 def resolve_model(name: str | Path) -> str | Path:
-    """`"default"` -> the embedded SmolLM2 folder; any other folder or hub id unchanged."""
-    return default_model_path() if str(name) == "default" else name
+    """`"default"` -> the embedded SmolLM2 folder; `~/...` -> the expanded local path; a hub id unchanged."""
+    if str(name) == "default":
+        return default_model_path()
+    return Path(name).expanduser() if str(name).startswith("~") else name
 
 
 def _convert_gguf(folder: Path, filename: str, target: Path) -> None:

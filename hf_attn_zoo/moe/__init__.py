@@ -1,4 +1,5 @@
-"""Mixture-of-Experts tools shared by the MoE methods (SCMoE, MoTE): routing overrides for every MoE family."""
+"""Mixture-of-Experts tools shared by the MoE methods (SCMoE, MoTE): routing overrides for every MoE family, and
+expert switching (MoTE) on top of them."""
 
 from .routing import (
     ROUTING_RULES,
@@ -11,6 +12,7 @@ from .routing import (
     routing_override,
     set_routing,
 )
+from .switching import experts_to_switch, random_experts, switch_experts
 
 __all__ = [
     "ROUTING_RULES",
@@ -18,8 +20,11 @@ __all__ = [
     "RoutingHandle",
     "RoutingOverride",
     "RoutingRule",
+    "experts_to_switch",
+    "random_experts",
     "register_routing_rule",
     "route",
     "routing_override",
     "set_routing",
+    "switch_experts",
 ]

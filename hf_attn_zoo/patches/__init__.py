@@ -1,3 +1,4 @@
 """The zoo: one module per method, imported here by name so that each registers itself."""
 
 from . import bam, moh  # noqa: F401
+from . import mote  # noqa: F401

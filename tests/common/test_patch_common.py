@@ -110,8 +110,10 @@ def test_lora_on_top_of_the_patch(method, family):
 
     _, model = _patched(method, family)
     names = hf_attn_zoo.new_module_names(model)
+    mla = family_specs()[family].attention.kind == "mla"  # DeepSeek-V3: low-rank q / kv projections
+    targets = ["q_b_proj", "kv_b_proj"] if mla else ["q_proj", "v_proj"]
     peft_model = get_peft_model(
-        model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=names or None)
+        model, LoraConfig(r=2, target_modules=targets, modules_to_save=names or None)
     )
     peft_model.train()
     ids = _ids()
