@@ -12,6 +12,17 @@ Patches in `model_args` (values cannot contain commas, lm-eval splits the string
 `patch_options` is a JSON/YAML file, a JSON string, or inline `key:value;key:value` pairs whose values are parsed as
 YAML scalars (`6`, `0.5`, `true`, `null`, `onorm`) and where `a|b|c` makes a list. A file may hold the options of
 `patch`, or, without `patch`, one `{"method": ..., **options}` dict or a list of them to stack several patches.
+
+SCMoE self-contrast decoding (arXiv:2405.14507, `hf_attn_zoo.decoding`) of a MoE model, off by default:
+
+    --model_args pretrained=DIR,scmoe=true,scmoe_alpha=0.1,scmoe_beta=0.5,scmoe_weak=rank:2
+    --model_args pretrained=DIR,scmoe_loglikelihood=true,scmoe_alpha=0.0001
+
+`scmoe=true` decodes `generate_until` requests with SCMoE (greedy on the contrastive score, or sampling when the
+task asks for it; the task's `until` strings, `max_gen_toks` and EOS stop each row as in `HFLM`). Weak routings:
+`rank:k`, `top1`, `top_m:m`. `scmoe_loglikelihood=true` scores `loglikelihood` / multiple-choice / rolling requests
+with `hf_attn_zoo.decoding.scmoe_logprobs` (the contrastive score normalised over the alpha-plausible tokens; a
+token outside them scores -inf, so a small alpha suits multiple choice).
 """
 
 from __future__ import annotations
@@ -28,10 +39,11 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 import hf_attn_zoo
+from hf_attn_zoo.decoding import scmoe as _scmoe
 from hf_attn_zoo.errors import InvalidOptionError
 
 
-__all__ = ["ZooLM", "parse_patch_args"]
+__all__ = ["ZooLM", "parse_patch_args", "parse_scmoe_args"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +149,47 @@ class _ZooAutoModel:
         return hf_attn_zoo.from_pretrained(pretrained_model_name_or_path, patches=self.patches, **kwargs)
 
 
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise InvalidOptionError(f"{name} must be true or false, got {value!r}")
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise InvalidOptionError(f"{name} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise InvalidOptionError(f"{name} must be a number, got {value!r}") from None
+
+
+def parse_scmoe_args(scmoe: Any = False, scmoe_loglikelihood: Any = False, scmoe_alpha: Any = 0.1,
+                     scmoe_beta: Any = 0.5, scmoe_weak: Any = "rank:2", scmoe_ban_eos: Any = False
+                     ) -> tuple[_scmoe.SCMoEConfig | None, bool, bool]:
+    """`(config, for generate_until, for loglikelihood)` from the `scmoe*` model arguments (config None when off).
+
+    Example:
+        >>> parse_scmoe_args(scmoe="true", scmoe_beta="0.3", scmoe_weak="top1")[0].weak
+        'top1'
+    """
+    generate = _as_bool("scmoe", scmoe)
+    loglikelihood = _as_bool("scmoe_loglikelihood", scmoe_loglikelihood)
+    if not (generate or loglikelihood):
+        return None, False, False
+    if not isinstance(scmoe_weak, str):
+        raise InvalidOptionError(f"scmoe_weak must be 'rank:k', 'top1' or 'top_m:m', got {scmoe_weak!r}")
+    config = _scmoe.SCMoEConfig.from_kwargs(
+        alpha=_as_float("scmoe_alpha", scmoe_alpha), beta=_as_float("scmoe_beta", scmoe_beta), weak=scmoe_weak,
+        ban_eos=_as_bool("scmoe_ban_eos", scmoe_ban_eos),
+    )
+    return config, generate, loglikelihood
+
+
 def _reset_head_usage(model: torch.nn.Module) -> None:
     try:
         from hf_attn_zoo.analysis import reset_head_usage
@@ -184,11 +237,24 @@ class ZooLM(HFLM):
             Method key to apply, e.g. `"moh"`.
         patch_options (`dict | list | str`, *optional*):
             Options of `patch`, or patch specs; see `parse_patch_args`.
+        scmoe (`bool`, *optional*, defaults to `False`):
+            Decode `generate_until` requests with SCMoE (`hf_attn_zoo.decoding.scmoe_decode`).
+        scmoe_loglikelihood (`bool`, *optional*, defaults to `False`):
+            Score log-likelihood requests with `hf_attn_zoo.decoding.scmoe_logprobs`.
+        scmoe_alpha (`float`, *optional*, defaults to 0.1):
+            Plausibility cutoff in (0, 1].
+        scmoe_beta (`float`, *optional*, defaults to 0.5):
+            Contrast strength >= 0 (0 = the model's own greedy choice).
+        scmoe_weak (`str`, *optional*, defaults to `"rank:2"`):
+            Weak routing: `rank:k`, `top1` or `top_m:m`.
+        scmoe_ban_eos (`bool`, *optional*, defaults to `False`):
+            Never generate EOS (the official SCMoE code's default).
         **kwargs:
             Every `HFLM` argument (`tokenizer`, `dtype`, `batch_size`, `device`, `max_length`, `peft`, ...).
 
     Example:
         >>> lm = ZooLM(pretrained="smollm2", patch="moh", patch_options={"router": "onorm"}, device="cpu")
+        >>> lm = ZooLM(pretrained="mixtral-dir", scmoe=True, scmoe_beta=0.5, scmoe_weak="rank:2")
     """
 
     def __init__(
@@ -196,8 +262,17 @@ class ZooLM(HFLM):
         pretrained: str | os.PathLike | torch.nn.Module,
         patch: str | None = None,
         patch_options: Any = None,
+        scmoe: bool = False,
+        scmoe_loglikelihood: bool = False,
+        scmoe_alpha: float = 0.1,
+        scmoe_beta: float = 0.5,
+        scmoe_weak: str = "rank:2",
+        scmoe_ban_eos: bool = False,
         **kwargs: Any,
     ) -> None:
+        self._zoo_scmoe, self._zoo_scmoe_generate, self._zoo_scmoe_loglikelihood = parse_scmoe_args(
+            scmoe, scmoe_loglikelihood, scmoe_alpha, scmoe_beta, scmoe_weak, scmoe_ban_eos
+        )
         self._zoo_patches = parse_patch_args(patch, patch_options)
         if isinstance(pretrained, os.PathLike):
             pretrained = os.fspath(pretrained)
@@ -206,8 +281,32 @@ class ZooLM(HFLM):
                 spec = dict(spec)
                 hf_attn_zoo.patch(pretrained, spec.pop("method"), **spec)
         super().__init__(pretrained=pretrained, **kwargs)
+        if self._zoo_scmoe is not None:
+            # a dense model or an out-of-range weak rank fails here, before any request runs
+            _scmoe.check_model(self._model, self._zoo_scmoe)
         # MoH routers count head use from their creation; the report wants the counts of this evaluation only.
         _reset_head_usage(self._model)
+
+    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                    labels: torch.Tensor | None = None) -> torch.Tensor:
+        """`HFLM._model_call`; with `scmoe_loglikelihood`, the SCMoE log-scores of `inps` instead of the logits.
+
+        lm-eval applies `log_softmax` to the result, which leaves normalised log-scores unchanged.
+        """
+        if not self._zoo_scmoe_loglikelihood or attn_mask is not None or labels is not None:
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+        with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                            enabled=self.mixed_precision_dtype is not None):
+            return _scmoe.scmoe_logprobs(self.model, inps, config=self._zoo_scmoe)
+
+    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str],
+                        **generation_kwargs: Any) -> torch.Tensor:
+        """`HFLM._model_generate`; with `scmoe`, `generate` runs `scmoe_decode` as its decoding loop, so stop
+        strings, `max_gen_toks`, EOS and padding are handled by the same `generate` preparation."""
+        if self._zoo_scmoe_generate:
+            generation_kwargs = {**generation_kwargs, "custom_generate": _scmoe.scmoe_decode,
+                                 "scmoe": self._zoo_scmoe}
+        return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     def _create_model(self, pretrained: str, *args: Any, **kwargs: Any) -> None:
         auto_model_class = self.AUTO_MODEL_CLASS
@@ -236,6 +335,9 @@ class ZooLM(HFLM):
                 "model_sha": "",
             }
         zoo_info: dict[str, Any] = {"patches": hf_attn_zoo.applied_patches(model)}
+        if self._zoo_scmoe is not None:
+            zoo_info["scmoe"] = {**self._zoo_scmoe.to_dict(), "generate_until": self._zoo_scmoe_generate,
+                                 "loglikelihood": self._zoo_scmoe_loglikelihood}
         usage = _head_usage(model)
         if usage is not None:
             zoo_info["head_usage"] = usage
