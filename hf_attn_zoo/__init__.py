@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from . import analysis, assets
+from . import analysis, assets, decoding, moe
 from . import patches as _patches  # noqa: F401  (registers every method)
 from .errors import ZooError
 from .loading import from_pretrained
@@ -20,6 +20,8 @@ __all__ = [
     "Expert",
     "analysis",
     "assets",
+    "decoding",
+    "moe",
     "ZooError",
     "applied_patches",
     "aux_loss",
