@@ -81,7 +81,7 @@ def build_moes(specialists: dict[str, Path], root: str | Path | None = None, mod
 
 
 def tune_on_mixture(models: dict[str, str | Path], root: str | Path | None = None,
-                    recipe: str = "upcycling/mixture_quick") -> dict[str, Path]:
+                    recipe: str = "upcycling/mixture_quick", overrides: Sequence[str] = ()) -> dict[str, Path]:
     """Stage 3: continue-tune every model on the domain mixture with one recipe (same data, steps, tokens)."""
     from transformers import AutoConfig
 
@@ -91,10 +91,10 @@ def tune_on_mixture(models: dict[str, str | Path], root: str | Path | None = Non
     root = pipeline_root(root)
     out = {}
     for name, path in models.items():
-        overrides = [f"model.path={path}"]
+        extra = [f"model.path={path}", *overrides]
         if resolve_family(AutoConfig.from_pretrained(resolve_model(path))).mlp.kind == "dense":
-            overrides.append("moe=null")  # the dense baseline: same data and steps, no router losses
-        out[name] = _tune(recipe, root / "tuned" / name, overrides)
+            extra.append("moe=null")  # the dense baseline: same data and steps, no router losses
+        out[name] = _tune(recipe, root / "tuned" / name, extra)
     return out
 
 
