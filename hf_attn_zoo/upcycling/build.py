@@ -225,7 +225,9 @@ def _layers(layers: str | Sequence[int], num_layers: int) -> list[int]:
     out = sorted(set(int(i) for i in layers))
     bad = [i for i in out if not 0 <= i < num_layers]
     if bad:
-        raise InvalidOptionError(f"layers {bad} are out of range: the seed has {num_layers} layers (0..{num_layers - 1}).")
+        raise InvalidOptionError(
+            f"layers {bad} are out of range: the seed has {num_layers} layers (0..{num_layers - 1})."
+        )
     return out
 
 

@@ -96,7 +96,9 @@ def _embedding_means(seed: Source, prompts, negative_prompts) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _hidden_means(seed: Source, prompts, negative_prompts, layers: Sequence[int], which: str) -> dict[int, torch.Tensor]:
+def _hidden_means(
+    seed: Source, prompts, negative_prompts, layers: Sequence[int], which: str
+) -> dict[int, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(seed.path, dtype=torch.float32).eval()

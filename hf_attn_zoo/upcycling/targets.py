@@ -60,9 +60,12 @@ def moe_config(seed: PretrainedConfig, num_experts: int, top_k: int, moe_layers:
                 "Qwen2-MoE (used when only some layers become MoE) cannot express it; make every layer MoE."
             )
         if getattr(seed, "sliding_window", None) and model_type == "mistral":
-            raise IncompatibleModelsError("a sliding-window Mistral seed can only be upcycled on every layer (Mixtral).")
+            raise IncompatibleModelsError(
+                "a sliding-window Mistral seed can only be upcycled on every layer (Mixtral)."
+            )
         return AutoConfig.for_model(
-            "qwen2_moe", **common, intermediate_size=seed.intermediate_size, moe_intermediate_size=seed.intermediate_size,
+            "qwen2_moe", **common, intermediate_size=seed.intermediate_size,
+            moe_intermediate_size=seed.intermediate_size,
             shared_expert_intermediate_size=0, num_experts=num_experts, num_experts_per_tok=top_k,
             norm_topk_prob=True, mlp_only_layers=dense_layers, decoder_sparse_step=1,
             qkv_bias=model_type == "qwen2" or bool(getattr(seed, "attention_bias", False)),

@@ -19,7 +19,10 @@ def perturbed_copy(src: Path, dst: Path, seed: int, scale: float = 0.05, **confi
     config = AutoConfig.from_pretrained(src)
     for key, value in config_overrides.items():
         setattr(config, key, value)
-    model = AutoModelForCausalLM.from_pretrained(src) if not config_overrides else AutoModelForCausalLM.from_config(config)
+    if config_overrides:
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(src)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():

@@ -61,7 +61,8 @@ def test_btx_takes_each_experts_mlp_and_averages_the_rest(dense_models):
     assert model.config.num_local_experts == 3 and model.config.num_experts_per_tok == 1
     experts = model.model.layers[1].mlp.experts
     for e, path in enumerate(paths):
-        gate, up = _tensor(path, "model.layers.1.mlp.gate_proj.weight"), _tensor(path, "model.layers.1.mlp.up_proj.weight")
+        gate = _tensor(path, "model.layers.1.mlp.gate_proj.weight")
+        up = _tensor(path, "model.layers.1.mlp.up_proj.weight")
         assert torch.equal(experts.gate_up_proj[e], torch.cat([gate, up]))
         assert torch.equal(experts.down_proj[e], _tensor(path, "model.layers.1.mlp.down_proj.weight"))
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.norm.weight", "model.embed_tokens.weight"):
