@@ -99,7 +99,11 @@ def test_ffn_only_results_load_with_plain_transformers_exactly(dense_models, tmp
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(tmp_path / "logits.pt")],
                          capture_output=True, text=True, check=True).stdout
     assert out.split() == ["MixtralForCausalLM", "False"]
-    assert torch.equal(torch.load(tmp_path / "logits.pt"), model(_ids()).logits)
+    # the weights round-trip bit for bit; logits across processes only up to the CPU kernels' reduction order
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
+    assert reloaded.keys() == model.state_dict().keys()
+    assert all(torch.equal(reloaded[k], v) for k, v in model.state_dict().items())
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), model(_ids()).logits, atol=1e-6, rtol=0)
     assert (tmp_path / "tokenizer.json").is_file()
 
 
