@@ -15,7 +15,8 @@ per MoE layer and per expert, the profile keeps:
   the pad positions are masked out), and neither do the special tokens the tokenizer adds (`<s>`, ...): they sit
   at the same position of every prompt, carry no class information, yet still go through the model as context.
 - `counts[c][l][e]`: how many of those tokens have expert `e` in their top-k at layer `l`.
-- `weight_sums[c][l][e]`: the sum of the routing weight the router gave expert `e` over those tokens.
+- `weight_sums[c][l][e]`: the sum of the routing weight the router gave expert `e` over those tokens. A slot with
+  weight exactly 0 (an expert dropped by a routing override) is not counted as a selection.
 
 From these: the selection frequency `counts / tokens` (fraction of tokens whose top-k contains the expert); the
 mean gate weight over the tokens that selected it (`mean_weight(c, over="selected")`, 0 when never selected) and
@@ -419,8 +420,10 @@ def _make_hook(capture: _Capture, layer: int):
             )
         # no boolean indexing: masked rows add 0 (even a NaN weight there), so an accelerator never waits
         index = index.reshape(-1).long()
-        counted = mask.to(index.device).repeat_interleave(top_k)
         weights = weights.reshape(-1).to(_sum_dtype(index.device))
+        # a slot with weight exactly 0 is not a selection: an expert dropped by a routing override (MoTE `drop`) or
+        # the padding slot of a row routed to fewer experts stays in the index with weight 0
+        counted = mask.to(index.device).repeat_interleave(top_k) & (weights != 0)
         weights = torch.where(counted, weights, torch.zeros((), dtype=weights.dtype, device=weights.device))
         if layer not in capture.counts:
             capture.counts[layer] = torch.zeros(num_experts, dtype=torch.long, device=index.device)

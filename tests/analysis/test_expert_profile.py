@@ -218,3 +218,19 @@ def test_cli_end_to_end(tmp_path, tokenizer, capsys):
     assert main(["analyze", "experts", str(source), "--class", f"code={code}", "--class", f"prose={prose}",
                  "--target", "poetry", "--out", str(out)]) == 2
     assert "error: profile_experts: target 'poetry' is not one of the classes" in capsys.readouterr().err
+
+
+def test_experts_dropped_by_a_switch_are_not_counted_as_selected(tokenizer):
+    from hf_attn_zoo.moe import switch_experts
+
+    model = _model("mixtral", tokenizer)
+    plain = _profile(model, tokenizer)
+    busiest = max(range(model.config.num_local_experts), key=lambda e: plain.counts["code"][0][e])
+    assert plain.counts["code"][0][busiest] > 0
+    with switch_experts(model, drop={0: [busiest]}):
+        dropped = _profile(model, tokenizer)
+    assert dropped.counts["code"][0][busiest] == 0 and dropped.counts["prose"][0][busiest] == 0
+    others = [e for e in range(model.config.num_local_experts) if e != busiest]
+    assert [dropped.counts["code"][0][e] for e in others] == [plain.counts["code"][0][e] for e in others]
+    k = model.config.num_experts_per_tok  # layer 1 has no switch: every token still selects k experts there
+    assert sum(dropped.counts["code"][1]) == k * dropped.tokens["code"]
