@@ -10,7 +10,7 @@ Two behaviour classes (code = corpus:python_docs, prose = corpus:bible_kjv) are 
 Tokens/s counts the real (non-padding) prompt tokens; each figure is the median of `--repeats` runs after a warm-up,
 the passes taking turns.
 The model is the upcycled SmolLM2 BTX MoE of the upcycling study when it is cached
-(`~/.cache/hf_attn_zoo/upcycling/smollm2_quick/moe/btx`, `hf-attn-zoo upcycle-study`), otherwise a random Mixtral
+(`hf-attn-zoo upcycle-study`; mixture-tuned if it exists), otherwise a random Mixtral
 with SmolLM2-135M widths (hidden 576, 9/3 heads, FFN 1536, 4 experts top-2) and `--layers` layers, tokenized with
 the packaged SmolLM2 tokenizer.
 
@@ -26,30 +26,14 @@ from pathlib import Path
 
 import torch
 
-import hf_attn_zoo
+from _moe import load_moe
 from hf_attn_zoo.analysis import expert_profile
 from hf_attn_zoo.upcycling.cli import read_prompts
 
-_BTX = Path.home() / ".cache" / "hf_attn_zoo" / "upcycling" / "smollm2_quick" / "moe" / "btx"
 
 
 def _load(args):
-    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
-
-    folder = args.model or (_BTX if (_BTX / "config.json").is_file() else None)
-    if folder is not None:
-        model = hf_attn_zoo.from_pretrained(folder, dtype=torch.float32)
-        return model, AutoTokenizer.from_pretrained(folder), f"{folder} (real MoE checkpoint)"
-    seed = hf_attn_zoo.assets.default_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(seed)
-    config = MixtralConfig(
-        hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers, num_attention_heads=9,
-        num_key_value_heads=3, head_dim=64, vocab_size=len(tokenizer), max_position_embeddings=2048,
-        num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(config)
-    return model, tokenizer, f"random Mixtral, SmolLM2-135M widths, {args.layers} layers, 4 experts top-2"
+    return load_moe(args.model, args.layers)
 
 
 def _median_seconds(passes, repeats: int) -> dict[str, float]:

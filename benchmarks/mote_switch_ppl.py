@@ -36,21 +36,18 @@ from hf_attn_zoo.analysis import held_out_perplexity, profile_experts
 from hf_attn_zoo.families import resolve_family
 from hf_attn_zoo.moe import experts_to_switch, random_experts, switch_experts
 from hf_attn_zoo.upcycling.cli import read_prompts
+from hf_attn_zoo.upcycling.pipeline import cached_moe
 
-_ROOT = Path.home() / ".cache" / "hf_attn_zoo" / "upcycling" / "smollm2_quick"
 DOMAINS = ("python_docs", "bible_kjv", "shakespeare")
 
 
 def _model_folder(given: Path | None) -> tuple[Path, str]:
     if given is not None:
         return given, "given"
-    tuned = _ROOT / "tuned" / "btx" / "final"
-    if (tuned / "config.json").is_file():
-        return tuned, "tuned BTX MoE (tuned/btx/final)"
-    built = _ROOT / "moe" / "btx"
-    if (built / "config.json").is_file():
-        return built, "untuned BTX MoE (moe/btx; tuned/btx/final does not exist)"
-    raise SystemExit(f"no BTX MoE under {_ROOT}: build it with `hf-attn-zoo upcycle-study --stage build`")
+    folder = cached_moe("btx")
+    if folder is None:
+        raise SystemExit("no BTX MoE: build it with `hf-attn-zoo upcycle-study --stage build`")
+    return folder, "mixture-tuned BTX MoE" if folder.name == "final" else "untuned BTX MoE (not tuned yet)"
 
 
 def _perplexities(model, tokenizer, args) -> dict[str, float]:

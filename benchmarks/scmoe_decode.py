@@ -25,29 +25,13 @@ from pathlib import Path
 
 import torch
 
-import hf_attn_zoo
+from _moe import load_moe
 from hf_attn_zoo.decoding import scmoe_generate
 
-_STUDY = Path.home() / ".cache" / "hf_attn_zoo" / "upcycling" / "smollm2_quick"
-_CANDIDATES = (_STUDY / "tuned" / "btx" / "final", _STUDY / "moe" / "btx")
 
 
 def _load(args):
-    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
-
-    folder = args.model or next((c for c in _CANDIDATES if (c / "config.json").is_file()), None)
-    if folder is not None:
-        model = hf_attn_zoo.from_pretrained(folder, dtype=torch.float32)
-        return model, AutoTokenizer.from_pretrained(folder), f"{folder} (real MoE checkpoint)"
-    seed = hf_attn_zoo.assets.default_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(seed)
-    config = MixtralConfig(
-        hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers, num_attention_heads=9,
-        num_key_value_heads=3, head_dim=64, vocab_size=len(tokenizer), max_position_embeddings=2048,
-        num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    return MixtralForCausalLM(config), tokenizer, f"random Mixtral, SmolLM2-135M widths, {args.layers} layers"
+    return load_moe(args.model, args.layers)
 
 
 def _prompts(tokenizer, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:

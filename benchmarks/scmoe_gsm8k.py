@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 
 import hf_attn_zoo
+from hf_attn_zoo.upcycling.pipeline import cached_moe
 from hf_attn_zoo.eval_harness import evaluate
 
-_STUDY = Path.home() / ".cache" / "hf_attn_zoo" / "upcycling" / "smollm2_quick"
-_CANDIDATES = (_STUDY / "tuned" / "btx" / "final", _STUDY / "moe" / "btx")
 _TASK = "zoo_gsm8k"
 
 
@@ -43,9 +42,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    folder = args.model or next((c for c in _CANDIDATES if (c / "config.json").is_file()), None)
+    folder = args.model or cached_moe("btx")
     if folder is None:
-        raise SystemExit(f"no MoE checkpoint found (looked for {', '.join(map(str, _CANDIDATES))}); pass --model")
+        raise SystemExit("no MoE checkpoint: build one with `hf-attn-zoo upcycle-study --stage build`, or pass --model")
     from transformers import AutoTokenizer
 
     model = hf_attn_zoo.from_pretrained(folder, dtype=torch.float32).eval()

@@ -56,6 +56,7 @@ unaffected.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
 import math
@@ -156,7 +157,7 @@ class _LayerPlan:
             and self.rank is None
 
 
-class RoutingRule:
+class RoutingRule(abc.ABC):
     """How one family's router turns its logits into `(weights, index)`, with the override hooks.
 
     Subclasses implement `scores` (the quantity ranked for selection and the one the weights come from),
@@ -167,23 +168,23 @@ class RoutingRule:
     def num_experts(self, router: torch.nn.Module) -> int:
         return int(router.weight.shape[0])
 
+    @abc.abstractmethod
     def scores(self, router: torch.nn.Module, logits: torch.Tensor, disabled: torch.Tensor | None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """`(choice, weight_scores)`, both `(N, E)`: the selection ranks `choice`, the weights use `weight_scores`.
 
         `disabled` (`(E,)` bool, or None): experts whose logit counts as -inf (the caller also masks `choice`).
         """
-        raise NotImplementedError
 
     def select(self, router: torch.nn.Module, choice: torch.Tensor, k: int, ordered: bool, masked: bool
                ) -> torch.Tensor:
         """`(N, k)` indices of the top-k of `choice` (decreasing when `ordered`; `masked`: it holds -inf entries)."""
         return torch.topk(choice, k, dim=-1).indices
 
+    @abc.abstractmethod
     def weigh(self, router: torch.nn.Module, weight_scores: torch.Tensor, logits: torch.Tensor, index: torch.Tensor,
               active: torch.Tensor | None) -> torch.Tensor:
         """`(N, k)` weights of the selected experts; `active` (or None: all) marks the ones not dropped."""
-        raise NotImplementedError
 
     def weight_dtype(self, router: torch.nn.Module, logits: torch.Tensor) -> torch.dtype:
         return logits.dtype

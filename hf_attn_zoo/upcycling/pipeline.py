@@ -25,7 +25,7 @@ from typing import Any
 
 from ..assets.model import cache_dir
 
-__all__ = ["DOMAINS", "build_moes", "evaluate_models", "moe_checkpoint", "pipeline_main", "pipeline_root",
+__all__ = ["DOMAINS", "build_moes", "cached_moe", "evaluate_models", "moe_checkpoint", "pipeline_main", "pipeline_root",
            "train_specialists", "tune_on_mixture"]
 
 logger = logging.getLogger(__name__)
@@ -137,6 +137,15 @@ def evaluate_models(models: dict[str, str | Path], out_dir: str | Path, tasks: S
         results[name] = res
         del model
     return write_report(results, out_dir)
+
+
+def cached_moe(mode: str = "btx", root: str | Path | None = None) -> Path | None:
+    """The study's `mode` MoE if it is cached (mixture-tuned when that exists, else as built), without building it."""
+    root = pipeline_root(root)
+    for folder in (root / "tuned" / mode / "final", root / "moe" / mode):
+        if (folder / "config.json").is_file():
+            return folder
+    return None
 
 
 def moe_checkpoint(mode: str = "bam", tuned: bool = True, root: str | Path | None = None) -> Path:
