@@ -46,6 +46,7 @@ import torch
 from .errors import InvalidOptionError, PatchConflictError, UnsupportedArchitectureError
 from .families.spec import resolve_family
 from .patching import register_aux_loss
+from .wrappers import inner_model
 
 __all__ = ["RouterLosses", "install_router_losses", "load_balancing_loss", "moe_layers", "router_z_loss"]
 
@@ -90,7 +91,7 @@ def router_z_loss(router_logits: torch.Tensor, token_mask: torch.Tensor | None =
 
 def moe_layers(model: torch.nn.Module) -> list[int]:
     """Indices of the MoE layers of `model` (a causal LM, or a PEFT/DDP wrapper of one); `[]` for a dense model."""
-    inner = _causal_lm(model)
+    inner = inner_model(model)
     return resolve_family(inner.config).moe_layers(inner)
 
 
@@ -208,7 +209,7 @@ def install_router_losses(
     for name, value in (("load_balance_weight", load_balance_weight), ("z_loss_weight", z_loss_weight)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise InvalidOptionError(f"install_router_losses: {name} must be a number >= 0, got {value!r}")
-    inner = _causal_lm(model)
+    inner = inner_model(model)
     family = resolve_family(inner.config)
     layers = family.moe_layers(inner)
     if not layers:
@@ -261,7 +262,7 @@ def install_router_losses(
 
     try:
         for layer in layers:
-            router = getattr(family.mlp_module(inner, layer), family.mlp.router)
+            router = family.moe_router(inner, layer)
             router_handle = router.register_forward_hook(record)
             handle._handles.append(router_handle)
             handle._hook_ids.append(router_handle.id)
@@ -284,18 +285,6 @@ def _token_mask(mask: torch.Tensor | None, rows: int) -> torch.Tensor | None:
     if mask.shape[1] < length:
         return None
     return mask[:, -length:].reshape(-1)  # with a KV cache the mask also covers the cached positions
-
-
-def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside PEFT / DDP / accelerate wrappers."""
-    for _ in range(8):
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()  # PEFT
-        elif not hasattr(model, "config") and isinstance(getattr(model, "module", None), torch.nn.Module):
-            model = model.module  # DDP, FSDP, accelerate
-        else:
-            break
-    return model
 
 
 def _argument_position(model: torch.nn.Module, name: str) -> int | None:

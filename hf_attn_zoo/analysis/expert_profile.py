@@ -47,7 +47,7 @@ import torch
 
 from ..errors import InvalidOptionError, UnsupportedArchitectureError
 from ..families.spec import family_specs, resolve_family
-from ..moe_losses import _causal_lm
+from ..wrappers import inner_model
 
 __all__ = ["ExpertProfile", "plot_expert_profile", "profile_experts"]
 
@@ -234,7 +234,7 @@ def profile_experts(
             raise InvalidOptionError(f"profile_experts: {name} must be an integer >= 1, got {value!r}")
     if contrast not in _CONTRASTS:
         raise InvalidOptionError(f"profile_experts: contrast must be one of {', '.join(_CONTRASTS)}, got {contrast!r}")
-    inner = _causal_lm(model)
+    inner = inner_model(model)
     family = resolve_family(inner.config)
     layers = family.moe_layers(inner)
     if not layers:
@@ -259,7 +259,7 @@ def profile_experts(
     result: dict[str, tuple[list[list[int]], list[list[float]], int]] = {}
     try:
         for layer in layers:
-            router = getattr(family.mlp_module(inner, layer), family.mlp.router)
+            router = family.moe_router(inner, layer)
             handles.append(router.register_forward_hook(_make_hook(capture, layer)))
         inner.eval()
         from tqdm.auto import tqdm

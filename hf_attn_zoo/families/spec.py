@@ -104,6 +104,10 @@ class FamilySpec(BaseModel):
     def mlp_module(self, model: torch.nn.Module, layer: int) -> torch.nn.Module:
         return getattr(self.decoder_layers(model)[layer], self.mlp.module)
 
+    def moe_router(self, model: torch.nn.Module, layer: int) -> torch.nn.Module:
+        """The router of layer `layer`'s sparse MoE block (`mlp.gate`, `mlp.router`, ...)."""
+        return getattr(self.mlp_module(model, layer), self.mlp.router)
+
     def moe_layers(self, model: torch.nn.Module) -> list[int]:
         """Indices of the layers whose MLP is a sparse MoE block (some MoE families keep dense layers)."""
         if self.mlp.kind != "moe":

@@ -69,6 +69,7 @@ import torch
 
 from ..errors import InvalidOptionError, PatchConflictError, UnsupportedArchitectureError
 from ..families.spec import FamilySpec, family_specs, resolve_family
+from ..wrappers import inner_model
 
 __all__ = [
     "ROUTING_RULES",
@@ -378,7 +379,7 @@ class _Target:
 
 
 def _target(model: torch.nn.Module) -> _Target:
-    inner = _unwrap(model)
+    inner = inner_model(model)
     config = getattr(inner, "config", None)
     if config is None:
         raise UnsupportedArchitectureError(f"{type(model).__name__} is not a transformers model (it has no config)")
@@ -396,21 +397,9 @@ def _target(model: torch.nn.Module) -> _Target:
             f"families: {supported}"
         )
     blocks = {i: family.mlp_module(inner, i) for i in layers}
-    routers = {i: getattr(blocks[i], family.mlp.router) for i in layers}
+    routers = {i: family.moe_router(inner, i) for i in layers}
     return _Target(inner, family, ROUTING_RULES[family.name], len(family.decoder_layers(inner)), layers, routers,
                    blocks)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside PEFT / DDP / accelerate wrappers."""
-    for _ in range(8):
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        elif not hasattr(model, "config") and isinstance(getattr(model, "module", None), torch.nn.Module):
-            model = model.module
-        else:
-            break
-    return model
 
 
 def _is_int(value: Any) -> bool:

@@ -45,7 +45,8 @@ from typing import Any, Literal
 import torch
 
 from ..errors import InvalidOptionError, PatchConflictError
-from .routing import RoutingHandle, RoutingOverride, _target, _unwrap, set_routing
+from ..wrappers import inner_model
+from .routing import RoutingHandle, RoutingOverride, _target, set_routing
 
 __all__ = ["KINDS", "experts_to_switch", "random_experts", "switch_experts"]
 
@@ -259,16 +260,16 @@ class _Installed:
 
 def installed_switches(model: torch.nn.Module) -> _Installed | None:
     """The switch state of `model` (or of the model inside a PEFT/DDP wrapper), if any is installed."""
-    state = _unwrap(model).__dict__.get(_STATE)
+    state = inner_model(model).__dict__.get(_STATE)
     if state is not None and state.routing.removed:
-        _unwrap(model).__dict__.pop(_STATE, None)
+        inner_model(model).__dict__.pop(_STATE, None)
         return None
     return state
 
 
 def install(model: torch.nn.Module, plan: _Plan, where: str, owner: str, record: bool = False) -> _Installed:
     """Install `plan` with `set_routing` (validated first: on error nothing changes) and remember it on the model."""
-    inner = _unwrap(model)
+    inner = inner_model(model)
     try:
         routing = set_routing(inner, plan.override(), record=record)
     except InvalidOptionError as exc:
@@ -286,7 +287,7 @@ def install(model: torch.nn.Module, plan: _Plan, where: str, owner: str, record:
 
 def uninstall(model: torch.nn.Module, state: _Installed) -> None:
     state.routing.remove()
-    inner = _unwrap(model)
+    inner = inner_model(model)
     if inner.__dict__.get(_STATE) is state:
         del inner.__dict__[_STATE]
 

@@ -257,15 +257,16 @@ def _install_router_losses(model: torch.nn.Module, recipe: Recipe) -> Any:
     if recipe.moe is None:
         return None
     from ..families.spec import resolve_family
-    from ..moe_losses import _causal_lm, install_router_losses
+    from ..moe_losses import install_router_losses
+    from ..wrappers import inner_model
 
     try:
         handle = install_router_losses(model, recipe.moe.load_balance_weight, recipe.moe.z_loss_weight)
     except ZooError as exc:
         raise RecipeError(f"{recipe.location(('moe',))}: {exc}") from None
-    inner = _causal_lm(model)
+    inner = inner_model(model)
     family = resolve_family(inner.config)
-    routers = [getattr(family.mlp_module(inner, i), family.mlp.router) for i in handle.layers]
+    routers = [family.moe_router(inner, i) for i in handle.layers]
     if not any(p.requires_grad for router in routers for p in router.parameters()):
         logger.warning(
             "%s: the routers are frozen under train.what=%s, so the router losses train nothing of theirs; use "
