@@ -16,6 +16,8 @@ METHOD_CASES: dict[str, dict] = {
     "bam": {"num_experts": 3},
     "moh": {"router": "learned"},
     "mote": {"off": {"all": [0]}},
+    "power_attention": {"block_size": 2, "window_blocks": 1, "sink_blocks": 1},
+    "sliding_window": {"window": 3, "sinks": 1},
 }
 
 ATOL_FP32 = 1e-5

@@ -2,3 +2,4 @@
 
 from . import bam, moh  # noqa: F401
 from . import mote  # noqa: F401
+from . import power_attention, sliding_window  # noqa: F401

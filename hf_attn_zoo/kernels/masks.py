@@ -1,0 +1,43 @@
+"""Padding from the attention mask transformers hands an attention function, in one canonical form.
+
+Sparse kernels build their own causal pattern, so all they need from the model's mask is which keys are padding.
+transformers passes, depending on the base implementation: `None` (no padding), a 4-D boolean mask `[B, 1, Q, KV]`
+(`sdpa`, True = attend), a 4-D additive float mask (`eager`, 0 = attend), or a 2-D `[B, KV]` padding mask
+(`flash_attention_*`). A flex `BlockMask` carries no readable padding and is refused.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UnsupportedArchitectureError
+
+__all__ = ["key_padding", "left_padding"]
+
+
+def key_padding(attention_mask: torch.Tensor | None, batch: int, kv_len: int) -> torch.Tensor | None:
+    """Real (non-padding) keys `[B, KV]` (bool, True = real token), or `None` when no key is padding."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise UnsupportedArchitectureError(
+            f"sparse attention cannot read padding from a {type(attention_mask).__name__}; load the model with "
+            "attn_implementation='sdpa' (or 'eager') before patching it with a sparse-attention method"
+        )
+    mask = attention_mask
+    if mask.dim() == 4:
+        # the last query row of a causal mask allows every key up to the end of the cache, except padding
+        mask = mask[:, 0, -1, :]
+    if mask.dtype != torch.bool:
+        mask = mask == 0 if mask.is_floating_point() and attention_mask.dim() == 4 else mask.bool()
+    mask = mask[:, -kv_len:]
+    if mask.shape[0] == 1 and batch > 1:
+        mask = mask.expand(batch, -1)
+    return None if bool(mask.all()) else mask
+
+
+def left_padding(padding: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+    """Per row, the index of the first real key `[B]` (0 without padding): patterns count positions from it."""
+    if padding is None:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    return padding.to(torch.int8).argmax(dim=-1).to(device)

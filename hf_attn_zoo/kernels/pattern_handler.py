@@ -1,0 +1,115 @@
+"""Installing a static sparse pattern on attention layers: the shared part of every pattern-based patch.
+
+`install_pattern` routes each selected layer's attention function through `sparse_attention` (with the `zoo`
+dispatcher, so projections, RoPE and the KV cache stay the family's own), tracks the padding of each model call, and
+optionally gives the layer a KV cache that keeps only what the pattern can still attend.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+from ..errors import InvalidOptionError
+from ..registry import PatchHandle
+from .kv_cache import RetainingLayer, SinkWindowLayer, current_kv_layer, use_kv_layer
+from .masks import left_padding
+from .register import install_handler, remove_handler
+from .sparse_attention import AttentionPattern, Backend, PaddingTracker, sparse_attention
+
+__all__ = [
+    "WithinModelWindow", "install_pattern", "max_positions", "model_window", "pattern_attention_handler",
+    "unsupported_attention_reason",
+]
+
+
+def max_positions(model_config) -> int:
+    """The longest sequence the model's position embedding is configured for."""
+    text = getattr(model_config, "text_config", None) or model_config
+    return int(getattr(text, "max_position_embeddings", 0) or 0)
+
+
+def model_window(model_config, layer: int) -> int | None:
+    """The model's own sliding window on `layer` (Mistral, Gemma 3's local layers ...), or None for global layers."""
+    text = getattr(model_config, "text_config", None) or model_config
+    window = getattr(text, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types is not None and layer_types[layer] != "sliding_attention":
+        return None
+    return int(window)
+
+
+class WithinModelWindow(AttentionPattern):
+    """A method's pattern intersected with the layer's own sliding window: a local layer stays local."""
+
+    def __init__(self, pattern: AttentionPattern, window: int):
+        self.pattern, self.window = pattern, window
+        self.per_head = pattern.per_head
+
+    def allowed(self, q, k, head):
+        return self.pattern.allowed(q, k, head) & (q - k < self.window)
+
+    def cache_key(self):
+        return ("within_model_window", self.window, self.pattern.cache_key())
+
+
+def unsupported_attention_reason(family) -> str | None:
+    """Why a pattern patch cannot run on `family`'s attention function, or None."""
+    if family.name == "gpt_oss":
+        return "its attention sinks (`s_aux`) live in its own attention function, which a sparse pattern replaces"
+    return None
+
+
+def pattern_attention_handler(base, module, query, key, value, attention_mask, *, pattern: AttentionPattern,
+                              tracker: PaddingTracker, backend: Backend, **kwargs):
+    """Attention handler of a pattern layer (see `hf_attn_zoo.kernels.register`)."""
+    layer = current_kv_layer(module)
+    total = layer.seen if layer is not None else key.shape[2]
+    limit = max_positions(module.config)
+    if limit and total > limit:
+        raise InvalidOptionError(
+            f"a sequence of {total} positions is longer than this model supports (max_position_embeddings={limit}); "
+            "shorten the input (sparse patterns do not extend the position range)."
+        )
+    padding = tracker.padding(attention_mask, query.shape[0], total)
+    positions = None
+    if layer is not None:
+        if isinstance(layer, SinkWindowLayer):
+            layer.pinned = layer.sinks + int(left_padding(padding, query.shape[0], query.device).max())
+        positions = None if layer.contiguous else layer.positions
+    out = sparse_attention(query, key, value, pattern, scaling=kwargs.get("scaling"), padding=padding,
+                           key_positions=positions, dropout=kwargs.get("dropout", 0.0) or 0.0, backend=backend)
+    return out, None
+
+
+def install_pattern(model: torch.nn.Module, family, layers: list[int], handle: PatchHandle,
+                    pattern_for: Callable[[int], AttentionPattern], backend: Backend = "auto",
+                    kv_layer: Callable[[int], RetainingLayer] | None = None) -> None:
+    """Run the attention of `layers` with `pattern_for(layer)`; with `kv_layer`, cache through `kv_layer(layer)`.
+
+    On a layer with its own sliding window (Mistral, Gemma 3's local layers) the pattern is intersected with it, and
+    without `kv_layer` the layer caches its window with positions (`SinkWindowLayer(0, window)`).
+    """
+    tracker = PaddingTracker()
+    for hook in tracker.install(model):
+        handle.on_revert(hook.remove)
+    for index in layers:
+        attention = family.attention_module(model, index)
+        pattern = pattern_for(index)
+        window = model_window(model.config, index)
+        if window is not None:
+            pattern = WithinModelWindow(pattern, window)
+        handler = functools.partial(pattern_attention_handler, pattern=pattern, tracker=tracker, backend=backend)
+        install_handler(model, attention, handler)
+        handle.on_revert(lambda a=attention: remove_handler(model, a))
+        make_layer = functools.partial(kv_layer, index) if kv_layer is not None else None
+        if make_layer is None and window is not None:
+            # replaces transformers' sliding-window cache layer, whose keys carry no positions
+            make_layer = functools.partial(SinkWindowLayer, 0, window)
+        if make_layer is not None:
+            hook = use_kv_layer(attention, make_layer)
+            handle.on_revert(hook.remove)

@@ -1,0 +1,282 @@
+"""Static sparse causal attention: one pattern, three execution paths, the same numbers.
+
+A method describes *which keys a query may attend* as an `AttentionPattern` (a vectorised predicate on token
+positions, like FlexAttention's `mask_mod`). `sparse_attention` then runs it with:
+
+- `flex`: `torch.compile`d FlexAttention with a `BlockMask` that skips empty 128x128 blocks. Forward only on CPU
+  (FlexAttention has no CPU backward); on a GPU it compiles to Triton and also trains. The compiled kernel is built
+  once per shape by `torch.compile`, the `BlockMask` once per (pattern, heads, lengths, device) and reused by every
+  layer and step (`block_mask_cache_info()`); with padding it is rebuilt per call, since it then depends on the batch.
+- `blocks`: PyTorch + SDPA over query chunks, each gathering only the key blocks its pattern touches. It has a
+  backward, so it is what CPU training runs, and it is the reference the others are tested against.
+- `masked`: one SDPA call with the pattern as a boolean mask, for short inputs and decode steps (and for caches that
+  keep only some positions: `key_positions`).
+
+Positions are counted from each row's first real token, so a left-padded row sees exactly the pattern of the same row
+without padding (sinks are its first real tokens). Padding comes from the 2-D attention mask of the model call
+(`PaddingTracker`), or, without one, from the mask transformers passes to the attention function.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+from collections import OrderedDict
+from collections.abc import Hashable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .masks import key_padding, left_padding
+
+__all__ = [
+    "AttentionPattern",
+    "Backend",
+    "PaddingTracker",
+    "block_mask_cache_info",
+    "clear_block_mask_cache",
+    "pattern_mask",
+    "sparse_attention",
+]
+
+Backend = Literal["auto", "flex", "blocks", "masked"]
+
+FLEX_BLOCK = 128
+# below this many query x key pairs one masked SDPA call is cheapest (and what decode steps use)
+MASKED_MAX_PAIRS = 1 << 22
+# CPU: compiled flex beats SDPA only for long, sparse inputs (research notes: ~1.2-1.5x at 4k, ~4.9x at 16k)
+FLEX_MIN_LENGTH_CPU = 2048
+QUERY_CHUNK = 512
+
+
+class AttentionPattern(abc.ABC):
+    """Which keys each query may attend, as a function of positions (counted from the row's first real token).
+
+    Subclasses implement `allowed` with broadcasting torch ops only (it is traced by FlexAttention), and
+    `cache_key`, a hashable description of everything `allowed` depends on.
+    """
+
+    per_head: bool = False  # `allowed` depends on the query-head index
+
+    @abc.abstractmethod
+    def allowed(self, q: torch.Tensor, k: torch.Tensor, head: torch.Tensor | None) -> torch.Tensor:
+        """Bool tensor, broadcast of `q`, `k` (int64 positions) and `head`: True where query `q` may attend key `k`.
+
+        Must include causality (`k <= q`). `head` is `None` unless `per_head`.
+        """
+
+    @abc.abstractmethod
+    def cache_key(self) -> Hashable:
+        """Hashable identity of the pattern (used to cache `BlockMask`s)."""
+
+
+class PaddingTracker:
+    """The 2-D attention mask of the model call in progress, read by the sparse handlers.
+
+    `install` adds a forward pre-hook (stores the mask) and a forward hook (clears it) on the causal LM.
+    """
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+        self.active = False
+
+    def install(self, model: torch.nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+        def before(module, args, kwargs):
+            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+            self.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+            self.active = True
+
+        def after(module, args, kwargs, output):
+            self.mask, self.active = None, False
+
+        return [model.register_forward_pre_hook(before, with_kwargs=True),
+                model.register_forward_hook(after, with_kwargs=True)]
+
+    def padding(self, attention_mask, batch: int, total: int) -> torch.Tensor | None:
+        """Real tokens `[B, total]` (True = real) over every position seen so far, or `None` without padding."""
+        if self.active and self.mask is None:
+            return None
+        if self.mask is not None:
+            mask = self.mask.bool()
+            if mask.shape[-1] < total:  # a static cache's unused tail
+                mask = F.pad(mask, (0, total - mask.shape[-1]), value=False)
+            mask = mask[:, :total]
+            return None if bool(mask.all()) else mask
+        return key_padding(attention_mask, batch, total)
+
+
+def pattern_mask(pattern: AttentionPattern, q_pos: torch.Tensor, k_pos: torch.Tensor, offsets: torch.Tensor,
+                 padding: torch.Tensor | None, num_heads: int) -> torch.Tensor:
+    """The pattern as a boolean mask `[B or 1, H or 1, Q, K]` for absolute positions `q_pos` `[Q]`, `k_pos` `[K]`."""
+    shift = offsets[:, None, None, None]
+    q = q_pos[None, None, :, None] - shift
+    k = k_pos[None, None, None, :] - shift
+    head = torch.arange(num_heads, device=q_pos.device)[None, :, None, None] if pattern.per_head else None
+    mask = pattern.allowed(q, k, head) & (k >= 0)
+    if padding is not None:
+        mask = mask & padding[:, k_pos][:, None, None, :]
+    if not bool(offsets.any()):
+        mask = mask[:1]
+    return mask
+
+
+def _attend(query, key, value, mask, scaling, dropout):
+    """SDPA with a boolean mask; rows with no allowed key (padding queries) return zeros instead of NaN."""
+    empty = ~mask.any(-1, keepdim=True)
+    if bool(empty.any()):
+        mask = mask | empty
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.masked_fill(empty, 0.0) if bool(empty.any()) else out
+
+
+def _masked(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling, dropout):
+    mask = pattern_mask(pattern, q_pos, k_pos, offsets, padding, query.shape[1])
+    return _attend(query, key, value, mask, scaling, dropout)
+
+
+def _blocks(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling, dropout):
+    """Query chunks, each attending only the key blocks its pattern touches (gathered, so gradients flow)."""
+    outs = []
+    kv_len = key.shape[2]
+    n_blocks = -(-kv_len // FLEX_BLOCK)
+    for start in range(0, query.shape[2], QUERY_CHUNK):
+        stop = min(start + QUERY_CHUNK, query.shape[2])
+        mask = pattern_mask(pattern, q_pos[start:stop], k_pos, offsets, padding, query.shape[1])
+        padded = F.pad(mask, (0, n_blocks * FLEX_BLOCK - kv_len))
+        touched = padded.unflatten(-1, (n_blocks, FLEX_BLOCK)).any(-1).flatten(0, -2).any(0)
+        if bool(touched.all()):
+            cols = None
+        else:
+            cols = (torch.nonzero(touched).flatten()[:, None] * FLEX_BLOCK
+                    + torch.arange(FLEX_BLOCK, device=mask.device)).flatten()
+            cols = cols[cols < kv_len]
+        k, v, m = (key, value, mask) if cols is None else (key[:, :, cols], value[:, :, cols], mask[..., cols])
+        outs.append(_attend(query[:, :, start:stop], k, v, m, scaling, dropout))
+    return torch.cat(outs, dim=2)
+
+
+_BLOCK_MASKS: OrderedDict[Hashable, object] = OrderedDict()
+_BLOCK_MASK_CACHE_SIZE = 64
+_stats = {"hits": 0, "misses": 0}
+
+
+def block_mask_cache_info() -> dict[str, int]:
+    """Hits, misses and size of the `BlockMask` cache (one entry per pattern and shape)."""
+    return {**_stats, "size": len(_BLOCK_MASKS)}
+
+
+def clear_block_mask_cache() -> None:
+    _BLOCK_MASKS.clear()
+    _stats.update(hits=0, misses=0)
+
+
+def _block_mask(pattern: AttentionPattern, num_heads: int, q_len: int, kv_len: int, device: torch.device,
+                offsets: torch.Tensor, padding: torch.Tensor | None):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    shift_q = kv_len - q_len
+    heads = num_heads if pattern.per_head else None
+
+    if padding is None and not bool(offsets.any()):
+        key = (pattern.cache_key(), heads, q_len, kv_len, str(device))
+        if key in _BLOCK_MASKS:
+            _stats["hits"] += 1
+            _BLOCK_MASKS.move_to_end(key)
+            return _BLOCK_MASKS[key]
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return pattern.allowed(q_idx + shift_q, kv_idx, h if pattern.per_head else None)
+
+        _stats["misses"] += 1
+        mask = create_block_mask(mask_mod, None, heads, q_len, kv_len, device=device, BLOCK_SIZE=FLEX_BLOCK)
+        _BLOCK_MASKS[key] = mask
+        if len(_BLOCK_MASKS) > _BLOCK_MASK_CACHE_SIZE:
+            _BLOCK_MASKS.popitem(last=False)
+        return mask
+
+    real = padding if padding is not None else torch.ones(offsets.shape[0], kv_len, dtype=torch.bool, device=device)
+
+    def padded_mask_mod(b, h, q_idx, kv_idx):
+        shift = offsets[b]
+        allowed = pattern.allowed(q_idx + shift_q - shift, kv_idx - shift, h if pattern.per_head else None)
+        return allowed & (kv_idx >= shift) & real[b, kv_idx]
+
+    return create_block_mask(padded_mask_mod, offsets.shape[0], heads, q_len, kv_len, device=device,
+                             BLOCK_SIZE=FLEX_BLOCK)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(query, key, value, pattern, offsets, padding, scaling):
+    mask = _block_mask(pattern, query.shape[1], query.shape[2], key.shape[2], query.device, offsets, padding)
+    return _compiled_flex()(query.contiguous(), key.contiguous(), value.contiguous(), block_mask=mask, scale=scaling,
+                            enable_gqa=query.shape[1] != key.shape[1])
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def choose_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, compressed: bool) -> str:
+    """`auto`: flex for long inference inputs (any length on a GPU), masked for short ones, blocks otherwise."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if compressed or q_len * kv_len <= MASKED_MAX_PAIRS:
+        return "masked"
+    flex_ok = query.device.type == "cuda" or (not _needs_grad(query, key, value) and kv_len >= FLEX_MIN_LENGTH_CPU)
+    return "flex" if flex_ok and query.shape[-1] == value.shape[-1] else "blocks"
+
+
+def sparse_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pattern: AttentionPattern,
+    *,
+    scaling: float | None,
+    padding: torch.Tensor | None = None,
+    key_positions: torch.Tensor | None = None,
+    dropout: float = 0.0,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Attention of `query` over the keys `pattern` allows.
+
+    Args:
+        query (`torch.Tensor`): `[B, H, Q, D]` after RoPE; the queries are the last `Q` positions.
+        key, value (`torch.Tensor`): `[B, KV, S, D]`, not repeated for GQA (the whole cache when decoding).
+        pattern (`AttentionPattern`): the allowed (query, key) pairs.
+        scaling (`float`): softmax scale.
+        padding (`torch.Tensor`, *optional*): `[B, T]` bool, True for real tokens, over every position seen (`T` is
+            `S`, or the number of positions seen when `key_positions` is given).
+        key_positions (`torch.Tensor`, *optional*): `[S]` absolute positions of the keys when a cache keeps only
+            some of them (default: `0..S-1`).
+        dropout (`float`): attention dropout (training).
+        backend (`str`): `auto`, `flex`, `blocks` or `masked` (see the module docstring).
+
+    Returns:
+        `[B, Q, H, D]`, the layout transformers' attention functions return.
+    """
+    batch, _, q_len, _ = query.shape
+    device = query.device
+    k_pos = key_positions if key_positions is not None else torch.arange(key.shape[2], device=device)
+    q_pos = k_pos[-q_len:]
+    offsets = left_padding(padding, batch, device)
+    if backend == "auto":
+        backend = choose_backend(query, key, value, key_positions is not None)
+    if backend == "flex":
+        if key_positions is not None:
+            raise ValueError("the flex backend needs contiguous keys; use 'masked' with key_positions")
+        out = _flex(query, key, value, pattern, offsets, padding, scaling)
+    elif backend == "blocks":
+        out = _blocks(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling, dropout)
+    elif backend == "masked":
+        out = _masked(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling, dropout)
+    else:
+        raise ValueError(f"unknown sparse-attention backend {backend!r}; use auto, flex, blocks or masked")
+    return out.transpose(1, 2).contiguous()

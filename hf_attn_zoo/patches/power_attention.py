@@ -1,0 +1,88 @@
+"""PowerAttention: exponentially scaling receptive fields (arXiv:2503.03588, Alg. 1).
+
+Static block-sparse causal pattern with blocks of `block_size` tokens. With `d = q // b - k // b` the block distance,
+query `q` attends key `k <= q` when `d < window_blocks` (local window), `d` is a power of two (`d & (d - 1) == 0`,
+dilated blocks at distances 1, 2, 4, 8 ...), or `k` lies in the first `sink_blocks` blocks. Any distance below `2^L`
+is reachable in at most `L` layers; each query reads `O(window + log2(N / b))` blocks.
+
+Paper defaults: 256-token blocks, a 5-block window, one sink block; the paper continue-trains (1B tokens) and keeps
+some full-attention layers (2 of every 7). Training-free here as a drop-in; tunable with the recipe runner (no new
+parameters: tune the base weights or LoRA). Decode reads the full KV cache with the same pattern (no eviction: the
+power-of-two blocks reach back to the start). Neutral setting: a window as long as the model's position range.
+Official code: https://github.com/w568w/PowerAttention
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from transformers import PretrainedConfig
+
+from ..errors import InvalidOptionError
+from ..families.spec import FamilySpec
+from ..kernels.pattern_handler import install_pattern, max_positions, unsupported_attention_reason
+from ..kernels.sparse_attention import AttentionPattern
+from ..registry import Capabilities, Patch, PatchConfig, PatchHandle, register_patch
+
+__all__ = ["PowerAttentionConfig", "PowerAttentionPatch", "PowerPattern"]
+
+
+@dataclass
+class PowerAttentionConfig(PatchConfig):
+    block_size: int = field(default=256, metadata={"help": "tokens per block b (paper: 256)."})
+    window_blocks: int = field(default=5, metadata={"help": "local window W in blocks, the query's own included "
+                                                    "(paper: 5)."})
+    sink_blocks: int = field(default=1, metadata={"help": "initial blocks every query attends (paper: 1)."})
+    backend: Literal["auto", "flex", "blocks", "masked"] = field(
+        default="auto", metadata={"help": "auto (flex for long inference, chunked SDPA for training, one masked SDPA "
+                                  "for short inputs), or force one."})
+
+
+class PowerPattern(AttentionPattern):
+    def __init__(self, block_size: int, window_blocks: int, sink_blocks: int):
+        self.block_size, self.window_blocks, self.sink_blocks = block_size, window_blocks, sink_blocks
+
+    def allowed(self, q, k, head):
+        d = q // self.block_size - k // self.block_size
+        power_of_two = (d & (d - 1)) == 0
+        return (q >= k) & ((d < self.window_blocks) | power_of_two | (k < self.sink_blocks * self.block_size))
+
+    def cache_key(self):
+        return ("power", self.block_size, self.window_blocks, self.sink_blocks)
+
+
+@register_patch
+class PowerAttentionPatch(Patch):
+    name = "power_attention"
+    summary = "PowerAttention: sink + local window + power-of-two dilated blocks (static block-sparse)."
+    config_class = PowerAttentionConfig
+    capabilities = Capabilities(training_free=True, new_params=False, kv_cache=True, generate=True)
+    targets = ("attention_fn",)
+
+    def check(self, family: FamilySpec, model_config: PretrainedConfig) -> str | None:
+        return unsupported_attention_reason(family)
+
+    def validate(self, config: PowerAttentionConfig, family: FamilySpec,
+                 model_config: PretrainedConfig) -> PowerAttentionConfig:
+        limit = max_positions(model_config)
+        if config.block_size < 1 or (limit and config.block_size > limit):
+            raise InvalidOptionError(f"power_attention: block_size={config.block_size} must be between 1 and the "
+                                     f"model's max_position_embeddings ({limit}).")
+        blocks = -(-limit // config.block_size) if limit else None
+        if config.window_blocks < 1 or (blocks and config.window_blocks > blocks):
+            raise InvalidOptionError(f"power_attention: window_blocks={config.window_blocks} must be between 1 and "
+                                     f"the {blocks} blocks of the model's position range.")
+        if config.sink_blocks < 0 or (blocks and config.sink_blocks > blocks):
+            raise InvalidOptionError(f"power_attention: sink_blocks={config.sink_blocks} must be between 0 and "
+                                     f"{blocks}.")
+        return config
+
+    def apply(self, model, config: PowerAttentionConfig, family: FamilySpec, layers: list[int],
+              handle: PatchHandle) -> None:
+        pattern = PowerPattern(config.block_size, config.window_blocks, config.sink_blocks)
+        install_pattern(model, family, layers, handle, lambda index: pattern, config.backend)
+
+    def neutral_config(self, family: FamilySpec, model_config: PretrainedConfig) -> PowerAttentionConfig:
+        limit = max_positions(model_config)
+        return PowerAttentionConfig(block_size=1, window_blocks=limit, sink_blocks=0)

@@ -1,0 +1,96 @@
+"""Sliding-window attention with attention sinks (StreamingLLM, arXiv:2309.17453) and causal 1-D neighbourhood
+attention (NATTEN, arXiv:2204.07143).
+
+Query `i` attends key `j <= i` when it is one of the row's first `sinks` tokens, or inside the window:
+`i - j < window * dilation` and `(i - j) % dilation == 0`. With `sinks=0, dilation=1` this is causal 1-D
+neighbourhood attention with kernel size `window`, which equals a causal sliding window of `window` tokens including
+the query itself (NATTEN's causal mask); with `sinks=4` it is StreamingLLM's attention-sink pattern (4 initial tokens
+plus a recent window). Dilation > 1 is NATTEN's dilated neighbourhood.
+
+Decode: the layer's KV cache keeps only the sinks and the last `window * dilation` positions
+(`hf_attn_zoo.kernels.kv_cache.SinkWindowLayer`, the `SinkCache` transformers v5 removed), so memory stays bounded.
+Keys keep their original positions (no StreamingLLM position shift), so decoding equals the masked full forward;
+sequences must stay within the model's `max_position_embeddings`.
+
+Training-free; no parameters. Neutral setting: a window as long as the model's position range and no sinks.
+Official code: https://github.com/mit-han-lab/streaming-llm, https://github.com/SHI-Labs/NATTEN
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from transformers import PretrainedConfig
+
+from ..errors import InvalidOptionError
+from ..families.spec import FamilySpec
+from ..kernels.kv_cache import SinkWindowLayer
+from ..kernels.pattern_handler import install_pattern, max_positions, unsupported_attention_reason
+from ..kernels.sparse_attention import AttentionPattern
+from ..registry import Capabilities, Patch, PatchConfig, PatchHandle, register_patch
+
+__all__ = ["SinkWindowPattern", "SlidingWindowConfig", "SlidingWindowPatch"]
+
+
+@dataclass
+class SlidingWindowConfig(PatchConfig):
+    window: int = field(default=1024, metadata={"help": "keys per query in the window, the query included (NATTEN "
+                                                "kernel size)."})
+    sinks: int = field(default=4, metadata={"help": "initial tokens every query attends (StreamingLLM: 4; 0 = plain "
+                                            "sliding window / causal neighbourhood attention)."})
+    dilation: int = field(default=1, metadata={"help": "NATTEN dilation: the window takes every dilation-th key."})
+    bounded_cache: bool = field(default=True, metadata={"help": "decode with a KV cache that keeps only the sinks and "
+                                                        "the window (bounded memory)."})
+    backend: Literal["auto", "flex", "blocks", "masked"] = field(
+        default="auto", metadata={"help": "auto (flex for long inference, chunked SDPA for training, one masked SDPA "
+                                  "for short inputs), or force one."})
+
+
+class SinkWindowPattern(AttentionPattern):
+    def __init__(self, window: int, sinks: int, dilation: int = 1):
+        self.window, self.sinks, self.dilation = window, sinks, dilation
+
+    def allowed(self, q, k, head):
+        distance = q - k
+        in_window = (distance < self.window * self.dilation) & (distance % self.dilation == 0)
+        return (distance >= 0) & (in_window | (k < self.sinks))
+
+    def cache_key(self):
+        return ("sink_window", self.window, self.sinks, self.dilation)
+
+
+@register_patch
+class SlidingWindowPatch(Patch):
+    name = "sliding_window"
+    summary = "Sliding window + attention sinks (StreamingLLM) / causal 1-D neighbourhood attention, bounded KV cache."
+    config_class = SlidingWindowConfig
+    capabilities = Capabilities(training_free=True, new_params=False, kv_cache=True, generate=True)
+    targets = ("attention_fn",)
+
+    def check(self, family: FamilySpec, model_config: PretrainedConfig) -> str | None:
+        return unsupported_attention_reason(family)
+
+    def validate(self, config: SlidingWindowConfig, family: FamilySpec,
+                 model_config: PretrainedConfig) -> SlidingWindowConfig:
+        limit = max_positions(model_config)
+        if config.window < 1 or (limit and config.window > limit):
+            raise InvalidOptionError(f"sliding_window: window={config.window} must be between 1 and the model's "
+                                     f"max_position_embeddings ({limit}).")
+        if config.sinks < 0 or (limit and config.sinks > limit):
+            raise InvalidOptionError(f"sliding_window: sinks={config.sinks} must be between 0 and {limit}.")
+        if config.dilation < 1 or (limit and config.window * config.dilation > limit):
+            raise InvalidOptionError(f"sliding_window: dilation={config.dilation} must be >= 1 with window x dilation "
+                                     f"<= max_position_embeddings ({limit}).")
+        return config
+
+    def apply(self, model, config: SlidingWindowConfig, family: FamilySpec, layers: list[int],
+              handle: PatchHandle) -> None:
+        pattern = SinkWindowPattern(config.window, config.sinks, config.dilation)
+        span = config.window * config.dilation
+        kv_layer = (lambda index: SinkWindowLayer(config.sinks, span)) if config.bounded_cache else None
+        install_pattern(model, family, layers, handle, lambda index: pattern, config.backend, kv_layer)
+
+    def neutral_config(self, family: FamilySpec, model_config: PretrainedConfig) -> SlidingWindowConfig:
+        return SlidingWindowConfig(window=max_positions(model_config), sinks=0)
