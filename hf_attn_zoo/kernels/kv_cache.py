@@ -24,7 +24,7 @@ _LAYER_ATTR = "_zoo_kv_layer"
 
 
 class RetainingLayer(DynamicLayer):
-    """A dynamic cache layer that evicts, before each update, the positions no future query can attend.
+    """A dynamic cache layer that evicts the positions no future query can attend (after each attention step).
 
     It reports every position seen (`get_seq_length`, `get_mask_sizes`), so transformers builds the masks and cache
     positions of an uncompressed cache; `positions` are the absolute positions of the keys `update` returned.
@@ -45,11 +45,7 @@ class RetainingLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             self.positions = self.positions.to(self.device)
-        if self.positions.numel():
-            keep = self.keep(self.seen)
-            if not bool(keep.all()):
-                self.keys, self.values = self.keys[:, :, keep], self.values[:, :, keep]
-                self.positions = self.positions[keep]
+        self._drop()
         new = torch.arange(self.seen, self.seen + key_states.shape[-2], device=self.device)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
@@ -57,9 +53,20 @@ class RetainingLayer(DynamicLayer):
         self.seen += key_states.shape[-2]
         return self.keys, self.values
 
+    def evict(self) -> None:
+        """Drop, now, what no later query can attend (the attention handler calls it after each step)."""
+        self._drop()
+
+    def _drop(self) -> None:
+        if self.positions.numel():
+            keep = self.keep(self.seen)
+            if not bool(keep.all()):
+                self.keys, self.values = self.keys[:, :, keep], self.values[:, :, keep]
+                self.positions = self.positions[keep]
+
     @property
     def contiguous(self) -> bool:
-        """True while nothing was evicted (the keys are positions `0..seen-1`)."""
+        """True while nothing was evicted (the keys are positions `0..seen-1`, in order)."""
         return self.positions.numel() == self.seen
 
     def get_seq_length(self) -> int:
@@ -82,6 +89,11 @@ class RetainingLayer(DynamicLayer):
         if self.keys is not None and self.keys.numel():
             self.keys, self.values = self.keys[indices], self.values[indices]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the keys and values held."""
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(f"{type(self).__name__} evicts tokens and cannot be cropped (assisted decoding)")
 
@@ -90,16 +102,51 @@ class SinkWindowLayer(RetainingLayer):
     """Keeps the first `sinks` real tokens of every row and the last `window` positions (StreamingLLM's cache).
 
     `pinned` (set by the attention handler from the padding) is how many leading positions hold sinks: `sinks` plus
-    the longest left padding of the batch, so every row keeps its own first real tokens.
+    the longest left padding of the batch, so every row keeps its own first real tokens. Once full, it is a ring
+    buffer: the window's slots are ordered by `position % window`, and a decode step writes its token over the one
+    leaving the window, in place (no copy of the cache per step, where a `DynamicLayer` concatenates).
     """
 
     def __init__(self, sinks: int, window: int) -> None:
         super().__init__()
         self.sinks, self.window = sinks, window
         self.pinned = sinks
+        self.ring_start: int | None = None  # first window slot once the layer is a ring buffer
 
     def keep(self, next_position: int) -> torch.Tensor:
         return (self.positions < self.pinned) | (self.positions > next_position - self.window)
+
+    def evict(self) -> None:
+        """Drop what no later query can attend and lay the window out as a ring (called after each attention)."""
+        if self.ring_start is not None or self.seen < self.pinned + self.window:
+            return
+        pinned = self.positions < self.pinned
+        # `window` slots: the last window - 1 positions, and the one the next token overwrites (same slot)
+        window = (self.positions >= self.seen - self.window) & ~pinned
+        window_positions = self.positions[window]
+        order = torch.argsort(window_positions % self.window)
+        index = torch.cat([pinned.nonzero().flatten(), window.nonzero().flatten()[order]])
+        self.keys, self.values = self.keys[:, :, index], self.values[:, :, index]
+        self.positions = self.positions[index]
+        self.ring_start = int(pinned.sum())
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.ring_start is not None and key_states.shape[-2] == 1:
+            slot = self.ring_start + self.seen % self.window
+            self.keys[:, :, slot] = key_states[:, :, 0]
+            self.values[:, :, slot] = value_states[:, :, 0]
+            self.positions[slot] = self.seen
+            self.seen += 1
+            return self.keys, self.values
+        if self.ring_start is not None:  # several tokens at once: back to a sorted, growing layout
+            order = torch.argsort(self.positions)
+            self.keys, self.values, self.positions = self.keys[:, :, order], self.values[:, :, order], self.positions[order]
+            self.ring_start = None
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def reset(self) -> None:
+        super().reset()
+        self.ring_start = None
 
 
 def use_kv_layer(attention: torch.nn.Module, make_layer: Callable[[], RetainingLayer]):

@@ -76,13 +76,18 @@ def pattern_attention_handler(base, module, query, key, value, attention_mask, *
             "shorten the input (sparse patterns do not extend the position range)."
         )
     padding = tracker.padding(attention_mask, query.shape[0], total)
-    positions = None
+    positions = queries = None
     if layer is not None:
         if isinstance(layer, SinkWindowLayer):
             layer.pinned = layer.sinks + int(left_padding(padding, query.shape[0], query.device).max())
-        positions = None if layer.contiguous else layer.positions
+        if not layer.contiguous:
+            positions = layer.positions
+            queries = torch.arange(total - query.shape[2], total, device=query.device)
     out = sparse_attention(query, key, value, pattern, scaling=kwargs.get("scaling"), padding=padding,
-                           key_positions=positions, dropout=kwargs.get("dropout", 0.0) or 0.0, backend=backend)
+                           key_positions=positions, query_positions=queries,
+                           dropout=kwargs.get("dropout", 0.0) or 0.0, backend=backend)
+    if layer is not None:
+        layer.evict()  # bounded from the prefill on, not only from the next step
     return out, None
 
 

@@ -242,6 +242,7 @@ def sparse_attention(
     scaling: float | None,
     padding: torch.Tensor | None = None,
     key_positions: torch.Tensor | None = None,
+    query_positions: torch.Tensor | None = None,
     dropout: float = 0.0,
     backend: Backend = "auto",
 ) -> torch.Tensor:
@@ -255,7 +256,9 @@ def sparse_attention(
         padding (`torch.Tensor`, *optional*): `[B, T]` bool, True for real tokens, over every position seen (`T` is
             `S`, or the number of positions seen when `key_positions` is given).
         key_positions (`torch.Tensor`, *optional*): `[S]` absolute positions of the keys when a cache keeps only
-            some of them (default: `0..S-1`).
+            some of them, in any order (default: `0..S-1`).
+        query_positions (`torch.Tensor`, *optional*): `[Q]` absolute positions of the queries (default: the last
+            `Q` key positions).
         dropout (`float`): attention dropout (training).
         backend (`str`): `auto`, `flex`, `blocks` or `masked` (see the module docstring).
 
@@ -265,13 +268,13 @@ def sparse_attention(
     batch, _, q_len, _ = query.shape
     device = query.device
     k_pos = key_positions if key_positions is not None else torch.arange(key.shape[2], device=device)
-    q_pos = k_pos[-q_len:]
+    q_pos = query_positions if query_positions is not None else k_pos[-q_len:]
     offsets = left_padding(padding, batch, device)
     if backend == "auto":
         backend = choose_backend(query, key, value, key_positions is not None)
     if backend == "flex":
         if key_positions is not None:
-            raise ValueError("the flex backend needs contiguous keys; use 'masked' with key_positions")
+            raise ValueError("the flex backend needs the keys at positions 0..S-1; use 'masked' with key_positions")
         out = _flex(query, key, value, pattern, offsets, padding, scaling)
     elif backend == "blocks":
         out = _blocks(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling, dropout)

@@ -101,3 +101,20 @@ def test_sliding_window_on_smollm2_stays_close_to_dense_within_the_window(smollm
         hf_attn_zoo.unpatch(model)
     torch.testing.assert_close(same, dense, atol=1e-4, rtol=0)
     assert torch.isfinite(local) and local > dense
+
+
+def test_the_full_cache_is_a_ring_buffer_written_in_place():
+    model = hf_attn_zoo.patch(tiny_model("llama"), "sliding_window", window=5, sinks=2)
+    ids = torch.randint(3, 128, (1, 24))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(ids[:, :9], cache=cache, use_cache=True).logits]
+        layer = cache.layers[0]
+        assert layer.keys.shape[2] == 2 + 5 and layer.ring_start == 2  # bounded right after the prefill (one free slot)
+        storage = layer.keys.data_ptr()
+        for t in range(9, 20):
+            steps.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+        assert layer.keys.data_ptr() == storage  # decode steps write into the same buffer
+        steps.append(model(ids[:, 20:24], cache=cache, use_cache=True).logits)  # several tokens at once
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,124 @@
+"""Prefill attention time of each sparse-attention method vs dense SDPA (causal), as ratios from one run.
+
+One attention call with SmolLM2's shapes (9 query heads, 3 KV heads, head dim 64, batch 1, fp32) at 4k, 8k and 16k
+tokens, forward only (`torch.no_grad`), each method through the kernel its patch runs in inference (`backend="auto"`:
+compiled FlexAttention with a cached BlockMask for the static patterns). Compilation and BlockMask building happen in
+an untimed warm-up call (they are cached per shape and reused by every layer); the table reports the median of the
+timed calls and `speedup = SDPA time / method time`. Targets (issue 5, CPU, 16k): sliding window 1024 + sinks
+>= 4.5x, PowerAttention >= 4x, MoBA > 1x.
+
+Usage: python benchmarks/sparse_prefill.py [--lengths 4096,8192,16384] [--repeats 3] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from hf_attn_zoo.kernels.sparse_attention import sparse_attention
+from hf_attn_zoo.patches.power_attention import PowerPattern
+from hf_attn_zoo.patches.sliding_window import SinkWindowPattern
+
+HEADS, KV_HEADS, DIM = 9, 3, 64
+SCALE = DIM**-0.5
+TARGETS = {"sliding_window": 4.5, "power_attention": 4.0, "moba": 1.0}
+
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def dense(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=SCALE, enable_gqa=True)
+
+
+def _pattern(pattern) -> Attention:
+    return lambda q, k, v: sparse_attention(q, k, v, pattern, scaling=SCALE)
+
+
+def _methods() -> dict[str, Callable[[], Attention]]:
+    """Factories, so a method whose module is missing is reported and skipped, not fatal."""
+
+    def moba():
+        from hf_attn_zoo.kernels.moba import moba_attention
+
+        return lambda q, k, v: moba_attention(q, k, v, block_size=512, top_k=3, scaling=SCALE)
+
+    def moa():
+        from hf_attn_zoo.moa.plan import uniform_pattern
+
+        return _pattern(uniform_pattern(HEADS, alpha=0, beta=0.125, length=16384, sinks=64))
+
+    def hyper():
+        from hf_attn_zoo.kernels.hyper_attention import hyper_attention
+
+        return lambda q, k, v: hyper_attention(q, k, v, scaling=SCALE, block_size=256, sample_size=256,
+                                               lsh_num_projs=7, min_seq_len=4096, seed=0)
+
+    def routing():
+        from hf_attn_zoo.kernels.routing_attention import routing_attention_benchmark
+
+        return routing_attention_benchmark(num_clusters=16, window=256, scaling=SCALE)
+
+    return {
+        "sliding_window": lambda: _pattern(SinkWindowPattern(1024, 4)),
+        "power_attention": lambda: _pattern(PowerPattern(256, 5, 1)),
+        "moba": moba,
+        "moa": moa,
+        "hyper_attention": hyper,
+        "routing_attention": routing,
+    }
+
+
+def _time(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up: compilation, BlockMask
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", default="4096,8192,16384")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--methods", default=None, help="comma-separated subset")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lengths = [int(n) for n in args.lengths.split(",")]
+    factories = _methods()
+    wanted = args.methods.split(",") if args.methods else list(factories)
+    methods: dict[str, Attention] = {}
+    for name in wanted:
+        try:
+            methods[name] = factories[name]()
+        except ImportError as error:
+            print(f"skip {name}: {error}")
+    print(f"threads={torch.get_num_threads()} heads={HEADS}/{KV_HEADS} dim={DIM} fp32, median of {args.repeats}")
+    print(f"| method | {' | '.join(f'{n // 1024}k' for n in lengths)} | target at {lengths[-1] // 1024}k |")
+    print(f"|---|{'---|' * len(lengths)}---|")
+    rows = {name: [] for name in ["sdpa (s)", *methods]}
+    generator = torch.Generator().manual_seed(0)
+    for n in lengths:
+        q = torch.randn(1, HEADS, n, DIM, generator=generator)
+        k = torch.randn(1, KV_HEADS, n, DIM, generator=generator)
+        v = torch.randn(1, KV_HEADS, n, DIM, generator=generator)
+        with torch.no_grad():
+            base = _time(lambda: dense(q, k, v), args.repeats)
+            rows["sdpa (s)"].append(f"{base:.3f}")
+            for name, fn in methods.items():
+                rows[name].append(f"{base / _time(lambda: fn(q, k, v), args.repeats):.2f}x")
+    for name, cells in rows.items():
+        target = f">= {TARGETS[name]}x" if name in TARGETS else ""
+        print(f"| {name} | {' | '.join(cells)} | {target} |")
+
+
+if __name__ == "__main__":
+    main()

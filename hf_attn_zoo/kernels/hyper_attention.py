@@ -1,0 +1,301 @@
+"""HyperAttention: Long-context Attention in Near-Linear Time (arXiv:2310.05869), in PyTorch.
+
+Non-causal approximation (the paper's Alg. 3 as the official code runs it):
+
+1. sortLSH: `lsh_num_projs` Gaussian projections; the sign bits of a row form a Gray-code word and its bucket is
+   the word's rank in the Gray order, so adjacent buckets differ by one bit. Queries and keys are stable-sorted by
+   bucket, separately.
+2. Exact attention inside matching equal blocks of the sorted orders (`block_size` keys per block, the queries split
+   into as many blocks).
+3. Residual: `sample_size` keys sampled uniformly with replacement, attended by every query except where a sample
+   lies in the query's own diagonal block; `log(n_keys / sample_size)` is added to its log-sum-exp (importance
+   weight).
+4. The two parts are merged by log-sum-exp and the rows un-sorted.
+
+Causal masking (Sec. 3.2, recursive): up to `min_seq_len` tokens exact causal attention; longer sequences are split
+in halves, each half is attended causally by a recursive call, the second-half queries x first-half keys rectangle
+by the non-causal approximation (exact below `min_seq_len` queries), merged by log-sum-exp.
+
+Layout: query `[B, H, N, D]`, key/value `[B, KV, N, D]` (GQA groups are attended without repeating keys; the value
+head dim may differ, as in MLA). Internally queries are `[*L, G, N, D]` and keys `[*L, N, D]`.
+
+Randomness (projections, then samples) comes from one generator seeded per call, so results are reproducible; the
+samples are shared by the rows of a batch, so a row's output does not depend on the rest of its batch.
+Official code: https://github.com/insuhan/hyper-attn
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["attention_with_lse", "gray_rank", "hyper_attention", "hyper_attention_with_lse", "merge_attention"]
+
+# query rows per exact-attention chunk: bounds the score matrix of the exact leaves
+QUERY_CHUNK = 1024
+
+
+@dataclass(frozen=True)
+class _Options:
+    scaling: float
+    block_size: int
+    sample_size: int
+    min_seq_len: int
+
+
+def _attend(q, k, v, scaling, mask):
+    """Exact attention with log-sum-exp; `mask` (True = attend) broadcasts to `[*L, Nq, Nk]`.
+
+    Rows that attend no key give zeros and a log-sum-exp of -inf (no NaN, also in the backward).
+    """
+    groups, n_q = q.shape[-3], q.shape[-2]
+    scores = torch.matmul(q.flatten(-3, -2), k.transpose(-1, -2)).unflatten(-2, (groups, n_q)).float() * scaling
+    if mask is not None:
+        scores = scores.masked_fill(~mask.unsqueeze(-3), float("-inf"))
+    # the max shift cancels in the softmax and in the log-sum-exp, so it carries no gradient
+    peak = scores.amax(-1, keepdim=True).detach()
+    peak = torch.where(torch.isfinite(peak), peak, 0.0)
+    weights = torch.exp(scores - peak)
+    total = weights.sum(-1, keepdim=True)
+    empty = total == 0
+    total = torch.where(empty, 1.0, total)
+    probs = (weights / total).to(v.dtype)
+    out = torch.matmul(probs.flatten(-3, -2), v).unflatten(-2, (groups, n_q))
+    lse = torch.where(empty, float("-inf"), total.log() + peak).squeeze(-1)
+    return out, lse
+
+
+def _fused_op():
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _can_fuse(q, k, v) -> bool:
+    """The CPU flash kernel returns the log-sum-exp but its backward ignores the log-sum-exp's gradient, so it serves
+    inference only; training takes the PyTorch path."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return q.device.type == "cpu" and not needs_grad and q.shape[-1] == v.shape[-1] and _fused_op() is not None
+
+
+def _fused(q, k, v, scaling, causal, mask):
+    """`_exact` with the CPU flash kernel (causal only on square inputs); rows that attend no key give zeros."""
+    groups, n_q, n_k = q.shape[-3], q.shape[-2], k.shape[-2]
+    lead = k.shape[:-2]
+    bias = None
+    if mask is not None:
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+        bias = bias.expand(*lead, bias.shape[-2], n_k).reshape(-1, 1, bias.shape[-2], n_k)
+    if causal or (bias is not None and bias.shape[-2] > 1):
+        # the mask depends on the query, so the group shares its keys by an expand instead of folding
+        q4 = q.reshape(-1, groups, n_q, q.shape[-1])
+        k4 = k.reshape(-1, 1, n_k, k.shape[-1]).expand(-1, groups, -1, -1).contiguous()
+        v4 = v.reshape(-1, 1, n_k, v.shape[-1]).expand(-1, groups, -1, -1).contiguous()
+    else:
+        q4 = q.reshape(-1, 1, groups * n_q, q.shape[-1])
+        k4, v4 = k.reshape(-1, 1, n_k, k.shape[-1]), v.reshape(-1, 1, n_k, v.shape[-1])
+    out, lse = _fused_op()(q4, k4, v4, 0.0, causal, attn_mask=bias, scale=scaling)
+    out, lse = out.reshape(*lead, groups, n_q, v.shape[-1]), lse.reshape(*lead, groups, n_q)
+    if mask is not None:
+        empty = ~mask.any(-1).unsqueeze(-2)
+        out, lse = out.masked_fill(empty.unsqueeze(-1), 0.0), lse.masked_fill(empty, float("-inf"))
+    return out, lse
+
+
+def _exact(q, k, v, scaling, causal=False, mask=None):
+    """Exact attention in query chunks; causal aligns the last query with the last key."""
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    if _can_fuse(q, k, v) and (not causal or n_q == n_k):
+        return _fused(q, k, v, scaling, causal, mask)
+    if not causal and n_q <= QUERY_CHUNK:
+        return _attend(q, k, v, scaling, mask)
+    outs, lses = [], []
+    for start in range(0, n_q, QUERY_CHUNK):
+        stop = min(start + QUERY_CHUNK, n_q)
+        chunk_mask = mask[..., start:stop, :] if mask is not None and mask.shape[-2] > 1 else mask
+        keys = n_k
+        if causal:
+            keys = stop + n_k - n_q
+            rows = torch.arange(start, stop, device=q.device)[:, None] + (n_k - n_q)
+            allowed = torch.arange(keys, device=q.device) <= rows
+            chunk_mask = allowed if chunk_mask is None else chunk_mask[..., :keys] & allowed
+        out, lse = _attend(q[..., start:stop, :], k[..., :keys, :], v[..., :keys, :], scaling, chunk_mask)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, -2), torch.cat(lses, -1)
+
+
+def merge_attention(out1, lse1, out2, lse2):
+    """Attention over the union of two disjoint key sets from each one's output and log-sum-exp (Alg. 3, line 9).
+
+    `out = c * out1 + (1 - c) * out2` with `c = 1 / (1 + exp(lse2 - lse1))`; `lse = log(exp(lse1) + exp(lse2))`.
+    """
+    peak = torch.maximum(lse1, lse2).detach()
+    peak = torch.where(torch.isfinite(peak), peak, 0.0)
+    w1, w2 = torch.exp(lse1 - peak), torch.exp(lse2 - peak)
+    total = w1 + w2
+    empty = total == 0
+    total = torch.where(empty, 1.0, total)
+    out = (w1 / total).unsqueeze(-1).to(out1.dtype) * out1 + (w2 / total).unsqueeze(-1).to(out2.dtype) * out2
+    lse = torch.where(empty, float("-inf"), total.log() + peak)
+    return out, lse
+
+
+def gray_rank(bits: torch.Tensor) -> torch.Tensor:
+    """The rank in the reflected Gray-code order of the words `bits` `[..., r]` (bit `j` has weight `2^j`).
+
+    Consecutive ranks are words that differ in one bit. The rank inverts `g = b ^ (b >> 1)`: binary bit `j` is the
+    XOR of the Gray bits `j..r-1`, a prefix XOR from the most significant bit done by shifts.
+    """
+    weights = 2.0 ** torch.arange(bits.shape[-1], device=bits.device)
+    rank = torch.matmul(bits.float(), weights).long()
+    shift = 1
+    while shift < bits.shape[-1]:
+        rank = rank ^ (rank >> shift)
+        shift *= 2
+    return rank
+
+
+def _sort_order(x, projections):
+    """Stable sortLSH order of the rows of `x` `[..., N, D]`."""
+    # the official code indexes the Gray sequence by the binary word (gray(word)); the paper wants adjacent buckets
+    # to differ by one bit, which ranks words in the Gray order (the inverse map)
+    buckets = gray_rank(torch.matmul(x.float(), projections) > 0)
+    return torch.sort(buckets, dim=-1, stable=True).indices
+
+
+def _gather(x, index):
+    """Rows `index` `[..., M]` of `x` `[..., N, D]`."""
+    return x.gather(-2, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))
+
+
+def _block_diagonal(q, k, v, block_size, scaling):
+    """Exact attention of matching equal blocks of sorted queries `[*L, G, Nq, D]` and keys `[*L, Nk, D]`."""
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    blocks = -(-n_k // block_size)
+    query_block = -(-n_q // blocks)
+    key_pad, query_pad = blocks * block_size - n_k, blocks * query_block - n_q
+    k_blocks = F.pad(k, (0, 0, 0, key_pad)).unflatten(-2, (blocks, block_size))  # [*L, nb, bk, D]
+    v_blocks = F.pad(v, (0, 0, 0, key_pad)).unflatten(-2, (blocks, block_size))
+    q_blocks = F.pad(q, (0, 0, 0, query_pad)).unflatten(-2, (blocks, query_block)).transpose(-4, -3)
+    # the padding keys of the last block are masked out (the official code attends them as zero keys)
+    mask = None
+    if key_pad:
+        mask = (torch.arange(blocks * block_size, device=k.device) < n_k).view(blocks, 1, block_size)
+    out, lse = _exact(q_blocks, k_blocks, v_blocks, scaling, mask=mask)  # [*L, nb, G, qb, Dv]
+    out = out.transpose(-4, -3).flatten(-3, -2)[..., :n_q, :]
+    lse = lse.transpose(-3, -2).flatten(-2, -1)[..., :n_q]
+    return out, lse, query_block
+
+
+def _non_causal(q, k, v, options: _Options, projections, generator):
+    """The sortLSH block-diagonal + uniformly sampled residual approximation (exact below `min_seq_len` queries)."""
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    if n_q < options.min_seq_len:
+        return _exact(q, k, v, options.scaling)
+    query_order = _sort_order(q, projections)  # [*L, G, Nq]
+    key_order = _sort_order(k, projections)  # [*L, Nk]
+    q_sorted = _gather(q, query_order)
+    k_sorted, v_sorted = _gather(k, key_order), _gather(v, key_order)
+    out, lse, query_block = _block_diagonal(q_sorted, k_sorted, v_sorted, options.block_size, options.scaling)
+    if options.sample_size > 0 and n_k > options.block_size:
+        # one draw per KV head, shared by the rows of the batch
+        lead = k.shape[:-2]
+        picks = torch.randint(n_k, (*lead[1:], options.sample_size), generator=generator, device=k.device)
+        picks = picks.expand(*lead, options.sample_size)
+        own_block = (torch.arange(n_q, device=q.device) // query_block)[:, None] == (picks // options.block_size)[
+            ..., None, :]
+        res_out, res_lse = _exact(q_sorted, _gather(k_sorted, picks), _gather(v_sorted, picks), options.scaling,
+                                  mask=~own_block)
+        out, lse = merge_attention(out, lse, res_out, res_lse + math.log(n_k / options.sample_size))
+    inverse = torch.argsort(query_order, dim=-1)
+    return _gather(out, inverse), lse.gather(-1, inverse)
+
+
+def _causal(q, k, v, options: _Options, projections, generator):
+    """Recursive causal HyperAttention: exact diagonal leaves, approximated lower-left rectangles."""
+    n = q.shape[-2]
+    if n <= options.min_seq_len:
+        return _exact(q, k, v, options.scaling, causal=True)
+    # the official code pads odd lengths with a zero row to fold both halves into one call; unequal halves need none
+    half = (n + 1) // 2
+    up_out, up_lse = _causal(q[..., :half, :], k[..., :half, :], v[..., :half, :], options, projections, generator)
+    down_out, down_lse = _causal(q[..., half:, :], k[..., half:, :], v[..., half:, :], options, projections,
+                                 generator)
+    rect_out, rect_lse = _non_causal(q[..., half:, :], k[..., :half, :], v[..., :half, :], options, projections,
+                                     generator)
+    down_out, down_lse = merge_attention(down_out, down_lse, rect_out, rect_lse)
+    return torch.cat([up_out, down_out], -2), torch.cat([up_lse, down_lse], -1)
+
+
+def _grouped(query, key):
+    """`[B, H, N, D]` queries as `[B, KV, G, N, D]` next to `[B, KV, N, D]` keys."""
+    heads, kv_heads = query.shape[1], key.shape[1]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads cannot share {kv_heads} key/value heads (GQA needs a multiple)")
+    return query.unflatten(1, (kv_heads, heads // kv_heads))
+
+
+def attention_with_lse(query, key, value, *, scaling: float | None = None, causal: bool = False):
+    """Exact attention and its log-sum-exp (chunked over queries, differentiable).
+
+    Args:
+        query (`torch.Tensor`): `[B, H, Nq, D]`.
+        key, value (`torch.Tensor`): `[B, KV, Nk, D]` and `[B, KV, Nk, Dv]`; `H` a multiple of `KV` (GQA).
+        scaling (`float`, *optional*): softmax scale. Default: `D ** -0.5`.
+        causal (`bool`): causal mask aligned to the last key. Default: False.
+
+    Returns:
+        `out` `[B, H, Nq, Dv]` and `lse` `[B, H, Nq]` (float32).
+    """
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    out, lse = _exact(_grouped(query, key), key, value, scaling, causal=causal)
+    return out.flatten(1, 2), lse.flatten(1, 2)
+
+
+def hyper_attention_with_lse(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    scaling: float | None = None,
+    causal: bool = True,
+    block_size: int = 256,
+    sample_size: int = 256,
+    lsh_num_projs: int = 7,
+    min_seq_len: int = 4096,
+    generator: torch.Generator | None = None,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`hyper_attention` that also returns the log-sum-exp `[B, H, N]` (float32) of each output row."""
+    if min(block_size, lsh_num_projs, min_seq_len) < 1 or sample_size < 0:
+        raise ValueError("block_size, lsh_num_projs and min_seq_len must be >= 1 and sample_size >= 0")
+    if causal and query.shape[2] != key.shape[2]:
+        raise ValueError(f"causal HyperAttention needs as many queries as keys, got {query.shape[2]} and "
+                         f"{key.shape[2]} (decode steps attend the cache exactly)")
+    if generator is None:
+        generator = torch.Generator(device=query.device).manual_seed(seed)
+    projections = torch.randn(query.shape[-1], lsh_num_projs, generator=generator, device=query.device)
+    options = _Options(query.shape[-1] ** -0.5 if scaling is None else scaling, block_size, sample_size, min_seq_len)
+    run = _causal if causal else _non_causal
+    out, lse = run(_grouped(query, key), key, value, options, projections, generator)
+    return out.flatten(1, 2), lse.flatten(1, 2)
+
+
+def hyper_attention(query, key, value, **options) -> torch.Tensor:
+    """HyperAttention output `[B, H, N, Dv]`.
+
+    Args:
+        query (`torch.Tensor`): `[B, H, N, D]` (after RoPE).
+        key, value (`torch.Tensor`): `[B, KV, N, D]` and `[B, KV, N, Dv]`; `H` a multiple of `KV` (GQA).
+        scaling (`float`, *optional*): softmax scale. Default: `D ** -0.5`.
+        causal (`bool`): recursive causal HyperAttention, else the non-causal approximation. Default: True.
+        block_size (`int`): keys per sortLSH block. Default: 256.
+        sample_size (`int`): uniformly sampled residual keys (0: block-diagonal only). Default: 256.
+        lsh_num_projs (`int`): LSH projections (2^r buckets). Default: 7.
+        min_seq_len (`int`): exact attention up to this many tokens (causal leaves, short rectangles). Default: 4096.
+        generator (`torch.Generator`, *optional*): source of the projections and samples, on the inputs' device.
+        seed (`int`): seed of a fresh generator when `generator` is None. Default: 0.
+    """
+    return hyper_attention_with_lse(query, key, value, **options)[0]
