@@ -10,6 +10,7 @@ from __future__ import annotations
 from . import analysis, assets, decoding, moe
 from . import patches as _patches  # noqa: F401  (registers every method)
 from .errors import ZooError
+from .kernels.pattern_handler import register_attention_function
 from .loading import from_pretrained
 from .moe_losses import install_router_losses
 from .patching import applied_patches, aux_loss, new_module_names, new_parameters, patch, unpatch
@@ -31,6 +32,7 @@ __all__ = [
     "new_module_names",
     "new_parameters",
     "patch",
+    "register_attention_function",
     "register_patch",
     "unpatch",
     "upcycle",

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import InvalidOptionError
-from ..registry import PatchHandle
+from ..registry import PatchHandle, get_patch
 from .kv_cache import RetainingLayer, SinkWindowLayer, current_kv_layer, use_kv_layer
 from .masks import left_padding
 from .register import install_handler, remove_handler
@@ -21,7 +21,7 @@ from .sparse_attention import AttentionPattern, Backend, PaddingTracker, sparse_
 
 __all__ = [
     "WithinModelWindow", "install_pattern", "max_positions", "model_window", "pattern_attention_handler",
-    "unsupported_attention_reason",
+    "register_attention_function", "unsupported_attention_reason",
 ]
 
 
@@ -118,3 +118,34 @@ def install_pattern(model: torch.nn.Module, family, layers: list[int], handle: P
         if make_layer is not None:
             hook = use_kv_layer(attention, make_layer)
             handle.on_revert(hook.remove)
+
+
+def register_attention_function(method: str, name: str | None = None, **options) -> str:
+    """Register a static-pattern method as a transformers attention implementation; returns its name.
+
+    The attention function goes into `AttentionInterface` and transformers' `sdpa_mask` into
+    `AttentionMaskInterface` under the same name (without a mask function transformers would pass no mask, and
+    padding would be ignored). Every layer then uses the pattern, through the model's own KV cache:
+
+        >>> name = hf_attn_zoo.register_attention_function("sliding_window", window=512, sinks=4)
+        >>> model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=name)  # or set_attn_implementation
+
+    `hf_attn_zoo.patch` is the richer route: per-layer selection, option checks against the model, the bounded KV
+    cache, records in the config for save/reload. The default name is `zoo_<method>`.
+    """
+    from transformers import AttentionInterface, AttentionMaskInterface, PretrainedConfig
+    from transformers.masking_utils import sdpa_mask
+
+    impl = get_patch(method)
+    if not hasattr(impl, "pattern"):
+        raise InvalidOptionError(
+            f"{method} is not a static attention pattern, so it has no stand-alone attention function; apply it with "
+            "hf_attn_zoo.patch(model, ...)."
+        )
+    config = impl.validate(impl.config_class.from_options(method, options), None, PretrainedConfig())
+    name = name or f"zoo_{method}"
+    handler = functools.partial(pattern_attention_handler, pattern=impl.pattern(config), tracker=PaddingTracker(),
+                                backend=getattr(config, "backend", "auto"))
+    AttentionInterface.register(name, lambda module, *args, **kwargs: handler(None, module, *args, **kwargs))
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name

@@ -78,9 +78,12 @@ class PowerAttentionPatch(Patch):
                                      f"{blocks}.")
         return config
 
+    def pattern(self, config: PowerAttentionConfig) -> PowerPattern:
+        return PowerPattern(config.block_size, config.window_blocks, config.sink_blocks)
+
     def apply(self, model, config: PowerAttentionConfig, family: FamilySpec, layers: list[int],
               handle: PatchHandle) -> None:
-        pattern = PowerPattern(config.block_size, config.window_blocks, config.sink_blocks)
+        pattern = self.pattern(config)
         install_pattern(model, family, layers, handle, lambda index: pattern, config.backend)
 
     def neutral_config(self, family: FamilySpec, model_config: PretrainedConfig) -> PowerAttentionConfig:

@@ -85,9 +85,12 @@ class SlidingWindowPatch(Patch):
                                      f"<= max_position_embeddings ({limit}).")
         return config
 
+    def pattern(self, config: SlidingWindowConfig) -> SinkWindowPattern:
+        return SinkWindowPattern(config.window, config.sinks, config.dilation)
+
     def apply(self, model, config: SlidingWindowConfig, family: FamilySpec, layers: list[int],
               handle: PatchHandle) -> None:
-        pattern = SinkWindowPattern(config.window, config.sinks, config.dilation)
+        pattern = self.pattern(config)
         span = config.window * config.dilation
         kv_layer = (lambda index: SinkWindowLayer(config.sinks, span)) if config.bounded_cache else None
         install_pattern(model, family, layers, handle, lambda index: pattern, config.backend, kv_layer)

@@ -118,3 +118,19 @@ def test_the_full_cache_is_a_ring_buffer_written_in_place():
         assert layer.keys.data_ptr() == storage  # decode steps write into the same buffer
         steps.append(model(ids[:, 20:24], cache=cache, use_cache=True).logits)  # several tokens at once
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_registered_attention_function_equals_the_patch_with_padding():
+    base = tiny_model("llama")
+    patched = hf_attn_zoo.patch(clone(base), "sliding_window", window=4, sinks=1)
+    name = hf_attn_zoo.register_attention_function("sliding_window", window=4, sinks=1)
+    assert name == "zoo_sliding_window"
+    plain = clone(base)
+    plain.set_attn_implementation(name)
+    ids = torch.randint(3, 128, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    torch.testing.assert_close(plain(ids, attention_mask=mask).logits[mask.bool()],
+                               patched(ids, attention_mask=mask).logits[mask.bool()], atol=1e-5, rtol=1e-5)
+    with pytest.raises(InvalidOptionError, match="not a static attention pattern"):
+        hf_attn_zoo.register_attention_function("moh")
