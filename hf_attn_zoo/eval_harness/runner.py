@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,14 +21,15 @@ DEFAULT_MAX_LENGTH = 2048
 
 
 @functools.lru_cache(maxsize=8)
-def _task_manager(include_path: tuple[str, ...], include_defaults: bool) -> Any:
+def _task_manager(include_path: tuple[str, ...], include_defaults: bool, metadata: str) -> Any:
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=list(include_path), include_defaults=include_defaults)
+    return TaskManager(include_path=list(include_path), include_defaults=include_defaults,
+                       metadata=json.loads(metadata) or None)
 
 
 def task_manager(include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-                 include_defaults: bool = False) -> Any:
+                 include_defaults: bool = False, metadata: dict[str, Any] | None = None) -> Any:
     """Return an `lm_eval.tasks.TaskManager` that knows the `zoo_*` tasks (built once per argument set).
 
     Args:
@@ -35,6 +37,8 @@ def task_manager(include_path: str | os.PathLike | Sequence[str | os.PathLike] |
             More task folders to index, after the pack.
         include_defaults (`bool`, *optional*, defaults to `False`):
             Also index lm-eval's ~200 built-in task folders (slower start; they need the hub to run).
+        metadata (`dict`, *optional*):
+            Metadata given to every task, hence to the pack's loaders (JSON-serialisable values).
     """
     if include_path is None:
         extra = []
@@ -43,7 +47,7 @@ def task_manager(include_path: str | os.PathLike | Sequence[str | os.PathLike] |
     else:
         extra = list(include_path)
     paths = (str(TASKS_DIR), *(str(Path(p)) for p in extra))
-    return _task_manager(paths, include_defaults)
+    return _task_manager(paths, include_defaults, json.dumps(metadata or {}, sort_keys=True))
 
 
 def evaluate(
@@ -61,6 +65,7 @@ def evaluate(
     include_defaults: bool = False,
     output_path: str | os.PathLike | None = None,
     log_samples: bool = False,
+    metadata: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Evaluate a model with lm-eval's `simple_evaluate` through the `hf-attn-zoo` model class.
@@ -93,6 +98,9 @@ def evaluate(
             Also save the results as lm-eval's CLI does (`<output_path>/<model>/results_<date>.json`).
         log_samples (`bool`, *optional*, defaults to `False`):
             Keep per-document outputs under `"samples"`.
+        metadata (`dict`, *optional*):
+            Task metadata read by the pack's loaders, e.g. `{"zoo_passkey_docs": 5}`. As with lm-eval's CLI, the
+            loaders also see the model arguments: `pretrained` and `tokenizer` (when strings) and `max_length`.
         **kwargs:
             Passed to `lm_eval.simple_evaluate` (`gen_kwargs`, `random_seed`, `bootstrap_iters`, ...).
 
@@ -110,6 +118,7 @@ def evaluate(
     from hf_attn_zoo.eval_harness.lm_model import ZooLM
 
     task_list = [tasks] if isinstance(tasks, str) else list(tasks)
+    task_metadata = dict(metadata or {})
     if isinstance(model_or_path, LM):
         if patches or tokenizer is not None or model_args:
             raise InvalidOptionError("patches, tokenizer and model_args apply when evaluate() builds the model; "
@@ -128,13 +137,16 @@ def evaluate(
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         lm = ZooLM(pretrained=pretrained, batch_size=batch_size, device=device, **args)
+        # the long-context loaders size documents with this tokenizer and check they fit in max_length
+        seen_args = {"pretrained": pretrained, "tokenizer": args.get("tokenizer"), "max_length": args["max_length"]}
+        task_metadata = {**{k: v for k, v in seen_args.items() if isinstance(v, (str, int))}, **task_metadata}
     results = lm_eval.simple_evaluate(
         model=lm,
         tasks=task_list,
         num_fewshot=num_fewshot,
         limit=limit,
         log_samples=log_samples,
-        task_manager=task_manager(include_path, include_defaults),
+        task_manager=task_manager(include_path, include_defaults, task_metadata),
         **kwargs,
     )
     if results is None:
