@@ -14,6 +14,7 @@ FAMILIES = sorted(family_specs())
 # tiny-model options per method; the neutral setting comes from the patch itself
 METHOD_CASES: dict[str, dict] = {
     "bam": {"num_experts": 3},
+    "hyper_attention": {"min_seq_len": 4, "block_size": 2, "sample_size": 2},
     "moh": {"router": "learned"},
     "mote": {"off": {"all": [0]}},
     "power_attention": {"block_size": 2, "window_blocks": 1, "sink_blocks": 1},

@@ -16,8 +16,13 @@ Causal masking (Sec. 3.2, recursive): up to `min_seq_len` tokens exact causal at
 in halves, each half is attended causally by a recursive call, the second-half queries x first-half keys rectangle
 by the non-causal approximation (exact below `min_seq_len` queries), merged by log-sum-exp.
 
-Layout: query `[B, H, N, D]`, key/value `[B, KV, N, D]` (GQA groups are attended without repeating keys; the value
-head dim may differ, as in MLA). Internally queries are `[*L, G, N, D]` and keys `[*L, N, D]`.
+Layout: query `[B, H, N, D]`, key/value `[B, KV, N, D]` (GQA groups share their keys, repeated only for the flash
+kernel's causal leaves; the value head dim may differ, as in MLA). Internally queries are `[*L, G, N, D]` and keys
+`[*L, N, D]`.
+
+The exact parts (leaves, blocks, residual) run the CPU flash kernel, which returns the log-sum-exp, when nothing
+needs a gradient (its backward ignores the log-sum-exp's gradient); otherwise, or on other devices, chunked PyTorch
+attention, which is differentiable in both outputs.
 
 Randomness (projections, then samples) comes from one generator seeded per call, so results are reproducible; the
 samples are shared by the rows of a batch, so a row's output does not depend on the rest of its batch.
