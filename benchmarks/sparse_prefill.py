@@ -48,9 +48,11 @@ def _methods() -> dict[str, Callable[[], Attention]]:
         return lambda q, k, v: moba_attention(q, k, v, block_size=512, top_k=3, scaling=SCALE)
 
     def moa():
-        from hf_attn_zoo.moa.plan import uniform_pattern
+        from hf_attn_zoo.moa.cache import MoAPattern
 
-        return _pattern(uniform_pattern(HEADS, alpha=0, beta=0.125, length=16384, sinks=64))
+        # heterogeneous per-head spans of 512 to 16384 keys (64 of them sinks), as a searched plan has them
+        spans = [512, 512, 1024, 1024, 2048, 2048, 4096, 8192, 16384]
+        return _pattern(MoAPattern([64] * HEADS, [span - 64 for span in spans]))
 
     def hyper():
         from hf_attn_zoo.kernels.hyper_attention import hyper_attention

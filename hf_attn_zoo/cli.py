@@ -25,6 +25,7 @@ commands:
   analyze   head-usage MODEL --out PNG       per-layer, per-head usage of a MoH model on real text
   analyze   experts MODEL --class NAME=SRC ... --target NAME --out PNG
                                              fTRI (MoTE): rank the MoE experts one prompt class prefers
+  moa       profile|search|apply ...         MoA: attention-influence profile -> MILP plan -> perplexity check
   demo      [--out DIR] [--quick]            SmolLM2 -> MoH -> tune -> eval, offline
 """
 
@@ -206,6 +207,7 @@ _COMMANDS = {
     "upcycle": ("hf_attn_zoo.upcycling.cli", "upcycle_main"),
     "upcycle-study": ("hf_attn_zoo.upcycling.pipeline", "pipeline_main"),
     "analyze": ("hf_attn_zoo.cli", "analyze_main"),
+    "moa": ("hf_attn_zoo.moa.cli", "main"),
     "tune": ("hf_attn_zoo.tuning.cli", "tune_main"),
     "validate": ("hf_attn_zoo.tuning.cli", "validate_main"),
     "eval": ("hf_attn_zoo.eval_harness.cli", "eval_main"),
