@@ -2,7 +2,8 @@
 
 transformers loads the pretrained weights into the vanilla architecture (weights created by patches are left out:
 the vanilla classes have no place for them). The patches recorded in `config.hf_attn_zoo` are then re-applied and
-their new weights read from the checkpoint's safetensors files, checked name by name and shape by shape.
+the tensors they added to the state dict (new parameters, and persistent buffers such as routing centroids) read
+from the checkpoint's safetensors files, checked name by name and shape by shape.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def from_pretrained(
     if records:
         delattr(config, RECORD_KEY)
     model = _load_quietly(path, config, kwargs)
+    vanilla = set(model.state_dict())
     for record in records:
         unknown = set(record) - {"method", "layers", "options"}
         if unknown or "method" not in record:
@@ -62,7 +64,7 @@ def from_pretrained(
             )
         patch(model, record["method"], layers=record.get("layers", "all"), **record.get("options", {}))
     if records:
-        _load_new_weights(model, path, hub_kwargs)
+        _load_new_weights(model, path, hub_kwargs, vanilla)
     for spec in patches or []:
         spec = dict(spec)
         method = spec.pop("method")
@@ -100,8 +102,10 @@ def _checkpoint_files(path: str, hub_kwargs: dict[str, Any]) -> dict[str, str]:
 
 
 @torch.no_grad()
-def _load_new_weights(model: torch.nn.Module, path: str, hub_kwargs: dict[str, Any]) -> None:
-    params = new_parameters(model)
+def _load_new_weights(model: torch.nn.Module, path: str, hub_kwargs: dict[str, Any], vanilla: set[str]) -> None:
+    """Read what the re-applied patches added to the state dict (parameters and persistent buffers)."""
+    params = {name: t for name, t in model.state_dict().items() if name not in vanilla}
+    params.update(new_parameters(model))
     if not params:
         return
     files = _checkpoint_files(path, hub_kwargs)

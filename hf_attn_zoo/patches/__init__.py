@@ -1,5 +1,9 @@
 """The zoo: one module per method, imported here by name so that each registers itself."""
 
 from . import bam, moh  # noqa: F401
+from . import hyper_attention  # noqa: F401
+from . import moa  # noqa: F401
+from . import moba  # noqa: F401
 from . import mote  # noqa: F401
 from . import power_attention, sliding_window  # noqa: F401
+from . import routing_attention  # noqa: F401
