@@ -34,7 +34,8 @@ DEFAULT_METHODS = [
     'sliding_window={"window": 1024, "sinks": 4}',
     "power_attention",
     "moba",
-    "moa",
+    'moa={"alpha": 0, "beta": 0.125, "sinks": 64}',
+    'hyper_attention={"min_seq_len": 1024}',
 ]
 
 MethodSpec = tuple[str, str, dict[str, Any]]

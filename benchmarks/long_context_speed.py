@@ -1,7 +1,7 @@
 """End to end at long context on the real SmolLM2: prefill tokens/s, KV-cache bytes and decode tokens/s per method.
 
-For each method the model is patched on every layer and run on the same 8k-token prompt (real held-out text, tiled if
-needed): one prefill forward (`logits_to_keep=1`, cache on), then `--decode` greedy steps from that cache. Ratios are
+For each method the model is patched on every layer and run on the same prompt of `--length - --decode` tokens (real
+held-out text, tiled if needed; the decoded tokens fill the context to `--length`): one prefill forward (`logits_to_keep=1`, cache on), then `--decode` greedy steps from that cache. Ratios are
 against the unpatched model (SDPA) in the same run. KV bytes are what the cache holds after the prefill (a method
 with a bounded cache, sliding window or MoA, keeps less). The MoA paper reports 1.2-1.4x less memory and 5.5-6.7x
 decode throughput at 7B on a GPU.
@@ -20,6 +20,7 @@ from transformers import DynamicCache
 
 import hf_attn_zoo
 from hf_attn_zoo.assets.corpora import held_out_texts
+from hf_attn_zoo.kernels.kv_cache import kv_cache_bytes
 
 METHODS: dict[str, dict] = {
     "sliding_window": {"window": 1024, "sinks": 4},
@@ -29,16 +30,6 @@ METHODS: dict[str, dict] = {
     "hyper_attention": {},
     "routing_attention": {},
 }
-
-
-def cache_bytes(cache) -> int:
-    total = 0
-    for layer in cache.layers:
-        if hasattr(layer, "nbytes"):
-            total += int(layer.nbytes)
-        elif getattr(layer, "keys", None) is not None:
-            total += layer.keys.nbytes + layer.values.nbytes
-    return total
 
 
 def _prompt(tokenizer, length: int) -> torch.Tensor:
@@ -55,7 +46,7 @@ def run(model, ids: torch.Tensor, decode: int) -> dict[str, float]:
         start = time.perf_counter()
         out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
         prefill = time.perf_counter() - start
-        kv = cache_bytes(cache)
+        kv = kv_cache_bytes(cache)
         token = out.logits[:, -1:].argmax(-1)
         start = time.perf_counter()
         for _ in range(decode):
@@ -77,7 +68,7 @@ def main() -> None:
     options = {**METHODS, **(json.loads(args.options) if args.options else {})}
     model, tokenizer = hf_attn_zoo.assets.load_default_model()
     model.eval()
-    ids = _prompt(tokenizer, args.length)
+    ids = _prompt(tokenizer, args.length - args.decode)  # the decoded tokens fill the context to --length
     run(model, ids[:, :512], 2)  # warm-up
     dense = run(model, ids, args.decode)
     rows = [("dense (sdpa)", dense)]
@@ -89,7 +80,8 @@ def main() -> None:
         run(model, ids[:, :512], 2)  # warm-up: compile, masks
         rows.append((name, run(model, ids, args.decode)))
         hf_attn_zoo.unpatch(model)
-    print(f"SmolLM2-135M, fp32, {args.length} tokens, {args.decode} decode steps, threads={torch.get_num_threads()}")
+    print(f"SmolLM2-135M, fp32, prefill {ids.shape[1]} tokens, {args.decode} decode steps to {args.length}, "
+          f"threads={torch.get_num_threads()}")
     print("| method | prefill tok/s | vs dense | KV cache MiB | vs dense | decode tok/s | vs dense |")
     print("|---|---|---|---|---|---|---|")
     for name, r in rows:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-__all__ = ["RetainingLayer", "SinkWindowLayer", "current_kv_layer", "use_kv_layer"]
+__all__ = ["RetainingLayer", "SinkWindowLayer", "current_kv_layer", "kv_cache_bytes", "use_kv_layer"]
 
 _LAYER_ATTR = "_zoo_kv_layer"
 
@@ -174,3 +174,14 @@ def current_kv_layer(module: torch.nn.Module) -> RetainingLayer | None:
     """The retaining cache layer of `module` in the forward in progress, if its cache has one."""
     layer = module.__dict__.pop(_LAYER_ATTR, None)
     return layer if isinstance(layer, RetainingLayer) else None
+
+
+def kv_cache_bytes(cache) -> int:
+    """Bytes of keys and values a transformers cache holds (retaining layers count only what they keep)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        if isinstance(layer, RetainingLayer):
+            total += layer.nbytes
+        elif getattr(layer, "keys", None) is not None:
+            total += layer.keys.nbytes + layer.values.nbytes
+    return total

@@ -20,7 +20,7 @@ from .register import install_handler, remove_handler
 from .sparse_attention import AttentionPattern, Backend, PaddingTracker, sparse_attention
 
 __all__ = [
-    "WithinModelWindow", "install_pattern", "max_positions", "model_window", "pattern_attention_handler",
+    "WithinModelWindow", "check_length", "install_pattern", "max_positions", "model_window", "pattern_attention_handler",
     "register_attention_function", "unsupported_attention_reason",
 ]
 
@@ -49,9 +49,10 @@ class WithinModelWindow(AttentionPattern):
     def __init__(self, pattern: AttentionPattern, window: int):
         self.pattern, self.window = pattern, window
         self.per_head = pattern.per_head
+        self._window = torch.tensor(window)
 
     def allowed(self, q, k, head):
-        return self.pattern.allowed(q, k, head) & (q - k < self.window)
+        return self.pattern.allowed(q, k, head) & (q - k < self._window)
 
     def cache_key(self):
         return ("within_model_window", self.window, self.pattern.cache_key())
@@ -64,17 +65,22 @@ def unsupported_attention_reason(family) -> str | None:
     return None
 
 
-def pattern_attention_handler(base, module, query, key, value, attention_mask, *, pattern: AttentionPattern,
-                              tracker: PaddingTracker, backend: Backend, **kwargs):
-    """Attention handler of a pattern layer (see `hf_attn_zoo.kernels.register`)."""
-    layer = current_kv_layer(module)
-    total = layer.seen if layer is not None else key.shape[2]
+def check_length(module: torch.nn.Module, total: int) -> None:
+    """Refuse a sequence longer than the model's position range (sparse patterns do not extend it)."""
     limit = max_positions(module.config)
     if limit and total > limit:
         raise InvalidOptionError(
             f"a sequence of {total} positions is longer than this model supports (max_position_embeddings={limit}); "
             "shorten the input (sparse patterns do not extend the position range)."
         )
+
+
+def pattern_attention_handler(base, module, query, key, value, attention_mask, *, pattern: AttentionPattern,
+                              tracker: PaddingTracker, backend: Backend, **kwargs):
+    """Attention handler of a pattern layer (see `hf_attn_zoo.kernels.register`)."""
+    layer = current_kv_layer(module)
+    total = layer.seen if layer is not None else key.shape[2]
+    check_length(module, total)
     padding = tracker.padding(attention_mask, query.shape[0], total)
     positions = queries = None
     if layer is not None:

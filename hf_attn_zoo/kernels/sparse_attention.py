@@ -4,9 +4,10 @@ A method describes *which keys a query may attend* as an `AttentionPattern` (a v
 positions, like FlexAttention's `mask_mod`). `sparse_attention` then runs it with:
 
 - `flex`: `torch.compile`d FlexAttention with a `BlockMask` that skips empty 128x128 blocks. Forward only on CPU
-  (FlexAttention has no CPU backward); on a GPU it compiles to Triton and also trains. The compiled kernel is built
-  once per shape by `torch.compile`, the `BlockMask` once per (pattern, heads, lengths, device) and reused by every
-  layer and step (`block_mask_cache_info()`); with padding it is rebuilt per call, since it then depends on the batch.
+  (FlexAttention has no CPU backward); on a GPU it compiles to Triton and also trains. Lengths are rounded up to
+  multiples of 1024, so the kernel is compiled once per pattern class and length bucket; the `BlockMask` is built
+  once per (pattern, heads, lengths, device) and reused by every layer and step (`block_mask_cache_info()`); with
+  padding it is rebuilt per call, since it then depends on the batch.
 - `blocks`: PyTorch + SDPA over query chunks, each gathering only the key blocks its pattern touches. It has a
   backward, so it is what CPU training runs, and it is the reference the others are tested against.
 - `masked`: one SDPA call with the pattern as a boolean mask, for short inputs and decode steps (and for caches that
@@ -48,13 +49,17 @@ MASKED_MAX_PAIRS = 1 << 22
 # CPU: compiled flex beats SDPA only for long, sparse inputs (research notes: ~1.2-1.5x at 4k, ~4.9x at 16k)
 FLEX_MIN_LENGTH_CPU = 2048
 QUERY_CHUNK = 512
+FLEX_BUCKET = 1024
+FLEX_RECOMPILE_LIMIT = 64
 
 
 class AttentionPattern(abc.ABC):
     """Which keys each query may attend, as a function of positions (counted from the row's first real token).
 
     Subclasses implement `allowed` with broadcasting torch ops only (it is traced by FlexAttention), and
-    `cache_key`, a hashable description of everything `allowed` depends on.
+    `cache_key`, a hashable description of everything `allowed` depends on. Keep numeric parameters in tensors
+    (`torch.tensor(window)`): compiled FlexAttention specialises on Python numbers, so every new window would compile
+    a new kernel.
     """
 
     per_head: bool = False  # `allowed` depends on the query-head index
@@ -215,9 +220,21 @@ def _compiled_flex():
 
 
 def _flex(query, key, value, pattern, offsets, padding, scaling):
+    q_len = query.shape[2]
+    if q_len == key.shape[2]:
+        # lengths rounded up to a bucket, so varying inputs reuse a few compiled kernels; the appended keys come
+        # after every real query (causal: never attended) and the appended queries are dropped
+        extra = -q_len % FLEX_BUCKET
+        query, key, value = (F.pad(t, (0, 0, 0, extra)) for t in (query, key, value))
+        if padding is not None:
+            padding = F.pad(padding, (0, extra), value=False)
     mask = _block_mask(pattern, query.shape[1], query.shape[2], key.shape[2], query.device, offsets, padding)
-    return _compiled_flex()(query.contiguous(), key.contiguous(), value.contiguous(), block_mask=mask, scale=scaling,
-                            enable_gqa=query.shape[1] != key.shape[1])
+    # one compiled kernel per (pattern class, bucket); above dynamo's default limit of 8 it would silently fall back
+    # to the eager reference, which materialises every score
+    with torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT):
+        out = _compiled_flex()(query.contiguous(), key.contiguous(), value.contiguous(), block_mask=mask,
+                               scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return out[:, :, :q_len]
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:

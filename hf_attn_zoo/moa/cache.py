@@ -17,7 +17,7 @@ import torch
 from ..kernels.kv_cache import RetainingLayer
 from ..kernels.sparse_attention import AttentionPattern
 
-__all__ = ["Bucket", "LayerRules", "MoACacheLayer", "MoAPattern", "kv_cache_bytes"]
+__all__ = ["Bucket", "LayerRules", "MoACacheLayer", "MoAPattern"]
 
 
 class MoAPattern(AttentionPattern):
@@ -41,7 +41,7 @@ class MoAPattern(AttentionPattern):
     def allowed(self, q, k, head):
         sinks, windows = self._on(q.device)
         allowed = (k <= q) & ((k < sinks[head]) | (q - k < windows[head]))
-        return allowed if self.limit is None else allowed & (q - k < self.limit)
+        return allowed if self.limit is None else allowed & (q - k < torch.tensor(self.limit))
 
     def cache_key(self):
         return ("moa", tuple(self.sinks), tuple(self.windows), self.limit)
@@ -132,6 +132,7 @@ class MoACacheLayer(RetainingLayer):
     def bucket_contiguous(self, i: int) -> bool:
         return self.bucket_positions[i].numel() == self.seen
 
+    @property
     def nbytes(self) -> int:
         """Bytes held by the keys and values of every bucket."""
         return sum(t.numel() * t.element_size() for t in (*self.bucket_keys, *self.bucket_values))
@@ -159,14 +160,3 @@ class MoACacheLayer(RetainingLayer):
 
     def prefetch(self) -> None:
         self._map(lambda t: t.to(self.device, non_blocking=True))
-
-
-def kv_cache_bytes(cache) -> int:
-    """Bytes of keys and values a transformers cache holds (MoA layers count only what their buckets keep)."""
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        if isinstance(layer, MoACacheLayer):
-            total += layer.nbytes()
-        elif getattr(layer, "keys", None) is not None and layer.keys.numel():
-            total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-    return total

@@ -33,7 +33,7 @@ from transformers import PretrainedConfig
 from ..errors import InvalidOptionError
 from ..families.spec import FamilySpec
 from ..kernels.hyper_attention import hyper_attention
-from ..kernels.pattern_handler import max_positions, model_window, unsupported_attention_reason
+from ..kernels.pattern_handler import check_length, max_positions, model_window, unsupported_attention_reason
 from ..kernels.register import install_handler, remove_handler
 from ..kernels.sparse_attention import PaddingTracker
 from ..registry import Capabilities, Patch, PatchConfig, PatchHandle, register_patch
@@ -67,6 +67,7 @@ def hyper_attention_handler(base, module, query, key, value, attention_mask, *, 
                             seed: int, tracker: PaddingTracker, **kwargs):
     """Attention handler of a HyperAttention layer (see `hf_attn_zoo.kernels.register`)."""
     length = query.shape[2]
+    check_length(module, key.shape[2])
     if key.shape[2] != length or length <= config.min_seq_len:
         return base(module, query, key, value, attention_mask, **kwargs)
     options = dict(scaling=kwargs.get("scaling"), causal=True, block_size=config.block_size,

@@ -39,7 +39,7 @@ from ..errors import InvalidOptionError
 from ..families.spec import FamilySpec
 from ..kernels.kv_cache import RetainingLayer, SinkWindowLayer, current_kv_layer, use_kv_layer
 from ..kernels.masks import left_padding
-from ..kernels.pattern_handler import max_positions, model_window, unsupported_attention_reason
+from ..kernels.pattern_handler import check_length, max_positions, model_window, unsupported_attention_reason
 from ..kernels.register import install_handler, remove_handler
 from ..kernels.sparse_attention import Backend, PaddingTracker, sparse_attention
 from ..moa.cache import LayerRules, MoACacheLayer
@@ -82,12 +82,7 @@ def moa_attention_handler(base, module, query, key, value, attention_mask, *, ru
     """Attention of an MoA layer: one sparse call with the layer's per-head pattern, or one per cache bucket."""
     layer = current_kv_layer(module)
     total = layer.seen if layer is not None else key.shape[2]
-    limit = max_positions(module.config)
-    if limit and total > limit:
-        raise InvalidOptionError(
-            f"a sequence of {total} positions is longer than this model supports (max_position_embeddings={limit}); "
-            "shorten the input (MoA's spans do not extend the position range)."
-        )
+    check_length(module, total)
     padding = tracker.padding(attention_mask, query.shape[0], total)
     options = {"scaling": kwargs.get("scaling"), "padding": padding, "dropout": kwargs.get("dropout", 0.0) or 0.0,
                "backend": backend}

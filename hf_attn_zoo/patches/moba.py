@@ -38,7 +38,7 @@ from ..families.spec import FamilySpec
 from ..kernels.kv_cache import RetainingLayer, use_kv_layer
 from ..kernels.masks import left_padding
 from ..kernels.moba import causal_key_conv, moba_attention
-from ..kernels.pattern_handler import max_positions, unsupported_attention_reason
+from ..kernels.pattern_handler import check_length, max_positions, unsupported_attention_reason
 from ..kernels.register import install_handler, remove_handler
 from ..kernels.sparse_attention import PaddingTracker
 from ..registry import Capabilities, Patch, PatchConfig, PatchHandle, register_patch
@@ -94,6 +94,7 @@ def _moba_handler(base, module, query, key, value, attention_mask, *, config: Mo
     """Attention handler of a MoBA layer (see `hf_attn_zoo.kernels.register`)."""
     batch, _, q_len, _ = query.shape
     total = key.shape[2]
+    check_length(module, total)
     padding = tracker.padding(attention_mask, batch, total)
     # called, not read: under PEFT's modules_to_save the active copy runs
     conv = getattr(module, "moba_key_conv", None)

@@ -33,7 +33,7 @@ import math
 import types
 import uuid
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn as nn

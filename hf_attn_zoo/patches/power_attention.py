@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from transformers import PretrainedConfig
 
 from ..errors import InvalidOptionError
@@ -42,11 +43,14 @@ class PowerAttentionConfig(PatchConfig):
 class PowerPattern(AttentionPattern):
     def __init__(self, block_size: int, window_blocks: int, sink_blocks: int):
         self.block_size, self.window_blocks, self.sink_blocks = block_size, window_blocks, sink_blocks
+        # tensors, so compiled FlexAttention does not specialise (and recompile) on every setting
+        self._block, self._window, self._sink_end = (
+            torch.tensor(v) for v in (block_size, window_blocks, sink_blocks * block_size))
 
     def allowed(self, q, k, head):
-        d = q // self.block_size - k // self.block_size
+        d = q // self._block - k // self._block
         power_of_two = (d & (d - 1)) == 0
-        return (q >= k) & ((d < self.window_blocks) | power_of_two | (k < self.sink_blocks * self.block_size))
+        return (q >= k) & ((d < self._window) | power_of_two | (k < self._sink_end))
 
     def cache_key(self):
         return ("power", self.block_size, self.window_blocks, self.sink_blocks)

@@ -58,7 +58,7 @@ from transformers import PretrainedConfig
 from ..errors import InvalidOptionError, UnsupportedArchitectureError
 from ..families.spec import FamilySpec, HeadLayout
 from ..kernels.kv_cache import RetainingLayer, current_kv_layer, use_kv_layer
-from ..kernels.pattern_handler import max_positions, model_window, unsupported_attention_reason
+from ..kernels.pattern_handler import check_length, max_positions, model_window, unsupported_attention_reason
 from ..kernels.register import install_handler, remove_handler
 from ..kernels.routing_attention import routing_attention
 from ..kernels.sparse_attention import PaddingTracker
@@ -248,11 +248,7 @@ def _routing_handler(base, module, query, key, value, attention_mask, *, tracker
     layer = current_kv_layer(module)
     batch, _, q_len, _ = query.shape
     total = key.shape[2]
-    limit = max_positions(module.config)
-    if limit and total > limit:
-        raise InvalidOptionError(
-            f"a sequence of {total} positions is longer than this model supports (max_position_embeddings={limit}); "
-            "shorten the input.")
+    check_length(module, total)
     padding = tracker.padding(attention_mask, batch, total)
     real = padding[:, -q_len:] if padding is not None else None
     # the family's own rotation with -sin is its inverse: cluster the pre-RoPE (content) vectors

@@ -51,11 +51,13 @@ class SlidingWindowConfig(PatchConfig):
 class SinkWindowPattern(AttentionPattern):
     def __init__(self, window: int, sinks: int, dilation: int = 1):
         self.window, self.sinks, self.dilation = window, sinks, dilation
+        # tensors, so compiled FlexAttention does not specialise (and recompile) on every window
+        self._span, self._sinks, self._dilation = (torch.tensor(v) for v in (window * dilation, sinks, dilation))
 
     def allowed(self, q, k, head):
         distance = q - k
-        in_window = (distance < self.window * self.dilation) & (distance % self.dilation == 0)
-        return (distance >= 0) & (in_window | (k < self.sinks))
+        in_window = (distance < self._span) & (distance % self._dilation == 0)
+        return (distance >= 0) & (in_window | (k < self._sinks))
 
     def cache_key(self):
         return ("sink_window", self.window, self.sinks, self.dilation)

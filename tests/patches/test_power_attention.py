@@ -58,3 +58,18 @@ def test_bad_options_leave_the_model_untouched(options, match):
     ids = torch.randint(3, 128, (1, 8))
     assert torch.equal(model(ids).logits, base(ids).logits)
     assert hf_attn_zoo.applied_patches(model) == []
+
+
+def test_two_attention_patterns_on_one_layer_are_refused_but_mix_across_layers():
+    from hf_attn_zoo.errors import PatchConflictError
+
+    base = tiny_model("llama")
+    model = hf_attn_zoo.patch(clone(base), "sliding_window", layers=[0], window=4, sinks=1)
+    ids = torch.randint(3, 128, (1, 12))
+    before = model(ids).logits
+    with pytest.raises(PatchConflictError, match="sliding_window"):
+        hf_attn_zoo.patch(model, "power_attention", layers=[0, 1], block_size=2, window_blocks=1)
+    assert torch.equal(model(ids).logits, before)
+    hf_attn_zoo.patch(model, "power_attention", layers=[1], block_size=2, window_blocks=1)  # a hybrid stack
+    assert [r["method"] for r in hf_attn_zoo.applied_patches(model)] == ["sliding_window", "power_attention"]
+    assert not torch.equal(model(ids).logits, before)
