@@ -38,6 +38,8 @@ bench: install
 	$(OFFLINE) $(PY) benchmarks/moh_decode.py
 	$(OFFLINE) $(PY) benchmarks/train_throughput.py
 	$(OFFLINE) $(PY) benchmarks/upcycle_cost.py
+	$(OFFLINE) $(PY) benchmarks/sparse_prefill.py
+	$(OFFLINE) $(PY) benchmarks/long_context_speed.py
 
 clean:
 	rm -rf $(VENV) demo_output runs .pytest_cache
