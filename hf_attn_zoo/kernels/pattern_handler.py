@@ -20,7 +20,7 @@ from .register import install_handler, remove_handler
 from .sparse_attention import AttentionPattern, Backend, PaddingTracker, sparse_attention
 
 __all__ = [
-    "WithinModelWindow", "check_length", "install_pattern", "max_positions", "model_window", "pattern_attention_handler",
+    "WithinModelWindow", "attend_pattern", "check_length", "install_pattern", "max_positions", "model_window", "pattern_attention_handler",
     "register_attention_function", "unsupported_attention_reason",
 ]
 
@@ -79,6 +79,12 @@ def pattern_attention_handler(base, module, query, key, value, attention_mask, *
                               tracker: PaddingTracker, backend: Backend, **kwargs):
     """Attention handler of a pattern layer (see `hf_attn_zoo.kernels.register`)."""
     layer = current_kv_layer(module)
+    return attend_pattern(module, query, key, value, attention_mask, layer, pattern, tracker, backend, **kwargs), None
+
+
+def attend_pattern(module, query, key, value, attention_mask, layer: RetainingLayer | None,
+                   pattern: AttentionPattern, tracker: PaddingTracker, backend: Backend, **kwargs) -> torch.Tensor:
+    """`pattern` over the keys the layer's cache returned (`layer`: its retaining cache layer, if any)."""
     total = layer.seen if layer is not None else key.shape[2]
     check_length(module, total)
     padding = tracker.padding(attention_mask, query.shape[0], total)
@@ -94,7 +100,7 @@ def pattern_attention_handler(base, module, query, key, value, attention_mask, *
                            dropout=kwargs.get("dropout", 0.0) or 0.0, backend=backend)
     if layer is not None:
         layer.evict()  # bounded from the prefill on, not only from the next step
-    return out, None
+    return out
 
 
 def install_pattern(model: torch.nn.Module, family, layers: list[int], handle: PatchHandle,

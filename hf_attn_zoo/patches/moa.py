@@ -39,7 +39,7 @@ from ..errors import InvalidOptionError
 from ..families.spec import FamilySpec
 from ..kernels.kv_cache import RetainingLayer, SinkWindowLayer, current_kv_layer, use_kv_layer
 from ..kernels.masks import left_padding
-from ..kernels.pattern_handler import check_length, max_positions, model_window, unsupported_attention_reason
+from ..kernels.pattern_handler import attend_pattern, check_length, max_positions, model_window, unsupported_attention_reason
 from ..kernels.register import install_handler, remove_handler
 from ..kernels.sparse_attention import Backend, PaddingTracker, sparse_attention
 from ..moa.cache import LayerRules, MoACacheLayer
@@ -81,19 +81,15 @@ def moa_attention_handler(base, module, query, key, value, attention_mask, *, ru
                           tracker: PaddingTracker, backend: Backend, **kwargs):
     """Attention of an MoA layer: one sparse call with the layer's per-head pattern, or one per cache bucket."""
     layer = current_kv_layer(module)
-    total = layer.seen if layer is not None else key.shape[2]
-    check_length(module, total)
-    padding = tracker.padding(attention_mask, query.shape[0], total)
+    if not isinstance(layer, MoACacheLayer):
+        out = attend_pattern(module, query, key, value, attention_mask, layer, rules.pattern, tracker, backend,
+                             **kwargs)
+        return out, None
+    check_length(module, layer.seen)
+    padding = tracker.padding(attention_mask, query.shape[0], layer.seen)
     options = {"scaling": kwargs.get("scaling"), "padding": padding, "dropout": kwargs.get("dropout", 0.0) or 0.0,
                "backend": backend}
-    pad = int(left_padding(padding, query.shape[0], query.device).max())
-    if not isinstance(layer, MoACacheLayer):
-        positions = None
-        if isinstance(layer, SinkWindowLayer):
-            layer.pinned = layer.sinks + pad
-            positions = None if layer.contiguous else layer.positions
-        return sparse_attention(query, key, value, rules.pattern, key_positions=positions, **options), None
-    layer.pad = pad
+    layer.pad = int(left_padding(padding, query.shape[0], query.device).max())
     outs = []
     for i, bucket in enumerate(rules.buckets):
         positions = None if layer.bucket_contiguous(i) else layer.bucket_positions[i]
