@@ -16,9 +16,14 @@ How it works here (one batched forward per step, unlike the official code's two 
 
 - the batch is duplicated, `[x; x]` (2B rows), with one `DynamicCache` of batch 2B; rows 0..B-1 are the strong
   pass, rows B..2B-1 the weak pass, each with its own cache rows;
-- `hf_attn_zoo.moe.set_routing(model, [RoutingOverride(rows=range(B, 2B), rank=2)])` re-routes the weak rows in
-  every MoE layer while the strong rows keep the router's own output (`hf_attn_zoo.moe.routing` has the per-family
-  routing rules);
+- `hf_attn_zoo.moe.with_row_override(model, RoutingOverride(rank=2), rows=range(B, 2B))` re-routes the
+  weak rows in every MoE layer while the strong rows keep the model's own routing (`hf_attn_zoo.moe.routing` has
+  the per-family routing rules);
+- on a model that already carries routing overrides for every row (a MoTE patch, `switch_experts`, `set_routing`
+  without `rows`), the strong rows keep them and the weak rows get them merged with the weak routing: switched-off
+  experts stay off (rank-2 is the 2nd expert among those left), forced experts stay on, gains stay; an impossible
+  merge (e.g. rank-k where experts are forced or dropped) raises `InvalidOptionError` naming the layer. The
+  installed overrides are restored exactly afterwards (also on error); their `record` / `on_route` see all 2B rows;
 - left padding is handled like `generate`: position ids from the attention mask (cumsum - 1, padding at 0), the
   mask grows by one column per step, and a finished row keeps receiving the pad token.
 
@@ -45,8 +50,9 @@ CPU, where a doubled batch alone costs 1.2-1.6x, SCMoE decodes at about 0.6x gre
 (`benchmarks/scmoe_decode.py`); on a GPU at small batch, where decoding is launch-bound, the doubled rows
 should cost less (not measured yet).
 
-Limits: a model that already has routing overrides installed (`set_routing`, MoTE) raises `PatchConflictError`;
-decoding cannot restart from a non-empty cache; beam search is not supported (greedy or sampling only).
+Limits: routing overrides installed for some rows only (`RoutingOverride.rows`) raise `PatchConflictError` (SCMoE
+needs the batch rows for its two passes); decoding cannot restart from a non-empty cache; beam search is not
+supported (greedy or sampling only).
 """
 
 from __future__ import annotations
@@ -61,8 +67,8 @@ from typing import Any, Literal
 
 import torch
 
-from ..errors import InvalidOptionError, UnsupportedArchitectureError
-from ..moe import RoutingOverride, set_routing
+from ..errors import InvalidOptionError, PatchConflictError, UnsupportedArchitectureError
+from ..moe import RoutingOverride, with_row_override
 
 __all__ = [
     "CUSTOM_GENERATE_DIR",
@@ -214,23 +220,42 @@ def _resolve_config(config: SCMoEConfig | None, alpha: Any, beta: Any, weak: Any
     return SCMoEConfig.from_kwargs(alpha=alpha, beta=beta, weak=weak, ban_eos=ban_eos)
 
 
+# the fix an impossible weak routing on top of installed overrides (e.g. a MoTE patch) suggests
+_MERGE_FIX = (
+    "use a weak routing that fits them (weak='rank:k' excludes forced and dropped experts and needs k <= the experts "
+    "left once the disabled ones are masked: use weak='top1' or weak='top_m:M' there, with M >= the forced experts), "
+    "or change the installed switches (the mote patch / switch_experts)"
+)
+
+
 @contextlib.contextmanager
 def _weak_routing(model: torch.nn.Module, config: SCMoEConfig, batch: int) -> Iterator[None]:
-    """Rows `batch..2*batch-1` use the weak routing, rows `0..batch-1` the model's own, until the block ends."""
-    try:
-        handle = set_routing(model, [config.weak_override(rows=range(batch, 2 * batch))])
-    except UnsupportedArchitectureError as err:
-        raise UnsupportedArchitectureError(f"SCMoE contrasts two routings of a MoE model: {err}") from None
-    except InvalidOptionError as err:
-        raise InvalidOptionError(f"SCMoE weak routing {config.weak_spec()!r}: {err}") from None
-    try:
+    """Rows `batch..2*batch-1` use the weak routing, rows `0..batch-1` the model's own, until the block ends.
+
+    The model's own routing includes routing overrides installed for every row (a MoTE patch, `switch_experts`):
+    the strong rows keep them, the weak rows get them merged with the weak routing (`with_row_override`); they are
+    restored exactly when the block ends, also on error.
+    """
+    rows = range(batch, 2 * batch)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(with_row_override(model, config.weak_override(), rows, conflict_fix=_MERGE_FIX))
+        except UnsupportedArchitectureError as err:
+            raise UnsupportedArchitectureError(f"SCMoE contrasts two routings of a MoE model: {err}") from None
+        except InvalidOptionError as err:
+            raise InvalidOptionError(f"SCMoE weak routing {config.weak_spec()!r}: {err}") from None
+        except PatchConflictError as err:
+            raise PatchConflictError(
+                f"SCMoE needs the batch rows for its strong (0..{batch - 1}) and weak ({batch}..{2 * batch - 1}) "
+                f"passes: {err}"
+            ) from None
         yield
-    finally:
-        handle.remove()
 
 
 def check_model(model: torch.nn.Module, config: SCMoEConfig | None = None) -> None:
-    """Raise the error SCMoE would raise on `model` (dense model, weak rank or m out of range), without running it."""
+    """Raise the error SCMoE would raise on `model` without running it: a dense model, weak rank or m out of range, a
+    weak routing that cannot merge with the installed routing overrides (e.g. a MoTE patch), or installed overrides
+    limited to some rows."""
     with _weak_routing(model, config or SCMoEConfig(), 1):
         pass
 
@@ -268,8 +293,9 @@ class SCMoEOutput:
     """Logits of one paired forward.
 
     Attributes:
-        strong_logits (`torch.Tensor`): `(B, T, V)` logits under the model's own routing.
-        weak_logits (`torch.Tensor`): `(B, T, V)` logits under the weak routing.
+        strong_logits (`torch.Tensor`): `(B, T, V)` logits under the model's own routing (with the routing
+            overrides installed on it, e.g. a MoTE patch).
+        weak_logits (`torch.Tensor`): `(B, T, V)` logits under the weak routing (merged with those overrides).
     """
 
     strong_logits: torch.Tensor
@@ -509,7 +535,8 @@ def scmoe_generate(
     """Greedy SCMoE decoding; returns prompt + generated ids, as `model.generate(do_sample=False)` does.
 
     Args:
-        model (`PreTrainedModel`): a MoE causal LM of a family with a routing rule (`hf_attn_zoo.moe.ROUTING_RULES`).
+        model (`PreTrainedModel`): a MoE causal LM of a family with a routing rule (`hf_attn_zoo.moe.ROUTING_RULES`),
+            possibly with routing overrides for every row installed (a MoTE patch): see the module docstring.
         input_ids (`torch.LongTensor`): `(B, T)` prompts, left-padded for a batch.
         attention_mask (`torch.Tensor`, *optional*): `(B, T)`, 0 on padding.
         max_new_tokens (`int`, *optional*): tokens to generate at most (else the generation config's length).

@@ -11,6 +11,7 @@ from .routing import (
     route,
     routing_override,
     set_routing,
+    with_row_override,
 )
 from .switching import experts_to_switch, random_experts, switch_experts
 
@@ -27,4 +28,5 @@ __all__ = [
     "routing_override",
     "set_routing",
     "switch_experts",
+    "with_row_override",
 ]

@@ -49,6 +49,12 @@ Example:
     >>> handle.decisions[layer].index   # (2B*T, k) experts of the last forward (and .weight, .active)
     >>> handle.remove()
 
+Overrides on top of installed ones: `with_row_override(model, override, rows)` routes some batch rows by `override`
+for a `with` block. With nothing installed it is `set_routing` limited to `rows`; on a model that already carries
+overrides applying to every row (a MoTE patch, `switch_experts`, a `set_routing` without `rows`) it swaps the
+installed overrides, for the block, for two: the other rows keep them, `rows` get them merged with `override` per
+layer (`_merge_plans`). SCMoE's weak pass uses it, so SCMoE runs on a MoTE-patched model.
+
 Limits: a GPT-OSS MLP whose forward was replaced by a hub kernel (`use_kernels=True`, MegaBlocks) never calls its
 router, so overrides do not reach it; random jitter noise (Mixtral training) is applied before the router and is
 unaffected.
@@ -58,6 +64,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import functools
 import math
 import types
@@ -84,6 +91,7 @@ __all__ = [
     "route",
     "routing_override",
     "set_routing",
+    "with_row_override",
 ]
 
 LayerKey = Union[int, str]
@@ -794,6 +802,136 @@ def routing_override(
         yield handle
     finally:
         handle.remove()
+
+
+def _merge_plans(base: _LayerPlan, extra: _LayerPlan) -> _LayerPlan:
+    """`extra` on top of `base` (one layer): the union of their disabled, dropped and forced experts, the gains of
+    both (`extra`'s factor wins for an expert in both), and `extra`'s `top_k` or `rank` when it sets either (it then
+    replaces `base`'s selection size), else `base`'s. Not validated: see `_check_plan`."""
+    gain = dict(base.gain)
+    gain.update(extra.gain)
+    sized = extra.top_k is not None or extra.rank is not None
+    return _LayerPlan(
+        disabled=base.disabled | extra.disabled,
+        dropped=base.dropped | extra.dropped,
+        forced=base.forced | extra.forced,
+        gain=tuple(sorted(gain.items())),
+        top_k=extra.top_k if sized else base.top_k,
+        rank=extra.rank if sized else base.rank,
+    )
+
+
+def _describe_plan(plan: _LayerPlan) -> str:
+    """A layer plan in words, for error messages (`"disabled experts [0], rank=2"`)."""
+    parts = [f"{name} experts {sorted(getattr(plan, name))}" for name in ("disabled", "dropped", "forced")
+             if getattr(plan, name)]
+    if plan.gain:
+        parts.append(f"gains {dict(plan.gain)}")
+    parts += [f"{name}={getattr(plan, name)}" for name in ("top_k", "rank") if getattr(plan, name) is not None]
+    return ", ".join(parts) or "no change"
+
+
+def _describe_rows(rows: frozenset[int]) -> str:
+    first, last = min(rows), max(rows)
+    return f"{first}..{last}" if len(rows) == last - first + 1 else str(sorted(rows))
+
+
+_MERGE_FIX = "choose an override that fits the installed ones, or change or remove the installed overrides"
+
+
+def _merged_plans(target: _Target, base: dict[int, _LayerPlan], added: _Entry, fix: str) -> dict[int, _LayerPlan]:
+    """Per layer, the installed plan `base` merged with the added entry's plan; each merge validated."""
+    plans = {}
+    for layer in target.layers:
+        old, new = base.get(layer), added.plans.get(layer)
+        if old is None or new is None:
+            plan = new if old is None else old
+            if plan is not None:
+                plans[layer] = plan
+            continue
+        plan = _merge_plans(old, new)
+        try:
+            _check_plan(target, layer, plan)
+        except InvalidOptionError as err:
+            raise InvalidOptionError(
+                f"{err}. In layer {layer} the routing overrides installed on this model (e.g. a MoTE patch) have "
+                f"{_describe_plan(old)}, and the override added for rows {_describe_rows(added.rows)} has "
+                f"{_describe_plan(new)}; {fix}"
+            ) from None
+        plans[layer] = plan
+    return plans
+
+
+def _layered_entries(handle: RoutingHandle, override: RoutingOverride, fix: str) -> list[_Entry]:
+    """The entries that route `override.rows` by `override` on top of `handle`'s (every-row) overrides, and the
+    other rows by those overrides unchanged. Validates everything; changes nothing."""
+    limited = sorted({r for entry in handle._entries if entry.rows is not None for r in entry.rows})
+    (added,) = _entries(handle._target, override)
+    if limited:
+        raise PatchConflictError(
+            f"routing overrides limited to rows {limited} are installed on this model; an override for rows "
+            f"{_describe_rows(added.rows)} can only be added on top of installed overrides that apply to every row "
+            "(rows=None): remove them (handle.remove()) or install them without rows"
+        )
+    if not handle._entries:
+        return [added]
+    (base,) = handle._entries  # at most one entry has rows=None
+    return [_Entry(added.rows, _merged_plans(handle._target, base.plans, added, fix)), base]
+
+
+@contextlib.contextmanager
+def with_row_override(
+    model: torch.nn.Module,
+    override: RoutingOverride,
+    rows: Iterable[int],
+    *,
+    conflict_fix: str | None = None,
+) -> Iterator[RoutingHandle]:
+    """Route batch `rows` by `override`, on top of any routing overrides installed on `model`, in a `with` block.
+
+    With nothing installed this is `routing_override(model, override limited to rows)`. On a model whose installed
+    overrides apply to every row (a MoTE patch, `switch_experts`, `set_routing` without `rows`), their handle's
+    overrides are swapped for the block: the other rows keep them unchanged, `rows` get per MoE layer the installed
+    plan merged with `override` (union of disabled / dropped / forced experts, both gains with `override`'s winning
+    per expert, `override`'s `top_k` or `rank` replacing the installed one). On exit, also on error, the installed
+    overrides are restored exactly (so a `handle.update()` inside the block does not outlive it). The installed
+    handle's `record` / `on_route` keep working and see every row.
+
+    Args:
+        model (`PreTrainedModel`): a MoE causal LM of a family in `ROUTING_RULES` (or a PEFT/DDP wrapper of one).
+        override (`RoutingOverride`): the routing of `rows`; its own `rows` must be `None`.
+        rows (`Iterable[int]`): batch rows it applies to (e.g. `range(B, 2 * B)`).
+        conflict_fix (`str`, *optional*): the fix a merge error suggests (a generic one otherwise).
+
+    Yields:
+        `RoutingHandle`: the handle in force (the installed one, or a fresh one removed on exit).
+
+    Raises:
+        `InvalidOptionError`: a bad override or rows, or a layer where the merged routing cannot work (named, with
+            both plans); nothing is changed.
+        `PatchConflictError`: the installed overrides are limited to some rows.
+        `UnsupportedArchitectureError`: a dense model, or a family without a routing rule.
+    """
+    if not isinstance(override, RoutingOverride):
+        raise InvalidOptionError(f"with_row_override: expected a RoutingOverride, got {type(override).__name__}")
+    if override.rows is not None:
+        raise InvalidOptionError(
+            f"with_row_override: pass the rows as rows=..., not as RoutingOverride.rows (got {override.rows!r})"
+        )
+    limited = dataclasses.replace(override, rows=rows)
+    target = _target(model)
+    handle = target.model.__dict__.get(_HANDLE)
+    if handle is None:
+        with routing_override(model, limited) as fresh:
+            yield fresh
+        return
+    entries = _layered_entries(handle, limited, conflict_fix or _MERGE_FIX)
+    saved = handle._entries, handle._rows_cache
+    handle._entries, handle._rows_cache = entries, {}
+    try:
+        yield handle
+    finally:
+        handle._entries, handle._rows_cache = saved
 
 
 def route(model: torch.nn.Module, layer: int, router_logits: torch.Tensor,

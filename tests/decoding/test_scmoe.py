@@ -1,13 +1,16 @@
 """SCMoE self-contrast decoding (`hf_attn_zoo.decoding`): the paper's score on hand-built logits, the paired batched
-forward against separate forwards, greedy equivalence at beta = 0, cache, EOS, errors, and the lm-eval path."""
+forward against separate forwards, greedy equivalence at beta = 0, cache, EOS, errors, the lm-eval path, and SCMoE
+on a MoTE-patched model (the switches merged into the weak pass, restored exactly)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
 import torch
 
+import hf_attn_zoo
 from hf_attn_zoo.decoding import (
     CUSTOM_GENERATE_DIR,
     SCMoEConfig,
@@ -21,10 +24,11 @@ from hf_attn_zoo.decoding import (
     scmoe_generate,
     scmoe_logprobs,
 )
-from hf_attn_zoo.errors import InvalidOptionError, UnsupportedArchitectureError
+from hf_attn_zoo.errors import InvalidOptionError, PatchConflictError, UnsupportedArchitectureError
 from hf_attn_zoo.families import family_specs
-from hf_attn_zoo.moe import RoutingOverride, routing_override
-from tests.matrix import tiny_model
+from hf_attn_zoo.moe import RoutingOverride, routing_override, set_routing, switch_experts
+from hf_attn_zoo.moe.switching import installed_switches
+from tests.matrix import clone, tiny_model
 
 FAMILIES = ["mixtral", "qwen3_moe"]
 ATOL = 1e-5
@@ -368,3 +372,146 @@ def test_stop_strings_with_scmoe(tiny_mixtral_dir):
                          tokenizer=tokenizer)
     assert torch.equal(out, expected)
     assert torch.equal(folder, expected)
+
+
+# --- SCMoE on a model that already carries routing overrides (a MoTE patch) ---
+
+# MoTE switches, and by hand the weak routing SCMoE must run on the patched model: the switches plus rank-2
+MOTE = {"off": {"all": [0], 1: [2]}, "gain": {1: {1: 0.5}}}
+MERGED_RANK2 = RoutingOverride(disabled={"all": [0], 1: [2]}, gain={1: {1: 0.5}}, rank=2)
+
+
+@pytest.fixture(scope="module", params=FAMILIES + ["olmoe"])
+def mote_pair(request):
+    """`(base, patched)`: a tiny MoE and a clone of it carrying a persistent MoTE patch."""
+    torch.set_num_threads(1)
+    base = moe_model(request.param)
+    return base, hf_attn_zoo.patch(clone(base), "mote", **MOTE)
+
+
+def _positions(mask):
+    return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def _reference_logits(model, ids, mask, override=None):
+    """Logits of one plain forward of `model` (under `override`, when given)."""
+    with torch.no_grad(), (routing_override(model, override) if override is not None else contextlib.nullcontext()):
+        return model(ids, attention_mask=mask, position_ids=_positions(mask)).logits
+
+
+def _reference_decode(strong_model, weak_model, weak_override, ids, mask, steps, beta=0.5):
+    """Greedy SCMoE written out with two full forwards per step (no cache, no batching of the two passes)."""
+    for _ in range(steps):
+        strong = _reference_logits(strong_model, ids, mask)[:, -1]
+        weak = _reference_logits(weak_model, ids, mask, weak_override)[:, -1]
+        next_tokens = contrastive_scores(strong, weak, 0.1, beta).argmax(-1)
+        ids = torch.cat([ids, next_tokens[:, None]], dim=-1)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+    return ids
+
+
+def _installed(model):
+    """The MoTE patch's routing handle, and a snapshot of its overrides and row cache."""
+    handle = installed_switches(model).routing
+    return handle, handle._entries, list(handle._entries), handle._rows_cache
+
+
+def _assert_intact(model, snapshot, ids, mask, logits):
+    handle, entries, items, cache = snapshot
+    assert installed_switches(model).routing is handle and not handle.removed
+    assert handle._entries is entries and all(a is b for a, b in zip(handle._entries, items))
+    assert len(handle._entries) == len(items) and handle._rows_cache is cache
+    assert torch.equal(_reference_logits(model, ids, mask), logits)
+
+
+def test_scmoe_on_a_mote_patch_merges_the_switches_into_the_weak_pass(mote_pair):
+    base, patched = mote_pair
+    ids, mask = padded_batch(patched)
+    real = mask.bool()
+    strong = _reference_logits(patched, ids, mask)
+    weak = _reference_logits(base, ids, mask, MERGED_RANK2)
+    out = scmoe_forward(patched, ids, mask, weak="rank:2")
+    torch.testing.assert_close(out.strong_logits[real], strong[real], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.weak_logits[real], weak[real], atol=ATOL, rtol=0)
+    # both references differ from what the unpatched model gives: the switches act in both passes
+    assert (strong[real] - _reference_logits(base, ids, mask)[real]).abs().max() > 1e-2
+    assert (weak[real] - _reference_logits(base, ids, mask, RoutingOverride(rank=2))[real]).abs().max() > 1e-2
+    logprobs = scmoe_logprobs(patched, ids, mask, alpha=0.1, beta=0.5)
+    expected = torch.log_softmax(contrastive_scores(strong, weak, 0.1, 0.5), dim=-1)
+    torch.testing.assert_close(logprobs[real], expected[real], atol=1e-4, rtol=0)
+    generated = scmoe_generate(patched, ids, mask, max_new_tokens=4, beta=0.5, eos_token_id=[], pad_token_id=0)
+    assert torch.equal(generated, _reference_decode(patched, base, MERGED_RANK2, ids, mask, steps=4))
+
+
+def test_beta_zero_on_a_mote_patch_is_its_greedy_generate(mote_pair):
+    _, patched = mote_pair
+    ids, mask = padded_batch(patched)
+    with torch.no_grad():
+        greedy = patched.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(scmoe_generate(patched, ids, mask, max_new_tokens=8, beta=0.0), greedy)
+
+
+def test_the_mote_patch_is_restored_exactly_after_scmoe_and_after_an_error():
+    patched = hf_attn_zoo.patch(moe_model("mixtral"), "mote", **MOTE)
+    ids, mask = padded_batch(patched)
+    record = hf_attn_zoo.applied_patches(patched)
+    before = _reference_logits(patched, ids, mask)
+    snapshot = _installed(patched)
+    handle = snapshot[0]
+    swapped = []
+
+    def boom(input_ids, scores):
+        swapped.append(handle._entries is not snapshot[1] and len(handle._entries) == 2)
+        raise RuntimeError("boom")
+
+    scmoe_generate(patched, ids, mask, max_new_tokens=3, beta=0.5)
+    _assert_intact(patched, snapshot, ids, mask, before)
+    with pytest.raises(RuntimeError, match="boom"):
+        scmoe_generate(patched, ids, mask, max_new_tokens=3, logits_processor=[boom])
+    assert swapped == [True], "the weak routing was not in force during decoding"
+    _assert_intact(patched, snapshot, ids, mask, before)
+    with pytest.raises(InvalidOptionError, match="rank=3 is out of range"):
+        scmoe_forward(patched, ids, mask, weak="rank:3")  # layer 1 has 2 experts left
+    _assert_intact(patched, snapshot, ids, mask, before)
+    assert hf_attn_zoo.applied_patches(patched) == record
+    # temporary switches on top, recorded: they act on the strong rows and the recording sees all 2B rows
+    with switch_experts(patched, off={0: [3]}, record=True) as routing:
+        switched = _reference_logits(patched, ids, mask)
+        out = scmoe_forward(patched, ids, mask)
+        assert routing.decisions[0].shape == (2 * ids.shape[0], ids.shape[1])
+    torch.testing.assert_close(out.strong_logits[mask.bool()], switched[mask.bool()], atol=ATOL, rtol=0)
+    # switch_experts re-installs the patch's overrides on exit: equal values, new objects
+    assert handle._entries == snapshot[2] and not handle.removed
+    assert torch.equal(_reference_logits(patched, ids, mask), before)
+
+
+@pytest.mark.parametrize(("on", "bad", "good", "good_override"), [
+    ({1: [3]}, "rank:2", "top1", RoutingOverride(forced={1: [3]}, top_k=1)),
+    ({1: [2, 3]}, "top1", "top_m:2", RoutingOverride(forced={1: [2, 3]}, top_k=2)),
+])
+def test_an_impossible_merge_names_the_layer_and_keeps_the_patch(on, bad, good, good_override):
+    base = moe_model("mixtral")
+    patched = hf_attn_zoo.patch(clone(base), "mote", on=on)
+    ids, mask = padded_batch(patched)
+    before = _reference_logits(patched, ids, mask)
+    snapshot = _installed(patched)
+    conflict = "excludes top_k, forced and dropped" if bad.startswith("rank") else r"do not fit in top_k=1"
+    with pytest.raises(InvalidOptionError, match=rf"SCMoE weak routing '{bad}': layer 1: .*{conflict}") as err:
+        scmoe_generate(patched, ids, mask, max_new_tokens=2, weak=bad)
+    message = str(err.value)
+    assert f"forced experts {on[1]}" in message and "weak='top_m:M'" in message and "switches" in message
+    _assert_intact(patched, snapshot, ids, mask, before)
+    out = scmoe_forward(patched, ids, mask, weak=good)
+    weak = _reference_logits(base, ids, mask, good_override)
+    torch.testing.assert_close(out.weak_logits[mask.bool()], weak[mask.bool()], atol=ATOL, rtol=0)
+    _assert_intact(patched, snapshot, ids, mask, before)
+
+
+def test_row_limited_overrides_are_refused_with_the_reason():
+    model = moe_model("mixtral")
+    ids, mask = padded_batch(model)
+    with set_routing(model, RoutingOverride(top_k=1, rows=[0])) as handle:
+        entries = handle._entries
+        with pytest.raises(PatchConflictError, match=r"strong \(0\.\.1\) and weak \(2\.\.3\) passes.*rows \[0\]"):
+            scmoe_forward(model, ids, mask)
+        assert handle._entries is entries and not handle.removed

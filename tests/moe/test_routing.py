@@ -1,7 +1,8 @@
 """Routing overrides (`hf_attn_zoo.moe`) on tiny random models of every MoE family.
 
 The semantics are checked against a reference written out token by token (`_ranking`, `_weights`), independent of
-the library's vectorised rules; model-level tests check neutrality, exact removal, per-row overrides and generation.
+the library's vectorised rules; model-level tests check neutrality, exact removal, per-row overrides, generation, and
+row overrides merged on top of installed ones (`with_row_override`, what SCMoE uses on a MoTE patch).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from transformers import DynamicCache
 from hf_attn_zoo.errors import InvalidOptionError, PatchConflictError, UnsupportedArchitectureError
 from hf_attn_zoo.families import family_specs
 from hf_attn_zoo.moe import ROUTING_RULES, RoutingOverride, route, routing_override, set_routing
+from hf_attn_zoo.moe.routing import _LayerPlan, _merge_plans, with_row_override
 from tests.matrix import tiny_model
 
 MOE_FAMILIES = ["deepseek_v3", "gpt_oss", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
@@ -394,3 +396,100 @@ def test_gradients_flow_through_overridden_routing():
     for layer in family_specs()["deepseek_v3"].moe_layers(model):
         grad = _router(model, layer).weight.grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+# --- an override for some rows on top of installed overrides (SCMoE on a MoTE patch) ---
+
+def test_merge_plans_unions_the_experts_and_takes_the_added_size():
+    base = _LayerPlan(disabled=frozenset({0}), forced=frozenset({2}), gain=((1, 0.5), (3, 2.0)), top_k=3)
+    merged = _merge_plans(base, _LayerPlan(disabled=frozenset({1}), dropped=frozenset({4}), gain=((1, 0.25),), rank=2))
+    assert merged == _LayerPlan(disabled=frozenset({0, 1}), dropped=frozenset({4}), forced=frozenset({2}),
+                                gain=((1, 0.25), (3, 2.0)), top_k=None, rank=2)
+    # an added plan without a size keeps the installed one
+    assert _merge_plans(base, _LayerPlan(dropped=frozenset({5}))).top_k == 3
+    assert _merge_plans(_LayerPlan(rank=3), _LayerPlan(top_k=1)) == _LayerPlan(top_k=1)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_row_override_merges_with_installed_overrides_and_restores_them(family):
+    model = moe_model(family)
+    layers = family_specs()[family].moe_layers(model)
+    ids = _ids(4, 7, seed=4)
+    installed = RoutingOverride(disabled={"all": [0]}, gain={layers[-1]: {1: 0.5}})
+    merged = RoutingOverride(disabled={"all": [0]}, gain={layers[-1]: {1: 0.5}}, rank=2)
+    with torch.no_grad():
+        with routing_override(model, installed):
+            strong = model(ids[:2]).logits
+        with routing_override(model, merged):
+            weak = model(ids[2:]).logits
+        with routing_override(model, RoutingOverride(rank=2)):
+            unmerged = model(ids[2:]).logits
+        handle = set_routing(model, installed, record=True)
+        entries, cache = handle._entries, handle._rows_cache
+        try:
+            before = model(ids).logits
+            with with_row_override(model, RoutingOverride(rank=2), rows=range(2, 4)) as in_force:
+                assert in_force is handle
+                both = model(ids).logits
+                assert handle.decisions[layers[0]].index.shape[0] == 4 * 7
+            assert handle._entries is entries and handle._rows_cache is cache
+            assert torch.equal(model(ids).logits, before)
+            with pytest.raises(RuntimeError, match="boom"), with_row_override(model, RoutingOverride(rank=2), [3]):
+                raise RuntimeError("boom")
+            assert handle._entries is entries and handle._rows_cache is cache
+        finally:
+            handle.remove()
+    torch.testing.assert_close(both[:2], strong, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both[2:], weak, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(weak, unmerged, atol=1e-3)
+
+
+def test_row_override_without_installed_overrides_installs_and_removes_its_own():
+    model = moe_model("olmoe")
+    ids = _ids(4, 7, seed=4)
+    with torch.no_grad():
+        plain = model(ids).logits
+        with routing_override(model, RoutingOverride(top_k=1, rows=[1, 3])):
+            expected = model(ids).logits
+        with with_row_override(model, RoutingOverride(top_k=1), rows=[1, 3]) as handle:
+            assert torch.equal(model(ids).logits, expected)
+        assert handle.removed and torch.equal(model(ids).logits, plain)
+        # an installed handle without overrides (only watching): the added override alone, and on_route sees it
+        seen = []
+        with set_routing(model, on_route=lambda layer, d: seen.append(int(d.active.sum()))) as watching:
+            with with_row_override(model, RoutingOverride(top_k=1), rows=[1, 3]) as handle:
+                assert handle is watching
+                torch.testing.assert_close(model(ids).logits, expected, atol=1e-6, rtol=0)
+            assert watching._entries == []
+    assert seen == [2 * 7 * 2 + 2 * 7 * 1] * 2  # rows 0, 2 route 2 experts per token, rows 1, 3 one
+    assert all("forward" not in _router(model, layer).__dict__ for layer in family_specs()["olmoe"].moe_layers(model))
+
+
+def test_row_override_errors_leave_the_installed_overrides_alone():
+    model = moe_model("mixtral")
+    handle = set_routing(model, RoutingOverride(forced={1: [3]}, disabled={0: [1, 2]}))
+    entries = handle._entries
+    try:
+        with pytest.raises(InvalidOptionError, match=r"layer 1: rank=2 .*excludes .*forced.*In layer 1 the routing "
+                                                     r"overrides installed .* forced experts \[3\].*rows 2\.\.3 has "
+                                                     r"rank=2; choose an override"):
+            with with_row_override(model, RoutingOverride(rank=2), rows=[2, 3]):
+                pass
+        with pytest.raises(InvalidOptionError, match=r"layer 0: top_k=2 experts per token, but only 1 can be selected"):
+            with with_row_override(model, RoutingOverride(disabled={0: [3]}), rows=[1]):
+                pass
+        with pytest.raises(InvalidOptionError, match="pass the rows as rows="):
+            with with_row_override(model, RoutingOverride(top_k=1, rows=[1]), rows=[1]):
+                pass
+        with pytest.raises(InvalidOptionError, match="non-empty"):
+            with with_row_override(model, RoutingOverride(top_k=1), rows=[]):
+                pass
+        assert handle._entries is entries
+        with pytest.raises(PatchConflictError, match="already installed"):
+            set_routing(model, RoutingOverride(top_k=1, rows=[1]))
+        handle.update(RoutingOverride(top_k=1, rows=[0]))
+        with pytest.raises(PatchConflictError, match=r"limited to rows \[0\].*rows 1\.\.2 can only be added"):
+            with with_row_override(model, RoutingOverride(rank=2), rows=[1, 2]):
+                pass
+    finally:
+        handle.remove()
