@@ -2,9 +2,10 @@
 
 One attention call with SmolLM2's shapes (9 query heads, 3 KV heads, head dim 64, batch 1, fp32) at 4k, 8k and 16k
 tokens, forward only (`torch.no_grad`), each method through the kernel its patch runs in inference (`backend="auto"`:
-compiled FlexAttention with a cached BlockMask for the static patterns). Compilation and BlockMask building happen in
-an untimed warm-up call (they are cached per shape and reused by every layer); the table reports the median of the
-timed calls and `speedup = SDPA time / method time`. Targets (issue 5, CPU, 16k): sliding window 1024 + sinks
+on CPU the gathered-blocks kernel for the static patterns, compiled FlexAttention for MoA's per-head pattern), and the
+static patterns also through the other kernel (`(flex)`, `(blocks)`). Compilation, BlockMask and gather-plan building
+happen in an untimed warm-up call (they are cached per shape and reused by every layer); the table reports the median
+of the timed calls and `speedup = SDPA time / method time`. Targets (issue 5, CPU, 16k): sliding window 1024 + sinks
 >= 4.5x, PowerAttention >= 4x, MoBA > 1x.
 
 Usage: python benchmarks/sparse_prefill.py [--lengths 4096,8192,16384] [--repeats 3] [--threads N]
@@ -35,8 +36,8 @@ def dense(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=SCALE, enable_gqa=True)
 
 
-def _pattern(pattern) -> Attention:
-    return lambda q, k, v: sparse_attention(q, k, v, pattern, scaling=SCALE)
+def _pattern(pattern, backend: str = "auto") -> Attention:
+    return lambda q, k, v: sparse_attention(q, k, v, pattern, scaling=SCALE, backend=backend)
 
 
 def _methods() -> dict[str, Callable[[], Attention]]:
@@ -47,12 +48,12 @@ def _methods() -> dict[str, Callable[[], Attention]]:
 
         return lambda q, k, v: moba_attention(q, k, v, block_size=512, top_k=3, scaling=SCALE)
 
-    def moa():
+    def moa(backend="auto"):
         from hf_attn_zoo.moa.cache import MoAPattern
 
         # heterogeneous per-head spans of 512 to 16384 keys (64 of them sinks), as a searched plan has them
         spans = [512, 512, 1024, 1024, 2048, 2048, 4096, 8192, 16384]
-        return _pattern(MoAPattern([64] * HEADS, [span - 64 for span in spans]))
+        return _pattern(MoAPattern([64] * HEADS, [span - 64 for span in spans]), backend)
 
     def hyper():
         from hf_attn_zoo.kernels.hyper_attention import hyper_attention
@@ -67,9 +68,12 @@ def _methods() -> dict[str, Callable[[], Attention]]:
 
     return {
         "sliding_window": lambda: _pattern(SinkWindowPattern(1024, 4)),
+        "sliding_window (flex)": lambda: _pattern(SinkWindowPattern(1024, 4), "flex"),
         "power_attention": lambda: _pattern(PowerPattern(256, 5, 1)),
+        "power_attention (flex)": lambda: _pattern(PowerPattern(256, 5, 1), "flex"),
         "moba": moba,
         "moa": moa,
+        "moa (blocks)": lambda: moa("blocks"),
         "hyper_attention": hyper,
         "routing_attention": routing,
     }

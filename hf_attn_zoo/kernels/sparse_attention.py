@@ -3,13 +3,15 @@
 A method describes *which keys a query may attend* as an `AttentionPattern` (a vectorised predicate on token
 positions, like FlexAttention's `mask_mod`). `sparse_attention` then runs it with:
 
-- `flex`: `torch.compile`d FlexAttention with a `BlockMask` that skips empty 128x128 blocks. Forward only on CPU
-  (FlexAttention has no CPU backward); on a GPU it compiles to Triton and also trains. Lengths are rounded up to
-  multiples of 1024, so the kernel is compiled once per pattern class and length bucket; the `BlockMask` is built
-  once per (pattern, heads, lengths, device) and reused by every layer and step (`block_mask_cache_info()`); with
-  padding it is rebuilt per call, since it then depends on the batch.
-- `blocks`: PyTorch + SDPA over query chunks, each gathering only the key blocks its pattern touches. It has a
-  backward, so it is what CPU training runs, and it is the reference the others are tested against.
+- `flex`: `torch.compile`d FlexAttention with a `BlockMask` that skips empty 128x128 blocks; what `auto` runs on a
+  GPU, where it compiles to Triton and also trains. Forward only on CPU (FlexAttention has no CPU backward). Lengths
+  are rounded up to multiples of 1024, so the kernel is compiled once per pattern class and length bucket; the
+  `BlockMask` is built once per (pattern, heads, lengths, device) and reused by every layer and step
+  (`block_mask_cache_info()`); with padding it is rebuilt per call, since it then depends on the batch.
+- `blocks`: SDPA over chunks of 256 queries, each gathering only the 128-key blocks its pattern touches; chunks
+  whose gathered keys carry the same mask run as one call, GQA heads folded into the rows. The plan is cached like
+  the `BlockMask`s. It has a backward, and on CPU it is faster than compiled flex (`benchmarks/sparse_prefill.py`),
+  so `auto` runs it on CPU for training and inference (per-head patterns use flex for long inference inputs).
 - `masked`: one SDPA call with the pattern as a boolean mask, for short inputs and decode steps (and for caches that
   keep only some positions: `key_positions`).
 
@@ -24,6 +26,7 @@ import abc
 import functools
 from collections import OrderedDict
 from collections.abc import Hashable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -48,7 +51,9 @@ FLEX_BLOCK = 128
 MASKED_MAX_PAIRS = 1 << 22
 # CPU: compiled flex beats SDPA only for long, sparse inputs (research notes: ~1.2-1.5x at 4k, ~4.9x at 16k)
 FLEX_MIN_LENGTH_CPU = 2048
-QUERY_CHUNK = 512
+QUERY_CHUNK = 256  # `blocks`: queries per chunk ...
+KEY_BLOCK = 128  # ... and the granularity of the key blocks it gathers (measured best on CPU at 4k-16k)
+GATHER_MAX_KEYS = 1 << 16  # gathered keys per SDPA call of `blocks` (bounds the copies)
 FLEX_BUCKET = 1024
 FLEX_RECOMPILE_LIMIT = 64
 
@@ -141,25 +146,122 @@ def _masked(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling,
     return _attend(query, key, value, mask, scaling, dropout)
 
 
-def _blocks(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling, dropout):
-    """Query chunks, each attending only the key blocks its pattern touches (gathered, so gradients flow)."""
-    outs = []
-    kv_len = key.shape[2]
-    n_blocks = -(-kv_len // FLEX_BLOCK)
-    for start in range(0, query.shape[2], QUERY_CHUNK):
-        stop = min(start + QUERY_CHUNK, query.shape[2])
-        mask = pattern_mask(pattern, q_pos[start:stop], k_pos, offsets, padding, query.shape[1])
-        padded = F.pad(mask, (0, n_blocks * FLEX_BLOCK - kv_len))
-        touched = padded.unflatten(-1, (n_blocks, FLEX_BLOCK)).any(-1).flatten(0, -2).any(0)
-        if bool(touched.all()):
-            cols = None
-        else:
-            cols = (torch.nonzero(touched).flatten()[:, None] * FLEX_BLOCK
-                    + torch.arange(FLEX_BLOCK, device=mask.device)).flatten()
-            cols = cols[cols < kv_len]
-        k, v, m = (key, value, mask) if cols is None else (key[:, :, cols], value[:, :, cols], mask[..., cols])
-        outs.append(_attend(query[:, :, start:stop], k, v, m, scaling, dropout))
-    return torch.cat(outs, dim=2)
+@dataclass(frozen=True)
+class _Group:
+    """Query chunks whose gathered keys have the same mask: one SDPA call (or a few, to bound the copies)."""
+
+    units: torch.Tensor  # [g] (batch row x query chunk) index into the chunked queries
+    keys: torch.Tensor  # [g, n] index (batch row x key) of the keys each unit gathers (past the end: masked off)
+    mask: torch.Tensor  # [1, 1 or KV, G * QUERY_CHUNK, n] bool, shared by the units (empty rows all True); 4-D, as
+    # SDPA's CPU flash kernel takes 2-D or 4-D masks (a 3-D one sends it to the 3x slower math path)
+    empty: torch.Tensor | None  # same shape with n = 1: query rows with no allowed key (zeroed after)
+
+
+@dataclass(frozen=True)
+class _GatherPlan:
+    chunks: int  # query chunks per batch row
+    groups: tuple[_Group, ...]
+
+
+def _gather_plan(pattern, q_pos, k_pos, offsets, padding, num_heads, kv_heads, batch) -> _GatherPlan:
+    """Cut the queries into chunks, find the key blocks each chunk touches, group chunks with equal masks."""
+    q_len, kv_len = q_pos.shape[0], k_pos.shape[0]
+    device = q_pos.device
+    chunks, blocks = -(-q_len // QUERY_CHUNK), -(-kv_len // KEY_BLOCK)
+    per_row = padding is not None or bool(offsets.any())
+    group_size = num_heads // kv_heads
+    block_offsets = torch.arange(KEY_BLOCK, device=device)
+    found: list[tuple[torch.Tensor, list[int], list[torch.Tensor]]] = []  # (mask, units, cols)
+    for row in range(batch if per_row else 1):
+        for chunk in range(chunks):
+            start = chunk * QUERY_CHUNK
+            q = q_pos[start:start + QUERY_CHUNK]
+            real = q.shape[0]
+            q = F.pad(q, (0, QUERY_CHUNK - real), value=int(q[-1]))
+            mask = pattern_mask(pattern, q, k_pos, offsets[row:row + 1], None if padding is None
+                                else padding[row:row + 1], num_heads)[0]  # [H or 1, QC, S]
+            mask[:, real:] = False  # the last chunk's padding queries
+            touched = F.pad(mask, (0, blocks * KEY_BLOCK - kv_len)).unflatten(-1, (blocks, KEY_BLOCK)).any(-1)
+            touched = touched.flatten(0, -2).any(0).nonzero().flatten()
+            if touched.numel() == 0:
+                touched = touched.new_zeros(1)
+            cols = (touched[:, None] * KEY_BLOCK + block_offsets).flatten()
+            inside = cols < kv_len
+            cols = cols.clamp(max=kv_len - 1)
+            rel = mask[..., cols] & inside
+            if rel.shape[0] == 1:
+                rel = rel.repeat(1, group_size, 1)  # the G query heads of a KV head share their keys
+            else:
+                rel = rel.reshape(kv_heads, group_size * QUERY_CHUNK, -1)
+            unit = row * chunks + chunk
+            for mask_, units, unit_cols in found:
+                if mask_.shape == rel.shape and torch.equal(mask_, rel):
+                    units.append(unit)
+                    unit_cols.append(cols)
+                    break
+            else:
+                found.append((rel, [unit], [cols]))
+    groups = []
+    for mask, units, cols in found:
+        if not per_row:  # one plan for every batch row
+            units = [row * chunks + unit for row in range(batch) for unit in units]
+            cols = cols * batch
+        used = mask.flatten(0, -2).any(0)  # drop the gathered keys no query of the group attends (e.g. a sink
+        used[0] |= not bool(used.any())  # block's non-sink keys), keeping one for a group of empty rows
+        mask, cols = mask[..., used], [c[used] for c in cols]
+        empty = ~mask.any(-1, keepdim=True)
+        units_t = torch.tensor(units, device=device)
+        keys = (units_t // chunks)[:, None] * kv_len + torch.stack(cols)
+        groups.append(_Group(units_t, keys, (mask | empty)[None], empty[None] if bool(empty.any()) else None))
+    return _GatherPlan(chunks, tuple(groups))
+
+
+_GATHER_PLANS: OrderedDict[Hashable, _GatherPlan] = OrderedDict()
+
+
+def _blocks(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling, dropout, default_positions):
+    """Chunks of `QUERY_CHUNK` queries, each over only the `KEY_BLOCK` key blocks its pattern touches.
+
+    Chunks whose gathered keys carry the same mask (every full chunk of a sliding window, every chunk of a
+    PowerAttention layer that reads the same number of blocks) run as one SDPA call with one shared mask, the `G`
+    query heads of a KV head folded into the query rows (no repeated keys). The plan is cached per pattern and shape
+    like the `BlockMask`s (rebuilt per call with padding). Gradients flow through the gathers.
+    """
+    batch, num_heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    cacheable = default_positions and padding is None and not bool(offsets.any())
+    cache_key = (pattern.cache_key(), num_heads if pattern.per_head else None, kv_heads, batch, q_len,
+                 key.shape[2], str(query.device))
+    plan = _GATHER_PLANS.get(cache_key) if cacheable else None
+    if plan is None:
+        plan = _gather_plan(pattern, q_pos, k_pos, offsets, padding, num_heads, kv_heads, batch)
+        if cacheable:
+            _stats["misses"] += 1
+            _GATHER_PLANS[cache_key] = plan
+            if len(_GATHER_PLANS) > _BLOCK_MASK_CACHE_SIZE:
+                _GATHER_PLANS.popitem(last=False)
+    else:
+        _stats["hits"] += 1
+        _GATHER_PLANS.move_to_end(cache_key)
+    group = num_heads // kv_heads
+    rows = group * QUERY_CHUNK
+    queries = F.pad(query, (0, 0, 0, plan.chunks * QUERY_CHUNK - q_len))
+    queries = queries.unflatten(1, (kv_heads, group)).unflatten(3, (plan.chunks, QUERY_CHUNK))  # [B, KV, G, C, QC, D]
+    queries = queries.permute(0, 3, 1, 2, 4, 5).reshape(batch * plan.chunks, kv_heads, rows, dim)
+    # keys and values as [KV, B * S, D] (a view for one row), gathered with one flat index per call
+    keys, values = (t.transpose(0, 1).reshape(kv_heads, batch * key.shape[2], t.shape[-1]) for t in (key, value))
+    out = queries.new_empty(batch * plan.chunks, kv_heads, rows, value.shape[-1])
+    for g in plan.groups:
+        step = max(1, GATHER_MAX_KEYS // g.keys.shape[1])
+        for start in range(0, g.units.shape[0], step):
+            units, index = g.units[start:start + step], g.keys[start:start + step]
+            k, v = (t.index_select(1, index.flatten()).unflatten(1, index.shape).transpose(0, 1)
+                    for t in (keys, values))  # [g, KV, n, D]
+            o = F.scaled_dot_product_attention(queries[units], k, v, attn_mask=g.mask, dropout_p=dropout,
+                                               scale=scaling)
+            out.index_copy_(0, units, o if g.empty is None else o.masked_fill(g.empty, 0.0))
+    out = out.view(batch, plan.chunks, kv_heads, group, QUERY_CHUNK, -1).permute(0, 2, 3, 1, 4, 5)
+    return out.reshape(batch, num_heads, plan.chunks * QUERY_CHUNK, -1)[:, :, :q_len]
 
 
 _BLOCK_MASKS: OrderedDict[Hashable, object] = OrderedDict()
@@ -168,12 +270,14 @@ _stats = {"hits": 0, "misses": 0}
 
 
 def block_mask_cache_info() -> dict[str, int]:
-    """Hits, misses and size of the `BlockMask` cache (one entry per pattern and shape)."""
-    return {**_stats, "size": len(_BLOCK_MASKS)}
+    """Hits, misses and size of the cache of `BlockMask`s (`flex`) and gather plans (`blocks`), one entry per
+    pattern and shape."""
+    return {**_stats, "size": len(_BLOCK_MASKS) + len(_GATHER_PLANS)}
 
 
 def clear_block_mask_cache() -> None:
     _BLOCK_MASKS.clear()
+    _GATHER_PLANS.clear()
     _stats.update(hits=0, misses=0)
 
 
@@ -195,7 +299,8 @@ def _block_mask(pattern: AttentionPattern, num_heads: int, q_len: int, kv_len: i
             return pattern.allowed(q_idx + shift_q, kv_idx, h if pattern.per_head else None)
 
         _stats["misses"] += 1
-        mask = create_block_mask(mask_mod, None, heads, q_len, kv_len, device=device, BLOCK_SIZE=FLEX_BLOCK)
+        mask = create_block_mask(mask_mod, None, heads, q_len, kv_len, device=device, BLOCK_SIZE=FLEX_BLOCK,
+                                 _compile=True)
         _BLOCK_MASKS[key] = mask
         if len(_BLOCK_MASKS) > _BLOCK_MASK_CACHE_SIZE:
             _BLOCK_MASKS.popitem(last=False)
@@ -241,13 +346,18 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def choose_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, compressed: bool) -> str:
-    """`auto`: flex for long inference inputs (any length on a GPU), masked for short ones, blocks otherwise."""
+def choose_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, compressed: bool,
+                   per_head: bool = False) -> str:
+    """`auto`: masked for short inputs; on a GPU flex (Triton); on CPU blocks, except flex for long inference inputs
+    of per-head patterns (their heads' spans differ, so a chunk would gather the widest head's keys for all)."""
     q_len, kv_len = query.shape[2], key.shape[2]
     if compressed or q_len * kv_len <= MASKED_MAX_PAIRS:
         return "masked"
-    flex_ok = query.device.type == "cuda" or (not _needs_grad(query, key, value) and kv_len >= FLEX_MIN_LENGTH_CPU)
-    return "flex" if flex_ok and query.shape[-1] == value.shape[-1] else "blocks"
+    same_dim = query.shape[-1] == value.shape[-1]
+    if query.device.type == "cuda":
+        return "flex" if same_dim else "blocks"
+    flex_ok = per_head and not _needs_grad(query, key, value) and kv_len >= FLEX_MIN_LENGTH_CPU
+    return "flex" if flex_ok and same_dim else "blocks"
 
 
 def sparse_attention(
@@ -288,13 +398,14 @@ def sparse_attention(
     q_pos = query_positions if query_positions is not None else k_pos[-q_len:]
     offsets = left_padding(padding, batch, device)
     if backend == "auto":
-        backend = choose_backend(query, key, value, key_positions is not None)
+        backend = choose_backend(query, key, value, key_positions is not None, pattern.per_head)
     if backend == "flex":
         if key_positions is not None:
             raise ValueError("the flex backend needs the keys at positions 0..S-1; use 'masked' with key_positions")
         out = _flex(query, key, value, pattern, offsets, padding, scaling)
     elif backend == "blocks":
-        out = _blocks(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling, dropout)
+        out = _blocks(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling, dropout,
+                      key_positions is None and query_positions is None)
     elif backend == "masked":
         out = _masked(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling, dropout)
     else:

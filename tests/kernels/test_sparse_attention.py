@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_attn_zoo.errors import UnsupportedArchitectureError
+from hf_attn_zoo.kernels import sparse_attention as sparse_attention_module
 from hf_attn_zoo.kernels.masks import key_padding, left_padding
 from hf_attn_zoo.kernels.sparse_attention import (
     AttentionPattern,
@@ -126,6 +127,21 @@ def test_block_masks_are_built_once_per_pattern_and_shape():
     assert block_mask_cache_info() == {"hits": 2, "misses": 1, "size": 1}
     sparse_attention(q, k, v, SinkWindowPattern(64, 4), scaling=0.25, backend="flex")  # equal pattern, new object
     assert block_mask_cache_info()["misses"] == 1
+
+
+def test_gathered_blocks_share_one_call_per_mask_and_are_planned_once():
+    """Every full chunk of a sliding window gathers keys with the same mask: they run as one group, for every row."""
+    clear_block_mask_cache()
+    pattern = SinkWindowPattern(256, 4)
+    q, k, v = _qkv(batch=2, heads=6, kv_heads=2, q_len=2048, kv_len=2048)
+    outs = [sparse_attention(q, k, v, pattern, scaling=0.25, backend="blocks") for _ in range(3)]
+    assert block_mask_cache_info() == {"hits": 2, "misses": 1, "size": 1}
+    (plan,) = sparse_attention_module._GATHER_PLANS.values()
+    assert len(plan.groups) <= 4
+    largest = max(plan.groups, key=lambda g: g.units.numel())
+    assert largest.units.numel() >= 2 * 5  # chunks 3..7 of both rows
+    assert largest.keys.shape[1] == 256 + 255 + 4  # exactly the keys a chunk of 256 queries reads: window + sinks
+    torch.testing.assert_close(outs[0], _reference(q, k, v, pattern, 0.25), atol=1e-5, rtol=1e-5)
 
 
 def test_auto_backend_trains_on_cpu_without_flex():
