@@ -46,9 +46,10 @@ scmoe_decode, ...)`, `model.generate(..., custom_generate=CUSTOM_GENERATE_DIR, t
 `scmoe_logprobs` for contrastive log-likelihood scoring. lm-eval: `hf_attn_zoo.eval_harness.lm_model` (`scmoe=true`).
 
 Cost: one forward of 2B rows per step, whose weak rows also run experts the strong rows did not pick. On a 2-core
-CPU, where a doubled batch alone costs 1.2-1.6x, SCMoE decodes at about 0.6x greedy tokens/s
-(`benchmarks/scmoe_decode.py`); on a GPU at small batch, where decoding is launch-bound, the doubled rows
-should cost less (not measured yet).
+CPU, where a doubled batch alone costs 1.2-1.6x (MKL's small-matrix GEMMs), SCMoE decodes at 0.58x (batch 1) and
+0.68x (batch 4) greedy tokens/s, against 0.48x and 0.50x for two sequential passes (`benchmarks/scmoe_decode.py`);
+on a GPU at small batch, where decoding is bound by weight reads and launches, the doubled rows should cost less
+(not measured yet).
 
 Limits: routing overrides installed for some rows only (`RoutingOverride.rows`) raise `PatchConflictError` (SCMoE
 needs the batch rows for its two passes); decoding cannot restart from a non-empty cache; beam search is not

@@ -36,8 +36,8 @@ class PowerAttentionConfig(PatchConfig):
                                                     "(paper: 5)."})
     sink_blocks: int = field(default=1, metadata={"help": "initial blocks every query attends (paper: 1)."})
     backend: Literal["auto", "flex", "blocks", "masked"] = field(
-        default="auto", metadata={"help": "auto (flex for long inference, chunked SDPA for training, one masked SDPA "
-                                  "for short inputs), or force one."})
+        default="auto", metadata={"help": "auto (one masked SDPA for short inputs; else gathered-block SDPA on CPU, "
+                                  "compiled flex on a GPU), or force one."})
 
 
 class PowerPattern(AttentionPattern):

@@ -44,8 +44,8 @@ class SlidingWindowConfig(PatchConfig):
     bounded_cache: bool = field(default=True, metadata={"help": "decode with a KV cache that keeps only the sinks and "
                                                         "the window (bounded memory)."})
     backend: Literal["auto", "flex", "blocks", "masked"] = field(
-        default="auto", metadata={"help": "auto (flex for long inference, chunked SDPA for training, one masked SDPA "
-                                  "for short inputs), or force one."})
+        default="auto", metadata={"help": "auto (one masked SDPA for short inputs; else gathered-block SDPA on CPU, "
+                                  "compiled flex on a GPU), or force one."})
 
 
 class SinkWindowPattern(AttentionPattern):
