@@ -10,8 +10,8 @@ positions, like FlexAttention's `mask_mod`). `sparse_attention` then runs it wit
   (`block_mask_cache_info()`); with padding it is rebuilt per call, since it then depends on the batch.
 - `blocks`: SDPA over chunks of 256 queries, each gathering only the 128-key blocks its pattern touches; chunks
   whose gathered keys carry the same mask run as one call, GQA heads folded into the rows. The plan is cached like
-  the `BlockMask`s. It has a backward, and on CPU it is faster than compiled flex (`benchmarks/sparse_prefill.py`),
-  so `auto` runs it on CPU for training and inference (per-head patterns use flex for long inference inputs).
+  the `BlockMask`s; per-head patterns gather per KV head. It has a backward, and on CPU it is faster than compiled
+  flex (`benchmarks/sparse_prefill.py`), so `auto` runs it on CPU for training and inference.
 - `masked`: one SDPA call with the pattern as a boolean mask, for short inputs and decode steps (and for caches that
   keep only some positions: `key_positions`).
 
@@ -49,8 +49,6 @@ Backend = Literal["auto", "flex", "blocks", "masked"]
 FLEX_BLOCK = 128
 # below this many query x key pairs one masked SDPA call is cheapest (and what decode steps use)
 MASKED_MAX_PAIRS = 1 << 22
-# CPU: compiled flex beats SDPA only for long, sparse inputs (research notes: ~1.2-1.5x at 4k, ~4.9x at 16k)
-FLEX_MIN_LENGTH_CPU = 2048
 QUERY_CHUNK = 256  # `blocks`: queries per chunk ...
 KEY_BLOCK = 128  # ... and the granularity of the key blocks it gathers (measured best on CPU at 4k-16k)
 GATHER_MAX_KEYS = 1 << 16  # gathered keys per SDPA call of `blocks` (bounds the copies)
@@ -148,30 +146,37 @@ def _masked(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling,
 
 @dataclass(frozen=True)
 class _Group:
-    """Query chunks whose gathered keys have the same mask: one SDPA call (or a few, to bound the copies)."""
+    """Units whose gathered keys carry the same mask: one SDPA call (or a few, to bound the copies)."""
 
-    units: torch.Tensor  # [g] (batch row x query chunk) index into the chunked queries
-    keys: torch.Tensor  # [g, n] index (batch row x key) of the keys each unit gathers (past the end: masked off)
-    mask: torch.Tensor  # [1, 1 or KV, G * QUERY_CHUNK, n] bool, shared by the units (empty rows all True); 4-D, as
-    # SDPA's CPU flash kernel takes 2-D or 4-D masks (a 3-D one sends it to the 3x slower math path)
+    units: torch.Tensor  # [g] index into the units (batch row, query chunk[, KV head])
+    keys: torch.Tensor  # [g, n] flat index of the keys each unit gathers (past the end: masked off)
+    mask: torch.Tensor  # [1, 1, G * QUERY_CHUNK, n] bool, shared by the units (empty rows all True); 4-D, as SDPA's
+    # CPU flash kernel takes 2-D or 4-D masks (a 3-D one sends it to the 3x slower math path)
     empty: torch.Tensor | None  # same shape with n = 1: query rows with no allowed key (zeroed after)
 
 
 @dataclass(frozen=True)
 class _GatherPlan:
     chunks: int  # query chunks per batch row
+    per_head: bool  # a unit is one KV head of a chunk (per-head patterns), else every KV head of it
     groups: tuple[_Group, ...]
 
 
 def _gather_plan(pattern, q_pos, k_pos, offsets, padding, num_heads, kv_heads, batch) -> _GatherPlan:
-    """Cut the queries into chunks, find the key blocks each chunk touches, group chunks with equal masks."""
+    """Cut the queries into chunks, find the key blocks each chunk touches, group chunks with equal masks.
+
+    A unit is a chunk of one batch row (all its KV heads share the keys and mask), or for a per-head pattern a chunk
+    of one KV head, so each KV head gathers only the span of its own query heads.
+    """
     q_len, kv_len = q_pos.shape[0], k_pos.shape[0]
     device = q_pos.device
     chunks, blocks = -(-q_len // QUERY_CHUNK), -(-kv_len // KEY_BLOCK)
     per_row = padding is not None or bool(offsets.any())
+    per_head = pattern.per_head
+    split = kv_heads if per_head else 1  # units per chunk
     group_size = num_heads // kv_heads
     block_offsets = torch.arange(KEY_BLOCK, device=device)
-    found: list[tuple[torch.Tensor, list[int], list[torch.Tensor]]] = []  # (mask, units, cols)
+    found: list[tuple[torch.Tensor, list[int], list[torch.Tensor]]] = []  # (mask, units, keys)
     for row in range(batch if per_row else 1):
         for chunk in range(chunks):
             start = chunk * QUERY_CHUNK
@@ -181,39 +186,39 @@ def _gather_plan(pattern, q_pos, k_pos, offsets, padding, num_heads, kv_heads, b
             mask = pattern_mask(pattern, q, k_pos, offsets[row:row + 1], None if padding is None
                                 else padding[row:row + 1], num_heads)[0]  # [H or 1, QC, S]
             mask[:, real:] = False  # the last chunk's padding queries
-            touched = F.pad(mask, (0, blocks * KEY_BLOCK - kv_len)).unflatten(-1, (blocks, KEY_BLOCK)).any(-1)
-            touched = touched.flatten(0, -2).any(0).nonzero().flatten()
-            if touched.numel() == 0:
-                touched = touched.new_zeros(1)
-            cols = (touched[:, None] * KEY_BLOCK + block_offsets).flatten()
-            inside = cols < kv_len
-            cols = cols.clamp(max=kv_len - 1)
-            rel = mask[..., cols] & inside
-            if rel.shape[0] == 1:
-                rel = rel.repeat(1, group_size, 1)  # the G query heads of a KV head share their keys
-            else:
-                rel = rel.reshape(kv_heads, group_size * QUERY_CHUNK, -1)
-            unit = row * chunks + chunk
-            for mask_, units, unit_cols in found:
-                if mask_.shape == rel.shape and torch.equal(mask_, rel):
-                    units.append(unit)
-                    unit_cols.append(cols)
-                    break
-            else:
-                found.append((rel, [unit], [cols]))
+            for head in range(split):
+                heads = mask[head * group_size:(head + 1) * group_size] if per_head else mask
+                touched = F.pad(heads, (0, blocks * KEY_BLOCK - kv_len)).unflatten(-1, (blocks, KEY_BLOCK)).any(-1)
+                touched = touched.flatten(0, -2).any(0).nonzero().flatten()
+                if touched.numel() == 0:
+                    touched = touched.new_zeros(1)
+                cols = (touched[:, None] * KEY_BLOCK + block_offsets).flatten()
+                inside = cols < kv_len
+                cols = cols.clamp(max=kv_len - 1)
+                rel = heads[..., cols] & inside
+                # the G query heads of a KV head share their keys: their rows stack
+                rel = rel.reshape(1, -1, cols.shape[0]) if per_head else rel.repeat(1, group_size, 1)
+                unit = (row * chunks + chunk) * split + head
+                keys = (row * split + head) * kv_len + cols
+                for mask_, units, unit_keys in found:
+                    if mask_.shape == rel.shape and torch.equal(mask_, rel):
+                        units.append(unit)
+                        unit_keys.append(keys)
+                        break
+                else:
+                    found.append((rel, [unit], [keys]))
     groups = []
-    for mask, units, cols in found:
+    for mask, units, keys in found:
         if not per_row:  # one plan for every batch row
-            units = [row * chunks + unit for row in range(batch) for unit in units]
-            cols = cols * batch
+            units = [row * chunks * split + unit for row in range(batch) for unit in units]
+            keys = [k + row * split * kv_len for row in range(batch) for k in keys]
         used = mask.flatten(0, -2).any(0)  # drop the gathered keys no query of the group attends (e.g. a sink
         used[0] |= not bool(used.any())  # block's non-sink keys), keeping one for a group of empty rows
-        mask, cols = mask[..., used], [c[used] for c in cols]
+        mask, keys = mask[..., used], torch.stack(keys)[:, used]
         empty = ~mask.any(-1, keepdim=True)
-        units_t = torch.tensor(units, device=device)
-        keys = (units_t // chunks)[:, None] * kv_len + torch.stack(cols)
-        groups.append(_Group(units_t, keys, (mask | empty)[None], empty[None] if bool(empty.any()) else None))
-    return _GatherPlan(chunks, tuple(groups))
+        groups.append(_Group(torch.tensor(units, device=device), keys, (mask | empty)[None],
+                             empty[None] if bool(empty.any()) else None))
+    return _GatherPlan(chunks, per_head, tuple(groups))
 
 
 _GATHER_PLANS: OrderedDict[Hashable, _GatherPlan] = OrderedDict()
@@ -224,14 +229,15 @@ def _blocks(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling,
 
     Chunks whose gathered keys carry the same mask (every full chunk of a sliding window, every chunk of a
     PowerAttention layer that reads the same number of blocks) run as one SDPA call with one shared mask, the `G`
-    query heads of a KV head folded into the query rows (no repeated keys). The plan is cached per pattern and shape
-    like the `BlockMask`s (rebuilt per call with padding). Gradients flow through the gathers.
+    query heads of a KV head folded into the query rows (no repeated keys); per-head patterns gather per KV head. The
+    plan is cached per pattern and shape like the `BlockMask`s (rebuilt per call with padding). Gradients flow
+    through the gathers.
     """
     batch, num_heads, q_len, dim = query.shape
-    kv_heads = key.shape[1]
+    kv_heads, kv_len = key.shape[1], key.shape[2]
     cacheable = default_positions and padding is None and not bool(offsets.any())
-    cache_key = (pattern.cache_key(), num_heads if pattern.per_head else None, kv_heads, batch, q_len,
-                 key.shape[2], str(query.device))
+    cache_key = (pattern.cache_key(), num_heads if pattern.per_head else None, kv_heads, batch, q_len, kv_len,
+                 str(query.device))
     plan = _GATHER_PLANS.get(cache_key) if cacheable else None
     if plan is None:
         plan = _gather_plan(pattern, q_pos, k_pos, offsets, padding, num_heads, kv_heads, batch)
@@ -245,18 +251,20 @@ def _blocks(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling,
         _GATHER_PLANS.move_to_end(cache_key)
     group = num_heads // kv_heads
     rows = group * QUERY_CHUNK
+    heads = 1 if plan.per_head else kv_heads  # KV heads per unit
     queries = F.pad(query, (0, 0, 0, plan.chunks * QUERY_CHUNK - q_len))
     queries = queries.unflatten(1, (kv_heads, group)).unflatten(3, (plan.chunks, QUERY_CHUNK))  # [B, KV, G, C, QC, D]
-    queries = queries.permute(0, 3, 1, 2, 4, 5).reshape(batch * plan.chunks, kv_heads, rows, dim)
-    # keys and values as [KV, B * S, D] (a view for one row), gathered with one flat index per call
-    keys, values = (t.transpose(0, 1).reshape(kv_heads, batch * key.shape[2], t.shape[-1]) for t in (key, value))
-    out = queries.new_empty(batch * plan.chunks, kv_heads, rows, value.shape[-1])
+    queries = queries.permute(0, 3, 1, 2, 4, 5).reshape(-1, heads, rows, dim)  # [units, heads, G * QC, D]
+    # keys and values as [heads, B * S * KV / heads, D] (a view for one row), gathered with one flat index per call
+    keys, values = (t.unflatten(1, (-1, heads)).permute(2, 0, 1, 3, 4).reshape(heads, -1, t.shape[-1])
+                    for t in (key, value))
+    out = queries.new_empty(queries.shape[0], heads, rows, value.shape[-1])
     for g in plan.groups:
         step = max(1, GATHER_MAX_KEYS // g.keys.shape[1])
         for start in range(0, g.units.shape[0], step):
             units, index = g.units[start:start + step], g.keys[start:start + step]
             k, v = (t.index_select(1, index.flatten()).unflatten(1, index.shape).transpose(0, 1)
-                    for t in (keys, values))  # [g, KV, n, D]
+                    for t in (keys, values))  # [g, heads, n, D]
             o = F.scaled_dot_product_attention(queries[units], k, v, attn_mask=g.mask, dropout_p=dropout,
                                                scale=scaling)
             out.index_copy_(0, units, o if g.empty is None else o.masked_fill(g.empty, 0.0))
@@ -349,22 +357,13 @@ def _flex(query, key, value, pattern, offsets, padding, scaling):
     return out[:, :, :q_len]
 
 
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def choose_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, compressed: bool,
-                   per_head: bool = False) -> str:
-    """`auto`: masked for short inputs; on a GPU flex (Triton); on CPU blocks, except flex for long inference inputs
-    of per-head patterns (their heads' spans differ, so a chunk would gather the widest head's keys for all)."""
+def choose_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, compressed: bool) -> str:
+    """`auto`: masked for short inputs, else flex on a GPU (Triton) and blocks on CPU (faster there than compiled
+    flex, which has no CPU backward)."""
     q_len, kv_len = query.shape[2], key.shape[2]
     if compressed or q_len * kv_len <= MASKED_MAX_PAIRS:
         return "masked"
-    same_dim = query.shape[-1] == value.shape[-1]
-    if query.device.type == "cuda":
-        return "flex" if same_dim else "blocks"
-    flex_ok = per_head and not _needs_grad(query, key, value) and kv_len >= FLEX_MIN_LENGTH_CPU
-    return "flex" if flex_ok and same_dim else "blocks"
+    return "flex" if query.device.type == "cuda" and query.shape[-1] == value.shape[-1] else "blocks"
 
 
 def sparse_attention(
@@ -405,7 +404,7 @@ def sparse_attention(
     q_pos = query_positions if query_positions is not None else k_pos[-q_len:]
     offsets = left_padding(padding, batch, device)
     if backend == "auto":
-        backend = choose_backend(query, key, value, key_positions is not None, pattern.per_head)
+        backend = choose_backend(query, key, value, key_positions is not None)
     if backend == "flex":
         if key_positions is not None:
             raise ValueError("the flex backend needs the keys at positions 0..S-1; use 'masked' with key_positions")

@@ -67,8 +67,8 @@ class MoAConfig(PatchConfig):
     bounded_cache: bool = field(default=True, metadata={"help": "decode with per-head caches that keep only each "
                                                         "head's sinks and window."})
     backend: Literal["auto", "flex", "blocks", "masked"] = field(
-        default="auto", metadata={"help": "auto (one masked SDPA for short inputs; else compiled flex for inference "
-                                  "and gathered-block SDPA for training on CPU, flex on a GPU), or force one."})
+        default="auto", metadata={"help": "auto (one masked SDPA for short inputs; else gathered-block SDPA on CPU, "
+                                  "compiled flex on a GPU), or force one."})
 
 
 def _plan_of(config: MoAConfig, model_config: PretrainedConfig) -> MoAPlan:

@@ -84,8 +84,9 @@ def test_flex_equals_the_chunked_path(pattern):
     torch.testing.assert_close(flex, blocks, atol=1e-5, rtol=1e-5)
 
 
-def test_left_padding_counts_positions_from_the_first_real_token():
-    pattern = SinkWindowPattern(20, 3)
+@pytest.mark.parametrize("pattern", [SinkWindowPattern(20, 3), PerHeadWindow([5, 50, 300, 1])],
+                         ids=["sink_window", "per_head"])
+def test_left_padding_counts_positions_from_the_first_real_token(pattern):
     q, k, v = _qkv(q_len=150, kv_len=150)
     pad = 37
     padded = [F.pad(t, (0, 0, pad, 0)) for t in (q, k, v)]
@@ -97,8 +98,9 @@ def test_left_padding_counts_positions_from_the_first_real_token():
         assert out[:, :pad].abs().max() == 0, f"{backend}: padding queries must output zeros"
 
 
-def test_chunked_path_gradients_equal_the_masked_path():
-    pattern = PowerPattern(32, 2, 1)
+@pytest.mark.parametrize("pattern", [PowerPattern(32, 2, 1), PerHeadWindow([5, 50, 300, 1])],
+                         ids=["power", "per_head"])
+def test_chunked_path_gradients_equal_the_masked_path(pattern):
     grads = []
     for backend in ("masked", "blocks"):
         q, k, v = _qkv(q_len=700, kv_len=700, grad=True)
