@@ -176,15 +176,19 @@ def _gather_plan(pattern, q_pos, k_pos, offsets, padding, num_heads, kv_heads, b
     split = kv_heads if per_head else 1  # units per chunk
     group_size = num_heads // kv_heads
     block_offsets = torch.arange(KEY_BLOCK, device=device)
-    found: list[tuple[torch.Tensor, list[int], list[torch.Tensor]]] = []  # (mask, units, keys)
+    # patterns are causal: with keys in position order, a chunk evaluates only the keys up to its last query
+    ordered = bool((k_pos[1:] >= k_pos[:-1]).all())
+    found: dict[tuple, list[tuple[torch.Tensor, list[int], list[torch.Tensor]]]] = {}  # -> (mask, units, keys)
     for row in range(batch if per_row else 1):
         for chunk in range(chunks):
             start = chunk * QUERY_CHUNK
             q = q_pos[start:start + QUERY_CHUNK]
             real = q.shape[0]
             q = F.pad(q, (0, QUERY_CHUNK - real), value=int(q[-1]))
-            mask = pattern_mask(pattern, q, k_pos, offsets[row:row + 1], None if padding is None
-                                else padding[row:row + 1], num_heads)[0]  # [H or 1, QC, S]
+            seen = int(torch.searchsorted(k_pos, q[-1], right=True)) if ordered else kv_len
+            mask = pattern_mask(pattern, q, k_pos[:seen], offsets[row:row + 1], None if padding is None
+                                else padding[row:row + 1], num_heads)[0]  # [H or 1, QC, seen]
+            mask = F.pad(mask, (0, kv_len - seen))
             mask[:, real:] = False  # the last chunk's padding queries
             for head in range(split):
                 heads = mask[head * group_size:(head + 1) * group_size] if per_head else mask
@@ -200,15 +204,16 @@ def _gather_plan(pattern, q_pos, k_pos, offsets, padding, num_heads, kv_heads, b
                 rel = rel.reshape(1, -1, cols.shape[0]) if per_head else rel.repeat(1, group_size, 1)
                 unit = (row * chunks + chunk) * split + head
                 keys = (row * split + head) * kv_len + cols
-                for mask_, units, unit_keys in found:
-                    if mask_.shape == rel.shape and torch.equal(mask_, rel):
+                candidates = found.setdefault((rel.shape, int(rel.sum())), [])  # equal masks have equal sums
+                for mask_, units, unit_keys in candidates:
+                    if torch.equal(mask_, rel):
                         units.append(unit)
                         unit_keys.append(keys)
                         break
                 else:
-                    found.append((rel, [unit], [keys]))
+                    candidates.append((rel, [unit], [keys]))
     groups = []
-    for mask, units, keys in found:
+    for mask, units, keys in (entry for candidates in found.values() for entry in candidates):
         if not per_row:  # one plan for every batch row
             units = [row * chunks * split + unit for row in range(batch) for unit in units]
             keys = [k + row * split * kv_len for row in range(batch) for k in keys]
