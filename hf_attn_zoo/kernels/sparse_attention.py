@@ -235,12 +235,18 @@ def _blocks(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling,
     Chunks whose gathered keys carry the same mask (every full chunk of a sliding window, every chunk of a
     PowerAttention layer that reads the same number of blocks) run as one SDPA call with one shared mask, the `G`
     query heads of a KV head folded into the query rows (no repeated keys); per-head patterns gather per KV head. The
-    plan is cached per pattern and shape like the `BlockMask`s (rebuilt per call with padding). Gradients flow
-    through the gathers.
+    plan is cached per pattern and shape like the `BlockMask`s, prefill lengths rounded up to whole chunks (rebuilt
+    per call with padding). Gradients flow through the gathers.
     """
-    batch, num_heads, q_len, dim = query.shape
-    kv_heads, kv_len = key.shape[1], key.shape[2]
+    batch, num_heads, real_len, dim = query.shape
     cacheable = default_positions and padding is None and not bool(offsets.any())
+    extra = -real_len % QUERY_CHUNK if cacheable and real_len == key.shape[2] else 0
+    if extra:
+        # a prefill is rounded up to whole chunks: the last chunk's queries are computed anyway and the appended keys
+        # come after every real query (causal patterns never attend them), so one plan serves 256 lengths
+        query, key, value = (F.pad(t, (0, 0, 0, extra)) for t in (query, key, value))
+        q_pos = k_pos = torch.arange(real_len + extra, device=query.device)
+    q_len, kv_heads, kv_len = query.shape[2], key.shape[1], key.shape[2]
     cache_key = (pattern.cache_key(), num_heads if pattern.per_head else None, kv_heads, batch, q_len, kv_len,
                  str(query.device))
     plan = _GATHER_PLANS.get(cache_key) if cacheable else None
@@ -274,7 +280,7 @@ def _blocks(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling,
                                                scale=scaling)
             out.index_copy_(0, units, o if g.empty is None else o.masked_fill(g.empty, 0.0))
     out = out.view(batch, plan.chunks, kv_heads, group, QUERY_CHUNK, -1).permute(0, 2, 3, 1, 4, 5)
-    return out.reshape(batch, num_heads, plan.chunks * QUERY_CHUNK, -1)[:, :, :q_len]
+    return out.reshape(batch, num_heads, plan.chunks * QUERY_CHUNK, -1)[:, :, :real_len]
 
 
 _BLOCK_MASKS: OrderedDict[Hashable, object] = OrderedDict()

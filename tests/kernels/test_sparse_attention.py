@@ -146,6 +146,16 @@ def test_gathered_blocks_share_one_call_per_mask_and_are_planned_once():
     torch.testing.assert_close(outs[0], _reference(q, k, v, pattern, 0.25), atol=1e-5, rtol=1e-5)
 
 
+def test_prefill_lengths_in_one_chunk_bucket_share_a_plan():
+    clear_block_mask_cache()
+    pattern = PowerPattern(64, 2, 1)
+    for length in (1700, 1790):  # both round up to 1792 = 7 chunks of 256
+        q, k, v = _qkv(q_len=length, kv_len=length)
+        out = sparse_attention(q, k, v, pattern, scaling=0.25, backend="blocks")
+        torch.testing.assert_close(out, _reference(q, k, v, pattern, 0.25), atol=1e-5, rtol=1e-5)
+    assert block_mask_cache_info() == {"hits": 1, "misses": 1, "size": 1}
+
+
 def test_auto_backend_trains_on_cpu_without_flex():
     q, k, v = _qkv(q_len=2304, kv_len=2304, grad=True)
     out = sparse_attention(q, k, v, SinkWindowPattern(64, 4), scaling=0.25)  # flex has no CPU backward
