@@ -185,7 +185,7 @@ def _gather_plan(pattern, q_pos, k_pos, offsets, padding, num_heads, kv_heads, b
             q = q_pos[start:start + QUERY_CHUNK]
             real = q.shape[0]
             q = F.pad(q, (0, QUERY_CHUNK - real), value=int(q[-1]))
-            seen = int(torch.searchsorted(k_pos, q[-1], right=True)) if ordered else kv_len
+            seen = int(torch.searchsorted(k_pos, q.max(), right=True)) if ordered else kv_len
             mask = pattern_mask(pattern, q, k_pos[:seen], offsets[row:row + 1], None if padding is None
                                 else padding[row:row + 1], num_heads)[0]  # [H or 1, QC, seen]
             mask = F.pad(mask, (0, kv_len - seen))

@@ -146,6 +146,15 @@ def test_gathered_blocks_share_one_call_per_mask_and_are_planned_once():
     torch.testing.assert_close(outs[0], _reference(q, k, v, pattern, 0.25), atol=1e-5, rtol=1e-5)
 
 
+def test_blocks_take_query_positions_in_any_order():
+    pattern = SinkWindowPattern(40, 4)
+    q, k, v = _qkv(q_len=600, kv_len=600)
+    order = torch.randperm(600, generator=torch.Generator().manual_seed(0))
+    out = sparse_attention(q[:, :, order], k, v, pattern, scaling=0.25, query_positions=order, backend="blocks")
+    full = sparse_attention(q, k, v, pattern, scaling=0.25, backend="masked")
+    torch.testing.assert_close(out, full[:, order], atol=1e-5, rtol=1e-5)
+
+
 def test_prefill_lengths_in_one_chunk_bucket_share_a_plan():
     clear_block_mask_cache()
     pattern = PowerPattern(64, 2, 1)
