@@ -18,6 +18,7 @@ from .kv_cache import RetainingLayer, SinkWindowLayer, current_kv_layer, use_kv_
 from .masks import left_padding
 from .register import install_handler, remove_handler
 from .sparse_attention import AttentionPattern, Backend, PaddingTracker, sparse_attention
+from .streaming import StreamingPositions
 
 __all__ = [
     "WithinModelWindow", "attend_pattern", "check_length", "install_pattern", "max_positions", "model_window", "pattern_attention_handler",
@@ -76,18 +77,31 @@ def check_length(module: torch.nn.Module, total: int) -> None:
 
 
 def pattern_attention_handler(base, module, query, key, value, attention_mask, *, pattern: AttentionPattern,
-                              tracker: PaddingTracker, backend: Backend, **kwargs):
+                              tracker: PaddingTracker, backend: Backend, streaming: StreamingPositions | None = None,
+                              **kwargs):
     """Attention handler of a pattern layer (see `hf_attn_zoo.kernels.register`)."""
     layer = current_kv_layer(module)
-    return attend_pattern(module, query, key, value, attention_mask, layer, pattern, tracker, backend, **kwargs), None
+    return attend_pattern(module, query, key, value, attention_mask, layer, pattern, tracker, backend,
+                          streaming=streaming, **kwargs), None
 
 
 def attend_pattern(module, query, key, value, attention_mask, layer: RetainingLayer | None,
-                   pattern: AttentionPattern, tracker: PaddingTracker, backend: Backend, **kwargs) -> torch.Tensor:
-    """`pattern` over the keys the layer's cache returned (`layer`: its retaining cache layer, if any)."""
+                   pattern: AttentionPattern, tracker: PaddingTracker, backend: Backend,
+                   streaming: StreamingPositions | None = None, **kwargs) -> torch.Tensor:
+    """`pattern` over the keys the layer's cache returned (`layer`: its retaining cache layer, if any); with
+    `streaming`, calls past the prefill use StreamingLLM's cache positions and may pass the model's position range."""
     total = layer.seen if layer is not None else key.shape[2]
-    check_length(module, total)
+    streaming = streaming if layer is not None and total > query.shape[2] else None
+    if streaming is None:
+        check_length(module, total)
     padding = tracker.padding(attention_mask, query.shape[0], total)
+    if streaming is not None:
+        if isinstance(layer, SinkWindowLayer):
+            layer.pinned = layer.sinks + int(left_padding(padding, query.shape[0], query.device).max())
+        queries = torch.arange(total - query.shape[2], total, device=query.device)
+        out = streaming.attend(query, key, value, layer.positions, queries, padding, kwargs.get("scaling"))
+        layer.evict()
+        return out
     positions = queries = None
     if layer is not None:
         if isinstance(layer, SinkWindowLayer):
@@ -105,7 +119,8 @@ def attend_pattern(module, query, key, value, attention_mask, layer: RetainingLa
 
 def install_pattern(model: torch.nn.Module, family, layers: list[int], handle: PatchHandle,
                     pattern_for: Callable[[int], AttentionPattern], backend: Backend = "auto",
-                    kv_layer: Callable[[int], RetainingLayer] | None = None) -> None:
+                    kv_layer: Callable[[int], RetainingLayer] | None = None,
+                    streaming: StreamingPositions | None = None) -> None:
     """Run the attention of `layers` with `pattern_for(layer)`; with `kv_layer`, cache through `kv_layer(layer)`.
 
     On a layer with its own sliding window (Mistral, Gemma 3's local layers) the pattern is intersected with it, and
@@ -120,7 +135,8 @@ def install_pattern(model: torch.nn.Module, family, layers: list[int], handle: P
         window = model_window(model.config, index)
         if window is not None:
             pattern = WithinModelWindow(pattern, window)
-        handler = functools.partial(pattern_attention_handler, pattern=pattern, tracker=tracker, backend=backend)
+        handler = functools.partial(pattern_attention_handler, pattern=pattern, tracker=tracker, backend=backend,
+                                    streaming=streaming)
         install_handler(model, attention, handler)
         handle.on_revert(lambda a=attention: remove_handler(model, a))
         make_layer = functools.partial(kv_layer, index) if kv_layer is not None else None

@@ -9,8 +9,10 @@ plus a recent window). Dilation > 1 is NATTEN's dilated neighbourhood.
 
 Decode: the layer's KV cache keeps only the sinks and the last `window * dilation` positions
 (`hf_attn_zoo.kernels.kv_cache.SinkWindowLayer`, the `SinkCache` transformers v5 removed), so memory stays bounded.
-Keys keep their original positions (no StreamingLLM position shift), so decoding equals the masked full forward;
-sequences must stay within the model's `max_position_embeddings`.
+Keys keep their original positions, so decoding equals the masked full forward, and sequences must stay within the
+model's `max_position_embeddings`. With `stream=True`, decoding past the prefill uses StreamingLLM's positions inside
+the cache instead (Sec. 3.2; `hf_attn_zoo.kernels.streaming`): every query sees the sinks at their cache distance, so
+generation can run past `max_position_embeddings` (the prompt itself must fit).
 
 Training-free; no parameters. Neutral setting: a window as long as the model's position range and no sinks.
 Official code: https://github.com/mit-han-lab/streaming-llm, https://github.com/SHI-Labs/NATTEN
@@ -29,6 +31,7 @@ from ..families.spec import FamilySpec
 from ..kernels.kv_cache import SinkWindowLayer
 from ..kernels.pattern_handler import install_pattern, max_positions, unsupported_attention_reason
 from ..kernels.sparse_attention import AttentionPattern
+from ..kernels.streaming import StreamingPositions, streaming_rotary
 from ..registry import Capabilities, Patch, PatchConfig, PatchHandle, register_patch
 
 __all__ = ["SinkWindowPattern", "SlidingWindowConfig", "SlidingWindowPatch"]
@@ -46,6 +49,10 @@ class SlidingWindowConfig(PatchConfig):
     backend: Literal["auto", "flex", "blocks", "masked"] = field(
         default="auto", metadata={"help": "auto (one masked SDPA for short inputs; else gathered-block SDPA on CPU, "
                                   "compiled flex on a GPU), or force one."})
+    stream: bool = field(default=False, metadata={"help": "StreamingLLM positions when decoding: past the prefill a "
+                                                 "query sees the sinks at their distance inside the cache (as v4's "
+                                                 "SinkCache), so generation can run past max_position_embeddings; "
+                                                 "needs bounded_cache and dilation 1."})
 
 
 class SinkWindowPattern(AttentionPattern):
@@ -87,6 +94,12 @@ class SlidingWindowPatch(Patch):
         if config.dilation < 1 or (limit and config.window * config.dilation > limit):
             raise InvalidOptionError(f"sliding_window: dilation={config.dilation} must be >= 1 with window x dilation "
                                      f"<= max_position_embeddings ({limit}).")
+        if config.stream and (not config.bounded_cache or config.dilation != 1):
+            raise InvalidOptionError("sliding_window: stream=True re-indexes the positions of the bounded sinks + window "
+                                     "cache; it needs bounded_cache=True and dilation=1.")
+        if config.stream and limit and config.sinks + config.window > limit:
+            raise InvalidOptionError(f"sliding_window: stream=True needs sinks + window <= max_position_embeddings "
+                                     f"({limit}), the positions the cache is re-indexed into.")
         return config
 
     def pattern(self, config: SlidingWindowConfig) -> SinkWindowPattern:
@@ -97,7 +110,12 @@ class SlidingWindowPatch(Patch):
         pattern = self.pattern(config)
         span = config.window * config.dilation
         kv_layer = (lambda index: SinkWindowLayer(config.sinks, span)) if config.bounded_cache else None
-        install_pattern(model, family, layers, handle, lambda index: pattern, config.backend, kv_layer)
+        streaming = None
+        if config.stream:
+            head_dim = getattr(model.config, "head_dim", None) or \
+                model.config.hidden_size // model.config.num_attention_heads
+            streaming = StreamingPositions(streaming_rotary(model, head_dim), config.sinks, config.window)
+        install_pattern(model, family, layers, handle, lambda index: pattern, config.backend, kv_layer, streaming)
 
     def neutral_config(self, family: FamilySpec, model_config: PretrainedConfig) -> SlidingWindowConfig:
         return SlidingWindowConfig(window=max_positions(model_config), sinks=0)

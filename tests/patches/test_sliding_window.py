@@ -134,3 +134,70 @@ def test_registered_attention_function_equals_the_patch_with_padding():
                                patched(ids, attention_mask=mask).logits[mask.bool()], atol=1e-5, rtol=1e-5)
     with pytest.raises(InvalidOptionError, match="not a static attention pattern"):
         hf_attn_zoo.register_attention_function("moh")
+
+
+def test_streaming_positions_equal_re_rotating_the_cache_at_cache_positions():
+    """StreamingLLM Sec. 3.2: sinks at cache positions 0..S-1, the window after them, the query last. Rotating only the
+    query back for its sink scores gives the same attention as re-rotating every cached key (transformers' RoPE)."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    from hf_attn_zoo.kernels.streaming import StreamingPositions
+
+    model = tiny_model("llama")
+    rotary = LlamaRotaryEmbedding(model.config)
+    heads, kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
+    dim = model.config.hidden_size // heads
+    sinks, window, p = 2, 5, 40  # a decode query at text position 40, far past sinks + window
+    g = torch.Generator().manual_seed(0)
+    q_raw = torch.randn(1, heads, 1, dim, generator=g)
+    positions = torch.tensor([0, 1, *range(p - window + 1, p + 1)])  # what SinkWindowLayer keeps
+    k_raw = torch.randn(1, kv_heads, positions.numel(), dim, generator=g)
+    v = torch.randn(1, kv_heads, positions.numel(), dim, generator=g)
+
+    def rope(x, pos):
+        cos, sin = rotary(x, pos[None])
+        return apply_rotary_pos_emb(x, x, cos, sin)[0]
+
+    out = StreamingPositions(rotary.inv_freq, sinks, window).attend(
+        rope(q_raw, torch.tensor([p])), rope(k_raw, positions), v, positions, torch.tensor([p]), None, 0.25)
+    cache_positions = torch.arange(positions.numel())
+    q, k = rope(q_raw, cache_positions[-1:]), rope(k_raw, cache_positions)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.25, enable_gqa=True)
+    torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_stream_decodes_past_the_position_range_and_equals_plain_decoding_until_the_cache_fills():
+    base = tiny_model("llama", max_position_embeddings=32)
+    plain = hf_attn_zoo.patch(clone(base), "sliding_window", window=8, sinks=2)
+    stream = hf_attn_zoo.patch(clone(base), "sliding_window", window=8, sinks=2, stream=True)
+    ids = torch.randint(3, 128, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    common = dict(attention_mask=mask, do_sample=False, eos_token_id=[], pad_token_id=0)
+    with torch.no_grad():
+        # positions 6..8 of the real tokens: the cache of sinks + window is not full yet, nothing moves
+        before = plain.generate(ids, max_new_tokens=3, **common)
+        torch.testing.assert_close(stream.generate(ids, max_new_tokens=3, **common), before)
+        long = stream.generate(ids, max_new_tokens=60, output_scores=True, return_dict_in_generate=True, **common)
+        assert long.sequences.shape[1] == 66  # past max_position_embeddings = 32
+        assert all(torch.isfinite(score).all() for score in long.scores)
+        with pytest.raises(InvalidOptionError, match="max_position_embeddings"):
+            plain.generate(ids, max_new_tokens=60, **common)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"stream": True, "bounded_cache": False}, "bounded_cache"),
+    ({"stream": True, "dilation": 2}, "dilation=1"),
+])
+def test_stream_needs_the_bounded_cache_without_dilation(options, message):
+    model = tiny_model("llama")
+    with pytest.raises(InvalidOptionError, match=message):
+        hf_attn_zoo.patch(model, "sliding_window", window=8, sinks=2, **options)
+    assert not hf_attn_zoo.applied_patches(model)
+
+
+def test_stream_refuses_gemma3_local_and_global_rope():
+    model = tiny_model("gemma3")
+    with pytest.raises(InvalidOptionError, match="differs per layer type"):
+        hf_attn_zoo.patch(model, "sliding_window", window=8, sinks=2, stream=True)
+    assert not hf_attn_zoo.applied_patches(model)
