@@ -95,23 +95,18 @@ def attend_pattern(module, query, key, value, attention_mask, layer: RetainingLa
     if streaming is None:
         check_length(module, total)
     padding = tracker.padding(attention_mask, query.shape[0], total)
-    if streaming is not None:
-        if isinstance(layer, SinkWindowLayer):
-            layer.pinned = layer.sinks + int(left_padding(padding, query.shape[0], query.device).max())
-        queries = torch.arange(total - query.shape[2], total, device=query.device)
-        out = streaming.attend(query, key, value, layer.positions, queries, padding, kwargs.get("scaling"))
-        layer.evict()
-        return out
+    if isinstance(layer, SinkWindowLayer):
+        layer.pinned = layer.sinks + int(left_padding(padding, query.shape[0], query.device).max())
     positions = queries = None
-    if layer is not None:
-        if isinstance(layer, SinkWindowLayer):
-            layer.pinned = layer.sinks + int(left_padding(padding, query.shape[0], query.device).max())
-        if not layer.contiguous:
-            positions = layer.positions
-            queries = torch.arange(total - query.shape[2], total, device=query.device)
-    out = sparse_attention(query, key, value, pattern, scaling=kwargs.get("scaling"), padding=padding,
-                           key_positions=positions, query_positions=queries,
-                           dropout=kwargs.get("dropout", 0.0) or 0.0, backend=backend)
+    if layer is not None and (streaming is not None or not layer.contiguous):
+        positions = layer.positions
+        queries = torch.arange(total - query.shape[2], total, device=query.device)
+    if streaming is not None:
+        out = streaming.attend(query, key, value, positions, queries, padding, kwargs.get("scaling"))
+    else:
+        out = sparse_attention(query, key, value, pattern, scaling=kwargs.get("scaling"), padding=padding,
+                               key_positions=positions, query_positions=queries,
+                               dropout=kwargs.get("dropout", 0.0) or 0.0, backend=backend)
     if layer is not None:
         layer.evict()  # bounded from the prefill on, not only from the next step
     return out
