@@ -21,8 +21,8 @@ from .sparse_attention import AttentionPattern, Backend, PaddingTracker, sparse_
 from .streaming import StreamingPositions
 
 __all__ = [
-    "WithinModelWindow", "attend_pattern", "check_length", "install_pattern", "max_positions", "model_window", "pattern_attention_handler",
-    "register_attention_function", "unsupported_attention_reason",
+    "WithinModelWindow", "attend_pattern", "check_length", "install_pattern", "max_positions", "model_window",
+    "pattern_attention_handler", "register_attention_function", "unsupported_attention_reason",
 ]
 
 

@@ -249,17 +249,8 @@ def _blocks(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling,
     q_len, kv_heads, kv_len = query.shape[2], key.shape[1], key.shape[2]
     cache_key = (pattern.cache_key(), num_heads if pattern.per_head else None, kv_heads, batch, q_len, kv_len,
                  str(query.device))
-    plan = _GATHER_PLANS.get(cache_key) if cacheable else None
-    if plan is None:
-        plan = _gather_plan(pattern, q_pos, k_pos, offsets, padding, num_heads, kv_heads, batch)
-        if cacheable:
-            _stats["misses"] += 1
-            _GATHER_PLANS[cache_key] = plan
-            if len(_GATHER_PLANS) > _BLOCK_MASK_CACHE_SIZE:
-                _GATHER_PLANS.popitem(last=False)
-    else:
-        _stats["hits"] += 1
-        _GATHER_PLANS.move_to_end(cache_key)
+    build = functools.partial(_gather_plan, pattern, q_pos, k_pos, offsets, padding, num_heads, kv_heads, batch)
+    plan = _cached(_GATHER_PLANS, cache_key, build) if cacheable else build()
     group = num_heads // kv_heads
     rows = group * QUERY_CHUNK
     heads = 1 if plan.per_head else kv_heads  # KV heads per unit
@@ -286,6 +277,19 @@ def _blocks(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling,
 _BLOCK_MASKS: OrderedDict[Hashable, object] = OrderedDict()
 _BLOCK_MASK_CACHE_SIZE = 64
 _stats = {"hits": 0, "misses": 0}
+
+
+def _cached(cache: OrderedDict, key: Hashable, build):
+    """`cache[key]`, built by `build()` on a miss; least recently used entries leave past the size limit."""
+    if key in cache:
+        _stats["hits"] += 1
+        cache.move_to_end(key)
+        return cache[key]
+    _stats["misses"] += 1
+    cache[key] = value = build()
+    if len(cache) > _BLOCK_MASK_CACHE_SIZE:
+        cache.popitem(last=False)
+    return value
 
 
 def block_mask_cache_info() -> dict[str, int]:
@@ -316,21 +320,12 @@ def _block_mask(pattern: AttentionPattern, num_heads: int, q_len: int, kv_len: i
     heads = num_heads if pattern.per_head else None
 
     if padding is None and not bool(offsets.any()):
-        key = (pattern.cache_key(), heads, q_len, kv_len, str(device))
-        if key in _BLOCK_MASKS:
-            _stats["hits"] += 1
-            _BLOCK_MASKS.move_to_end(key)
-            return _BLOCK_MASKS[key]
-
         def mask_mod(b, h, q_idx, kv_idx):
             return pattern.allowed(q_idx + shift_q, kv_idx, h if pattern.per_head else None)
 
-        _stats["misses"] += 1
-        mask = create_block_mask(mask_mod, None, heads, q_len, kv_len, device=device, BLOCK_SIZE=FLEX_BLOCK)
-        _BLOCK_MASKS[key] = mask
-        if len(_BLOCK_MASKS) > _BLOCK_MASK_CACHE_SIZE:
-            _BLOCK_MASKS.popitem(last=False)
-        return mask
+        key = (pattern.cache_key(), heads, q_len, kv_len, str(device))
+        return _cached(_BLOCK_MASKS, key, lambda: create_block_mask(mask_mod, None, heads, q_len, kv_len,
+                                                                    device=device, BLOCK_SIZE=FLEX_BLOCK))
 
     real = padding if padding is not None else torch.ones(offsets.shape[0], kv_len, dtype=torch.bool, device=device)
 

@@ -39,7 +39,13 @@ from ..errors import InvalidOptionError
 from ..families.spec import FamilySpec
 from ..kernels.kv_cache import RetainingLayer, SinkWindowLayer, current_kv_layer, use_kv_layer
 from ..kernels.masks import left_padding
-from ..kernels.pattern_handler import attend_pattern, check_length, max_positions, model_window, unsupported_attention_reason
+from ..kernels.pattern_handler import (
+    attend_pattern,
+    check_length,
+    max_positions,
+    model_window,
+    unsupported_attention_reason,
+)
 from ..kernels.register import install_handler, remove_handler
 from ..kernels.sparse_attention import Backend, PaddingTracker, sparse_attention
 from ..moa.cache import LayerRules, MoACacheLayer

@@ -95,8 +95,8 @@ class SlidingWindowPatch(Patch):
             raise InvalidOptionError(f"sliding_window: dilation={config.dilation} must be >= 1 with window x dilation "
                                      f"<= max_position_embeddings ({limit}).")
         if config.stream and (not config.bounded_cache or config.dilation != 1):
-            raise InvalidOptionError("sliding_window: stream=True re-indexes the positions of the bounded sinks + window "
-                                     "cache; it needs bounded_cache=True and dilation=1.")
+            raise InvalidOptionError("sliding_window: stream=True re-indexes the positions of the bounded sinks + "
+                                     "window cache; it needs bounded_cache=True and dilation=1.")
         if config.stream and limit and config.sinks + config.window > limit:
             raise InvalidOptionError(f"sliding_window: stream=True needs sinks + window <= max_position_embeddings "
                                      f"({limit}), the positions the cache is re-indexed into.")
