@@ -1,13 +1,15 @@
 """Command-line pieces for `hf-attn-zoo tune` and `hf-attn-zoo validate` (wired into `hf_attn_zoo/cli.py`).
 
-Also runnable on its own, which is how multi-process runs are launched before the main CLI exists:
+Also runnable on its own, which is what multi-process launchers start (`--nproc N` runs this under torchrun):
 
+    hf-attn-zoo tune moh/smollm2_quick --nproc 2
     torchrun --nproc_per_node 2 -m hf_attn_zoo.tuning tune moh/smollm2_quick train.max_steps=10
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,20 +33,36 @@ def tune_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("recipe", help="a recipe file, or the name of a shipped recipe (e.g. moh/smollm2_quick)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides (train.max_steps=10)")
     parser.add_argument("--print", action="store_true", help="print the resolved recipe and exit")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--nproc", type=int, default=1, metavar="N",
+        help="train in N processes on this machine (torchrun; GPUs, or CPU processes over gloo where there are "
+        "none); the recipe's train.distributed picks ddp, fsdp or deepspeed",
+    )
+    args = parser.parse_intermixed_args(argv)  # flags may come after the overrides
+    if args.nproc < 1:
+        parser.error(f"--nproc must be at least 1, got {args.nproc}")
     try:
         from .recipe import load_recipe
 
+        # validated here, before any process starts: a bad recipe fails once, not once per process
         recipe = load_recipe(args.recipe, args.overrides)
         if args.print:
             print(recipe.to_yaml(), end="")
             return 0
+        if args.nproc > 1:
+            from .distributed import launch, world_size
+
+            if world_size() > 1:
+                parser.error("--nproc starts the processes itself; do not combine it with torchrun / accelerate")
+            return launch(args.nproc, [args.recipe, *args.overrides])
         from .train import run_recipe
 
         result = run_recipe(recipe)
     except ZooError as exc:
         print(f"hf-attn-zoo tune: error: {exc}", file=sys.stderr)
         return 2
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # one summary per run, from the main process
     held_out = f", held-out loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     final = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
     print(

@@ -57,6 +57,7 @@ from ..errors import RecipeError
 __all__ = [
     "CorpusSource",
     "DataSection",
+    "DistributedSection",
     "EvalSection",
     "FilesSource",
     "HFDatasetSource",
@@ -227,6 +228,39 @@ class LoraSection(_Section):
     target_parameters: list[str] = Field(default_factory=list)
 
 
+class DistributedSection(_Section):
+    """How the processes of a multi-process run share the model (`train.distributed`; one process ignores it).
+
+    Start several processes with `hf-attn-zoo tune RECIPE --nproc N` (torchrun), `torchrun --nproc_per_node N -m
+    hf_attn_zoo.tuning tune RECIPE` or `accelerate launch --multi_gpu --num_processes N -m hf_attn_zoo.tuning tune
+    RECIPE` (on CPU too: it then runs over gloo).
+
+    Args:
+        strategy (`str`, *optional*, defaults to `"ddp"`):
+            `ddp`: every process holds the whole model and averages gradients (DistributedDataParallel). `fsdp`:
+            PyTorch FSDP2 (`fully_shard`) shards parameters, gradients and optimizer states over the processes, one
+            unit per decoder layer (the model's `_no_split_modules`), so the patches' new modules (routers, experts)
+            shard with their layer; on CPU it runs over gloo. `deepspeed`: DeepSpeed ZeRO through the Trainer's
+            integration (needs the `deepspeed` package and GPUs).
+        reshard_after_forward (`bool`, *optional*, defaults to `True`):
+            fsdp: free each layer's gathered parameters after its forward (ZeRO-3-like); `False` keeps them until
+            the backward (ZeRO-2-like: more memory, one all-gather less per layer).
+        cpu_offload (`bool`, *optional*, defaults to `False`): fsdp / deepspeed: keep shards and optimizer states
+            in CPU memory.
+        zero_stage (`int`, *optional*, defaults to 3): deepspeed: ZeRO stage 2 (optimizer states and gradients
+            sharded) or 3 (parameters too).
+        deepspeed_config (`str`, *optional*): deepspeed: a DeepSpeed JSON file (relative to the recipe); by default
+            the shipped `hf_attn_zoo/tuning/configs/deepspeed_zero{2,3}.json`, whose `auto` values the Trainer fills
+            from the recipe.
+    """
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+    zero_stage: Literal[2, 3] = 3
+    deepspeed_config: str | None = None
+
+
 class TrainSection(_Section):
     """What is trained, and for how long.
 
@@ -253,7 +287,9 @@ class TrainSection(_Section):
         mixed_precision (`str`, *optional*, defaults to `"no"`): `no`, `bf16` or `fp16` autocast.
         gradient_checkpointing (`bool`, *optional*, defaults to `False`).
         resume (`bool`, *optional*, defaults to `True`): continue from the last checkpoint in `output_dir`.
-        trainer_args (`dict`, *optional*): extra `transformers.TrainingArguments` (e.g. `fsdp`, `deepspeed`).
+        distributed (`DistributedSection`, *optional*): `ddp`, `fsdp` or `deepspeed` for multi-process runs.
+        trainer_args (`dict`, *optional*): extra `transformers.TrainingArguments` (not `fsdp` / `deepspeed`: those
+            come from `distributed`).
     """
 
     what: Literal["new", "lora", "moe", "all"] = "all"
@@ -270,6 +306,7 @@ class TrainSection(_Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
     resume: bool = True
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
     trainer_args: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -756,6 +793,9 @@ def _semantic_problems(recipe: Recipe) -> list[tuple[Loc, str]]:
     problems += _optimizer_problems(recipe)
     problems += _trainer_args_problems(recipe)
     problems += _init_problems(recipe)
+    from .distributed import sharding_problems
+
+    problems += sharding_problems(recipe)
     return problems
 
 
@@ -842,6 +882,8 @@ _OWNED_ARGS = {
     "eval_steps": "train.eval_steps", "seed": "seed", "gradient_checkpointing": "train.gradient_checkpointing",
     "activation_checkpointing": "train.gradient_checkpointing",
     "resume_from_checkpoint": "train.resume",
+    "fsdp": "train.distributed.strategy", "fsdp_config": "train.distributed",
+    "deepspeed": "train.distributed.strategy (and deepspeed_config)",
 }
 
 

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -25,6 +24,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 
 from ..errors import MissingAssetError, RecipeError, ZooError
+from . import distributed
 from .init_hooks import get_init_hook
 from .recipe import CorpusSource, FilesSource, HFDatasetSource, LoraSection, Recipe, load_recipe, validate_recipe
 
@@ -100,7 +100,7 @@ def run_recipe(
     """
     recipe = _resolve(recipe_or_path, overrides)
     output_dir = recipe.resolved_output_dir()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = distributed.world_size()
     train = recipe.train
     grad_accum = _grad_accum(recipe, world_size)
     tokens_per_step = train.batch_size * grad_accum * world_size * recipe.data.seq_len
@@ -108,6 +108,7 @@ def run_recipe(
 
     set_seed(recipe.seed)
     model, tokenizer = load_model_and_tokenizer(recipe)
+    use_cache = model.config.use_cache
     apply_patches(model, recipe)
     _check_moe(model, recipe)
 
@@ -116,6 +117,8 @@ def run_recipe(
         train_dataset, eval_dataset = build_datasets(recipe, tokenizer)
 
     resume_from = last_checkpoint(output_dir) if train.resume else None
+    if resume_from is not None:
+        distributed.check_resume(resume_from, recipe)
     if resume_from is None:
         run_init_hooks(model, train_dataset, recipe)
     elif recipe.init:
@@ -135,7 +138,7 @@ def run_recipe(
         eval_dataset=eval_dataset,
         data_collator=default_data_collator,
         processing_class=tokenizer,
-        callbacks=[throughput, *callbacks],
+        callbacks=[throughput, _CheckpointLayout(recipe), *callbacks],
     )
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -147,7 +150,7 @@ def run_recipe(
             router_losses.remove()  # the final model is saved (and evaluated) as a plain model
 
     final_dir = output_dir / "final"
-    final_model = _save_final(trainer, tokenizer, final_dir)
+    final_model = _save_final(trainer, tokenizer, final_dir, recipe, use_cache)
     eval_results = None
     if recipe.eval is not None and trainer.is_world_process_zero():
         eval_results = _run_eval(final_model, recipe, output_dir)
@@ -383,6 +386,7 @@ def _training_args(recipe: Recipe, output_dir: Path, max_steps: int, grad_accum:
         dataloader_drop_last=True,
         disable_tqdm=False,
     )
+    args.update(distributed.distributed_training_args(recipe))
     args.update(train.trainer_args)
     return args
 
@@ -426,6 +430,10 @@ class _ZooTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self._aux_sums: dict[str, torch.Tensor | float] = dict.fromkeys(_AUX_LOGS, 0.0)
         self._aux_counts: dict[str, int] = dict.fromkeys(_AUX_LOGS, 0)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        distributed.enable_fsdp_without_gpus(self)
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         if self.lr_scheduler is None:
@@ -498,15 +506,30 @@ class _Throughput(TrainerCallback):
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+class _CheckpointLayout(TrainerCallback):
+    """Marks each checkpoint complete once every process has written its part, with the layout it was written in."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+
+    def on_save(self, args, state, control, **kwargs):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        if state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            distributed.write_checkpoint_layout(checkpoint, self.recipe)
+
+
 def last_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete `checkpoint-N` folder in `output_dir` (one with its trainer state), or `None`."""
+    """The newest complete `checkpoint-N` folder in `output_dir` (trainer state and layout written), or `None`."""
     folder = Path(output_dir)
     if not folder.is_dir():
         return None
     found = []
     for child in folder.iterdir():
         match = _CHECKPOINT.match(child.name)
-        if match and child.is_dir() and (child / "trainer_state.json").is_file():
+        complete = (child / "trainer_state.json").is_file() and (child / distributed.CHECKPOINT_LAYOUT).is_file()
+        if match and child.is_dir() and complete:
             found.append((int(match.group(1)), child))
     return max(found)[1] if found else None
 
@@ -530,15 +553,30 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): data}
 
 
-def _save_final(trainer: Any, tokenizer: Any, final_dir: Path) -> torch.nn.Module | None:
+def _save_final(
+    trainer: Any, tokenizer: Any, final_dir: Path, recipe: Recipe, use_cache: bool
+) -> torch.nn.Module | None:
     trainer.accelerator.wait_for_everyone()
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    state_dict = distributed.full_state_dict(trainer) if sharded else None  # a collective: every process
     if not trainer.is_world_process_zero():
         return None
+    model = _unsharded(recipe, state_dict) if sharded else trainer.accelerator.unwrap_model(trainer.model)
+    model.config.use_cache = use_cache  # the Trainer turns the cache off for training
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.save_pretrained(final_dir)
     tokenizer.save_pretrained(final_dir)
+    return model
+
+
+def _unsharded(recipe: Recipe, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The trained model in one process: the recipe's model rebuilt as it was trained (patches, PEFT wrappers),
+    then the gathered state dict loaded into it, every key accounted for."""
+    model, _ = load_model_and_tokenizer(recipe)
+    apply_patches(model, recipe)
+    model = _select_trainable(model, recipe)
+    model.load_state_dict(state_dict, strict=True)
     return model
 
 

@@ -3,36 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from .launch import loss_history, tune
 from .test_train import MOH, tiny_recipe
 
-ROOT = Path(__file__).resolve().parents[2]
 # fp32 sums over 2 x 2 blocks instead of 4: rounding only
 DDP_LOSS_ATOL = 1e-4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tune(recipe: Path, nproc: int, batch_size: int, out: Path) -> list[tuple[int, float]]:
-    tune = ["-m", "hf_attn_zoo.tuning", "tune", str(recipe), f"train.batch_size={batch_size}", f"output_dir={out}"]
-    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                                      f"--master_port={_free_port()}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, *launcher, *tune], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=240)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    return [tuple(entry) for entry in json.loads((out / "result.json").read_text())["loss_history"]]
+    tune(recipe, nproc, f"train.batch_size={batch_size}", f"output_dir={out}")
+    return loss_history(out)
 
 
 @pytest.mark.slow
