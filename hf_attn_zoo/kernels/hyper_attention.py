@@ -57,6 +57,7 @@ def _attend(q, k, v, scaling, mask):
     Rows that attend no key give zeros and a log-sum-exp of -inf (no NaN, also in the backward).
     """
     groups, n_q = q.shape[-3], q.shape[-2]
+    # fp32 scores, softmax and log-sum-exp: the parts are merged by their log-sum-exp
     scores = torch.matmul(q.flatten(-3, -2), k.transpose(-1, -2)).unflatten(-2, (groups, n_q)).float() * scaling
     if mask is not None:
         scores = scores.masked_fill(~mask.unsqueeze(-3), float("-inf"))
@@ -88,6 +89,9 @@ def _fused(q, k, v, scaling, causal, mask):
     """`_exact` with the CPU flash kernel (causal only on square inputs); rows that attend no key give zeros."""
     groups, n_q, n_k = q.shape[-3], q.shape[-2], k.shape[-2]
     lead = k.shape[:-2]
+    # autocast does not cover the raw kernel, which needs one dtype (autocast: bf16 values, fp32 rotated q/k)
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
     bias = None
     if mask is not None:
         bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
@@ -136,6 +140,7 @@ def merge_attention(out1, lse1, out2, lse2):
 
     `out = c * out1 + (1 - c) * out2` with `c = 1 / (1 + exp(lse2 - lse1))`; `lse = log(exp(lse1) + exp(lse2))`.
     """
+    # the weights from fp32 log-sum-exps, cast to each output's dtype
     peak = torch.maximum(lse1, lse2).detach()
     peak = torch.where(torch.isfinite(peak), peak, 0.0)
     w1, w2 = torch.exp(lse1 - peak), torch.exp(lse2 - peak)
@@ -166,6 +171,7 @@ def _sort_order(x, projections):
     """Stable sortLSH order of the rows of `x` `[..., N, D]`."""
     # the official code indexes the Gray sequence by the binary word (gray(word)); the paper wants adjacent buckets
     # to differ by one bit, which ranks words in the Gray order (the inverse map)
+    # fp32 projections (the generator draws fp32): the same buckets whatever the activations' dtype
     buckets = gray_rank(torch.matmul(x.float(), projections) > 0)
     return torch.sort(buckets, dim=-1, stable=True).indices
 

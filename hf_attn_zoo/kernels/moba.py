@@ -83,6 +83,7 @@ def moba_selection(query: torch.Tensor, key: torch.Tensor, block_size: int,
     kv_heads, length, dim = key.shape
     n = -(-length // block_size)
     with torch.no_grad():
+        # fp32 block means and gates (as the paper): bf16 sums over a block lose precision and the top-k ties
         sums = F.pad(key.float(), (0, 0, 0, n * block_size - length)).unflatten(1, (n, block_size)).sum(2)
         counts = (length - torch.arange(n, device=key.device) * block_size).clamp(max=block_size)
         means = sums / counts[:, None]  # [G, n, D]
@@ -115,12 +116,16 @@ def _partial(query, key, value, mask, causal, scaling, dropout, fused):
     `fused` runs PyTorch's CPU flash kernel, which returns the log-sum-exp but gives it no gradient (inference only).
     """
     if fused:
+        # autocast does not cover the raw kernel, which needs one dtype (autocast: bf16 values, fp32 rotated q/k)
+        dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+        query, key, value = (t.to(dtype) for t in (query, key, value))
         heads = query.shape[1]
         if heads > 1:
             key, value = (t.expand(-1, heads, -1, -1).contiguous() for t in (key, value))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, is_causal=causal,
                                                                              scale=scaling)
         return out.float(), lse
+    # fp32 scores, softmax and log-sum-exp: the partial results are merged by their log-sum-exp below
     scores = (query @ key.transpose(-1, -2)).float() * scaling
     if causal:
         tri = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
@@ -194,6 +199,7 @@ def _gather(query, key, value, chosen, current, block_size, window, scaling, dro
         index = torch.where(real, rows + picked, trash).flatten()
         parts.append((index, lse.flatten(), out.flatten(0, 2)))
 
+    # the log-sum-exp merge in fp32, cast back to the queries' dtype at the end
     # the shift cancels in the ratio: only a stabiliser, so no gradient through it
     top = torch.full((trash + 1,), _LOW, device=device)
     for index, lse, _ in parts:
@@ -316,7 +322,8 @@ def moba_attention(
             continue
         part = _rows(query[rows, :, skip:].flatten(0, 1), key[rows, :, first:].flatten(0, 1),
                      value[rows, :, first:].flatten(0, 1), block_size, top_k, window, scaling, dropout, backend)
-        part = F.pad(part.unflatten(0, (len(rows), heads)), (0, 0, skip, 0))
+        # under autocast the masked path's SDPA returns its lower precision: the output keeps the queries' dtype
+        part = F.pad(part.unflatten(0, (len(rows), heads)).to(out.dtype), (0, 0, skip, 0))
         out = out.index_put((rows[:, None], torch.arange(heads, device=query.device)), part)
     return out.transpose(1, 2)
 

@@ -119,9 +119,13 @@ def _partial(q, k, v, bias, empty, scaling):
     """
     if q.device.type == "cpu" and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                                                       or v.requires_grad)):
+        # autocast does not cover the raw kernel, which needs one dtype (autocast: bf16 values, fp32 rotated q/k)
+        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+        q, k, v = (t.to(dtype) for t in (q, k, v))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias.to(q.dtype),
                                                                               scale=scaling)
         return out.float(), lse.float().masked_fill(empty, float("-inf"))
+    # fp32 scores and log-sum-exp: the local and routing parts are merged by their log-sum-exp
     scores = (q.float() @ k.float().transpose(-1, -2)) * scaling + bias.float()
     # empty rows get finite scores, so that the backward of logsumexp gives no NaN; their output is zeroed below
     scores = scores.masked_fill(empty[..., None], 0.0)
@@ -239,6 +243,7 @@ def _sorted(query, key, value, q_pos, k_pos, offsets, padding, qc, kc, routing, 
         return local_out.to(query.dtype)
     route_out, route_lse = _routing_part(query, key, value, q_pos, k_pos, offsets, padding, qc, kc, routing, window,
                                          sinks, span, scaling)
+    # the log-sum-exp merge in fp32, cast back to the queries' dtype
     lse = _safe(torch.logaddexp(local_lse, route_lse))
     out = (local_out * torch.exp(local_lse - lse)[..., None] + route_out * torch.exp(route_lse - lse)[..., None])
     return out.to(query.dtype)

@@ -269,6 +269,8 @@ def _blocks(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling,
                     for t in (keys, values))  # [g, heads, n, D]
             o = F.scaled_dot_product_attention(queries[units], k, v, attn_mask=g.mask, dropout_p=dropout,
                                                scale=scaling)
+            # under autocast SDPA returns its lower precision: the output keeps the queries' dtype
+            o = o.to(out.dtype)
             out.index_copy_(0, units, o if g.empty is None else o.masked_fill(g.empty, 0.0))
     out = out.view(batch, plan.chunks, kv_heads, group, QUERY_CHUNK, -1).permute(0, 2, 3, 1, 4, 5)
     return out.reshape(batch, num_heads, plan.chunks * QUERY_CHUNK, -1)[:, :, :real_len]

@@ -79,6 +79,7 @@ class StreamingPositions:
         delta = (q_rel - (self.sinks + self.window - 1)).clamp(min=0)  # [B, Q]
         shifted = rotate(query, -delta[:, None, :], self.inv_freq.to(query.device))
         scores = torch.where(sink[:, None, None, :], shifted @ key.transpose(-1, -2), query @ key.transpose(-1, -2))
+        # fp32 softmax, cast back to the values' dtype
         scores = (scores.float() * scaling).masked_fill(~allowed[:, None], float("-inf"))
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # padding queries attend nothing: zeros
         return (weights.to(value.dtype) @ value).transpose(1, 2).contiguous()

@@ -247,6 +247,7 @@ class SoftmaxTopKRule(RoutingRule):
         if disabled is not None:
             # a disabled expert is left out of the softmax too, as if the model did not have it
             logits = logits.masked_fill(disabled, float("-inf"))
+        # fp32 softmax as the families' own routers; `weigh` casts back where the family does
         if self.cast_back:
             probs = torch.nn.functional.softmax(logits, dtype=torch.float, dim=-1)
         else:

@@ -198,7 +198,9 @@ class _Experts:
 def _copies(tensor: torch.Tensor, n: int, noise: float) -> torch.Tensor:
     """`n` copies of `tensor` stacked on a new first dim, plus Gaussian noise of std `noise * tensor.std()`."""
     copies = tensor.detach().unsqueeze(0).repeat(n, *([1] * tensor.dim()))
-    if noise > 0:
+    # a meta tensor has no values to measure or perturb: its copies stay meta
+    if noise > 0 and not tensor.is_meta:
+        # fp32 std (a bf16 reduction over a whole matrix loses precision) and noise, cast to the weights' dtype
         std = tensor.detach().float().std().item() * noise
         copies += torch.randn(copies.shape, device=copies.device, dtype=torch.float32).mul_(std).to(copies.dtype)
     return copies
@@ -283,6 +285,7 @@ class ExpertOutputLinear(nn.Linear, _Experts):
             parts = x.unflatten(-1, (kv_heads, n, width)).transpose(-3, -2).reshape(*x.shape[:-1], n, -1)
         else:
             parts = x.unflatten(-1, (n, self.expert_in_features))  # [..., N, in]
+        # the router's fp32 gates meet the activations in their dtype
         gates = gates.to(x.dtype)
         out = F.linear(parts[..., 0, :] * gates[..., :1], self.weight)
         if self.bias is not None:
@@ -318,6 +321,7 @@ class BAMRouter(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Router logits `W x` `[..., N]` in float32."""
+        # fp32: the softmax and top-k over the experts run in fp32 whatever the model's dtype
         return F.linear(hidden.to(self.weight.dtype), self.weight).float()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -68,15 +68,17 @@ class MoBAKeyConv(nn.Module):
 
     The keys arrive rotated (RoPE), so the two channels RoPE rotates together share their weights (`channel_map`):
     a per-pair scale commutes with the rotation, and attention still depends only on relative positions. Initialised
-    as the identity (weight 1 on the current position, 0 on the previous ones).
+    as the identity (weight 1 on the current position, 0 on the previous ones); `dtype`/`device` are those of the
+    keys' projection when patched.
     """
 
-    def __init__(self, kv_heads: int, channel_map: list[int], kernel_size: int):
+    def __init__(self, kv_heads: int, channel_map: list[int], kernel_size: int, *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None):
         super().__init__()
-        weight = torch.zeros(kv_heads, max(channel_map) + 1, kernel_size)
+        weight = torch.zeros(kv_heads, max(channel_map) + 1, kernel_size, dtype=dtype, device=device)
         weight[..., -1] = 1.0
         self.weight = nn.Parameter(weight)
-        self.register_buffer("channel_map", torch.tensor(channel_map), persistent=False)
+        self.register_buffer("channel_map", torch.tensor(channel_map, device=device), persistent=False)
 
     def extra_repr(self) -> str:
         kv_heads, _, size = self.weight.shape
@@ -140,6 +142,14 @@ def _key_channels(family: FamilySpec, model_config: PretrainedConfig) -> tuple[i
     return layout.num_kv_heads, [c % (rotary // 2) for c in range(rotary)] + free
 
 
+def _key_weight(attention: nn.Module, family: FamilySpec) -> torch.Tensor:
+    """The weight the key convolution follows in dtype and device: k_proj's, or for MLA (no k_proj) the attention's
+    first linear's."""
+    if family.attention.k is not None:
+        return getattr(attention, family.attention.k).weight
+    return next(m.weight for m in attention.modules() if isinstance(m, nn.Linear))
+
+
 @register_patch
 class MoBAPatch(Patch):
     name = "moba"
@@ -175,8 +185,10 @@ class MoBAPatch(Patch):
         for index in layers:
             attention = family.attention_module(model, index)
             if config.key_conv:
-                device = next(attention.parameters()).device
-                conv = MoBAKeyConv(kv_heads, channel_map, config.key_conv).to(device)
+                weight = _key_weight(attention, family)
+                # built in place next to the key projection: its dtype, and no real memory on a meta-device model
+                dtype = weight.dtype if weight.is_floating_point() else None  # quantised: the default dtype
+                conv = MoBAKeyConv(kv_heads, channel_map, config.key_conv, dtype=dtype, device=weight.device)
                 attention.moba_key_conv = conv
                 handle.on_revert(lambda a=attention: delattr(a, "moba_key_conv"))
                 handle.modules.append(conv)

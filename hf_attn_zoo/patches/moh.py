@@ -121,10 +121,12 @@ class MoHRouter(nn.Module):
     """Per-layer head router; computes the head gates `g` of Eq. 5 (shape `[B, T, H]`).
 
     It also keeps head-usage counts (how often each head was active) and, in training, the load-balance loss of the
-    last forward (`last_aux_loss`).
+    last forward (`last_aux_loss`). `dtype`/`device` are those of its projection (the patch passes the attention's
+    q_proj weight's); the gates are computed in float32 whatever the weights' dtype.
     """
 
-    def __init__(self, hidden_size: int, layout: HeadLayout, config: MoHConfig):
+    def __init__(self, hidden_size: int, layout: HeadLayout, config: MoHConfig, *,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         super().__init__()
         self.config = config
         self.layout = layout
@@ -138,7 +140,7 @@ class MoHRouter(nn.Module):
         self.shared_rows = u.shared if learned and weighted and u.shared > 1 else 0
         self.mix_rows = 2 if learned and weighted and u.shared > 0 and u.routed > 0 else 0
         rows = self.routed_rows + self.shared_rows + self.mix_rows
-        self.proj = nn.Linear(hidden_size, rows, bias=False) if rows else None
+        self.proj = nn.Linear(hidden_size, rows, bias=False, dtype=dtype, device=device) if rows else None
         if self.proj is not None:
             # zero-initialised: uniform softmaxes, so weighted gates (with the code's scale factors) start at exactly 1
             nn.init.zeros_(self.proj.weight)
@@ -153,8 +155,9 @@ class MoHRouter(nn.Module):
                 f"shared={u.shared}, routed={u.routed}, top_k={u.top_k} (units of {u.size} head(s))")
 
     def reset_usage(self) -> None:
-        # plain attributes, not buffers: statistics are not saved with the model
-        self._usage_counts = torch.zeros(self.layout.num_heads, dtype=torch.float64)
+        # plain attributes, not buffers: statistics are not saved with the model; the counts are made by the first
+        # flush, so a router on a meta-device model holds no real tensor
+        self._usage_counts: torch.Tensor | None = None
         self._pending_gates: list[torch.Tensor] = []
         self._pending_numel = 0
         self.usage_tokens = 0
@@ -163,6 +166,8 @@ class MoHRouter(nn.Module):
     def usage_counts(self) -> torch.Tensor:
         """How many tokens used each head since the last reset `[H]`."""
         self._flush_usage()
+        if self._usage_counts is None:
+            return torch.zeros(self.layout.num_heads, dtype=torch.float64)
         return self._usage_counts
 
     def _record_usage(self, gates: torch.Tensor) -> None:
@@ -176,7 +181,8 @@ class MoHRouter(nn.Module):
     def _flush_usage(self) -> None:
         if self._pending_gates:
             active = torch.cat(self._pending_gates).gt(0).sum(0)
-            self._usage_counts = self._usage_counts.to(active.device) + active
+            counts = self._usage_counts
+            self._usage_counts = active.double() if counts is None else counts.to(active.device) + active
             self._pending_gates, self._pending_numel = [], 0
 
     @property
@@ -196,6 +202,7 @@ class MoHRouter(nn.Module):
 
     def _norm_scores(self, mode: str, query: torch.Tensor | None, head_out: torch.Tensor | None) -> torch.Tensor:
         """Norm scores of the routed units `[B, T, r]` for the training-free routers (qnorm / onorm)."""
+        # fp32: bf16 rounds close head norms to ties, which flips the top-k ranking
         if mode == "qnorm":
             return self._unit_norms(query.float().norm(dim=-1).transpose(1, 2))  # query [B, H, T, D]
         return self._unit_norms(head_out.float().norm(dim=-1))  # head_out [B, T, H, D]
@@ -208,6 +215,7 @@ class MoHRouter(nn.Module):
         batch, length = hidden.shape[:2]
         logits = None
         if self.proj is not None and mode == "learned":
+            # fp32 logits: the softmaxes, the top-k and the balance loss below run in fp32 whatever the model's dtype
             logits = self.proj(hidden.to(self.proj.weight.dtype)).float()
         parts = []
         if u.shared > 0:
@@ -287,6 +295,7 @@ def _moh_handler(base, module, query, key, value, attention_mask, *, o_proj_name
         return out, None
     out, weights = base(module, query, key, value, attention_mask, **kwargs)  # out [B, T, H, D]
     gates = router(hidden, query, out if router.needs_head_outputs else None)
+    # the gates are fp32: cast to the activation dtype where they flow back into the model
     return out * gates.unsqueeze(-1).to(out.dtype), weights
 
 
@@ -389,7 +398,9 @@ class MoHPatch(Patch):
         routers = []
         for attention in attentions:
             weight = getattr(attention, family.attention.q).weight
-            routers.append(MoHRouter(model.config.hidden_size, layout, config).to(weight.device))
+            # built in place next to q_proj: its dtype, and no real memory on a meta-device model
+            dtype = weight.dtype if weight.is_floating_point() else None  # quantised: the default dtype
+            routers.append(MoHRouter(model.config.hidden_size, layout, config, dtype=dtype, device=weight.device))
         for attention, router in zip(attentions, routers):
             attention.head_router = router
             handle.on_revert(lambda a=attention: delattr(a, "head_router"))
@@ -457,7 +468,8 @@ def distill_router(model: nn.Module, batches, steps: int = 200, lr: float = 1e-2
     losses, agreements = [], []
     for r in routers:
         hidden = torch.cat([h for h, _ in r.distill_buffer]).to(r.proj.weight)
-        norms = torch.cat([s for _, s in r.distill_buffer]).to(hidden)
+        # fp32 targets (softmax of the norms) whatever the router's dtype
+        norms = torch.cat([s for _, s in r.distill_buffer]).to(device=hidden.device, dtype=torch.float32)
         r.distill_buffer = []
         target = torch.softmax(norms / norms.std(-1, keepdim=True).clamp_min(1e-6) / temperature, dim=-1)
         optimizer = torch.optim.Adam(r.proj.parameters(), lr=lr)

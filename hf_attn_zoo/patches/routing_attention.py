@@ -107,33 +107,47 @@ class RoutingCentroids(nn.Module):
     Called with the pre-RoPE query `[B, H, Q, D]` and new keys `[B, KV, Q, D]`, it returns their cluster ids
     (`[B, H, Q]`, -1 for local heads; `[B, KV, Q]`). In training mode it also sets `last_aux_loss` (the commitment
     loss) and applies the EMA update; while `recorded` is a dict it collects the normalised vectors for k-means.
+    `means` lives on `device` (the patch passes q_proj's) in float32 whatever the model's dtype: it is an EMA state,
+    and a 0.999-decay step is below bf16's resolution (in bf16 most entries never move). Distances, the commitment
+    loss and the EMA run in float32. Under several processes each EMA step sums the whole global batch (an
+    all-reduce), so every process keeps the same centroids, whatever shards the parameters.
     """
 
-    def __init__(self, layout: HeadLayout, config: RoutingAttentionConfig, seed: int):
+    def __init__(self, layout: HeadLayout, config: RoutingAttentionConfig, seed: int, *,
+                 device: torch.device | str | None = None):
         super().__init__()
         self.config = config
         self.seed = seed
-        generator = torch.Generator().manual_seed(seed)
-        means = torch.randn(layout.num_kv_heads, config.num_clusters, layout.head_dim, generator=generator)
-        self.register_buffer("means", F.normalize(means, dim=-1))
-        routing = torch.zeros(layout.num_heads, dtype=torch.bool)
-        routing[layout.num_heads - config.routing_heads:] = True
-        heads = torch.nonzero(routing).flatten()
+        shape = (layout.num_kv_heads, config.num_clusters, layout.head_dim)
+        if torch.device(device or "cpu").type == "meta":
+            # nothing to draw on a meta-device model: the checkpoint or init_routing_centroids fills them later
+            means = torch.empty(shape, device=device)
+        else:
+            # drawn on the CPU: the same centroids on every device
+            generator = torch.Generator().manual_seed(seed)
+            means = F.normalize(torch.randn(shape, generator=generator), dim=-1).to(device)
+        self.register_buffer("means", means)
+        # from Python ints, not nonzero/unique: those need values, which a meta-device model does not have
+        self.routing_heads = list(range(layout.num_heads - config.routing_heads, layout.num_heads))
+        routed_kv = sorted({h // layout.group_size for h in self.routing_heads})
+        heads = torch.tensor(self.routing_heads, dtype=torch.long, device=device)
+        routing = torch.arange(layout.num_heads, device=device) >= layout.num_heads - config.routing_heads
         self.register_buffer("routing", routing, persistent=False)
         self.register_buffer("routing_index", heads, persistent=False)
         self.register_buffer("routing_kv", heads // layout.group_size, persistent=False)
-        self.register_buffer("routed_kv", torch.unique(heads // layout.group_size), persistent=False)
+        self.register_buffer("routed_kv", torch.tensor(routed_kv, dtype=torch.long, device=device), persistent=False)
         self.last_aux_loss: torch.Tensor | None = None
         self.recorded: dict[int, list[torch.Tensor]] | None = None
 
     def extra_repr(self) -> str:
         kv, clusters, dim = self.means.shape
-        return (f"kv_heads={kv}, clusters={clusters}, head_dim={dim}, routing_heads={self.routing_index.tolist()}, "
+        return (f"kv_heads={kv}, clusters={clusters}, head_dim={dim}, routing_heads={self.routing_heads}, "
                 f"ema_decay={self.config.ema_decay}")
 
     def forward(self, query: torch.Tensor, key: torch.Tensor,
                 real: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         batch, heads, q_len, _ = query.shape
+        # fp32 distances to the centroids: in bf16 close scores tie and the argmax flips
         q = F.normalize(query[:, self.routing_index].float(), dim=-1)  # [B, R, Q, D]
         k = F.normalize(key.float(), dim=-1)  # [B, KV, Q, D]
         means = self.means.float()
@@ -161,11 +175,10 @@ class RoutingCentroids(nn.Module):
         q_vectors, q_index = self._flat(q, q_routes, self.routing_kv, real)
         k_vectors, k_index = self._flat(k, k_routes, self.routed_kv, real)
         vectors, index = torch.cat([q_vectors, k_vectors]), torch.cat([q_index, k_index])
-        if vectors.shape[0] == 0:
-            return
-        # commitment loss on queries and keys (gradient to the q/k projections only: the centroids are buffers)
-        centroids = self.means.float().flatten(0, 1)[index]
-        self.last_aux_loss = (vectors - centroids).pow(2).sum(-1).mean()
+        if vectors.shape[0]:
+            # commitment loss on queries and keys (gradient to the q/k projections only: the centroids are buffers)
+            centroids = self.means.float().flatten(0, 1)[index]
+            self.last_aux_loss = (vectors - centroids).pow(2).sum(-1).mean()
         # a recomputation by gradient checkpointing runs inside the backward pass: count each step once
         if torch._C._current_graph_task_id() != -1:
             return
@@ -174,7 +187,13 @@ class RoutingCentroids(nn.Module):
         with torch.no_grad():
             flat = self.means.float().flatten(0, 1)
             sums = torch.zeros_like(flat).index_add_(0, index, vectors.detach())
-            hit = torch.bincount(index, minlength=flat.shape[0]) > 0
+            counts = torch.bincount(index, minlength=flat.shape[0])
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # one step over the global batch on every process (even one with nothing to add: a collective),
+                # so the copies stay equal; FSDP keeps buffers per process, DDP would broadcast process 0's
+                torch.distributed.all_reduce(sums)
+                torch.distributed.all_reduce(counts)
+            hit = counts > 0
             decay = self.config.ema_decay
             # unit centroids (spherical k-means): the EMA of the normalised batch mean, renormalised
             updated = F.normalize(decay * flat + (1 - decay) * F.normalize(sums, dim=-1), dim=-1)
@@ -318,8 +337,9 @@ class RoutingAttentionPatch(Patch):
                 raise UnsupportedArchitectureError(
                     f"routing_attention: {type(attention).__module__} has no apply_rotary_pos_emb to invert; the "
                     "clusters are built on pre-RoPE vectors.")
+            # built in place next to q_proj: no real memory on a meta-device model
             device = getattr(attention, family.attention.q).weight.device
-            centroids = RoutingCentroids(layout, config, seed=config.seed * 65537 + index).to(device)
+            centroids = RoutingCentroids(layout, config, seed=config.seed * 65537 + index, device=device)
             # a new module starts in training mode: follow the model, or eval forwards would run the EMA update
             centroids.train(attention.training)
             centroids.patch_tag = tag
@@ -409,6 +429,7 @@ def init_routing_centroids(model: nn.Module, batches: Iterable[dict[str, torch.T
                     x = x[torch.randperm(x.shape[0], generator=generator)[:max_vectors]]
                 if x.shape[0] == 0:
                     continue
+                # k-means in fp32 on the CPU
                 current = m.means[g].float().cpu()
                 means = _spherical_kmeans(x, current.shape[0], iterations, generator)
                 before.append(_within_distance(x, current).item())

@@ -8,6 +8,7 @@ model for the final save, and starts the processes (`hf-attn-zoo tune --nproc N`
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -38,11 +39,6 @@ CHECKPOINT_LAYOUT = "zoo_checkpoint.json"
 def world_size() -> int:
     """Processes of this run (torchrun / accelerate set `WORLD_SIZE`; 1 otherwise)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def strategy_name(section: DistributedSection) -> str:
-    """`ddp`, `fsdp`, `zero2` or `zero3`: what a patch's `sharding_problem` is asked about."""
-    return f"zero{section.zero_stage}" if section.strategy == "deepspeed" else section.strategy
 
 
 def deepspeed_config_path(section: DistributedSection, base_dir: Path) -> Path:
@@ -90,30 +86,25 @@ def deepspeed_config_problems(path: Path, zero_stage: int) -> list[str]:
 
 
 def sharding_problems(recipe: Recipe) -> list[tuple[tuple[str | int, ...], str]]:
-    """Recipe problems of `train.distributed`: a missing or unusable DeepSpeed config, a patch that cannot shard."""
-    section = recipe.train.distributed
-    problems: list[tuple[tuple[str | int, ...], str]] = []
-    if section.strategy == "deepspeed":
-        path = deepspeed_config_path(section, recipe.base_dir)
-        where = ("train", "distributed", "deepspeed_config" if section.deepspeed_config else "zero_stage")
-        problems += [(where, problem) for problem in deepspeed_config_problems(path, section.zero_stage)]
-    elif section.deepspeed_config is not None:
-        problems.append((("train", "distributed", "deepspeed_config"), "only used with strategy: deepspeed"))
-    import hf_attn_zoo.patches  # noqa: F401  (fills the registry)
-    from ..registry import PATCHES
+    """Recipe problems of `train.distributed`, found before any process starts.
 
-    strategy = strategy_name(section)
-    for index, spec in enumerate(recipe.patches):
-        patch_cls = PATCHES.get(spec.method)
-        if patch_cls is None:
-            continue  # reported by the patch checks
-        try:
-            config = patch_cls.config_class.from_options(spec.method, spec.options)
-        except (ValueError, TypeError):
-            continue  # reported by the patch checks
-        reason = patch_cls().sharding_problem(config, strategy)
-        if reason:
-            problems.append((("patches", index), f"{spec.method} cannot train under {strategy}: {reason}"))
+    Every method trains under each strategy (the new modules shard with their decoder layer, and stateful buffers
+    such as routing_attention's centroids are reduced over the processes), so what is checked is the engine: the
+    DeepSpeed package and a config the recipe can drive.
+    """
+    section = recipe.train.distributed
+    if section.strategy != "deepspeed":
+        if section.deepspeed_config is not None:
+            return [(("train", "distributed", "deepspeed_config"), "only used with strategy: deepspeed")]
+        return []
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    if importlib.util.find_spec("deepspeed") is None:
+        problems.append((("train", "distributed", "strategy"),
+                         "deepspeed is not installed (pip install deepspeed); or use strategy: fsdp, which needs "
+                         "nothing beyond torch"))
+    path = deepspeed_config_path(section, recipe.base_dir)
+    where = ("train", "distributed", "deepspeed_config" if section.deepspeed_config else "zero_stage")
+    problems += [(where, problem) for problem in deepspeed_config_problems(path, section.zero_stage)]
     return problems
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -565,14 +566,25 @@ def _save_final(
     model.config.use_cache = use_cache  # the Trainer turns the cache off for training
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    model.save_pretrained(final_dir)
-    tokenizer.save_pretrained(final_dir)
+    # written beside, then moved into place: a crash mid-save never leaves a `final/` that looks finished
+    partial = final_dir.with_name(f"{final_dir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    partial.rename(final_dir)
     return model
 
 
 def _unsharded(recipe: Recipe, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The trained model in one process: the recipe's model rebuilt as it was trained (patches, PEFT wrappers),
     then the gathered state dict loaded into it, every key accounted for."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    # training is over: without this, a ZeRO-3 run's `from_pretrained` partitions the copy, a collective that
+    # process 0 would enter alone
+    unset_hf_deepspeed_config()
     model, _ = load_model_and_tokenizer(recipe)
     apply_patches(model, recipe)
     model = _select_trainable(model, recipe)

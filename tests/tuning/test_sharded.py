@@ -1,9 +1,10 @@
-"""FSDP2 training (`train.distributed.strategy: fsdp`) on CPU over gloo, started with `hf-attn-zoo tune --nproc 2`.
+"""Sharded training on CPU over gloo, started with `hf-attn-zoo tune --nproc 2`: FSDP2 and DeepSpeed ZeRO-3.
 
-For MoH with a learned router, BAM attention experts and an upcycled Mixtral: two sharded processes follow the
-loss curve of one process at the same global batch, the patches' new modules are sharded and trained while frozen
-weights stay bit-identical, the final model reloads with `hf_attn_zoo.from_pretrained`, and an interrupted run
-resumes from its sharded checkpoint to the same final weights. A resume with another process count is refused.
+For MoH with a learned router, BAM attention experts, routing attention and an upcycled Mixtral: two sharded
+processes follow the loss curve of one process at the same global batch, the patches' new modules are sharded and
+trained while frozen weights stay bit-identical, the final model reloads with `hf_attn_zoo.from_pretrained`, and an
+interrupted run resumes from its sharded checkpoint to the same final weights. A resume with another process count
+is refused.
 """
 
 from __future__ import annotations
@@ -117,13 +118,32 @@ def test_fsdp_trains_moh_routers_like_one_process_and_resumes(tmp_path: Path, ti
 
 
 @pytest.mark.slow
-def test_fsdp_trains_bam_attention_experts_like_one_process(tmp_path: Path, tiny_model_dir: Path):
-    recipe = tiny_recipe(tmp_path, tiny_model_dir, patches=[{"method": "bam", "num_experts": 3}],
-                         init=_probe(tmp_path / "probe"), train={"what": "all", "max_steps": 4, **FSDP})
+@pytest.mark.parametrize("patch", [
+    pytest.param({"method": "bam", "num_experts": 3}, id="bam"),
+    # its k-means centroids are buffers updated in the forward: reduced over the processes, they stay equal
+    pytest.param({"method": "routing_attention", "num_clusters": 2, "window": 8, "sinks": 1}, id="routing_attention"),
+])
+def test_fsdp_trains_attention_patches_like_one_process(tmp_path: Path, tiny_model_dir: Path, patch: dict):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, patches=[patch], init=_probe(tmp_path / "probe"),
+                         train={"what": "all", "max_steps": 4, **FSDP})
     one, two = _one_and_two(recipe, tmp_path)
     _assert_same_training(one, two)
-    model = _assert_reloads(two / "final", ["bam"])
+    model = _assert_reloads(two / "final", [patch["method"]])
     _assert_sharded(tmp_path / "probe_two", set(zoo.new_parameters(model)))
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_trains_moh_like_one_process(tmp_path: Path, tiny_model_dir: Path):
+    # DeepSpeed's CPU accelerator (gloo); it builds its shared-memory op with ninja on first use
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, patches=[{**MOH, "balance_loss_weight": 0.0}],
+                         init=_probe(tmp_path / "probe"),
+                         train={"what": "all", "max_steps": 4, "save_steps": 2,
+                                "distributed": {"strategy": "deepspeed"}})
+    one, two = _one_and_two(recipe, tmp_path)
+    _assert_same_training(one, two)
+    _assert_reloads(two / "final", ["moh"])
+    assert json.loads((two / "checkpoint-2" / "zoo_checkpoint.json").read_text()) == {
+        "strategy": "deepspeed", "world_size": 2, "sharded": True}
 
 
 @pytest.mark.slow
