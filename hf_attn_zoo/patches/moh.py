@@ -171,6 +171,10 @@ class MoHRouter(nn.Module):
         return self._usage_counts
 
     def _record_usage(self, gates: torch.Tensor) -> None:
+        if torch.compiler.is_compiling():
+            # the counters are Python state: under torch.compile every change would recompile the graph, so head
+            # usage is collected by eager forwards only (as `analysis.head_usage` runs them)
+            return
         # the reduction is batched over many calls: per decode step it would be a few extra kernels per layer
         self._pending_gates.append(gates.detach().reshape(-1, gates.shape[-1]))
         self._pending_numel += gates.numel()

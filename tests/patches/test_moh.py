@@ -253,3 +253,21 @@ def test_patching_twice_is_refused():
         hf_attn_zoo.patch(model, "moh", layers="all")
     hf_attn_zoo.patch(model, "moh", layers=[1])
     assert [r["layers"] for r in hf_attn_zoo.applied_patches(model)] == [[0], [1]]
+
+
+def test_a_compiled_moh_model_does_not_recompile_per_call():
+    # the head-usage counters are Python state; counting them under torch.compile recompiled every forward
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = _gqa_model().eval()
+    hf_attn_zoo.patch(model, "moh", router="learned")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        for _ in range(3):
+            out = compiled(ids).logits
+        torch.testing.assert_close(out, model(ids).logits)
+    assert counters["stats"]["unique_graphs"] == 1
