@@ -16,6 +16,7 @@ _USAGE = """hf-attn-zoo <command> [args]
 commands:
   methods   [--markdown]                     list the methods and their options
   patch     MODEL METHOD OUT [k=v ...]       patch a checkpoint (folder, hub id or 'default') and save it
+                                             (commands that write refuse a non-empty output; --overwrite)
   tune      RECIPE [key=value ...]           continue-tune with a YAML recipe (path or shipped recipe name)
   validate  [RECIPE ...]                     validate recipes (default: every shipped recipe)
   eval      [lm-eval flags]                  lm-eval with the 'hf-attn-zoo' model and the offline task pack
@@ -85,17 +86,22 @@ def patch_main(argv: list[str]) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("options", nargs="*", help="method options as key=value (e.g. router=onorm top_k=7)")
     parser.add_argument("--layers", default="all", help="'all', 'every_2nd', or a comma-separated list of indices")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it already holds something")
     args = parser.parse_intermixed_args(argv)
     from transformers import AutoTokenizer
 
+    from .outputs import atomic_output, check_output
+
+    check_output(args.out, args.overwrite, "output folder")  # before the (slow) load
     path = _resolve_model(args.model)
     layers: Any = args.layers
     if "," in layers or layers.lstrip("-").isdigit():
         layers = [int(i) for i in layers.split(",")]
     model = hf_attn_zoo.from_pretrained(path)
     hf_attn_zoo.patch(model, args.method, layers=layers, **_parse_options(args.options))
-    model.save_pretrained(args.out)
-    AutoTokenizer.from_pretrained(path).save_pretrained(args.out)
+    with atomic_output(args.out, args.overwrite, what="output folder") as tmp:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(path).save_pretrained(tmp)
     record = hf_attn_zoo.applied_patches(model)[-1]
     print(f"patched {path} with {args.method} on {len(record['layers'])} layers -> {args.out}")
     print(f"options: {record['options']}")

@@ -43,12 +43,16 @@ def demo_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-baseline", action="store_true",
                         help=f"skip the same-data dense baseline ({BASELINE})")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 4 steps, 8 documents per task, 2 for ppl")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over: empty --out first (a folder that is not a demo's is refused otherwise; a "
+                             "rerun of the demo reuses its finished tuning runs)")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.limit, args.ppl_docs = 4, 8, 2
     tasks = [t for t in args.tasks.split(",") if t]
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    from .outputs import atomic_output, claim_folder
+
+    out = claim_folder(args.out.resolve(), "demo", args.overwrite)
     started = time.perf_counter()
 
     import hf_attn_zoo
@@ -72,8 +76,9 @@ def demo_main(argv: list[str] | None = None) -> int:
     usage = hf_attn_zoo.analysis.head_usage(model)
     print(f"      {usage['mean_active_fraction']:.0%} of heads active per token")
     patched_dir = out / "moh_patched"
-    model.save_pretrained(patched_dir)
-    tokenizer.save_pretrained(patched_dir)
+    with atomic_output(patched_dir, overwrite=True) as tmp:  # inside the demo's own folder: replaced whole
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     del model
 
     _step(3, f"Continue-tuning with the recipe {RECIPE} ({args.steps} steps)"

@@ -18,6 +18,7 @@ __all__ = [
     "IncompatibleModelsError",
     "UnknownModelError",
     "PlanError",
+    "OutputExistsError",
 ]
 
 
@@ -63,3 +64,9 @@ class UnknownModelError(ZooError):
 
 class PlanError(ZooError):
     """A plan that cannot run: more GPUs than the sharding can use, or memory that does not fit (`hf-attn-zoo plan`)."""
+
+
+class OutputExistsError(ZooError):
+    """An output folder or file that already holds something else (another model, run or report); nothing is
+    overwritten unless asked (`--overwrite` on the command line, `overwrite=True` in Python)."""
+

@@ -74,7 +74,9 @@ def _report_parser() -> argparse.ArgumentParser:
     parser.add_argument("results", nargs="+", help="lm-eval results_*.json files or the folders lm-eval wrote.")
     parser.add_argument("--names", default=None,
                         help="Comma-separated model names, one per result (default: the file or folder names).")
-    parser.add_argument("--out", default="report", help="Output folder (default: ./report).")
+    parser.add_argument("--out", default="report",
+                        help="Output folder (default: ./report); one that already holds something is refused.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace --out if it already holds something.")
     parser.add_argument("--include_subtasks", action="store_true",
                         help="Also list the members of groups (e.g. every MMLU subject).")
     return parser
@@ -107,8 +109,12 @@ def report_main(argv: list[str]) -> int:
     if len(set(names)) != len(names):
         print(f"hf-attn-zoo report: model names must be unique, got {names}; pass --names", file=sys.stderr)
         return 2
+    from hf_attn_zoo.outputs import atomic_output
+
     try:
-        paths = write_report(dict(zip(names, args.results)), args.out, include_subtasks=args.include_subtasks)
+        with atomic_output(args.out, args.overwrite, what="report folder") as tmp:
+            written = write_report(dict(zip(names, args.results)), tmp, include_subtasks=args.include_subtasks)
+        paths = {key: Path(args.out) / path.name for key, path in written.items()}
     except (FileNotFoundError, ValueError) as err:
         print(f"hf-attn-zoo report: {err}", file=sys.stderr)
         return 1

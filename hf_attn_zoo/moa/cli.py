@@ -13,6 +13,7 @@ _USAGE = """hf-attn-zoo moa <step> [args]
 steps:
   profile --model default --lengths 512,1024 --samples 4 --out prof.pt     attention influence on held-out text
   search  --profile prof.pt --density 0.5 --out plan.json                  MILP plan under a density budget
+          (an existing --out is refused; --overwrite replaces it)
   apply   --model default --plan plan.json                                 held-out perplexity: dense, plan, uniform
 """
 
@@ -41,13 +42,18 @@ def profile_main(argv: list[str]) -> int:
     parser.add_argument("--block-size", type=int, default=64, help="tile size of the influence sums (MoA: 64)")
     parser.add_argument("--corpus", default="python_docs", help="corpus whose held-out split is the calibration text")
     parser.add_argument("--out", type=Path, default=Path("moa_profile.pt"))
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
+    from ..outputs import atomic_output, check_output
     from .profile import profile_model
+
+    check_output(args.out, args.overwrite, "profile file")
 
     model, tokenizer = _load(args.model)
     profile = profile_model(model, tokenizer, tuple(args.lengths), args.samples, args.block_size, args.corpus)
     profile.metadata["model_arg"] = args.model
-    profile.save(args.out)
+    with atomic_output(args.out, args.overwrite, is_file=True, what="profile file") as tmp:
+        profile.save(tmp)
     losses = ", ".join(f"{n}: {v:.3f}" for n, v in profile.metadata["loss"].items())
     print(f"profiled {profile.model['num_layers']} layers x {profile.model['num_heads']} heads at lengths "
           f"{profile.lengths} (mean loss {losses}) -> {args.out}")
@@ -67,9 +73,13 @@ def search_main(argv: list[str]) -> int:
     parser.add_argument("--gap", type=float, default=0.01, help="MILP relative optimality gap")
     parser.add_argument("--time-limit", type=float, default=30.0, help="seconds per MILP")
     parser.add_argument("--out", type=Path, default=Path("moa_plan.json"))
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
+    from ..outputs import atomic_output, check_output
     from .profile import AttentionProfile
     from .search import search_plan
+
+    check_output(args.out, args.overwrite, "plan file")
 
     result = search_plan(AttentionProfile.load(args.profile), args.density, args.sinks, args.alpha_step,
                          args.max_rules_per_layer or None, args.granularity, args.group_reduce, args.time_limit,
@@ -77,7 +87,8 @@ def search_main(argv: list[str]) -> int:
     for plan in result.plans:
         p = plan.provenance
         print(f"primary length {p['primary_length']}: loss {json.dumps(p['loss'])}, density {json.dumps(p['density'])}")
-    result.chosen.save(args.out)
+    with atomic_output(args.out, args.overwrite, is_file=True, what="plan file") as tmp:
+        result.chosen.save(tmp)
     print(f"chose primary length {result.chosen.provenance['primary_length']} ({result.chosen.provenance['choice']})"
           f" -> {args.out}")
     return 0

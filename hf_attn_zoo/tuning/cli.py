@@ -38,6 +38,12 @@ def tune_main(argv: Sequence[str] | None = None) -> int:
         help="train in N processes on this machine (torchrun; GPUs, or CPU processes over gloo where there are "
         "none); the recipe's train.distributed picks ddp, fsdp or deepspeed",
     )
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="start over: empty the recipe's output_dir first (only a tuning run folder). Without it a finished run "
+        "of the same recipe is reported and not retrained, and a run of a changed recipe is refused (set "
+        "train.allow_recipe_change=true to continue it anyway)",
+    )
     args = parser.parse_intermixed_args(argv)  # flags may come after the overrides
     if args.nproc < 1:
         parser.error(f"--nproc must be at least 1, got {args.nproc}")
@@ -54,10 +60,10 @@ def tune_main(argv: Sequence[str] | None = None) -> int:
 
             if world_size() > 1:
                 parser.error("--nproc starts the processes itself; do not combine it with torchrun / accelerate")
-            return launch(args.nproc, [args.recipe, *args.overrides])
+            return launch(args.nproc, [args.recipe, *args.overrides, *(["--overwrite"] if args.overwrite else [])])
         from .train import run_recipe
 
-        result = run_recipe(recipe)
+        result = run_recipe(recipe, overwrite=args.overwrite)
     except ZooError as exc:
         print(f"hf-attn-zoo tune: error: {exc}", file=sys.stderr)
         return 2
@@ -65,6 +71,13 @@ def tune_main(argv: Sequence[str] | None = None) -> int:
         return 0  # one summary per run, from the main process
     held_out = f", held-out loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     final = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
+    if result.already_finished:
+        print(
+            f"already finished: {result.output_dir} holds a finished run of this recipe ({result.global_step} steps, "
+            f"last training loss {final}{held_out}); nothing trained; model in {result.final_dir} "
+            "(--overwrite starts over)"
+        )
+        return 0
     print(
         f"done: {result.global_step} steps, last training loss {final}{held_out}, "
         f"{result.train_tokens_per_second:.0f} train tokens/s; model in {result.final_dir}"

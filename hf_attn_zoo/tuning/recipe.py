@@ -287,6 +287,14 @@ class TrainSection(_Section):
         mixed_precision (`str`, *optional*, defaults to `"no"`): `no`, `bf16` or `fp16` autocast.
         gradient_checkpointing (`bool`, *optional*, defaults to `False`).
         resume (`bool`, *optional*, defaults to `True`): continue from the last checkpoint in `output_dir`.
+            A finished run (`result.json` and `final/`) of the same recipe is never retrained or overwritten: a rerun
+            trains nothing and returns its stored result (`hf-attn-zoo tune --overwrite` starts over).
+        allow_recipe_change (`bool`, *optional*, defaults to `False`): continue (or retrain) a run in `output_dir`
+            whose `recipe.yaml` differs from this recipe. Without it such a run is refused, naming the changed
+            keys. Changes that do not alter what is trained never count: `name`, `description`, `output_dir`,
+            `train.resume`, `train.allow_recipe_change`, `train.logging_steps`, `train.save_steps`,
+            `train.save_total_limit`, `train.eval_steps`, `eval`, and `init` when resuming from a checkpoint (the
+            init hooks do not run then).
         distributed (`DistributedSection`, *optional*): `ddp`, `fsdp` or `deepspeed` for multi-process runs.
         trainer_args (`dict`, *optional*): extra `transformers.TrainingArguments` (not `fsdp` / `deepspeed`: those
             come from `distributed`).
@@ -306,6 +314,7 @@ class TrainSection(_Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
     resume: bool = True
+    allow_recipe_change: bool = False
     distributed: DistributedSection = Field(default_factory=DistributedSection)
     trainer_args: dict[str, Any] = Field(default_factory=dict)
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import time
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 
-from ..errors import MissingAssetError, RecipeError, ZooError
+from ..errors import MissingAssetError, OutputExistsError, RecipeError, ZooError
 from . import distributed
 from .init_hooks import get_init_hook
 from .recipe import CorpusSource, FilesSource, HFDatasetSource, LoraSection, Recipe, load_recipe, validate_recipe
@@ -57,6 +58,8 @@ class TuneResult:
         train_tokens_per_second (`float`): `train_tokens` over the wall time of the training steps.
         resumed_from (`str`, *optional*): the checkpoint this invocation resumed from.
         eval_results (`dict`, *optional*): what `hf_attn_zoo.eval_harness.evaluate` returned.
+        already_finished (`bool`): this call found the run finished (same recipe) and trained nothing; the rest is
+            what the finished run stored in `result.json`.
     """
 
     output_dir: Path
@@ -70,19 +73,38 @@ class TuneResult:
     train_tokens_per_second: float = 0.0
     resumed_from: str | None = None
     eval_results: dict[str, Any] | None = None
+    already_finished: bool = False
 
     def to_json(self) -> str:
         data = asdict(self)
+        data.pop("already_finished")
         data["output_dir"], data["final_dir"] = str(self.output_dir), str(self.final_dir)
         return json.dumps(data, indent=2, default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> TuneResult:
+        data = json.loads(text)
+        known = {f for f in cls.__dataclass_fields__ if f != "already_finished"}
+        data = {k: v for k, v in data.items() if k in known}
+        data["output_dir"], data["final_dir"] = Path(data["output_dir"]), Path(data["final_dir"])
+        for key in ("loss_history", "aux_loss_history"):
+            data[key] = [tuple(item) for item in data.get(key) or []]
+        return cls(**data)
 
 
 def run_recipe(
     recipe_or_path: Recipe | str | Path,
     overrides: Iterable[str] = (),
     callbacks: Sequence[Any] = (),
+    overwrite: bool = False,
 ) -> TuneResult:
     """Continue-tune a model as a recipe says.
+
+    A rerun never redoes or overwrites finished work: a finished run (`result.json` and `final/` in `output_dir`)
+    of the same recipe trains nothing and returns the stored result (`already_finished=True`); an interrupted one
+    resumes from its last checkpoint. A run folder written by another recipe is refused with a `RecipeError` naming
+    the keys that changed (unless `train.allow_recipe_change`), and a non-empty folder that is not a run folder with
+    an `OutputExistsError`. Every process of a multi-process run decides from the same files, before any is written.
 
     Args:
         recipe_or_path (`Recipe | str | Path`):
@@ -91,12 +113,17 @@ def run_recipe(
             Dotted overrides, e.g. `["train.what=all", "optim.lr=1e-4"]`.
         callbacks (`Sequence[transformers.TrainerCallback]`, *optional*):
             Extra Trainer callbacks.
+        overwrite (`bool`, *optional*, defaults to `False`):
+            Start over: empty `output_dir` first (only a run folder: one with `recipe.yaml`, `result.json`,
+            `final/` or checkpoints; any other non-empty folder is refused even then).
 
     Returns:
         `TuneResult`: output folder, final loss, loss history and training throughput.
 
     Raises:
-        `RecipeError`: invalid recipe or patch options (with the recipe's file and line).
+        `RecipeError`: invalid recipe or patch options (with the recipe's file and line), or a run folder written by
+            a different recipe.
+        `OutputExistsError`: `output_dir` holds something that is not a tuning run.
         `MissingAssetError`: a corpus, dataset or model that is not available offline.
     """
     recipe = _resolve(recipe_or_path, overrides)
@@ -106,6 +133,14 @@ def run_recipe(
     grad_accum = _grad_accum(recipe, world_size)
     tokens_per_step = train.batch_size * grad_accum * world_size * recipe.data.seq_len
     max_steps = train.max_steps or math.ceil(train.token_budget / tokens_per_step)
+
+    # decided before anything is written, so every process sees the same files (process 0 alone empties the folder
+    # for `overwrite`, before the first barrier; the others wait there before they look for checkpoints)
+    finished = _check_run_dir(recipe, output_dir, overwrite, clear=_rank() == 0)
+    if finished is not None:
+        logger.info("hf-attn-zoo tune: %s is already finished (same recipe): %d steps, model in %s; nothing to do",
+                    output_dir, finished.global_step, finished.final_dir)
+        return finished
 
     set_seed(recipe.seed)
     model, tokenizer = load_model_and_tokenizer(recipe)
@@ -535,17 +570,99 @@ def last_checkpoint(output_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _write_recipe(recipe: Recipe, output_dir: Path, resume_from: Path | None) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / "recipe.yaml"
-    text = recipe.to_yaml()
-    if resume_from is not None and path.is_file() and path.read_text() != text:
-        import yaml
+def _rank() -> int:
+    """This process's global rank (`RANK`, set by torchrun / accelerate; 0 in a single process)."""
+    return int(os.environ.get("RANK", "0"))
 
-        before, after = _flatten(yaml.safe_load(path.read_text())), _flatten(yaml.safe_load(text))
-        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-        logger.warning("resuming %s with a changed recipe: %s", resume_from, ", ".join(changed))
-    path.write_text(text)
+
+# Keys whose change does not change what a run trains, so a rerun with them changed still counts as the same run:
+# where the run folder is (`output_dir`, `name`), how it is described, whether to resume and whether a change is
+# allowed, how often it logs and checkpoints and how many checkpoints it keeps, and the evaluation after training
+# (`eval`, and `train.eval_steps`, which only measures). `init` is added when resuming an unfinished run from a
+# checkpoint: the init hooks do not run then (the checkpoint holds their result).
+HARMLESS_RECIPE_KEYS = ("name", "description", "output_dir", "train.resume", "train.allow_recipe_change",
+                        "train.logging_steps", "train.save_steps", "train.save_total_limit", "train.eval_steps",
+                        "eval")
+_RUN_FILES = ("recipe.yaml", "result.json", "final", "final.partial")
+
+
+def _is_run_dir(folder: Path) -> bool:
+    return any((folder / name).exists() for name in _RUN_FILES) or any(
+        _CHECKPOINT.match(child.name) for child in folder.iterdir())
+
+
+def _normalized(text: str) -> dict[str, Any]:
+    """A saved recipe as flat keys, with the defaults of keys added since it was written filled in."""
+    import yaml
+
+    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(validate_recipe(data).to_yaml())
+    except (ZooError, TypeError, AttributeError):
+        pass  # a recipe of an older schema: compared as written
+    return _flatten(data)
+
+
+def _changed_keys(before_text: str, after_text: str, harmless: Sequence[str]) -> list[str]:
+    before, after = _normalized(before_text), _normalized(after_text)
+
+    def counts(key: str) -> bool:
+        return not any(key == h or key.startswith(f"{h}.") for h in harmless)
+
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k) and counts(k))
+
+
+def _check_run_dir(recipe: Recipe, output_dir: Path, overwrite: bool, clear: bool) -> TuneResult | None:
+    """The rerun policy of `run_recipe`: the stored result of a finished run of the same recipe, `None` to train (a
+    new run, a resume, or a fresh start after `overwrite`), or an error for a folder this recipe must not write."""
+    from ..outputs import OVERWRITE_HINT, clear_folder, holds_something
+
+    if overwrite and not clear:
+        return None  # process 0 alone judges and empties the folder (the launcher stops every process if it fails)
+    if not holds_something(output_dir):
+        return None
+    if output_dir.is_file() or not _is_run_dir(output_dir):
+        raise OutputExistsError(
+            f"output_dir {output_dir} already holds files that are not a tuning run (no recipe.yaml, result.json, "
+            "final/ or checkpoint-N); refusing to write into it, even with --overwrite: choose another output_dir, "
+            "or empty it yourself.")
+    if overwrite:
+        if clear:
+            logger.warning("hf-attn-zoo tune: --overwrite: removing the earlier run in %s", output_dir)
+            clear_folder(output_dir)
+        return None
+    finished = (output_dir / "result.json").is_file() and (output_dir / "final" / "config.json").is_file()
+    resume_from = last_checkpoint(output_dir) if recipe.train.resume and not finished else None
+    if resume_from is not None:
+        distributed.check_resume(resume_from, recipe)
+    saved = output_dir / "recipe.yaml"
+    harmless = HARMLESS_RECIPE_KEYS + (("init",) if resume_from is not None else ())
+    if saved.is_file():
+        changed = _changed_keys(saved.read_text(), recipe.to_yaml(), harmless)
+    else:
+        changed = ["<recipe.yaml is missing: cannot tell which recipe wrote this run>"]
+    if changed and not recipe.train.allow_recipe_change:
+        state = "finished" if finished else "unfinished"
+        raise RecipeError(
+            f"output_dir {output_dir} holds an {state} run of a different recipe; changed: {', '.join(changed)}. "
+            "Set train.allow_recipe_change=true to continue it with this recipe anyway, use another output_dir, or "
+            f"start over: {OVERWRITE_HINT}.")
+    if changed:
+        logger.warning("hf-attn-zoo tune: continuing %s with a changed recipe (train.allow_recipe_change): %s",
+                       output_dir, ", ".join(changed))
+        return None
+    if finished:
+        result = TuneResult.from_json((output_dir / "result.json").read_text())
+        result.already_finished = True
+        return result
+    return None
+
+
+def _write_recipe(recipe: Recipe, output_dir: Path, resume_from: Path | None) -> None:
+    """`output_dir/recipe.yaml`: the recipe of the run (checked against the folder's earlier one by `_check_run_dir`
+    before training started)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "recipe.yaml").write_text(recipe.to_yaml())
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:

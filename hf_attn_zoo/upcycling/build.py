@@ -31,6 +31,7 @@ from transformers.initialization import no_init_weights
 
 from ..errors import InvalidOptionError
 from ..families.spec import resolve_family
+from ..outputs import atomic_output, check_output
 from ..registry import get_patch
 from .router_init import RouterInit, router_weights
 from .sources import Expert, Source, check_compatible, open_source
@@ -64,6 +65,7 @@ def upcycle(
     dtype: str = "auto",
     output_dir: str | Path | None = None,
     random_seed: int = 0,
+    overwrite: bool = False,
 ) -> PreTrainedModel:
     """Build an MoE from a dense `seed` and dense `experts` of the same architecture and shapes.
 
@@ -87,6 +89,8 @@ def upcycle(
         dtype (`str`): `auto` (the seed's), `float32`, `bfloat16` or `float16`.
         output_dir (`str | Path`, *optional*): save the model and the seed's tokenizer there.
         random_seed (`int`): seed of the random router init and of the noise.
+        overwrite (`bool`): replace an `output_dir` that already holds something (refused otherwise, before any
+            work; the folder is written beside it and moved into place once complete).
 
     Returns:
         The MoE model (a `MixtralForCausalLM`, `Qwen2MoeForCausalLM` or `Qwen3MoeForCausalLM`; for `bam` with the
@@ -96,6 +100,8 @@ def upcycle(
         raise InvalidOptionError(f"mode={mode!r} is not one of {', '.join(UPCYCLE_MODES)}.")
     if noise < 0:
         raise InvalidOptionError(f"noise={noise} must be >= 0.")
+    if output_dir is not None:
+        check_output(output_dir, overwrite, "output_dir")
     started = time.perf_counter()
     seed_source = open_source(seed)
     specs = [e if isinstance(e, Expert) else Expert(str(e)) for e in experts]
@@ -199,21 +205,26 @@ def upcycle(
     })
     logger.info("upcycled %s in %.1f s", mode, time.perf_counter() - started)
     if output_dir is not None:
-        save_upcycled(model, seed_source, output_dir)
+        save_upcycled(model, seed_source, output_dir, overwrite=overwrite)
     return model
 
 
-def save_upcycled(model: PreTrainedModel, seed: Source | str | Path, output_dir: str | Path) -> Path:
-    """Save an upcycled model (safetensors, transformers v5 fused-experts layout) with the seed's tokenizer."""
+def save_upcycled(model: PreTrainedModel, seed: Source | str | Path, output_dir: str | Path,
+                  overwrite: bool = False) -> Path:
+    """Save an upcycled model (safetensors, transformers v5 fused-experts layout) with the seed's tokenizer.
+
+    A non-empty `output_dir` is refused (`OutputExistsError`) unless `overwrite`; the folder is written beside it and
+    moved into place once complete."""
     from transformers import AutoTokenizer
 
     output_dir = Path(output_dir)
-    model.save_pretrained(output_dir, save_original_format=False)
     seed_path = seed.path if isinstance(seed, Source) else open_source(seed).path
-    try:
-        AutoTokenizer.from_pretrained(seed_path).save_pretrained(output_dir)
-    except (OSError, ValueError):
-        logger.warning("the seed %s has no tokenizer; %s is saved without one.", seed_path, output_dir)
+    with atomic_output(output_dir, overwrite, what="output_dir") as tmp:
+        model.save_pretrained(tmp, save_original_format=False)
+        try:
+            AutoTokenizer.from_pretrained(seed_path).save_pretrained(tmp)
+        except (OSError, ValueError):
+            logger.warning("the seed %s has no tokenizer; %s is saved without one.", seed_path, output_dir)
     return output_dir
 
 

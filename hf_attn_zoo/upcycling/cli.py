@@ -44,6 +44,7 @@ def upcycle_main(argv: list[str]) -> int:
     parser.add_argument("seed", nargs="?", help="seed model: folder, hub id or 'default' (SmolLM2-135M)")
     parser.add_argument("experts", nargs="*", help="expert models (btx/bam), after the seed")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it already holds something")
     parser.add_argument("--mode", choices=["sparse", "btx", "bam"], default="btx")
     parser.add_argument("--mergekit", type=Path, help="build what a mergekit-moe YAML describes instead")
     parser.add_argument("--num-experts", type=int, help="sparse: number of seed copies (default 4)")
@@ -76,7 +77,7 @@ def upcycle_main(argv: list[str]) -> int:
             prompts=[read_prompts(p) for p in args.prompts] or None,
             bam_options=_parse_options(args.bam) or None,
         )
-    model = upcycle(**kwargs, output_dir=args.out)
+    model = upcycle(**kwargs, output_dir=args.out, overwrite=args.overwrite)
     record = model.config.hf_attn_zoo_upcycling
     total = sum(p.numel() for p in model.parameters())
     print(f"{record['mode']}: {len(record['experts'])} experts (top-{record['top_k']}) on {len(record['layers'])} "

@@ -89,8 +89,10 @@ def mergekit_upcycle_kwargs(path: str | Path) -> dict[str, Any]:
     }
 
 
-def upcycle_from_mergekit(path: str | Path, output_dir: str | Path | None = None, **overrides: Any):
-    """Build the MoE a mergekit-moe YAML describes (see the module docstring for the differences)."""
+def upcycle_from_mergekit(path: str | Path, output_dir: str | Path | None = None, overwrite: bool = False,
+                          **overrides: Any):
+    """Build the MoE a mergekit-moe YAML describes (see the module docstring for the differences); a non-empty
+    `output_dir` is refused unless `overwrite`."""
     from .build import upcycle
 
-    return upcycle(**{**mergekit_upcycle_kwargs(path), **overrides}, output_dir=output_dir)
+    return upcycle(**{**mergekit_upcycle_kwargs(path), **overrides}, output_dir=output_dir, overwrite=overwrite)

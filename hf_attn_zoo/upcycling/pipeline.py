@@ -9,7 +9,8 @@
 4. Evaluate every model: held-out perplexity per domain and lm-eval tasks of the offline pack; write
    `report.md/json/png`.
 
-Every stage is cached under `<cache>/upcycling/smollm2_quick` (or `--out`), so a rerun only does what is missing and
+Every stage is cached under `<cache>/upcycling/smollm2_quick` (or `--out`; a folder holding anything else is refused,
+`--overwrite` starts over), so a rerun only does what is missing and
 `moe_checkpoint("bam")` is one call for other work (e.g. MoE inference methods) that needs a real small MoE.
 """
 
@@ -35,8 +36,19 @@ MODES = ("sparse", "btx", "bam")
 DEFAULT_TASKS = ("zoo_arc_easy", "zoo_hellaswag", "zoo_piqa")
 
 
+_STAGES = ("specialists", "moe", "tuned", "report")
+
+
 def pipeline_root(root: str | Path | None = None) -> Path:
     return Path(root) if root is not None else cache_dir() / "upcycling" / "smollm2_quick"
+
+
+def _claim(root: str | Path | None, overwrite: bool = False) -> Path:
+    """The study's folder: its own cache (reused stage by stage) or empty; a folder holding anything else is refused,
+    `overwrite` empties it first."""
+    from ..outputs import claim_folder
+
+    return claim_folder(pipeline_root(root), "upcycle-study", overwrite, own=_STAGES)
 
 
 def _final(run_dir: Path) -> Path | None:
@@ -57,7 +69,7 @@ def _tune(recipe: str, run_dir: Path, overrides: Sequence[str] = ()) -> Path:
 
 def train_specialists(root: str | Path | None = None, domains: Sequence[str] = tuple(DOMAINS)) -> dict[str, Path]:
     """Stage 1: one dense specialist per domain (cached)."""
-    root = pipeline_root(root)
+    root = _claim(root)
     return {d: _tune(f"upcycling/specialist_{d}_quick", root / "specialists" / d) for d in domains}
 
 
@@ -66,15 +78,16 @@ def build_moes(specialists: dict[str, Path], root: str | Path | None = None, mod
     """Stage 2: the sparse / BTX / BAM MoEs (cached); returns `{mode: folder}` and writes `build.json` timings."""
     from .build import upcycle
 
-    root = pipeline_root(root)
+    root = _claim(root)
     out: dict[str, Path] = {}
     for mode in modes:
         folder = root / "moe" / mode
         if not (folder / "config.json").is_file():
             started = time.perf_counter()
             experts = [] if mode == "sparse" else list(specialists.values())
+            # a folder without config.json is what an interrupted build of this study left: ours to replace
             upcycle(seed, experts, mode=mode, num_experts=len(specialists) + 1 if mode == "sparse" else None,
-                    top_k=1, router_init="random", output_dir=folder)
+                    top_k=1, router_init="random", output_dir=folder, overwrite=True)
             (folder / "build.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
         out[mode] = folder
     return out
@@ -88,7 +101,7 @@ def tune_on_mixture(models: dict[str, str | Path], root: str | Path | None = Non
     from ..assets.model import resolve_model
     from ..families.spec import resolve_family
 
-    root = pipeline_root(root)
+    root = _claim(root)
     out = {}
     for name, path in models.items():
         extra = [f"model.path={path}", *overrides]
@@ -166,8 +179,11 @@ def pipeline_main(argv: list[str]) -> int:
     parser.add_argument("--limit", type=int, default=100, help="lm-eval examples per task")
     parser.add_argument("--stage", choices=["specialists", "build", "tune", "all"], default="all",
                         help="stop after this stage")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over: empty --out first (a folder that is not this study's cache is refused "
+                             "otherwise; the study's own cache is reused stage by stage)")
     args = parser.parse_args(argv)
-    root = pipeline_root(args.out)
+    root = _claim(args.out, args.overwrite)
     specialists = train_specialists(root)
     print("specialists:", {k: str(v) for k, v in specialists.items()})
     if args.stage == "specialists":
