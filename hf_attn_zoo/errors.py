@@ -19,6 +19,9 @@ __all__ = [
     "UnknownModelError",
     "PlanError",
     "OutputExistsError",
+    "InvalidInputError",
+    "UnsupportedCheckpointError",
+    "CorruptCheckpointError",
 ]
 
 
@@ -70,3 +73,16 @@ class OutputExistsError(ZooError):
     """An output folder or file that already holds something else (another model, run or report); nothing is
     overwritten unless asked (`--overwrite` on the command line, `overwrite=True` in Python)."""
 
+
+class InvalidInputError(InvalidOptionError):
+    """Inputs a patched model cannot take: no tokens, or more positions than `max_position_embeddings`.
+
+    A subclass of `InvalidOptionError`, which the sparse-attention kernels raise for the same over-long inputs."""
+
+
+class UnsupportedCheckpointError(CheckpointMismatchError):
+    """A checkpoint whose patch records this version cannot apply (written by a newer hf-attn-zoo)."""
+
+
+class CorruptCheckpointError(CheckpointMismatchError):
+    """A weights file that cannot be read: truncated, or not a safetensors file at all."""

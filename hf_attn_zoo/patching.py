@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from transformers.utils import ModelOutput
 
-from .errors import PatchConflictError, UnsupportedArchitectureError
+from .errors import InvalidInputError, PatchConflictError, UnsupportedArchitectureError
 from .families.spec import resolve_family
 from .layers import LayerSelector, resolve_layers
 from .registry import PatchHandle, get_patch
+from .wrappers import inner_model
 
 __all__ = [
     "patch", "unpatch", "applied_patches", "aux_loss", "new_parameters", "new_module_names", "register_aux_loss",
@@ -32,11 +33,23 @@ RECORD_KEY = "hf_attn_zoo"
 _HANDLES = "_zoo_handles"
 _HOOK = "_zoo_aux_loss_hook"
 _PROVIDERS = "_zoo_aux_loss_providers"
+_INPUT_HOOK = "_zoo_input_check_hook"
+VERSION_KEY = "hf_attn_zoo_version"  # the package version that wrote config.hf_attn_zoo
+# written into a patched config as `attn_implementation`: transformers refuses the unknown name in a process without
+# hf_attn_zoo, so a plain AutoModelForCausalLM.from_pretrained of a patched checkpoint fails instead of loading dense
+# (see loading.py). No "/", "flash", "sdpa", "flex_attention" or "paged|", which transformers parses specially.
+PATCHED_ATTENTION = "hf_attn_zoo:load_with_hf_attn_zoo.from_pretrained"
+
+
+def package_version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def applied_patches(model: torch.nn.Module) -> list[dict[str, Any]]:
     """The patch records of `model` (a copy), in the order they were applied."""
-    return [dict(r) for r in (getattr(model.config, RECORD_KEY, None) or [])]
+    return [dict(r) for r in (getattr(inner_model(model).config, RECORD_KEY, None) or [])]
 
 
 def _handles(model: torch.nn.Module) -> list[PatchHandle]:
@@ -49,7 +62,9 @@ def patch(model: torch.nn.Module, method: str, layers: LayerSelector = "all", **
     Everything is validated before the model changes: on any error the model is left exactly as it was.
 
     Args:
-        model (`PreTrainedModel`): a loaded causal LM of a supported family (see `hf-attn-zoo methods`).
+        model (`PreTrainedModel`): a loaded causal LM of a supported family (see `hf-attn-zoo methods`), or that
+            model inside a PEFT, DDP / FSDP / accelerate (`.module`) or `torch.compile` wrapper: the transformers model
+            inside is patched and the object passed in is returned.
         method (`str`): the method key, e.g. `"moh"`.
         layers (`str | int | list[int]`, *optional*, defaults to `"all"`): which decoder layers to patch.
         **options: the method's options (see `hf_attn_zoo.methods()`).
@@ -57,6 +72,7 @@ def patch(model: torch.nn.Module, method: str, layers: LayerSelector = "all", **
     Example:
         >>> model = hf_attn_zoo.patch(model, "moh", router="onorm", top_k=7, shared_heads=0)
     """
+    wrapper, model = model, inner_model(model)
     impl = get_patch(method)
     family = resolve_family(model.config)
     reason = impl.check(family, model.config)
@@ -85,19 +101,57 @@ def patch(model: torch.nn.Module, method: str, layers: LayerSelector = "all", **
     records = applied_patches(model)
     records.append({"method": method, "layers": layer_ids, "options": config.to_dict()})
     setattr(model.config, RECORD_KEY, records)
+    setattr(model.config, VERSION_KEY, package_version())
+    model.config.attn_implementation = PATCHED_ATTENTION  # saved to config.json; read by AutoConfig, see loading.py
     _ensure_aux_loss_hook(model)
-    return model
+    _ensure_input_check(model)
+    return wrapper
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
-    """Revert every patch applied to `model` in this process (newest first); outputs become bit-identical."""
+    """Revert every patch applied to `model` in this process (newest first); outputs become bit-identical.
+
+    Like `patch`, accepts the model inside a PEFT / DDP / `torch.compile` wrapper and returns the object passed in.
+    """
+    wrapper, model = model, inner_model(model)
     handles = _handles(model)
     while handles:
         handles.pop().revert()
-    if hasattr(model.config, RECORD_KEY):
-        delattr(model.config, RECORD_KEY)
+    for key in (RECORD_KEY, VERSION_KEY, "attn_implementation"):
+        model.config.__dict__.pop(key, None)
     _drop_aux_loss_hook_if_unused(model)
-    return model
+    hook = model.__dict__.pop(_INPUT_HOOK, None)
+    if hook is not None:
+        hook.remove()
+    return wrapper
+
+
+def _ensure_input_check(model: torch.nn.Module) -> None:
+    """A forward pre-hook on the patched causal LM that refuses inputs the patched attention cannot take."""
+    if _INPUT_HOOK in model.__dict__:
+        return
+    model.__dict__[_INPUT_HOOK] = model.register_forward_pre_hook(_check_inputs, with_kwargs=True)
+
+
+def _check_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: refuse an empty input and one longer than `max_position_embeddings` with one clear error."""
+    name, tokens = "input_ids", kwargs.get("input_ids", args[0] if args else None)
+    if tokens is None:
+        name, tokens = "inputs_embeds", kwargs.get("inputs_embeds")
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2:
+        return
+    if tokens.shape[1] == 0:
+        raise InvalidInputError(
+            f"{name} of shape {list(tokens.shape)} holds no tokens; a patched model needs at least one token per "
+            "row (drop empty inputs before calling the model)."
+        )
+    text = getattr(module.config, "text_config", None) or module.config
+    limit = int(getattr(text, "max_position_embeddings", 0) or 0)
+    if limit and tokens.shape[1] > limit:
+        raise InvalidInputError(
+            f"a sequence of {tokens.shape[1]} positions is longer than this model supports "
+            f"(max_position_embeddings={limit}); shorten the input (patches do not extend the position range)."
+        )
 
 
 def aux_loss(model: torch.nn.Module) -> torch.Tensor | None:
@@ -141,6 +195,7 @@ def register_aux_loss(
     training-mode forward (never in eval mode), with the patches' losses; it should clear what it read. Its loss is
     added to `outputs.loss` and included in `outputs.aux_loss` and `hf_attn_zoo.aux_loss(model)`.
     """
+    model = inner_model(model)
     model.__dict__.setdefault(_PROVIDERS, []).append(fn)
     _ensure_aux_loss_hook(model)
     return AuxLossRegistration(model, fn)
@@ -192,7 +247,10 @@ def _with_aux_loss(output_class: type[ModelOutput]) -> type[ModelOutput]:
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The patched transformers model inside a PEFT or DDP wrapper."""
+    """The patched transformers model inside a PEFT, DDP or `torch.compile` wrapper."""
+    inner = inner_model(model)
+    if _HANDLES in inner.__dict__ or _PROVIDERS in inner.__dict__:
+        return inner
     seen = 0
     while _HANDLES not in model.__dict__ and _PROVIDERS not in model.__dict__ and seen < 4:
         inner = getattr(model, "module", None) or getattr(model, "base_model", None) or getattr(model, "model", None)

@@ -15,11 +15,16 @@ __all__ = ["held_out_perplexity"]
 @torch.no_grad()
 def held_out_perplexity(model: torch.nn.Module, tokenizer: Any, corpus: str, seq_len: int = 256,
                         max_blocks: int = 8, batch_size: int = 4) -> float:
-    """exp(mean token NLL) over the first `max_blocks` blocks of `seq_len` tokens of `corpus`'s held-out text.
+    """exp(mean token NLL) over the first `max_blocks` blocks of `seq_len` tokens (at most the model's
+    `max_position_embeddings`) of `corpus`'s held-out text.
 
     The held-out documents are joined with blank lines and cut into equal blocks (the same tokens for every model
     sharing the tokenizer), so numbers are comparable across models of one tokenizer.
     """
+    config = getattr(model.config, "text_config", None) or model.config
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit:
+        seq_len = min(seq_len, int(limit))  # blocks stay inside the model's position range
     text = "\n\n".join(held_out_texts(corpus))
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     blocks = min(max_blocks, ids.numel() // seq_len)

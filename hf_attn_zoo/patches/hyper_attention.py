@@ -59,6 +59,8 @@ class HyperAttentionConfig(PatchConfig):
 def _row(query, key, value, real, options):
     """One row `[H, N, D]` approximated over its real tokens; padding queries output zeros."""
     index = real.nonzero().squeeze(-1)
+    if index.numel() == 0:  # an all-padding row
+        return query.new_zeros(*query.shape[:2], value.shape[-1])
     out = hyper_attention(query[None, :, index], key[None, :, index], value[None, :, index], **options)[0]
     return query.new_zeros(*query.shape[:2], value.shape[-1]).index_copy(1, index, out)
 
