@@ -22,7 +22,7 @@ def inner_model(model: torch.nn.Module) -> torch.nn.Module:
     for _ in range(8):
         if isinstance(model, PreTrainedModel):
             break
-        orig = model.__dict__.get("_modules", {}).get("_orig_mod")
+        orig = getattr(model, "__dict__", {}).get("_modules", {}).get("_orig_mod")
         if isinstance(orig, torch.nn.Module):
             model = orig  # torch.compile (checked first: OptimizedModule forwards attribute lookups to the inner one)
         elif hasattr(model, "get_base_model"):
