@@ -30,3 +30,16 @@ def smollm2():
 
     model, tokenizer = hf_attn_zoo.assets.load_default_model()
     return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def moh_checkpoint(tmp_path_factory):
+    """A tiny Llama patched with a learned-router MoH on layer 1 (random router weights), saved: `(model, path)`."""
+    import hf_attn_zoo
+    from tests.matrix import randomize_new_parameters, tiny_model
+
+    path = tmp_path_factory.mktemp("moh")
+    model = hf_attn_zoo.patch(tiny_model("llama"), "moh", router="learned", layers=[1])
+    randomize_new_parameters(model)
+    model.save_pretrained(path)
+    return model, path

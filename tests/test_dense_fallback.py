@@ -14,16 +14,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import hf_attn_zoo
 from hf_attn_zoo.errors import CheckpointMismatchError
 from hf_attn_zoo.patching import PATCHED_ATTENTION
-from tests.matrix import randomize_new_parameters, tiny_model
+from tests.matrix import tiny_model
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    path = tmp_path_factory.mktemp("moh")
-    model = hf_attn_zoo.patch(tiny_model("llama"), "moh", router="learned", layers=[1])
-    randomize_new_parameters(model)
-    model.save_pretrained(path)
-    return model, path
+@pytest.fixture
+def saved(moh_checkpoint):
+    return moh_checkpoint
 
 
 def test_plain_transformers_refuses_a_patched_checkpoint(saved):

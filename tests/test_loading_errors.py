@@ -13,20 +13,11 @@ import hf_attn_zoo
 from hf_attn_zoo.errors import (
     CorruptCheckpointError, InvalidOptionError, UnknownMethodError, UnknownModelError, UnsupportedCheckpointError,
 )
-from tests.matrix import randomize_new_parameters, tiny_model
-
-
-@pytest.fixture(scope="module")
-def saved_once(tmp_path_factory):
-    path = tmp_path_factory.mktemp("moh")
-    model = hf_attn_zoo.patch(tiny_model("llama"), "moh", router="learned", layers=[1])
-    randomize_new_parameters(model)
-    model.save_pretrained(path)
-    return path
 
 
 @pytest.fixture
-def saved(saved_once, tmp_path):
+def saved(moh_checkpoint, tmp_path):
+    _, saved_once = moh_checkpoint
     for name in os.listdir(saved_once):
         (tmp_path / name).write_bytes((saved_once / name).read_bytes())
     return tmp_path

@@ -152,9 +152,8 @@ def run_recipe(
     with args.main_process_first(desc="tokenize and pack"):
         train_dataset, eval_dataset = build_datasets(recipe, tokenizer)
 
+    # its layout was checked against this run by `_check_run_dir`, before the model was loaded
     resume_from = last_checkpoint(output_dir) if train.resume else None
-    if resume_from is not None:
-        distributed.check_resume(resume_from, recipe)
     if resume_from is None:
         run_init_hooks(model, train_dataset, recipe)
     elif recipe.init:
@@ -162,7 +161,7 @@ def run_recipe(
     model = _select_trainable(model, recipe)
     router_losses = _install_router_losses(model, recipe)
     if args.process_index == 0:
-        _write_recipe(recipe, output_dir, resume_from)
+        _write_recipe(recipe, output_dir)
 
     throughput = _Throughput(tokens_per_step)
     trainer = _ZooTrainer(
@@ -658,7 +657,7 @@ def _check_run_dir(recipe: Recipe, output_dir: Path, overwrite: bool, clear: boo
     return None
 
 
-def _write_recipe(recipe: Recipe, output_dir: Path, resume_from: Path | None) -> None:
+def _write_recipe(recipe: Recipe, output_dir: Path) -> None:
     """`output_dir/recipe.yaml`: the recipe of the run (checked against the folder's earlier one by `_check_run_dir`
     before training started)."""
     output_dir.mkdir(parents=True, exist_ok=True)
