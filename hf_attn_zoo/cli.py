@@ -73,7 +73,8 @@ def methods_main(argv: list[str]) -> int:
     for info in infos:
         print(f"{info.name}: {info.summary}")
         for option in info.options:
-            print(f"    {option.name} ({option.type}, default {option.default!r}): {option.help}")
+            bounds = f", {option.bounds}" if option.bounds else ""
+            print(f"    {option.name} ({option.type}{bounds}, default {option.default!r}): {option.help}")
     return 0
 
 

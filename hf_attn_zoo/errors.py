@@ -34,7 +34,11 @@ class UnknownMethodError(ZooError):
 
 
 class InvalidOptionError(ZooError):
-    """An unknown option, an option of the wrong type, or a value out of range."""
+    """An unknown option, an option of the wrong type, or a value out of range; `option` names it where it is one."""
+
+    def __init__(self, message: str, option: str | None = None):
+        super().__init__(message)
+        self.option = option
 
 
 class UnsupportedArchitectureError(ZooError):

@@ -12,11 +12,11 @@ __all__ = ["LayerSelector", "resolve_layers"]
 LayerSelector = str | int | Sequence[int]
 
 _EVERY_NTH = re.compile(r"^every_(\d+)(?:st|nd|rd|th)?$")
-_NAMED = ("all", "first_half", "second_half", "none")
+_NAMED = ("all", "first_half", "second_half")
 
 
 def resolve_layers(selector: LayerSelector, num_layers: int) -> list[int]:
-    """Turn a selector into a sorted list of layer indices.
+    """Turn a selector into a sorted list of layer indices (possibly empty: `patch` refuses a selection of no layer).
 
     Args:
         selector (`str | int | list[int]`):
@@ -27,8 +27,6 @@ def resolve_layers(selector: LayerSelector, num_layers: int) -> list[int]:
     if isinstance(selector, str):
         if selector == "all":
             return list(range(num_layers))
-        if selector == "none":
-            return []
         if selector == "first_half":
             return list(range(num_layers // 2))
         if selector == "second_half":

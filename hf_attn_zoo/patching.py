@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers.utils import ModelOutput
 
-from .errors import InvalidInputError, PatchConflictError, UnsupportedArchitectureError
+from .errors import InvalidInputError, InvalidOptionError, PatchConflictError, UnsupportedArchitectureError
 from .families.spec import resolve_family
 from .layers import LayerSelector, resolve_layers
 from .registry import PatchHandle, get_patch
@@ -78,9 +78,14 @@ def patch(model: torch.nn.Module, method: str, layers: LayerSelector = "all", **
     reason = impl.check(family, model.config)
     if reason is not None:
         raise UnsupportedArchitectureError(f"{method} cannot patch a {family.name} model: {reason}")
-    config = impl.validate(impl.config_class.from_options(method, options), family, model.config)
+    config = impl.configure(options, family, model.config)
     num_layers = len(family.decoder_layers(model))
     layer_ids = resolve_layers(layers, num_layers)
+    if not layer_ids:
+        raise InvalidOptionError(
+            f"layers={layers!r} selects none of the {num_layers} decoder layers of this model, so {method} would patch "
+            "nothing; select at least one layer (e.g. 'all', or an index below the layer count)."
+        )
     for record in applied_patches(model):
         other = get_patch(record["method"])
         overlap = sorted(set(record["layers"]) & set(layer_ids))

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from .errors import InvalidOptionError, UnknownMethodError
+from .options import bounds_text, check_bounds
 
 if typing.TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -37,8 +38,9 @@ __all__ = [
 class PatchConfig:
     """Base class of the options of a method.
 
-    Subclasses are dataclasses whose fields carry `metadata={"help": ...}`; field types are checked when a config is
-    built from user options (`from_options`), so a wrong type is reported with the option's name.
+    Subclasses are dataclasses whose fields carry `metadata={"help": ...}` and, where an option has a range, its
+    bounds (`"ge"`, `"le"` ..., see `hf_attn_zoo.options`). Field types are checked when a config is built from user
+    options (`from_options`), so a wrong type is reported with the option's name; bounds by `Patch.configure`.
     """
 
     @classmethod
@@ -62,7 +64,7 @@ class PatchConfig:
 def _check_type(method: str, name: str, value: Any, annotation: Any) -> None:
     if not _matches(value, annotation):
         raise InvalidOptionError(
-            f"{method}: option {name}={value!r} has the wrong type; expected {_describe(annotation)}."
+            f"{method}: option {name}={value!r} has the wrong type; expected {_describe(annotation)}.", option=name
         )
 
 
@@ -154,8 +156,16 @@ class Patch(abc.ABC):
         return None
 
     def validate(self, config: PatchConfig, family: FamilySpec, model_config: PretrainedConfig) -> PatchConfig:
-        """Cross-check the options against the model (head counts ...); return the completed config."""
+        """Check what the declared bounds cannot say (options that constrain each other ...); return the completed
+        config. Runs after the bounds are checked."""
         return config
+
+    def configure(self, options: dict[str, Any], family: FamilySpec | None,
+                  model_config: PretrainedConfig) -> PatchConfig:
+        """The checked, completed config of `options` for this model: types, declared bounds, then `validate`."""
+        config = self.config_class.from_options(self.name, options)
+        check_bounds(self.name, config, family, model_config)
+        return self.validate(config, family, model_config)
 
     @abc.abstractmethod
     def apply(
@@ -202,6 +212,7 @@ class OptionInfo:
     type: str
     default: Any
     help: str
+    bounds: str = ""
 
 
 @dataclass(frozen=True)
@@ -220,6 +231,7 @@ def method_info(cls: type[Patch]) -> MethodInfo:
             type=_describe(hints[f.name]),
             default=f.default if f.default is not dataclasses.MISSING else None,
             help=f.metadata.get("help", ""),
+            bounds=bounds_text(f),
         )
         for f in dataclasses.fields(cls.config_class)
     )

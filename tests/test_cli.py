@@ -37,7 +37,7 @@ def test_bad_option_exits_2_with_one_line(tmp_path, capsys):
     tiny_model("llama").save_pretrained(source)
     assert main(["patch", str(source), "moh", str(tmp_path / "out"), "top_k=99"]) == 2
     err = capsys.readouterr().err
-    assert "error: moh: top_k=99 active heads cannot exceed routed_heads=2" in err
+    assert "error: moh: top_k=99 is out of range: it must be >= 1 and <= the model's query heads (4)" in err
     assert not (tmp_path / "out").exists()
 
 

@@ -165,7 +165,7 @@ def register_attention_function(method: str, name: str | None = None, **options)
             f"{method} is not a static attention pattern, so it has no stand-alone attention function; apply it with "
             "hf_attn_zoo.patch(model, ...)."
         )
-    config = impl.validate(impl.config_class.from_options(method, options), None, PretrainedConfig())
+    config = impl.configure(options, None, PretrainedConfig())
     name = name or f"zoo_{method}"
     handler = functools.partial(pattern_attention_handler, pattern=impl.pattern(config), tracker=PaddingTracker(),
                                 backend=getattr(config, "backend", "auto"))

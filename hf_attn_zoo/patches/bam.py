@@ -57,6 +57,7 @@ from transformers import PretrainedConfig
 
 from ..errors import InvalidOptionError, UnsupportedArchitectureError
 from ..families.spec import FamilySpec
+from ..options import other
 from ..registry import Capabilities, Patch, PatchConfig, PatchHandle, register_patch
 
 __all__ = ["BAMConfig", "BAMPatch", "BAMRouter", "ExpertLinear", "ExpertOutputLinear", "ExpertWeights", "experts_of"]
@@ -86,8 +87,8 @@ _BLOCK_INPUT = "_zoo_bam_block_input"
 class BAMConfig(PatchConfig):
     num_experts: int = field(
         default=2,
-        metadata={"help": "attention experts N per patched layer (>= 2). Expert 0 is the layer's own attention; "
-                  "experts 1..N-1 start as copies of it (plus expert_noise) unless the upcycler fills them."},
+        metadata={"help": "attention experts N per patched layer. Expert 0 is the layer's own attention; "
+                  "experts 1..N-1 start as copies of it (plus expert_noise) unless the upcycler fills them.", "ge": 2},
     )
     routing: Literal["soft", "top_k"] = field(
         default="soft",
@@ -96,8 +97,8 @@ class BAMConfig(PatchConfig):
     )
     top_k: int | None = field(
         default=None,
-        metadata={"help": "experts mixed per token with routing='top_k' (1 <= top_k <= num_experts). Default 1. "
-                  "Only for routing='top_k'."},
+        metadata={"help": "experts mixed per token with routing='top_k'. Default 1. "
+                  "Only for routing='top_k'.", "ge": 1, "le": other("num_experts")},
     )
     kv: Literal["experts", "shared"] = field(
         default="experts",
@@ -113,12 +114,13 @@ class BAMConfig(PatchConfig):
     expert_noise: float = field(
         default=0.0,
         metadata={"help": "std of the Gaussian noise added to the copied experts' weights, relative to each weight "
-                  "matrix's std (breaks the symmetry of identical copies; 0 = exact copies). Biases are copied."},
+                  "matrix's std (breaks the symmetry of identical copies; 0 = exact copies). Biases are copied.",
+                  "ge": 0},
     )
     router_init_std: float | None = field(
         default=None,
-        metadata={"help": "std of the attention router's normal initialisation (>= 0; 0 = uniform gates). Default: "
-                  "the model's initializer_range, as the paper's randomly initialised routers."},
+        metadata={"help": "std of the attention router's normal initialisation (0 = uniform gates). Default: "
+                  "the model's initializer_range, as the paper's randomly initialised routers.", "ge": 0},
     )
 
 
@@ -404,24 +406,15 @@ class BAMPatch(Patch):
         return None
 
     def validate(self, config: BAMConfig, family: FamilySpec, model_config: PretrainedConfig) -> BAMConfig:
-        if config.num_experts < 2:
-            raise InvalidOptionError(f"bam: num_experts={config.num_experts} must be >= 2 (expert 0 is the layer's "
-                                     "own attention).")
         top_k = config.top_k
         if config.routing == "top_k":
             top_k = 1 if top_k is None else top_k
-            if not 1 <= top_k <= config.num_experts:
-                raise InvalidOptionError(f"bam: top_k={top_k} must be between 1 and num_experts={config.num_experts}.")
         elif top_k is not None:
             raise InvalidOptionError(f"bam: top_k={top_k} is only used with routing='top_k' (routing='soft' mixes "
                                      "all experts).")
-        if not config.expert_noise >= 0 or not math.isfinite(config.expert_noise):
-            raise InvalidOptionError(f"bam: expert_noise={config.expert_noise} must be a finite number >= 0.")
         std = config.router_init_std
         if std is None:
             std = float(getattr(model_config, "initializer_range", None) or 0.02)
-        if not std >= 0 or not math.isfinite(std):
-            raise InvalidOptionError(f"bam: router_init_std={std} must be a finite number >= 0.")
         if config.parallel_block and family.name not in _PRE_NORM_FAMILIES:
             reason = _NOT_PRE_NORM.get(family.name, "decoder layers not known to be sequential pre-norm blocks")
             raise InvalidOptionError(

@@ -36,6 +36,7 @@ from ..kernels.hyper_attention import hyper_attention
 from ..kernels.pattern_handler import check_length, max_positions, model_window, unsupported_attention_reason
 from ..kernels.register import install_handler, remove_handler
 from ..kernels.sparse_attention import PaddingTracker
+from ..options import POSITIONS
 from ..registry import Capabilities, Patch, PatchConfig, PatchHandle, register_patch
 
 __all__ = ["HyperAttentionConfig", "HyperAttentionPatch", "hyper_attention_handler"]
@@ -46,14 +47,15 @@ MAX_LSH_PROJS = 16
 @dataclass
 class HyperAttentionConfig(PatchConfig):
     block_size: int = field(default=256, metadata={"help": "keys per sortLSH block of the block-diagonal part "
-                                                   "(paper: 256)."})
+                                                   "(paper: 256).", "ge": 1, "le": POSITIONS})
     sample_size: int = field(default=256, metadata={"help": "keys sampled uniformly for the residual part "
-                                                    "(paper: 256)."})
+                                                    "(paper: 256).", "ge": 1, "le": POSITIONS})
     lsh_num_projs: int = field(default=7, metadata={"help": "Gaussian projections of the angular LSH, 2^r buckets "
-                                                    "(paper: 7)."})
+                                                    "(paper: 7).", "ge": 1, "le": MAX_LSH_PROJS})
     min_seq_len: int = field(default=4096, metadata={"help": "exact attention up to this many tokens (whole inputs "
-                                                     "and the causal recursion's leaves; paper: 4096)."})
-    seed: int = field(default=0, metadata={"help": "seed of the LSH projections and samples (layer i uses seed + i)."})
+                                                     "and the causal recursion's leaves; paper: 4096).", "ge": 1})
+    seed: int = field(default=0, metadata={"help": "seed of the LSH projections and samples (layer i uses seed + i).",
+                                           "ge": 0})
 
 
 def _row(query, key, value, real, options):
@@ -127,25 +129,6 @@ class HyperAttentionPatch(Patch):
             return (f"every layer attends only its own sliding window of {model_window(model_config, 0)} tokens "
                     "(already local); HyperAttention approximates global attention")
         return None
-
-    def validate(self, config: HyperAttentionConfig, family: FamilySpec,
-                 model_config: PretrainedConfig) -> HyperAttentionConfig:
-        limit = max_positions(model_config)
-        bound = f"the model's max_position_embeddings ({limit})" if limit else "the sequence length"
-        for option in ("block_size", "sample_size"):
-            value = getattr(config, option)
-            if value < 1 or (limit and value > limit):
-                raise InvalidOptionError(f"hyper_attention: {option}={value} must be between 1 and {bound}; "
-                                         f"the paper uses 256.")
-        if not 1 <= config.lsh_num_projs <= MAX_LSH_PROJS:
-            raise InvalidOptionError(f"hyper_attention: lsh_num_projs={config.lsh_num_projs} must be between 1 and "
-                                     f"{MAX_LSH_PROJS} (2^r buckets); the paper uses 7.")
-        if config.min_seq_len < 1:
-            raise InvalidOptionError(f"hyper_attention: min_seq_len={config.min_seq_len} must be >= 1 (the paper "
-                                     f"uses 4096; >= max_position_embeddings keeps attention exact).")
-        if config.seed < 0:
-            raise InvalidOptionError(f"hyper_attention: seed={config.seed} must be >= 0.")
-        return config
 
     def apply(self, model, config: HyperAttentionConfig, family: FamilySpec, layers: list[int],
               handle: PatchHandle) -> None:

@@ -62,11 +62,12 @@ class MoAConfig(PatchConfig):
     alpha: float | None = field(default=None, metadata={"help": "without a plan: every head's span offset "
                                                         "(default 0)."})
     beta: float | None = field(default=None, metadata={"help": "without a plan: every head's share of the reference "
-                                                       "length, in [0, 1] (default 0.5, MoA's StreamingLLM baseline)."})
+                                                       "length (default 0.5, MoA's StreamingLLM baseline).",
+                                                       "ge": 0, "le": 1})
     sinks: int | None = field(default=None, metadata={"help": "initial tokens of each span (default: the plan's, else "
-                                                      "64, MoA's value); clipped to span - 1."})
+                                                      "64, MoA's value); clipped to span - 1.", "ge": 0})
     length: int | None = field(default=None, metadata={"help": "reference length N of S(N) = alpha + beta * N "
-                                                       "(default: the plan's, else max_position_embeddings)."})
+                                                       "(default: the plan's, else max_position_embeddings).", "ge": 1})
     granularity: Literal["kv_head", "head"] | None = field(
         default=None, metadata={"help": "without a plan: one rule per KV head ('kv_head', default; GQA groups share it "
                                 "and the cache shrinks) or per query head ('head')."})
@@ -138,18 +139,13 @@ class MoAPatch(Patch):
         else:
             config.alpha = 0.0 if config.alpha is None else float(config.alpha)
             config.beta = 0.5 if config.beta is None else float(config.beta)
-            if not 0.0 <= config.beta <= 1.0:
-                raise InvalidOptionError(f"moa: beta={config.beta} must be in [0, 1] (the share of the reference "
-                                         "length every head attends).")
             config.granularity = config.granularity or "kv_head"
             sinks, length, source = DEFAULT_SINKS, None, f"alpha={config.alpha}, beta={config.beta}"
         config.sinks = sinks if config.sinks is None else config.sinks
         config.length = config.length or length or limit or None
-        if config.sinks < 0:
-            raise InvalidOptionError(f"moa: sinks={config.sinks} must be >= 0.")
-        if config.length is None or config.length < 1:
-            raise InvalidOptionError(f"moa: length={config.length} must be a positive reference length N; this model "
-                                     "has no max_position_embeddings to default to, so pass `length`.")
+        if config.length is None:
+            raise InvalidOptionError("moa: this model has no max_position_embeddings to default the reference length "
+                                     "N to, so pass `length`.")
         _plan_of(config, model_config).check_spans(config.length, source)
         return config
 

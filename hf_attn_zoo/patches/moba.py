@@ -33,7 +33,6 @@ import torch
 import torch.nn as nn
 from transformers import PretrainedConfig
 
-from ..errors import InvalidOptionError
 from ..families.spec import FamilySpec
 from ..kernels.kv_cache import RetainingLayer, use_kv_layer
 from ..kernels.masks import left_padding
@@ -41,6 +40,7 @@ from ..kernels.moba import causal_key_conv, moba_attention
 from ..kernels.pattern_handler import check_length, max_positions, unsupported_attention_reason
 from ..kernels.register import install_handler, remove_handler
 from ..kernels.sparse_attention import PaddingTracker
+from ..options import POSITIONS, blocks_of, other
 from ..registry import Capabilities, Patch, PatchConfig, PatchHandle, register_patch
 
 __all__ = ["MoBAConfig", "MoBAKeyConv", "MoBAPatch"]
@@ -49,11 +49,13 @@ __all__ = ["MoBAConfig", "MoBAKeyConv", "MoBAPatch"]
 @dataclass
 class MoBAConfig(PatchConfig):
     block_size: int = field(default=512, metadata={"help": "tokens per key block (paper scaling-law setting: 512; "
-                                                   "FlashMoBA: smaller blocks route better)."})
-    top_k: int = field(default=3, metadata={"help": "blocks each query attends, its own block included (paper: 3)."})
+                                                   "FlashMoBA: smaller blocks route better).",
+                                                   "ge": 1, "le": POSITIONS})
+    top_k: int = field(default=3, metadata={"help": "blocks each query attends, its own block included (paper: 3).",
+                                            "ge": 1, "le": blocks_of("block_size")})
     key_conv: int = field(default=0, metadata={"help": "FlashMoBA key convolution: kernel size of a depthwise causal "
                                                "convolution on the keys (e.g. 3 or 5), identity-initialised; 0 = "
-                                               "off."})
+                                               "off.", "ge": 0, "le": other("block_size")})
     decode: Literal["dense", "sparse"] = field(
         default="dense", metadata={"help": "calls with a KV cache: dense (full attention over the cache, as the "
                                    "paper evaluates) or sparse (the same block selection: decoding equals the full "
@@ -160,21 +162,6 @@ class MoBAPatch(Patch):
 
     def check(self, family: FamilySpec, model_config: PretrainedConfig) -> str | None:
         return unsupported_attention_reason(family)
-
-    def validate(self, config: MoBAConfig, family: FamilySpec, model_config: PretrainedConfig) -> MoBAConfig:
-        limit = max_positions(model_config)
-        if config.block_size < 1 or (limit and config.block_size > limit):
-            raise InvalidOptionError(f"moba: block_size={config.block_size} must be between 1 and the model's "
-                                     f"max_position_embeddings ({limit}).")
-        blocks = -(-limit // config.block_size) if limit else None
-        if config.top_k < 1 or (blocks and config.top_k > blocks):
-            raise InvalidOptionError(
-                f"moba: top_k={config.top_k} must be between 1 and the {blocks} blocks of {config.block_size} tokens "
-                f"in the model's position range ({limit}); top_k={blocks} is already full attention.")
-        if config.key_conv < 0 or config.key_conv > config.block_size:
-            raise InvalidOptionError(f"moba: key_conv={config.key_conv} must be 0 (off) or a kernel size between 1 "
-                                     f"and block_size={config.block_size} (FlashMoBA: 3 or 5).")
-        return config
 
     def apply(self, model, config: MoBAConfig, family: FamilySpec, layers: list[int], handle: PatchHandle) -> None:
         kv_heads, channel_map = _key_channels(family, model.config)

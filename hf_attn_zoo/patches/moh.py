@@ -44,6 +44,7 @@ from ..errors import InvalidOptionError
 from ..families.spec import FamilySpec, HeadLayout
 from ..kernels.head_sparse import active_runs, head_sparse_decode_attention
 from ..kernels.register import install_handler, remove_handler
+from ..options import QUERY_HEADS
 from ..registry import Capabilities, Patch, PatchConfig, PatchHandle, register_patch
 
 __all__ = ["MoHConfig", "MoHPatch", "MoHRouter", "distill_router", "moh_routers"]
@@ -62,16 +63,17 @@ class MoHConfig(PatchConfig):
     shared_heads: int | None = field(
         default=None,
         metadata={"help": "always-active heads (the first ones). Default: half of the heads (learned, qnorm), "
-                  "0 (onorm)."},
+                  "0 (onorm).", "ge": 0, "le": QUERY_HEADS},
     )
     routed_heads: int | None = field(
         default=None,
         metadata={"help": "heads a token routes over (after the shared ones); heads beyond shared+routed are never "
-                  "used. Default: all remaining heads."},
+                  "used. Default: all remaining heads.", "ge": 0, "le": QUERY_HEADS},
     )
     top_k: int | None = field(
         default=None,
-        metadata={"help": "active routed heads per token. Default: 75% of all heads active in total."},
+        metadata={"help": "active routed heads per token. Default: 75% of all heads active in total.",
+                  "ge": 1, "le": QUERY_HEADS},
     )
     gate: Literal["weighted", "binary"] = field(
         default="binary",
@@ -86,7 +88,8 @@ class MoHConfig(PatchConfig):
                   "size."},
     )
     balance_loss_weight: float = field(
-        default=0.01, metadata={"help": "weight of the load-balance loss (Eq. 8), averaged over patched layers."}
+        default=0.01, metadata={"help": "weight of the load-balance loss (Eq. 8), averaged over patched layers.",
+                                "ge": 0}
     )
     decode_skip: Literal["auto", "always", "never"] = field(
         default="auto",
@@ -96,7 +99,8 @@ class MoHConfig(PatchConfig):
     skip_min_unread_kv: int = field(
         default=1024,
         metadata={"help": "decode_skip=auto: skip only when the KV positions left unread per KV head (context length "
-                  "x fraction of KV groups unselected) reach this; below it the per-call overhead costs more."},
+                  "x fraction of KV groups unselected) reach this; below it the per-call overhead costs more.",
+                  "ge": 0},
     )
 
 
@@ -350,7 +354,8 @@ def _capture_hidden(module, args, kwargs):
 @register_patch
 class MoHPatch(Patch):
     name = "moh"
-    summary = "Mixture-of-Head attention: shared + top-k routed heads per token (learned, query-norm or output-norm router)."
+    summary = ("Mixture-of-Head attention: shared + top-k routed heads per token (learned, query-norm or output-norm "
+               "router).")
     config_class = MoHConfig
     capabilities = Capabilities(training_free=False, new_params=True, kv_cache=True, generate=True)
     targets = ("attention_fn",)
@@ -385,15 +390,15 @@ class MoHPatch(Patch):
                 "this model.")
         if top_k > routed:
             raise InvalidOptionError(f"moh: top_k={top_k} active heads cannot exceed routed_heads={routed}.")
+        if routed and not top_k:
+            raise InvalidOptionError(
+                f"moh: with shared_heads={shared} no routed head would ever be active (top_k resolves to 0 of "
+                f"routed_heads={routed}); give top_k >= 1, or routed_heads=0 to keep only the shared heads.")
         if shared + top_k == 0:
             raise InvalidOptionError("moh: shared_heads + top_k is 0, so no head would be active.")
         if config.gate == "weighted" and config.router != "learned":
             raise InvalidOptionError(f"moh: gate='weighted' needs router='learned'; the {config.router} router "
                                      "uses binary gates.")
-        if not 0 <= config.balance_loss_weight:
-            raise InvalidOptionError("moh: balance_loss_weight must be >= 0.")
-        if config.skip_min_unread_kv < 0:
-            raise InvalidOptionError("moh: skip_min_unread_kv must be >= 0.")
         return replace(config, shared_heads=shared, routed_heads=routed, top_k=top_k)
 
     def apply(self, model, config: MoHConfig, family: FamilySpec, layers: list[int], handle: PatchHandle) -> None:

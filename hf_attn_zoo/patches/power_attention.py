@@ -20,10 +20,10 @@ from typing import Literal
 import torch
 from transformers import PretrainedConfig
 
-from ..errors import InvalidOptionError
 from ..families.spec import FamilySpec
 from ..kernels.pattern_handler import install_pattern, max_positions, unsupported_attention_reason
 from ..kernels.sparse_attention import AttentionPattern
+from ..options import POSITIONS, blocks_of
 from ..registry import Capabilities, Patch, PatchConfig, PatchHandle, register_patch
 
 __all__ = ["PowerAttentionConfig", "PowerAttentionPatch", "PowerPattern"]
@@ -31,10 +31,12 @@ __all__ = ["PowerAttentionConfig", "PowerAttentionPatch", "PowerPattern"]
 
 @dataclass
 class PowerAttentionConfig(PatchConfig):
-    block_size: int = field(default=256, metadata={"help": "tokens per block b (paper: 256)."})
+    block_size: int = field(default=256, metadata={"help": "tokens per block b (paper: 256).",
+                                                   "ge": 1, "le": POSITIONS})
     window_blocks: int = field(default=5, metadata={"help": "local window W in blocks, the query's own included "
-                                                    "(paper: 5)."})
-    sink_blocks: int = field(default=1, metadata={"help": "initial blocks every query attends (paper: 1)."})
+                                                    "(paper: 5).", "ge": 1, "le": blocks_of("block_size")})
+    sink_blocks: int = field(default=1, metadata={"help": "initial blocks every query attends (paper: 1).",
+                                                  "ge": 0, "le": blocks_of("block_size")})
     backend: Literal["auto", "flex", "blocks", "masked"] = field(
         default="auto", metadata={"help": "auto (one masked SDPA for short inputs; else gathered-block SDPA on CPU, "
                                   "compiled flex on a GPU), or force one."})
@@ -66,21 +68,6 @@ class PowerAttentionPatch(Patch):
 
     def check(self, family: FamilySpec, model_config: PretrainedConfig) -> str | None:
         return unsupported_attention_reason(family)
-
-    def validate(self, config: PowerAttentionConfig, family: FamilySpec,
-                 model_config: PretrainedConfig) -> PowerAttentionConfig:
-        limit = max_positions(model_config)
-        if config.block_size < 1 or (limit and config.block_size > limit):
-            raise InvalidOptionError(f"power_attention: block_size={config.block_size} must be between 1 and the "
-                                     f"model's max_position_embeddings ({limit}).")
-        blocks = -(-limit // config.block_size) if limit else None
-        if config.window_blocks < 1 or (blocks and config.window_blocks > blocks):
-            raise InvalidOptionError(f"power_attention: window_blocks={config.window_blocks} must be between 1 and "
-                                     f"the {blocks} blocks of the model's position range.")
-        if config.sink_blocks < 0 or (blocks and config.sink_blocks > blocks):
-            raise InvalidOptionError(f"power_attention: sink_blocks={config.sink_blocks} must be between 0 and "
-                                     f"{blocks}.")
-        return config
 
     def pattern(self, config: PowerAttentionConfig) -> PowerPattern:
         return PowerPattern(config.block_size, config.window_blocks, config.sink_blocks)

@@ -62,6 +62,7 @@ from ..kernels.pattern_handler import check_length, max_positions, model_window,
 from ..kernels.register import install_handler, remove_handler
 from ..kernels.routing_attention import routing_attention
 from ..kernels.sparse_attention import PaddingTracker
+from ..options import POSITIONS, QUERY_HEADS
 from ..registry import Capabilities, Patch, PatchConfig, PatchHandle, register_patch
 from ..tuning.init_hooks import register_init_hook
 
@@ -81,21 +82,27 @@ _ROPE_ATTR = "_zoo_rope"
 
 @dataclass
 class RoutingAttentionConfig(PatchConfig):
-    num_clusters: int = field(default=16, metadata={"help": "k-means centroids per KV head (paper: about sqrt(N))."})
+    num_clusters: int = field(default=16, metadata={"help": "k-means centroids per KV head (paper: about sqrt(N)).",
+                                                    "ge": 1})
     routing_heads: int | None = field(default=None, metadata={"help": "query heads that route (the last ones); the "
-                                                              "others are local. Default: half (paper)."})
-    window: int = field(default=256, metadata={"help": "causal local window of every head, the query included."})
-    sinks: int = field(default=4, metadata={"help": "initial real tokens every query attends (0 = none)."})
-    ema_decay: float = field(default=0.999, metadata={"help": "online k-means decay lambda (paper: 0.999), in [0, 1)."})
+                                                              "others are local. Default: half (paper).",
+                                                              "ge": 0, "le": QUERY_HEADS})
+    window: int = field(default=256, metadata={"help": "causal local window of every head, the query included.",
+                                               "ge": 1, "le": POSITIONS})
+    sinks: int = field(default=4, metadata={"help": "initial real tokens every query attends (0 = none).",
+                                            "ge": 0, "le": POSITIONS})
+    ema_decay: float = field(default=0.999, metadata={"help": "online k-means decay lambda (paper: 0.999).",
+                                                      "ge": 0, "lt": 1})
     commitment_weight: float = field(default=1e-4, metadata={"help": "weight of the commitment loss ||x - mu(x)||^2 "
-                                                             "(lucidrains: 1e-4), averaged over patched layers."})
+                                                             "(lucidrains: 1e-4), averaged over patched layers.",
+                                                             "ge": 0})
     centroid_data: Literal["keys", "queries_and_keys"] = field(
         default="keys", metadata={"help": "vectors the centroids are fitted to (k-means init and EMA): keys, with "
                                   "queries routed to the key clusters (retrofit default: measured on SmolLM2 it beats "
                                   "queries_and_keys, whose clusters split queries from keys), or queries_and_keys "
                                   "(the paper, which shares Q = K)."})
     seed: int = field(default=0, metadata={"help": "seed of the random unit centroids set at patch time (before "
-                                           "init_routing_centroids)."})
+                                           "init_routing_centroids).", "ge": 0})
     backend: Literal["auto", "masked", "sorted"] = field(
         default="auto", metadata={"help": "auto (one masked SDPA for short inputs and decode, cluster-sorted gather "
                                   "for long ones), or force one."})
@@ -302,26 +309,7 @@ class RoutingAttentionPatch(Patch):
     def validate(self, config: RoutingAttentionConfig, family: FamilySpec,
                  model_config: PretrainedConfig) -> RoutingAttentionConfig:
         heads = family.head_layout(model_config).num_heads
-        limit = max_positions(model_config)
-        routing = heads // 2 if config.routing_heads is None else config.routing_heads
-        if config.num_clusters < 1:
-            raise InvalidOptionError(f"routing_attention: num_clusters={config.num_clusters} must be >= 1 (1 puts "
-                                     "every token in one cluster).")
-        if config.window < 1 or (limit and config.window > limit):
-            raise InvalidOptionError(f"routing_attention: window={config.window} must be between 1 and the model's "
-                                     f"max_position_embeddings ({limit}).")
-        if config.sinks < 0 or (limit and config.sinks > limit):
-            raise InvalidOptionError(f"routing_attention: sinks={config.sinks} must be between 0 and {limit}.")
-        if not 0 <= routing <= heads:
-            raise InvalidOptionError(f"routing_attention: routing_heads={routing} must be between 0 and the "
-                                     f"{heads} query heads of this model (default: half).")
-        if not 0 <= config.ema_decay < 1:
-            raise InvalidOptionError(f"routing_attention: ema_decay={config.ema_decay} must be in [0, 1) "
-                                     "(paper: 0.999).")
-        if config.commitment_weight < 0:
-            raise InvalidOptionError(f"routing_attention: commitment_weight={config.commitment_weight} must be >= 0 "
-                                     "(lucidrains: 1e-4; 0 turns the loss off).")
-        return replace(config, routing_heads=routing)
+        return replace(config, routing_heads=heads // 2 if config.routing_heads is None else config.routing_heads)
 
     def apply(self, model, config: RoutingAttentionConfig, family: FamilySpec, layers: list[int],
               handle: PatchHandle) -> None:

@@ -32,6 +32,7 @@ from ..kernels.kv_cache import SinkWindowLayer
 from ..kernels.pattern_handler import install_pattern, max_positions, unsupported_attention_reason
 from ..kernels.sparse_attention import AttentionPattern
 from ..kernels.streaming import StreamingPositions, streaming_rotary
+from ..options import POSITIONS
 from ..registry import Capabilities, Patch, PatchConfig, PatchHandle, register_patch
 
 __all__ = ["SinkWindowPattern", "SlidingWindowConfig", "SlidingWindowPatch"]
@@ -40,10 +41,12 @@ __all__ = ["SinkWindowPattern", "SlidingWindowConfig", "SlidingWindowPatch"]
 @dataclass
 class SlidingWindowConfig(PatchConfig):
     window: int = field(default=1024, metadata={"help": "keys per query in the window, the query included (NATTEN "
-                                                "kernel size)."})
+                                                "kernel size).", "ge": 1, "le": POSITIONS})
     sinks: int = field(default=4, metadata={"help": "initial tokens every query attends (StreamingLLM: 4; 0 = plain "
-                                            "sliding window / causal neighbourhood attention)."})
-    dilation: int = field(default=1, metadata={"help": "NATTEN dilation: the window takes every dilation-th key."})
+                                            "sliding window / causal neighbourhood attention).",
+                                            "ge": 0, "le": POSITIONS})
+    dilation: int = field(default=1, metadata={"help": "NATTEN dilation: the window takes every dilation-th key.",
+                                               "ge": 1})
     bounded_cache: bool = field(default=True, metadata={"help": "decode with a KV cache that keeps only the sinks and "
                                                         "the window (bounded memory)."})
     backend: Literal["auto", "flex", "blocks", "masked"] = field(
@@ -86,14 +89,9 @@ class SlidingWindowPatch(Patch):
     def validate(self, config: SlidingWindowConfig, family: FamilySpec,
                  model_config: PretrainedConfig) -> SlidingWindowConfig:
         limit = max_positions(model_config)
-        if config.window < 1 or (limit and config.window > limit):
-            raise InvalidOptionError(f"sliding_window: window={config.window} must be between 1 and the model's "
-                                     f"max_position_embeddings ({limit}).")
-        if config.sinks < 0 or (limit and config.sinks > limit):
-            raise InvalidOptionError(f"sliding_window: sinks={config.sinks} must be between 0 and {limit}.")
-        if config.dilation < 1 or (limit and config.window * config.dilation > limit):
-            raise InvalidOptionError(f"sliding_window: dilation={config.dilation} must be >= 1 with window x dilation "
-                                     f"<= max_position_embeddings ({limit}).")
+        if limit and config.window * config.dilation > limit:
+            raise InvalidOptionError(f"sliding_window: window x dilation = {config.window} x {config.dilation} must "
+                                     f"be <= the model's max_position_embeddings ({limit}).")
         if config.stream and (not config.bounded_cache or config.dilation != 1):
             raise InvalidOptionError("sliding_window: stream=True re-indexes the positions of the bounded sinks + "
                                      "window cache; it needs bounded_cache=True and dilation=1.")

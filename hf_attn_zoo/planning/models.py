@@ -177,7 +177,7 @@ def _build_upcycled(config: PretrainedConfig, dtype: str, options: dict[str, Any
     family = resolve_family(target)
     if spec["mode"] == "bam":  # the same check upcycle() runs before reading any weight
         bam = get_patch("bam")
-        bam.validate(bam.config_class.from_options("bam", {"num_experts": n, **spec["bam_options"]}), family, target)
+        bam.configure({"num_experts": n, **spec["bam_options"]}, family, target)
     after = build_meta(target, dtype)
     if spec["mode"] == "bam":
         _patch_meta(after, "bam", moe_layers, {"num_experts": n, **spec["bam_options"]})

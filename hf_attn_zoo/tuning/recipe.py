@@ -52,7 +52,7 @@ from pydantic import (
     ValidationError,
 )
 
-from ..errors import RecipeError
+from ..errors import InvalidOptionError, RecipeError
 
 __all__ = [
     "CorpusSource",
@@ -834,17 +834,18 @@ def _patch_problems(recipe: Recipe) -> list[tuple[Loc, str]]:
     try:
         importlib.import_module("hf_attn_zoo.patches")
         from ..layers import resolve_layers
+        from ..options import check_bounds
         from ..registry import PATCHES
     except ImportError:
         return []
     problems: list[tuple[Loc, str]] = []
     for index, spec in enumerate(recipe.patches):
         loc: Loc = ("patches", index)
-        if isinstance(spec.layers, str):
-            try:
-                resolve_layers(spec.layers, 1024)
-            except ValueError as exc:
-                problems.append((loc + ("layers",), str(exc)))
+        try:
+            if not resolve_layers(spec.layers, 1024):
+                problems.append((loc + ("layers",), f"layers={spec.layers!r} selects no layer"))
+        except ValueError as exc:
+            problems.append((loc + ("layers",), str(exc)))
         patch_cls = PATCHES.get(spec.method)
         if patch_cls is None:
             close = difflib.get_close_matches(spec.method, list(PATCHES), n=1)
@@ -859,11 +860,11 @@ def _patch_problems(recipe: Recipe) -> list[tuple[Loc, str]]:
                 close = difflib.get_close_matches(option, known, n=1)
                 hint = f"did you mean {close[0]!r}? " if close else ""
                 problems.append((loc + (option,), f"unknown {spec.method} option; {hint}known: {', '.join(known)}"))
-        try:
-            patch_cls.config_class.from_options(spec.method, {k: v for k, v in options.items() if k in known})
-        except (ValueError, TypeError) as exc:
-            named = [k for k in options if f" {k}=" in str(exc) or f"`{k}`" in str(exc) or f"{k!r}" in str(exc)]
-            problems.append((loc + ((named[0],) if named else ()), str(exc)))
+        try:  # types and the bounds that need no model; the rest is checked when the model is patched
+            config = patch_cls.config_class.from_options(spec.method, {k: v for k, v in options.items() if k in known})
+            check_bounds(spec.method, config)
+        except InvalidOptionError as exc:
+            problems.append((loc + ((exc.option,) if exc.option else ()), str(exc)))
     return problems
 
 

@@ -150,8 +150,7 @@ def upcycle(
     config = moe_config(seed_source.config, n, top_k, moe_layers)
     if mode == "bam":  # refuse bad attention-expert options before any weight is read
         bam = get_patch("bam")
-        bam.validate(bam.config_class.from_options("bam", {"num_experts": n, **(bam_options or {})}),
-                     resolve_family(config), config)
+        bam.configure({"num_experts": n, **(bam_options or {})}, resolve_family(config), config)
     torch_dtype = _dtype(dtype, seed_source)
     config.dtype = torch_dtype
     shared_sources = sources if shared == "average" else [seed_source]

@@ -242,12 +242,13 @@ def test_save_and_reload_shared_kv_parallel_block(tmp_path):
 @pytest.mark.parametrize(
     "family,options,error,match",
     [
-        ("llama", {"num_experts": 1}, InvalidOptionError, "num_experts=1 must be >= 2"),
-        ("llama", {"routing": "top_k", "top_k": 4}, InvalidOptionError, "top_k=4 must be between 1 and num_experts=3"),
-        ("llama", {"routing": "top_k", "top_k": 0}, InvalidOptionError, "top_k=0 must be between 1"),
+        ("llama", {"num_experts": 1}, InvalidOptionError, "num_experts=1 is out of range: it must be >= 2"),
+        ("llama", {"routing": "top_k", "top_k": 4}, InvalidOptionError,
+         r"top_k=4 is out of range: it must be >= 1 and <= num_experts \(3\)"),
+        ("llama", {"routing": "top_k", "top_k": 0}, InvalidOptionError, "top_k=0 is out of range: it must be >= 1"),
         ("llama", {"top_k": 2}, InvalidOptionError, "top_k=2 is only used with routing='top_k'"),
-        ("llama", {"expert_noise": -0.1}, InvalidOptionError, "expert_noise=-0.1 must be a finite number >= 0"),
-        ("llama", {"router_init_std": -1.0}, InvalidOptionError, "router_init_std=-1.0 must be"),
+        ("llama", {"expert_noise": -0.1}, InvalidOptionError, "expert_noise=-0.1 is out of range: it must be >= 0"),
+        ("llama", {"router_init_std": -1.0}, InvalidOptionError, "router_init_std=-1.0 is out of range: it must be"),
         ("llama", {"kv": "none"}, InvalidOptionError, "wrong type; expected one of 'experts', 'shared'"),
         ("gemma3", {"parallel_block": True}, InvalidOptionError, "parallel_block needs pre-norm .*gemma3 has sandwich"),
         ("olmo2", {"parallel_block": True}, UnsupportedArchitectureError, "q_norm/k_norm normalise the whole"),

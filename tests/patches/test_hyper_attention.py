@@ -281,7 +281,7 @@ def test_sliding_window_layers_keep_their_attention_and_all_local_models_are_ref
     ("block_size", 257, "max_position_embeddings"),
     ("sample_size", -1, "sample_size=-1"),
     ("lsh_num_projs", 0, "lsh_num_projs=0"),
-    ("lsh_num_projs", 17, "between 1 and 16"),
+    ("lsh_num_projs", 17, "<= 16"),
     ("min_seq_len", 0, "min_seq_len=0"),
     ("seed", -1, "seed=-1"),
 ])

@@ -176,7 +176,7 @@ def test_dense_decoding_is_full_attention_over_the_cache():
     ({"block_size": 0}, "block_size=0"),
     ({"block_size": 257}, "block_size=257"),
     ({"block_size": 64, "top_k": 0}, "top_k=0"),
-    ({"block_size": 64, "top_k": 5}, "top_k=5 must be between 1 and the 4 blocks"),
+    ({"block_size": 64, "top_k": 5}, r"top_k=5 is out of range: it must be >= 1 and <= the blocks of block_size .* \(4\)"),
     ({"block_size": 8, "key_conv": -1}, "key_conv=-1"),
     ({"block_size": 8, "key_conv": 9}, "key_conv=9"),
     ({"decode": "never"}, "decode='never'"),

@@ -135,7 +135,9 @@ def test_defaults_follow_the_paper_75_percent_of_heads():
     [
         ({"top_k": 5, "shared_heads": 2}, "top_k=5 active heads cannot exceed routed_heads=4"),
         ({"shared_heads": 4, "routed_heads": 4}, "exceeds the 6 heads"),
-        ({"shared_heads": 0, "top_k": 0}, "no head would be active"),
+        ({"shared_heads": 0, "top_k": 0}, "top_k=0 is out of range: it must be >= 1"),
+        ({"shared_heads": 5}, "no routed head would ever be active"),
+        ({"balance_loss_weight": float("nan")}, "balance_loss_weight=nan must be a finite number"),
         ({"router": "qnorm", "gate": "weighted"}, "needs router='learned'"),
         ({"granularity": "group", "shared_heads": 1}, "multiples of the group size 2"),
         ({"router": "attention"}, "wrong type; expected one of 'learned'"),
@@ -158,7 +160,7 @@ def test_bad_options_raise_one_clear_error_and_leave_the_model_untouched(options
 
 def test_layer_selector_patches_only_those_layers():
     model = hf_attn_zoo.patch(_gqa_model(num_hidden_layers=4), "moh", layers="every_2nd")
-    assert sorted(moh_routers(model)) == ["model.layers.1.self_attn.head_router", "model.layers.3.self_attn.head_router"]
+    assert sorted(moh_routers(model)) == [f"model.layers.{i}.self_attn.head_router" for i in (1, 3)]
 
 
 @pytest.mark.parametrize("granularity,top_k,shared", [("group", 2, 2), ("head", 3, 0)])

@@ -255,7 +255,7 @@ def test_memory_that_does_not_fit_exits_2_with_the_figures(capsys):
 
 
 def test_bad_method_option_gets_the_patch_error(capsys):
-    with pytest.raises(InvalidOptionError, match="moh: top_k=99 active heads cannot exceed routed_heads=16"):
+    with pytest.raises(InvalidOptionError, match="moh: top_k=99 is out of range"):
         plan("llama3-8b", "moh", {"top_k": 99})
     with pytest.raises(InvalidOptionError, match="unknown option"):
         plan("llama3-8b", "sliding_window", {"windw": 3})

@@ -234,3 +234,11 @@ def test_missing_corpus_at_run_time_is_a_missing_asset_error(tmp_path: Path, mon
     message = str(info.value)
     assert message.startswith(f"{path}:3: data.sources.0.corpus:")
     assert "fetch_corpora.sh shakespeare" in message
+
+
+def test_patch_bounds_and_empty_layer_selections_are_checked_before_any_model_loads(tmp_path: Path):
+    path = write(tmp_path, "patches:\n  - method: sliding_window\n    window: 0\n    layers: []\n"
+                           "train: {max_steps: 2}\n")
+    message = error_of(path)
+    assert ":3: patches.0.window: sliding_window: window=0 is out of range: it must be >= 1" in message
+    assert ":4: patches.0.layers: layers=[] selects no layer" in message
