@@ -20,6 +20,7 @@ def _supported(method: str, family: str) -> bool:
 # pairs a patch declares unsupported (`Patch.check`) are left out of the grid, not skipped
 GRID = [pytest.param(m, f, id=f"{m}-{f}") for m in sorted(METHOD_CASES) for f in FAMILIES if _supported(m, f)]
 GRID_KV_CACHE = [p for p in GRID if PATCHES[p.values[0]].capabilities.kv_cache]
+GRID_GENERATE = [p for p in GRID_KV_CACHE if PATCHES[p.values[0]].capabilities.generate]
 
 
 def _ids(batch: int = 2, length: int = 10) -> torch.Tensor:
@@ -87,6 +88,21 @@ def test_incremental_decoding_equals_full_forward(method, family):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
     generated = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert generated.shape == (2, 16)
+
+
+@pytest.mark.parametrize("method,family", GRID_GENERATE)
+def test_left_padded_batch_generation_equals_each_row_alone(method, family):
+    _, model = _patched(method, family)
+    rows = [_ids(1, 5), _ids(1, 9)]
+    width = max(r.shape[1] for r in rows)
+    batch = torch.cat([torch.nn.functional.pad(r, (width - r.shape[1], 0)) for r in rows])
+    mask = torch.cat([torch.nn.functional.pad(torch.ones_like(r), (width - r.shape[1], 0)) for r in rows])
+    options = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False, "pad_token_id": 0}  # no early EOS
+    with torch.no_grad():
+        together = model.generate(batch, attention_mask=mask, **options)[:, width:]
+        for row, ids in enumerate(rows):
+            alone = model.generate(ids, attention_mask=torch.ones_like(ids), **options)[:, ids.shape[1]:]
+            assert torch.equal(together[row : row + 1], alone), f"row {row} changed by the batch's left padding"
 
 
 @pytest.mark.parametrize("method,family", GRID)
