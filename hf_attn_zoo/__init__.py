@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import analysis, assets, decoding, moe
 from . import patches as _patches  # noqa: F401  (registers every method)
+from .decoding.registry import DECODING_METHODS, decoding_info
 from .errors import ZooError
 from .kernels.pattern_handler import register_attention_function
 from .loading import from_pretrained
@@ -44,5 +45,8 @@ __version__ = "0.1.0"
 
 
 def methods() -> list[MethodInfo]:
-    """Every registered method: name, one-line summary and options (name, type, default, help)."""
-    return [method_info(PATCHES[name]) for name in sorted(PATCHES)]
+    """Every registered method: name, one-line summary, options (name, type, default, help, bounds) and kind: the
+    patches (`kind="patch"`, applied with `patch`), then the decoding methods (`kind="decoding"`, e.g. SCMoE)."""
+    return [method_info(PATCHES[name]) for name in sorted(PATCHES)] + [
+        decoding_info(DECODING_METHODS[name]) for name in sorted(DECODING_METHODS)
+    ]

@@ -9,12 +9,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# the argument helpers every subcommand shares (planning/cli.py still imports `_parse_options` from here)
+from .cli_args import parse_options as _parse_options
+from .cli_args import read_prompts
+from .cli_args import resolve_model as _resolve_model
+
 __all__ = ["main"]
 
 _USAGE = """hf-attn-zoo <command> [args]
 
 commands:
-  methods   [--markdown]                     list the methods and their options
+  methods   [--markdown]                     list the methods (patches, decoding methods) and their options
   patch     MODEL METHOD OUT [k=v ...]       patch a checkpoint (folder, hub id or 'default') and save it
                                              (commands that write refuse a non-empty output; --overwrite)
   tune      RECIPE [key=value ...]           continue-tune with a YAML recipe (path or shipped recipe name)
@@ -33,45 +38,28 @@ commands:
 """
 
 
-def _parse_value(text: str) -> Any:
-    import yaml
-
-    return yaml.safe_load(text)
-
-
-def _parse_options(pairs: list[str]) -> dict[str, Any]:
-    from .errors import InvalidOptionError
-
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InvalidOptionError(f"option {pair!r} is not key=value")
-        options[key] = _parse_value(value)
-    return options
-
-
-def _resolve_model(name: str) -> str:
-    from . import assets
-
-    return str(assets.resolve_model(name))
-
-
 def methods_main(argv: list[str]) -> int:
     import hf_attn_zoo
+
+    from .decoding.registry import DECODING_METHODS
 
     parser = argparse.ArgumentParser(prog="hf-attn-zoo methods")
     parser.add_argument("--markdown", action="store_true", help="the README's table of methods")
     args = parser.parse_args(argv)
     infos = hf_attn_zoo.methods()
     if args.markdown:
-        print("| method | what it does | training-free | options |\n|---|---|---|---|")
+        print("| method | kind | what it does | training-free | options |\n|---|---|---|---|---|")
         for info in infos:
             options = ", ".join(f"`{o.name}`" for o in info.options)
-            print(f"| `{info.name}` | {info.summary} | {'yes' if info.training_free else 'no'} | {options} |")
+            print(f"| `{info.name}` | {info.kind} | {info.summary} | {'yes' if info.training_free else 'no'} | "
+                  f"{options} |")
         return 0
     for info in infos:
-        print(f"{info.name}: {info.summary}")
+        if info.kind == "patch":
+            print(f"{info.name}: {info.summary}")
+        else:
+            print(f"{info.name} ({info.kind} method, not a patch): {info.summary}")
+            print(f"    use: {DECODING_METHODS[info.name].usage}")
         for option in info.options:
             bounds = f", {option.bounds}" if option.bounds else ""
             print(f"    {option.name} ({option.type}{bounds}, default {option.default!r}): {option.help}")
@@ -162,8 +150,6 @@ def _analyze_experts(argv: list[str]) -> int:
     parser.add_argument("--top", type=int, default=10, help="experts to print")
     args = parser.parse_args(argv)
     from transformers import AutoTokenizer
-
-    from .upcycling.cli import read_prompts
 
     if args.prompts_per_class < 1:
         raise InvalidOptionError(f"--prompts-per-class must be >= 1, got {args.prompts_per_class}")

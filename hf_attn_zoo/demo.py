@@ -55,14 +55,14 @@ def demo_main(argv: list[str] | None = None) -> int:
     out = claim_folder(args.out.resolve(), "demo", args.overwrite)
     started = time.perf_counter()
 
-    import hf_attn_zoo
-
+    from .analysis import head_usage
+    from .assets import default_model_path
     from .eval_harness import evaluate, merge_results, write_report
     from .tuning import load_recipe, run_recipe
     from .tuning.train import apply_patches, build_datasets, load_model_and_tokenizer, run_init_hooks
 
     _step(1, "Locating the embedded SmolLM2-135M (Llama, 30 layers, 9 query / 3 KV heads)")
-    base_path = hf_attn_zoo.assets.default_model_path()
+    base_path = default_model_path()
     print(f"      {base_path}")
 
     # the recipe's own patch and init steps, run here so that the patched-but-untuned model can be evaluated too
@@ -73,7 +73,7 @@ def demo_main(argv: list[str] | None = None) -> int:
     apply_patches(model, recipe)
     train_dataset, _ = build_datasets(recipe, tokenizer)
     run_init_hooks(model, train_dataset, recipe)
-    usage = hf_attn_zoo.analysis.head_usage(model)
+    usage = head_usage(model)
     print(f"      {usage['mean_active_fraction']:.0%} of heads active per token")
     patched_dir = out / "moh_patched"
     with atomic_output(patched_dir, overwrite=True) as tmp:  # inside the demo's own folder: replaced whole
@@ -122,16 +122,15 @@ def _print_tuning(result) -> None:
 
 
 def _plot_head_usage(model_dir: Path, tokenizer, path: Path) -> Path:
-    import hf_attn_zoo
-
+    from .analysis import head_usage, plot_head_usage
     from .assets.corpora import held_out_texts
+    from .loading import from_pretrained
 
-    model = hf_attn_zoo.from_pretrained(model_dir).eval()
+    model = from_pretrained(model_dir).eval()
     ids = tokenizer("\n\n".join(held_out_texts("python_stdlib_docs", 4)), return_tensors="pt").input_ids[:, :1024]
     with torch.no_grad():
         model(ids)
-    return hf_attn_zoo.analysis.plot_head_usage(hf_attn_zoo.analysis.head_usage(model), path,
-                                                title="MoH head usage, tuned SmolLM2 (held-out text)")
+    return plot_head_usage(head_usage(model), path, title="MoH head usage, tuned SmolLM2 (held-out text)")
 
 
 _EXPLANATION = """

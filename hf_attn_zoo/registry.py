@@ -24,12 +24,15 @@ if typing.TYPE_CHECKING:
 __all__ = [
     "Capabilities",
     "MethodInfo",
+    "MethodKind",
     "OptionInfo",
     "PATCHES",
     "Patch",
     "PatchConfig",
     "PatchHandle",
     "get_patch",
+    "method_info",
+    "option_infos",
     "register_patch",
 ]
 
@@ -199,6 +202,13 @@ def register_patch(cls: type[Patch]) -> type[Patch]:
 
 def get_patch(name: str) -> Patch:
     if name not in PATCHES:
+        from .decoding.registry import DECODING_METHODS
+
+        if name in DECODING_METHODS:
+            raise UnknownMethodError(
+                f"{name!r} is a decoding method, not a patch: it changes how tokens are chosen and leaves the model "
+                f"as it is. Use it with {DECODING_METHODS[name].usage}."
+            )
         raise UnknownMethodError(
             f"unknown method {name!r}; available: {', '.join(sorted(PATCHES)) or 'none'}. "
             "A checkpoint that records it was made by a version of hf_attn_zoo that has it: upgrade hf-attn-zoo."
@@ -215,17 +225,28 @@ class OptionInfo:
     bounds: str = ""
 
 
+MethodKind = Literal["patch", "decoding"]
+
+
 @dataclass(frozen=True)
 class MethodInfo:
+    """What `hf_attn_zoo.methods()` lists for one method.
+
+    `kind` is `"patch"` for a method `patch()` applies to a model (`PATCHES`), `"decoding"` for a decoding method
+    that changes how tokens are chosen and leaves the model alone (`hf_attn_zoo.decoding.registry`).
+    """
+
     name: str
     summary: str
     options: tuple[OptionInfo, ...] = field(default_factory=tuple)
     training_free: bool = False
+    kind: MethodKind = "patch"
 
 
-def method_info(cls: type[Patch]) -> MethodInfo:
-    hints = typing.get_type_hints(cls.config_class)
-    options = tuple(
+def option_infos(config_class: type) -> tuple[OptionInfo, ...]:
+    """The options of a dataclass of options: name, type, default, help (field metadata) and declared bounds."""
+    hints = typing.get_type_hints(config_class)
+    return tuple(
         OptionInfo(
             name=f.name,
             type=_describe(hints[f.name]),
@@ -233,6 +254,9 @@ def method_info(cls: type[Patch]) -> MethodInfo:
             help=f.metadata.get("help", ""),
             bounds=bounds_text(f),
         )
-        for f in dataclasses.fields(cls.config_class)
+        for f in dataclasses.fields(config_class)
     )
-    return MethodInfo(cls.name, cls.summary, options, cls.capabilities.training_free)
+
+
+def method_info(cls: type[Patch]) -> MethodInfo:
+    return MethodInfo(cls.name, cls.summary, option_infos(cls.config_class), cls.capabilities.training_free)

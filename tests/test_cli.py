@@ -15,6 +15,27 @@ def test_methods_markdown_table(capsys):
     assert out.startswith("| method |") and "| `moh` |" in out
 
 
+def test_methods_lists_decoding_methods_with_their_kind(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "\nmoh: " in out and "\nscmoe (decoding method, not a patch): SCMoE self-contrast decoding" in out
+    assert "    use: hf_attn_zoo.decoding.scmoe_generate(" in out
+    assert "    beta (float, >= 0, default 0.5): contrast strength >= 0; 0 = greedy" in out
+    assert main(["methods", "--markdown"]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("| method | kind |") and "| `moh` | patch |" in table
+    assert "| `scmoe` | decoding | SCMoE" in table
+    assert "| yes | `alpha`, `beta`, `weak`, `weak_rank`, `m`, `ban_eos` |" in table
+
+
+def test_patch_command_refuses_a_decoding_method(tmp_path, capsys):
+    source = tmp_path / "src"
+    tiny_model("llama").save_pretrained(source)
+    assert main(["patch", str(source), "scmoe", str(tmp_path / "out"), "beta=0.5"]) == 2
+    assert "error: 'scmoe' is a decoding method, not a patch" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_patch_command_saves_a_loadable_patched_model(tmp_path, capsys):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast

@@ -1,14 +1,17 @@
-"""Decoding methods for MoE models: SCMoE self-contrast decoding (arXiv:2405.14507)."""
+"""Decoding methods for MoE models: SCMoE self-contrast decoding (arXiv:2405.14507).
 
+`registry` lists the decoding methods (`DECODING_METHODS`, shown by `hf_attn_zoo.methods()` with kind "decoding");
+`scmoe` is the SCMoE package (options, the contrast, the `generate` loop, `pick_beta`). The GSM8K helpers `pick_beta`
+defaults to live in `hf_attn_zoo.eval_harness.gsm8k`.
+"""
+
+from .registry import DECODING_METHODS, DecodingMethod, register_decoding
 from .scmoe import (
     CUSTOM_GENERATE_DIR,
     SCMoEConfig,
     SCMoEOutput,
     check_model,
     contrastive_scores,
-    gsm8k_correct,
-    gsm8k_heldout,
-    gsm8k_prompt,
     move_stop_strings,
     parse_weak,
     pick_beta,
@@ -20,16 +23,16 @@ from .scmoe import (
 
 __all__ = [
     "CUSTOM_GENERATE_DIR",
+    "DECODING_METHODS",
+    "DecodingMethod",
     "SCMoEConfig",
     "SCMoEOutput",
     "check_model",
     "contrastive_scores",
-    "gsm8k_correct",
-    "gsm8k_heldout",
-    "gsm8k_prompt",
     "move_stop_strings",
     "parse_weak",
     "pick_beta",
+    "register_decoding",
     "scmoe_decode",
     "scmoe_forward",
     "scmoe_generate",

@@ -38,10 +38,11 @@ import yaml
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-import hf_attn_zoo
 from hf_attn_zoo.decoding import scmoe as _scmoe
 from hf_attn_zoo.errors import InvalidOptionError
-
+from hf_attn_zoo.loading import from_pretrained as _zoo_from_pretrained
+from hf_attn_zoo.patching import applied_patches
+from hf_attn_zoo.patching import patch as _patch_model
 
 __all__ = ["ZooLM", "parse_patch_args", "parse_scmoe_args"]
 
@@ -146,7 +147,7 @@ class _ZooAutoModel:
         self.patches = patches
 
     def from_pretrained(self, pretrained_model_name_or_path: str, **kwargs: Any) -> torch.nn.Module:
-        return hf_attn_zoo.from_pretrained(pretrained_model_name_or_path, patches=self.patches, **kwargs)
+        return _zoo_from_pretrained(pretrained_model_name_or_path, patches=self.patches, **kwargs)
 
 
 def _as_bool(name: str, value: Any) -> bool:
@@ -279,7 +280,7 @@ class ZooLM(HFLM):
         if not isinstance(pretrained, str):
             for spec in self._zoo_patches or []:
                 spec = dict(spec)
-                hf_attn_zoo.patch(pretrained, spec.pop("method"), **spec)
+                _patch_model(pretrained, spec.pop("method"), **spec)
         super().__init__(pretrained=pretrained, **kwargs)
         if self._zoo_scmoe is not None:
             # a dense model or an out-of-range weak rank fails here, before any request runs
@@ -334,7 +335,7 @@ class ZooLM(HFLM):
                 "model_revision": self.revision,
                 "model_sha": "",
             }
-        zoo_info: dict[str, Any] = {"patches": hf_attn_zoo.applied_patches(model)}
+        zoo_info: dict[str, Any] = {"patches": applied_patches(model)}
         if self._zoo_scmoe is not None:
             zoo_info["scmoe"] = {**self._zoo_scmoe.to_dict(), "generate_until": self._zoo_scmoe_generate,
                                  "loglikelihood": self._zoo_scmoe_loglikelihood}

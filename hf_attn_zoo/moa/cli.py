@@ -105,9 +105,8 @@ def apply_main(argv: list[str]) -> int:
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per block (default: the plan's length)")
     parser.add_argument("--blocks", type=int, default=4)
     args = parser.parse_args(argv)
-    import hf_attn_zoo
-
     from ..analysis.perplexity import held_out_perplexity
+    from ..patching import patch, unpatch
     from .plan import load_plan
     from .search import rule_stats, uniform_beta
 
@@ -123,13 +122,13 @@ def apply_main(argv: list[str]) -> int:
     rows = [("dense", 1.0, ppl())]
     rules = [(a, b) for ra, rb in zip(plan.alphas, plan.betas) for a, b in zip(ra, rb)]
     density = sum(rule_stats(a, b, length, plan.sinks, length)[1] for a, b in rules) / len(rules)
-    hf_attn_zoo.patch(model, "moa", plan=str(args.plan))
+    patch(model, "moa", plan=str(args.plan))
     rows.append(("moa plan", density, ppl()))
-    hf_attn_zoo.unpatch(model)
+    unpatch(model)
     beta = uniform_beta(density, length, plan.sinks)
-    hf_attn_zoo.patch(model, "moa", alpha=0.0, beta=beta, sinks=plan.sinks, length=length)
+    patch(model, "moa", alpha=0.0, beta=beta, sinks=plan.sinks, length=length)
     rows.append((f"uniform (alpha=0, beta={beta:.3f})", rule_stats(0.0, beta, length, plan.sinks, length)[1], ppl()))
-    hf_attn_zoo.unpatch(model)
+    unpatch(model)
     print(f"held-out perplexity on {args.corpus}, {args.blocks} blocks of {seq_len} tokens (N={length}):")
     print("| attention | density at N | perplexity |\n|---|---|---|")
     for name, dens, value in rows:

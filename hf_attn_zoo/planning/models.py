@@ -125,12 +125,11 @@ def _non_meta(model: torch.nn.Module) -> dict[str, int]:
 
 
 def _patch_meta(model: torch.nn.Module, method: str, layers: Any, options: dict[str, Any]) -> None:
-    import hf_attn_zoo
-
     from ..errors import ZooError
+    from ..patching import patch
 
     try:
-        hf_attn_zoo.patch(model, method, layers=layers, **options)
+        patch(model, method, layers=layers, **options)
     except ZooError:
         raise  # the patch's own message (bad option, unsupported family ...)
     except Exception as error:  # a patch that is not meta-device safe
@@ -181,9 +180,9 @@ def _build_upcycled(config: PretrainedConfig, dtype: str, options: dict[str, Any
     after = build_meta(target, dtype)
     if spec["mode"] == "bam":
         _patch_meta(after, "bam", moe_layers, {"num_experts": n, **spec["bam_options"]})
-    import hf_attn_zoo
+    from ..patching import applied_patches, new_parameters
 
-    patch_new = {id(p): p for p in hf_attn_zoo.new_parameters(after).values()}
+    patch_new = {id(p): p for p in new_parameters(after).values()}
     routers, experts = dict(patch_new), dict(patch_new)
     for index in family.moe_layers(after):
         mlp = family.mlp_module(after, index)
@@ -191,7 +190,7 @@ def _build_upcycled(config: PretrainedConfig, dtype: str, options: dict[str, Any
         experts.update({id(p): p for p in getattr(mlp, family.mlp.experts).parameters()})
     new = {**routers, **experts}
     spec["layers"] = moe_layers
-    return BuiltModels(before, after, family_before, family, hf_attn_zoo.applied_patches(after), spec,
+    return BuiltModels(before, after, family_before, family, applied_patches(after), spec,
                        sum(p.numel() for p in new.values()), sum(p.numel() for p in routers.values()),
                        _non_meta(after))
 
@@ -203,7 +202,7 @@ def build_plan_models(config: PretrainedConfig, method: str, options: dict[str, 
     `method` is a registered patch, `none` (the unpatched model) or `upcycle` (options: mode, num_experts, top_k,
     layers, bam_options). A bad option raises the patch's (or upcycling's) own error.
     """
-    import hf_attn_zoo
+    from ..patching import applied_patches, new_parameters
 
     family = resolve_family(config)
     before = build_meta(config, dtype)
@@ -215,6 +214,6 @@ def build_plan_models(config: PretrainedConfig, method: str, options: dict[str, 
         return BuiltModels(before, before, family, family, [], None, 0, 0, _non_meta(before))
     after = build_meta(config, dtype)
     _patch_meta(after, method, layers, options)
-    new = sum(p.numel() for p in hf_attn_zoo.new_parameters(after).values())
-    return BuiltModels(before, after, family, family, hf_attn_zoo.applied_patches(after), None, new, new,
+    new = sum(p.numel() for p in new_parameters(after).values())
+    return BuiltModels(before, after, family, family, applied_patches(after), None, new, new,
                        _non_meta(after))

@@ -192,10 +192,10 @@ def upcycle(
     model.tie_weights()
 
     if mode == "bam":
-        import hf_attn_zoo
+        from ..patching import patch
 
         options = {"num_experts": n, **(bam_options or {})}
-        hf_attn_zoo.patch(model, "bam", layers=moe_layers, **options)
+        patch(model, "bam", layers=moe_layers, **options)
         _fill_attention_experts(model, family, expert_sources, specs, moe_layers, attention_routers, generator)
 
     setattr(model.config, RECORD_KEY, {

@@ -6,33 +6,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidOptionError
+from ..cli_args import parse_options, read_prompts
 
+# read_prompts lives in hf_attn_zoo.cli_args; its old home here stays importable (benchmarks use it)
 __all__ = ["read_prompts", "upcycle_main"]
-
-
-def read_prompts(spec: str, count: int = 16) -> list[str]:
-    """Prompts from `corpus:NAME` (the first `count` training documents of a packaged corpus, cut to 1000
-    characters), a `.json`/`.yaml` list of strings, or a text file with one prompt per non-empty line."""
-    if spec.startswith("corpus:"):
-        from ..assets.corpora import corpus_texts
-
-        return [text[:1000] for text in corpus_texts(spec.removeprefix("corpus:"), split="train")[:count]]
-    path = Path(spec)
-    if not path.is_file():
-        raise InvalidOptionError(f"prompt file {path} does not exist (give a file, or corpus:NAME).")
-    if path.suffix in (".json", ".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(path.read_text())
-        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
-            raise InvalidOptionError(f"prompt file {path} must hold a list of strings.")
-        prompts = data
-    else:
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise InvalidOptionError(f"prompt file {path} is empty.")
-    return prompts
 
 
 def upcycle_main(argv: list[str]) -> int:
@@ -60,7 +37,6 @@ def upcycle_main(argv: list[str]) -> int:
     parser.add_argument("--bam", nargs="*", default=[], metavar="KEY=VALUE",
                         help="bam patch options, e.g. kv=shared routing=top_k top_k=2 parallel_block=true")
     args = parser.parse_intermixed_args(argv)
-    from ..cli import _parse_options
     from .build import upcycle
     from .mergekit import mergekit_upcycle_kwargs
 
@@ -75,7 +51,7 @@ def upcycle_main(argv: list[str]) -> int:
             layers=layers, router_init=args.router_init, noise=args.noise, shared=args.shared,
             include_seed=not args.no_seed_expert, dtype=args.dtype,
             prompts=[read_prompts(p) for p in args.prompts] or None,
-            bam_options=_parse_options(args.bam) or None,
+            bam_options=parse_options(args.bam) or None,
         )
     model = upcycle(**kwargs, output_dir=args.out, overwrite=args.overwrite)
     record = model.config.hf_attn_zoo_upcycling

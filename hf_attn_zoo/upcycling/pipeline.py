@@ -117,12 +117,11 @@ def evaluate_models(models: dict[str, str | Path], out_dir: str | Path, tasks: S
     import torch
     from transformers import AutoTokenizer
 
-    import hf_attn_zoo
-
     from ..analysis.perplexity import held_out_perplexity
     from ..assets.model import resolve_model
     from ..eval_harness.report import write_report
     from ..eval_harness.runner import evaluate
+    from ..loading import from_pretrained
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,7 +132,7 @@ def evaluate_models(models: dict[str, str | Path], out_dir: str | Path, tasks: S
             results[name] = json.loads(cached.read_text())
             continue
         path = resolve_model(path)
-        model = hf_attn_zoo.from_pretrained(path, dtype=torch.float32).eval()
+        model = from_pretrained(path, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         res: dict[str, Any] = {"results": {}, "higher_is_better": {}, "config": {"model": str(path)}}
         for domain, corpus in DOMAINS.items():

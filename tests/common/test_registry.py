@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 import hf_attn_zoo
+from hf_attn_zoo.decoding import SCMoEConfig
+from hf_attn_zoo.decoding.registry import DECODING_METHODS, DecodingMethod, register_decoding
 from hf_attn_zoo.errors import UnknownMethodError
 from hf_attn_zoo.registry import PATCHES, Patch, register_patch
 from tests.matrix import METHOD_CASES
@@ -52,3 +54,38 @@ def test_register_patch_rejects_bad_names():
 
     with pytest.raises(ValueError, match="lower snake case"):
         register_patch(Bad)
+
+
+def test_methods_lists_the_decoding_methods_beside_the_patches():
+    infos = hf_attn_zoo.methods()
+    assert [m.name for m in infos if m.kind == "patch"] == sorted(PATCHES)
+    assert [m.name for m in infos if m.kind == "decoding"] == sorted(DECODING_METHODS)
+    assert len(infos) == len(PATCHES) + len(DECODING_METHODS) and set(DECODING_METHODS).isdisjoint(PATCHES)
+    scmoe = {m.name: m for m in infos}["scmoe"]
+    assert scmoe.kind == "decoding" and scmoe.training_free and "arXiv:2405.14507" in scmoe.summary
+    options = {o.name: o for o in scmoe.options}
+    assert list(options) == [f.name for f in dataclasses.fields(SCMoEConfig)]
+    assert all(o.help for o in scmoe.options)
+    assert (options["alpha"].type, options["alpha"].default, options["alpha"].bounds) == ("float", 0.1, "> 0, <= 1")
+    assert (options["beta"].default, options["beta"].bounds) == (0.5, ">= 0")
+    assert options["weak"].type == "one of 'rank', 'top1', 'top_m'" and options["weak"].default == "rank"
+    assert (options["weak_rank"].default, options["m"].default, options["ban_eos"].default) == (2, None, False)
+
+
+def test_a_decoding_method_is_not_a_patch():
+    with pytest.raises(UnknownMethodError, match="'scmoe' is a decoding method, not a patch.*scmoe_generate"):
+        hf_attn_zoo.patch(object(), "scmoe")
+
+
+def test_register_decoding_rejects_bad_entries():
+    scmoe = DECODING_METHODS["scmoe"]
+    assert register_decoding(scmoe) is scmoe  # the same entry again is a no-op
+    with pytest.raises(ValueError, match="lower snake case"):
+        register_decoding(DecodingMethod("Bad-Name", "x", SCMoEConfig, "x"))
+    with pytest.raises(ValueError, match="already the name of a patch"):
+        register_decoding(DecodingMethod("moh", "x", SCMoEConfig, "x"))
+    with pytest.raises(ValueError, match="already registered"):
+        register_decoding(DecodingMethod("scmoe", "another", SCMoEConfig, "x"))
+    with pytest.raises(ValueError, match="must be a dataclass"):
+        register_decoding(DecodingMethod("not_a_dataclass", "x", dict, "x"))
+    assert set(DECODING_METHODS) == {"scmoe"}

@@ -15,8 +15,6 @@ from hf_attn_zoo.decoding import (
     CUSTOM_GENERATE_DIR,
     SCMoEConfig,
     contrastive_scores,
-    gsm8k_correct,
-    gsm8k_heldout,
     parse_weak,
     pick_beta,
     scmoe_decode,
@@ -25,6 +23,7 @@ from hf_attn_zoo.decoding import (
     scmoe_logprobs,
 )
 from hf_attn_zoo.errors import InvalidOptionError, PatchConflictError, UnsupportedArchitectureError
+from hf_attn_zoo.eval_harness.gsm8k import gsm8k_correct, gsm8k_heldout
 from hf_attn_zoo.families import family_specs
 from hf_attn_zoo.moe import RoutingOverride, routing_override, set_routing, switch_experts
 from hf_attn_zoo.moe.switching import installed_switches

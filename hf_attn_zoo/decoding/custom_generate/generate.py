@@ -1,4 +1,5 @@
-"""SCMoE as a `custom_generate` folder: `model.generate(..., custom_generate=CUSTOM_GENERATE_DIR, trust_remote_code=True)`.
+"""SCMoE as a `custom_generate` folder:
+`model.generate(..., custom_generate=CUSTOM_GENERATE_DIR, trust_remote_code=True)`.
 
 transformers loads this file from a local folder (`<dir>/custom_generate/generate.py`, here
 `hf_attn_zoo.decoding.CUSTOM_GENERATE_DIR`) and calls `generate(model=..., **generate_arguments)` instead of its own
@@ -8,7 +9,7 @@ transformers loads this file from a local folder (`<dir>/custom_generate/generat
 
 from transformers import GenerationMixin
 
-from hf_attn_zoo.decoding.scmoe import move_stop_strings, scmoe_decode
+from hf_attn_zoo.decoding.scmoe.decode import move_stop_strings, scmoe_decode
 
 
 def generate(model, *args, **kwargs):
