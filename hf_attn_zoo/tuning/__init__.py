@@ -1,5 +1,11 @@
 """Continue-tuning: YAML recipes (`recipe.py`), the Trainer-based runner (`train.py`) and the CLI pieces (`cli.py`).
 
+`recipe.py` re-exports its parts: `recipe_schema.py` (pydantic sections), `recipe_yaml.py` (YAML with line marks,
+`_base` includes, overrides), `recipe_checks.py` (`validate_recipe`). `train.py` runs a recipe from `model.py` (load,
+patch, init hooks, trainable parameters, final save), `data.py` (packed blocks), `trainer.py` (TrainingArguments,
+Trainer subclass, callbacks), `lr_schedule.py` and `run_folder.py` (result, checkpoints, rerun policy);
+`distributed.py` holds ddp / fsdp / deepspeed, `init_hooks.py` the registry of `init` steps.
+
 >>> from hf_attn_zoo.tuning import load_recipe, run_recipe
 >>> result = run_recipe("moh/smollm2_quick", overrides=["train.max_steps=10"])
 >>> result.final_loss, result.train_tokens_per_second

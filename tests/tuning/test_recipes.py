@@ -211,7 +211,7 @@ def test_data_sources_are_typed_by_their_key(tmp_path: Path):
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
-    from hf_attn_zoo.tuning.train import _LRSchedule
+    from hf_attn_zoo.tuning.lr_schedule import lr_lambda as _LRSchedule
 
     cosine = _LRSchedule("cosine", warmup_steps=4, total_steps=20, lr=1e-3, min_lr=1e-4)
     factors = [cosine(step) for step in range(21)]
@@ -223,7 +223,7 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
 
 
 def test_missing_corpus_at_run_time_is_a_missing_asset_error(tmp_path: Path, monkeypatch):
-    from hf_attn_zoo.tuning.train import _documents
+    from hf_attn_zoo.tuning.data import _documents
 
     monkeypatch.setenv("HF_ATTN_ZOO_CACHE", str(tmp_path))
     monkeypatch.delenv("HF_ATTN_ZOO_CORPORA", raising=False)

@@ -1,0 +1,192 @@
+"""The Trainer side of a tuning run: its `TrainingArguments`, the Trainer subclass and the callbacks.
+
+`ZooTrainer` installs the recipe's learning-rate schedule (`lr_schedule.py`) and logs the auxiliary losses apart from
+the LM loss; `Throughput` measures train tokens per second; `CheckpointLayout` marks each checkpoint complete, with the
+layout (processes, sharding) it was written in.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from ..errors import RecipeError
+from . import distributed, lr_schedule
+from .recipe import Recipe
+
+__all__ = ["CheckpointLayout", "Throughput", "ZooTrainer", "grad_accum_steps", "training_args"]
+
+
+def grad_accum_steps(recipe: Recipe, world_size: int) -> int:
+    """Micro-steps per optimizer step: `train.grad_accum`, or what `train.global_batch_size` asks of this many
+    processes."""
+    train = recipe.train
+    if train.global_batch_size is None:
+        return train.grad_accum
+    per_step = train.batch_size * world_size
+    if train.global_batch_size % per_step:
+        raise RecipeError(
+            f"{recipe.location(('train', 'global_batch_size'))}: {train.global_batch_size} blocks is not a multiple "
+            f"of batch_size {train.batch_size} x {world_size} process(es)"
+        )
+    return train.global_batch_size // per_step
+
+
+def training_args(recipe: Recipe, output_dir: Path, max_steps: int, grad_accum: int) -> dict[str, Any]:
+    """The `TrainingArguments` of a run, from the recipe (`train.trainer_args` last, `train.distributed` before)."""
+    train, optim = recipe.train, recipe.optim
+    has_eval = recipe.data.held_out_fraction > 0
+    args: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=grad_accum,
+        max_steps=max_steps,
+        learning_rate=optim.lr,
+        # the schedule (warm-up included) is `lr_schedule.lr_scheduler`, installed by `ZooTrainer.create_scheduler`
+        lr_scheduler_type="constant",
+        optim=optim.name,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.betas[0],
+        adam_beta2=optim.betas[1],
+        adam_epsilon=optim.eps,
+        max_grad_norm=optim.max_grad_norm or 0.0,
+        bf16=train.mixed_precision == "bf16",
+        fp16=train.mixed_precision == "fp16",
+        logging_steps=train.logging_steps,
+        save_strategy="steps" if train.save_steps else "no",
+        save_steps=train.save_steps or 500,
+        save_total_limit=train.save_total_limit,
+        eval_strategy="steps" if has_eval and train.eval_steps else "no",
+        eval_steps=train.eval_steps,
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        use_cpu=not torch.cuda.is_available(),
+        report_to=[],
+        activation_checkpointing=train.gradient_checkpointing,
+        # non-reentrant checkpointing needs no input grads, so it works with frozen embeddings (what: new / lora)
+        activation_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        # packed blocks all have seq_len tokens; dropping a ragged last batch keeps every step the same size
+        dataloader_drop_last=True,
+        disable_tqdm=False,
+    )
+    args.update(distributed.distributed_training_args(recipe))
+    args.update(train.trainer_args)
+    return args
+
+
+# logged next to `loss` (means over the micro-steps since the last log, over every process)
+_AUX_LOGS = ("aux_loss", "moe_load_balance_loss", "moe_z_loss")
+
+
+class ZooTrainer(Trainer):
+    """Trainer with the recipe's LR schedule and separate logging of the auxiliary losses.
+
+    Logs `aux_loss` (the weighted sum of the patches' losses and the MoE router losses) and `lm_loss` (`loss` minus
+    it), and with router losses their unweighted values `moe_load_balance_loss` and `moe_z_loss`.
+    """
+
+    def __init__(self, *args: Any, recipe: Recipe, router_losses: Any = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.recipe = recipe
+        self.router_losses = router_losses
+        # `outputs.loss` is a per-block mean that already includes the patches' auxiliary losses (core
+        # contract). With loss kwargs the Trainer would normalise by token counts and multiply by the number of
+        # processes, which also scales the aux loss by that factor; every packed block has the same number of
+        # tokens, so a plain per-batch mean gives the same LM loss and the intended aux weight.
+        self.model_accepts_loss_kwargs = False
+        self._aux_sums: dict[str, torch.Tensor | float] = dict.fromkeys(_AUX_LOGS, 0.0)
+        self._aux_counts: dict[str, int] = dict.fromkeys(_AUX_LOGS, 0)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        distributed.enable_fsdp_without_gpus(self)
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if self.lr_scheduler is None:
+            optim = self.recipe.optim
+            self.lr_scheduler = lr_schedule.lr_scheduler(optimizer or self.optimizer, optim.schedule,
+                                                         optim.warmup_steps, num_training_steps, optim.lr,
+                                                         optim.min_lr)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            aux = outputs.get("aux_loss") if hasattr(outputs, "get") else None
+            self._accumulate("aux_loss", aux)
+            metrics = self.router_losses.pop_metrics() if self.router_losses is not None else {}
+            self._accumulate("moe_load_balance_loss", metrics.get("load_balance"))
+            self._accumulate("moe_z_loss", metrics.get("z"))
+        return (loss, outputs) if return_outputs else loss
+
+    def _accumulate(self, key: str, value: torch.Tensor | None) -> None:
+        if value is not None:
+            # kept as a tensor: converting to float here would synchronise the device every micro-step
+            self._aux_sums[key] = self._aux_sums[key] + value.detach().double()
+            self._aux_counts[key] += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # training logs are written on every process at the same step, so the reduction below is collective
+        if "loss" in logs and "eval_loss" not in logs:
+            device = self.args.device
+            sums = [torch.as_tensor(self._aux_sums[k], dtype=torch.float64, device=device).reshape(1)
+                    for k in _AUX_LOGS]
+            counts = torch.tensor([float(self._aux_counts[k]) for k in _AUX_LOGS], dtype=torch.float64, device=device)
+            local = torch.cat([*sums, counts])
+            total = self.accelerator.reduce(local, reduction="sum") if self.args.world_size > 1 else local
+            size = len(_AUX_LOGS)
+            for index, key in enumerate(_AUX_LOGS):
+                if total[size + index] > 0:
+                    logs[key] = float(total[index] / total[size + index])
+            if "aux_loss" in logs:
+                logs["lm_loss"] = logs["loss"] - logs["aux_loss"]
+            self._aux_sums, self._aux_counts = dict.fromkeys(_AUX_LOGS, 0.0), dict.fromkeys(_AUX_LOGS, 0)
+        super().log(logs, start_time)
+
+
+class Throughput(TrainerCallback):
+    """Train tokens per second over the optimizer steps of this invocation (set-up and final save excluded)."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.start: float | None = None
+        self.first_step = 0
+        self.steps = 0
+        self.seconds = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.start is None:
+            self.start, self.first_step = time.perf_counter(), state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.start is not None:
+            self.steps = state.global_step - self.first_step
+            self.seconds = time.perf_counter() - self.start
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.tokens_per_step
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class CheckpointLayout(TrainerCallback):
+    """Marks each checkpoint complete once every process has written its part, with the layout it was written in."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+
+    def on_save(self, args, state, control, **kwargs):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        if state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            distributed.write_checkpoint_layout(checkpoint, self.recipe)
