@@ -1,12 +1,16 @@
-"""Architecture adapters as data: where the layers, attention and MLP modules of a family live.
+"""Architecture adapters as data: where the layers, attention and MLP modules of a family live, and what a patch
+must know about them (q/k-norm scope, attention sinks, block layout, MoE routing rule).
 
-A method asks the family spec for modules ("the attention module of layer 3", "the head counts"); it never
-hard-codes `model.layers` or `self_attn`. Adding a family is one `<name>.yaml` file next to this one.
+A method asks the family spec for modules ("the attention module of layer 3", "the head counts") and properties; it
+never hard-codes `model.layers`, `self_attn` or a model type. A decoder of the common shape needs no file: its layout
+is read from its modules (`discover.py`). A `<name>.yaml` next to this one names a family, the tiny config the test
+grid runs it on, and only what differs from (or cannot be read from) the modules, such as the MoE routing rule.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from transformers import PretrainedConfig, PreTrainedModel
 
 from ..errors import UnsupportedArchitectureError
+from .discover import discover_layout
 
 __all__ = ["FamilySpec", "HeadLayout", "family_specs", "resolve_family", "supported_model_types"]
 
@@ -27,7 +32,11 @@ class AttentionSpec(BaseModel):
     """The attention module; `kind: standard` names its q/k/v/o projections (the layout attention patches need).
 
     `kind: mla` (DeepSeek-V3 multi-head latent attention: low-rank q and compressed kv projections) names only the
-    module; attention patches refuse such a family in their `check()`.
+    module; attention patches refuse such a family in their `check()`. `qk_norm_scope` says whether the q/k norms
+    normalise each head (`head`) or the whole projection before the head split (`projection`: OLMo 2); `sinks` names
+    a learned per-head parameter the family's own attention function uses (GPT-OSS attention sinks), which a patch
+    that replaces that function must honour or refuse. `rope` is how RoPE pairs the channels of a head: `half`
+    (`rotate_half`: channel c with c + r/2, most families) or `interleaved` (channels 2i and 2i+1: Helium, Cohere, GLM).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -38,6 +47,9 @@ class AttentionSpec(BaseModel):
     v: str | None = None
     o: str | None = None
     qk_norm: tuple[str, str] | None = None
+    qk_norm_scope: Literal["head", "projection"] | None = None
+    sinks: str | None = None
+    rope: Literal["half", "interleaved"] = "half"
 
     @model_validator(mode="after")
     def _projection_names(self) -> AttentionSpec:
@@ -46,7 +58,27 @@ class AttentionSpec(BaseModel):
             raise ValueError("a standard attention spec names all of q, k, v and o")
         if self.kind != "standard" and (any(named) or self.qk_norm is not None):
             raise ValueError(f"an attention spec of kind {self.kind!r} names no q/k/v/o projections or qk_norm")
+        if (self.qk_norm is None) != (self.qk_norm_scope is None):
+            raise ValueError("an attention spec gives qk_norm_scope (head or projection) exactly when it names qk_norm")
         return self
+
+
+class RoutingSpec(BaseModel):
+    """How a MoE router turns its logits into `(weights, experts)`: the rule `hf_attn_zoo.moe` reproduces exactly
+    (and changes under routing overrides). Rules are kinds, shared by every family whose router works that way:
+
+    - `softmax_topk`: softmax over all experts, top-k; `renormalise: always` (Mixtral) or `norm_topk_prob` (the
+      router's flag decides: Qwen-MoE, OLMoE); `weights: float32` (Mixtral) or `logits` (cast back to the logits'
+      dtype).
+    - `grouped_sigmoid`: sigmoid scores, selection on scores + `e_score_correction_bias` within the `topk_group` best
+      groups, weights from the unbiased scores (DeepSeek-V3, GLM-4-MoE, dots1).
+    - `topk_softmax`: top-k on the logits, softmax over the k picked (GPT-OSS, GraniteMoE).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    rule: Literal["softmax_topk", "grouped_sigmoid", "topk_softmax"]
+    renormalise: Literal["always", "norm_topk_prob"] = "norm_topk_prob"
+    weights: Literal["float32", "logits"] = "logits"
 
 
 class MLPSpec(BaseModel):
@@ -57,6 +89,7 @@ class MLPSpec(BaseModel):
     kind: Literal["dense", "moe"]
     router: str | None = None
     experts: str | None = None
+    routing: RoutingSpec | None = None
 
     @model_validator(mode="after")
     def _moe_names(self) -> MLPSpec:
@@ -78,8 +111,17 @@ class HeadLayout:
         return self.num_heads // self.num_kv_heads
 
 
+Block = Literal["pre_norm", "post_norm", "sandwich", "parallel", "other"]
+
+
 class FamilySpec(BaseModel):
-    """One architecture family, loaded from `families/<name>.yaml`."""
+    """One architecture family: a `families/<name>.yaml` completed by the layout read from its modules, or a decoder
+    of the common shape recognised without a file.
+
+    `block` is the decoder layer's norm layout: `pre_norm` (x + attn(input_layernorm(x)), then
+    post_attention_layernorm -> MLP), `post_norm` (norms after attention and MLP: OLMo 2), `sandwich` (pre and post
+    norms around both: Gemma), `parallel` (one input norm feeding attention and MLP: Cohere), or `other`.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
@@ -87,7 +129,8 @@ class FamilySpec(BaseModel):
     layers: str
     attention: AttentionSpec
     mlp: MLPSpec
-    tiny: dict[str, Any]
+    block: Block = "other"
+    tiny: dict[str, Any] = {}
 
     def decoder_layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
         """The decoder layers of `model` (a `*ForCausalLM` or its inner `*Model`)."""
@@ -112,7 +155,8 @@ class FamilySpec(BaseModel):
         """Indices of the layers whose MLP is a sparse MoE block (some MoE families keep dense layers)."""
         if self.mlp.kind != "moe":
             return []
-        return [i for i in range(len(self.decoder_layers(model))) if hasattr(self.mlp_module(model, i), self.mlp.router)]
+        layers = range(len(self.decoder_layers(model)))
+        return [i for i in layers if hasattr(self.mlp_module(model, i), self.mlp.router)]
 
     def head_layout(self, config: PretrainedConfig) -> HeadLayout:
         num_heads = config.num_attention_heads
@@ -127,30 +171,58 @@ class FamilySpec(BaseModel):
         return AutoConfig.for_model(self.model_types[0], **{**self.tiny, **overrides})
 
 
+def _merged(read: Mapping[str, Any], declared: Mapping[str, Any]) -> dict[str, Any]:
+    """The layout read from the modules, with the YAML's declarations on top (one level deep for sections)."""
+    out = dict(read)
+    for key, value in declared.items():
+        out[key] = {**read.get(key, {}), **value} if isinstance(value, dict) and key in ("attention", "mlp") else value
+    return out
+
+
+@functools.cache
+def _declared() -> dict[str, dict[str, Any]]:
+    """The shipped YAML files, by family name, as written."""
+    files = {}
+    for path in sorted(_HERE.glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        if data.get("name") != path.stem:
+            raise RuntimeError(f"{path}: family name {data.get('name')!r} must equal the file stem {path.stem!r}")
+        files[path.stem] = data
+    return files
+
+
+def _spec(declared: Mapping[str, Any], config: PretrainedConfig) -> FamilySpec:
+    return FamilySpec(**_merged(discover_layout(config), declared))
+
+
 @functools.cache
 def family_specs() -> dict[str, FamilySpec]:
-    """All shipped families, by name."""
+    """All shipped families, by name (each completed from the modules of its tiny config)."""
     specs = {}
-    for path in sorted(_HERE.glob("*.yaml")):
-        spec = FamilySpec(**yaml.safe_load(path.read_text()))
-        if spec.name != path.stem:
-            raise RuntimeError(f"{path}: family name {spec.name!r} must equal the file stem {path.stem!r}")
-        specs[spec.name] = spec
+    for name, data in _declared().items():
+        tiny = FamilySpec.model_construct(model_types=tuple(data["model_types"]), tiny=data.get("tiny", {}))
+        specs[name] = _spec(data, tiny.tiny_config())
     return specs
 
 
 def supported_model_types() -> list[str]:
+    """The model types with a family file (any other decoder of the common shape is recognised from its modules)."""
     return sorted(t for spec in family_specs().values() for t in spec.model_types)
 
 
 def resolve_family(config: PretrainedConfig) -> FamilySpec:
-    """The family of a model config, or an error listing the supported `model_type`s."""
-    config = getattr(config, "text_config", None) if config.model_type == "gemma3" else config
-    model_type = getattr(config, "model_type", None)
-    for spec in family_specs().values():
-        if model_type in spec.model_types:
-            return spec
-    raise UnsupportedArchitectureError(
-        f"model_type {model_type!r} has no hf_attn_zoo family adapter; supported: {', '.join(supported_model_types())}. "
-        "Add one as hf_attn_zoo/families/<name>.yaml."
-    )
+    """The family of a model config: its family file completed from the model's modules, or, for a model type
+    without one, the layout read from the modules alone. An architecture of another shape gets one error that says
+    what did not fit."""
+    text = config.get_text_config()
+    model_type = getattr(text, "model_type", None)
+    for name, data in _declared().items():
+        if model_type in data["model_types"]:
+            return _spec(data, text)
+    try:
+        return _spec({"name": model_type, "model_types": [model_type]}, text)
+    except UnsupportedArchitectureError as error:
+        raise UnsupportedArchitectureError(
+            f"model_type {model_type!r} is not recognised by hf_attn_zoo: {error}. Family files exist for "
+            f"{', '.join(supported_model_types())}; describe this one in hf_attn_zoo/families/<name>.yaml."
+        ) from error

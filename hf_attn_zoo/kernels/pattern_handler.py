@@ -61,8 +61,9 @@ class WithinModelWindow(AttentionPattern):
 
 def unsupported_attention_reason(family) -> str | None:
     """Why a pattern patch cannot run on `family`'s attention function, or None."""
-    if family.name == "gpt_oss":
-        return "its attention sinks (`s_aux`) live in its own attention function, which a sparse pattern replaces"
+    if family.attention.sinks:
+        return (f"its attention sinks (`{family.attention.sinks}`) live in its own attention function, which a "
+                "sparse pattern replaces")
     return None
 
 

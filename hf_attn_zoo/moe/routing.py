@@ -8,15 +8,16 @@ every parameter stay as they are.
 How it works: `set_routing` replaces the `forward` of each router *instance* (no new modules, parameters or
 buffers, so the state dict is unchanged) with a wrapper that calls the router's own forward, and then, for the
 tokens an override applies to, recomputes the selection from the router logits with the family's **routing
-rule** (`ROUTING_RULES`), which reproduces the transformers router exactly when nothing is overridden:
+rule**, which reproduces the transformers router exactly when nothing is overridden. A family names the kind of its
+rule in its spec (`mlp.routing`, see `families/spec.py`); the kinds (`ROUTING_RULES`):
 
-- mixtral: softmax (fp32) -> top-k -> always renormalise (fp32 weights).
-- qwen2_moe, qwen3_moe, olmoe: softmax (fp32) -> top-k -> renormalise iff `norm_topk_prob` (weights in the
-  logits' dtype).
-- deepseek_v3: sigmoid scores; selection on scores + `e_score_correction_bias`, limited to the `topk_group` best of
-  `n_group` groups (group score = sum of its 2 best); weights from the *unbiased* scores, renormalised iff
-  `norm_topk_prob`, times `routed_scaling_factor`.
-- gpt_oss: top-k on the logits (with the router bias), softmax over the k picked logits.
+- softmax_topk: softmax (fp32) -> top-k -> renormalise always (Mixtral, fp32 weights) or iff `norm_topk_prob`
+  (Qwen-MoE, OLMoE, FlexOlmo; weights in the logits' dtype).
+- grouped_sigmoid: sigmoid scores; selection on scores + `e_score_correction_bias`, limited to the `topk_group` best
+  of `n_group` groups (group score = sum of its 2 best); weights from the *unbiased* scores, renormalised iff
+  `norm_topk_prob`, times `routed_scaling_factor` (DeepSeek-V3, GLM-4-MoE, dots1).
+- topk_softmax: top-k on the logits (with the router bias where it has one), softmax over the k picked logits
+  (GPT-OSS, GraniteMoE).
 
 A forward pre-hook on each MoE block records the `(batch, length)` shape of its input, so overrides can be limited
 to some rows of the batch (`RoutingOverride.rows`): the router sees the tokens flattened row-major, token `n` is
@@ -75,19 +76,21 @@ from typing import Any, Union
 import torch
 
 from ..errors import InvalidOptionError, PatchConflictError, UnsupportedArchitectureError
-from ..families.spec import FamilySpec, family_specs, resolve_family
+from ..families.spec import FamilySpec, RoutingSpec, family_specs, resolve_family
 from ..wrappers import inner_model
 
 __all__ = [
     "ROUTING_RULES",
-    "DeepseekV3Rule",
-    "GptOssRule",
+    "GroupedSigmoidRule",
     "RoutingDecision",
     "RoutingHandle",
     "RoutingOverride",
     "RoutingRule",
     "SoftmaxTopKRule",
+    "TopKSoftmaxRule",
+    "moe_families_with_rules",
     "register_routing_rule",
+    "routing_rule",
     "route",
     "routing_override",
     "set_routing",
@@ -232,7 +235,7 @@ class RoutingRule(abc.ABC):
 
 
 class SoftmaxTopKRule(RoutingRule):
-    """Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE: softmax over all experts (fp32), top-k, renormalise.
+    """`softmax_topk` (Mixtral, Qwen-MoE, OLMoE): softmax over all experts (fp32), top-k, renormalise.
 
     Args:
         always_renormalise (`bool`): Mixtral; otherwise the router's `norm_topk_prob` decides.
@@ -269,10 +272,10 @@ class SoftmaxTopKRule(RoutingRule):
         return logits.dtype if self.cast_back else torch.float32
 
 
-class DeepseekV3Rule(RoutingRule):
-    """DeepSeek-V3: sigmoid scores, selection on scores + `e_score_correction_bias` within the `topk_group` best
-    groups (group score = sum of its 2 best), weights from the unbiased scores, renormalised iff `norm_topk_prob`,
-    times `routed_scaling_factor`."""
+class GroupedSigmoidRule(RoutingRule):
+    """`grouped_sigmoid` (DeepSeek-V3, GLM-4-MoE, dots1): sigmoid scores, selection on scores +
+    `e_score_correction_bias` within the `topk_group` best groups (group score = sum of its 2 best), weights from the
+    unbiased scores, renormalised iff `norm_topk_prob`, times `routed_scaling_factor`."""
 
     def scores(self, router, logits, disabled):
         scores = logits.sigmoid()
@@ -321,8 +324,9 @@ class DeepseekV3Rule(RoutingRule):
         return None
 
 
-class GptOssRule(RoutingRule):
-    """GPT-OSS: top-k on the logits (weight @ x + bias), softmax over the k picked logits."""
+class TopKSoftmaxRule(RoutingRule):
+    """`topk_softmax` (GPT-OSS, GraniteMoE): top-k on the logits (weight @ x, + bias where the router has one),
+    softmax over the k picked logits."""
 
     def scores(self, router, logits, disabled):
         return logits, logits
@@ -335,21 +339,44 @@ class GptOssRule(RoutingRule):
         return weights.masked_fill(~active, 0.0)  # also the NaN of a token whose experts were all dropped
 
 
-ROUTING_RULES: dict[str, RoutingRule] = {
-    "mixtral": SoftmaxTopKRule(always_renormalise=True, cast_back=False),
-    "qwen2_moe": SoftmaxTopKRule(always_renormalise=False, cast_back=True),
-    "qwen3_moe": SoftmaxTopKRule(always_renormalise=False, cast_back=True),
-    "olmoe": SoftmaxTopKRule(always_renormalise=False, cast_back=True),
-    "deepseek_v3": DeepseekV3Rule(),
-    "gpt_oss": GptOssRule(),
+RuleFactory = Callable[[RoutingSpec], RoutingRule]
+
+ROUTING_RULES: dict[str, RuleFactory] = {
+    "softmax_topk": lambda spec: SoftmaxTopKRule(always_renormalise=spec.renormalise == "always",
+                                                 cast_back=spec.weights == "logits"),
+    "grouped_sigmoid": lambda spec: GroupedSigmoidRule(),
+    "topk_softmax": lambda spec: TopKSoftmaxRule(),
 }
 
 
-def register_routing_rule(family: str, rule: RoutingRule, overwrite: bool = False) -> None:
-    """Add the routing rule of a family (a `families/<family>.yaml` with `mlp.kind: moe`)."""
-    if family in ROUTING_RULES and not overwrite:
-        raise InvalidOptionError(f"family {family!r} already has a routing rule; pass overwrite=True to replace it")
-    ROUTING_RULES[family] = rule
+def register_routing_rule(kind: str, factory: RuleFactory, overwrite: bool = False) -> None:
+    """Add a kind of routing rule; a family spec names it as `mlp.routing.rule`. `factory` builds the rule from the
+    family's `RoutingSpec`."""
+    if kind in ROUTING_RULES and not overwrite:
+        raise InvalidOptionError(f"routing rule {kind!r} already exists; pass overwrite=True to replace it")
+    ROUTING_RULES[kind] = factory
+
+
+def routing_rule(family: FamilySpec) -> RoutingRule | None:
+    """The routing rule of a MoE family, or None where its spec names none (or a kind that is not registered)."""
+    spec = family.mlp.routing
+    factory = ROUTING_RULES.get(spec.rule) if spec is not None else None
+    return factory(spec) if factory is not None else None
+
+
+def missing_rule_reason(family: FamilySpec) -> str:
+    """Why `family` has no routing rule, and the fix."""
+    spec = family.mlp.routing
+    if spec is None:
+        return (f"its router has no routing rule: if it works like one of {', '.join(ROUTING_RULES)}, declare "
+                f"`mlp.routing` in hf_attn_zoo/families/{family.name}.yaml (see families/spec.py RoutingSpec)")
+    return (f"its routing rule {spec.rule!r} is not registered (known: {', '.join(ROUTING_RULES)}); add it with "
+            "hf_attn_zoo.moe.register_routing_rule")
+
+
+def moe_families_with_rules() -> list[str]:
+    """The shipped MoE families whose routing the overrides reproduce."""
+    return sorted(name for name, spec in family_specs().items() if spec.mlp.kind == "moe" and routing_rule(spec))
 
 
 # (plan, num_experts, device) -> the plan's expert masks and gain vector on that device
@@ -394,21 +421,18 @@ def _target(model: torch.nn.Module) -> _Target:
         raise UnsupportedArchitectureError(f"{type(model).__name__} is not a transformers model (it has no config)")
     family = resolve_family(config)
     layers = family.moe_layers(inner)
-    supported = ", ".join(sorted(f for f in ROUTING_RULES if f in family_specs()))
+    supported = ", ".join(moe_families_with_rules())
     if not layers:
         raise UnsupportedArchitectureError(
             f"this {family.name} model has no MoE layer, so there is no routing to override; supported MoE "
             f"families: {supported}"
         )
-    if family.name not in ROUTING_RULES:
-        raise UnsupportedArchitectureError(
-            f"family {family.name!r} has no routing rule (hf_attn_zoo.moe.register_routing_rule); supported MoE "
-            f"families: {supported}"
-        )
+    rule = routing_rule(family)
+    if rule is None:
+        raise UnsupportedArchitectureError(f"{missing_rule_reason(family)}; supported MoE families: {supported}")
     blocks = {i: family.mlp_module(inner, i) for i in layers}
     routers = {i: family.moe_router(inner, i) for i in layers}
-    return _Target(inner, family, ROUTING_RULES[family.name], len(family.decoder_layers(inner)), layers, routers,
-                   blocks)
+    return _Target(inner, family, rule, len(family.decoder_layers(inner)), layers, routers, blocks)
 
 
 def _is_int(value: Any) -> bool:
@@ -750,7 +774,7 @@ def set_routing(
     """Install routing overrides on every MoE router of `model` until `handle.remove()`.
 
     Args:
-        model (`PreTrainedModel`): a MoE causal LM of a family in `ROUTING_RULES` (or a PEFT/DDP wrapper of one).
+        model (`PreTrainedModel`): a MoE causal LM of a family with a routing rule (or a PEFT/DDP wrapper of one).
         overrides (`RoutingOverride | list[RoutingOverride]`, *optional*): one override, or several for disjoint
             `rows`; `None` or an empty override routes normally (useful with `record`).
         record (`bool`, *optional*, defaults to `False`): keep each layer's `RoutingDecision` of the last forward
@@ -899,7 +923,7 @@ def with_row_override(
     handle's `record` / `on_route` keep working and see every row.
 
     Args:
-        model (`PreTrainedModel`): a MoE causal LM of a family in `ROUTING_RULES` (or a PEFT/DDP wrapper of one).
+        model (`PreTrainedModel`): a MoE causal LM of a family with a routing rule (or a PEFT/DDP wrapper of one).
         override (`RoutingOverride`): the routing of `rows`; its own `rows` must be `None`.
         rows (`Iterable[int]`): batch rows it applies to (e.g. `range(B, 2 * B)`).
         conflict_fix (`str`, *optional*): the fix a merge error suggests (a generic one otherwise).

@@ -62,20 +62,14 @@ from ..registry import Capabilities, Patch, PatchConfig, PatchHandle, register_p
 
 __all__ = ["BAMConfig", "BAMPatch", "BAMRouter", "ExpertLinear", "ExpertOutputLinear", "ExpertWeights", "experts_of"]
 
-# families whose q/k norm normalises the whole projection (num_heads * head_dim): extra heads cannot share it
-_FULL_WIDTH_QK_NORM = {
-    "olmo2": "its q_norm/k_norm normalise the whole projection (num_heads * head_dim)",
-    "olmoe": "its q_norm/k_norm normalise the whole projection (num_heads * head_dim)",
-}
-# families whose attention has one learned parameter per head that extra heads would need as well
-_PER_HEAD_PARAMETERS = {"gpt_oss": "its attention sinks (`sinks`) are one learned logit per head"}
-# families whose decoder layer is the sequential pre-norm block x + attn(input_layernorm(x)), then
-# h + mlp(post_attention_layernorm(h)): the only ones `parallel_block` knows how to rewire
-_PRE_NORM_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe"}
+# `parallel_block` rewires the sequential pre-norm block x + attn(input_layernorm(x)), then
+# h + mlp(post_attention_layernorm(h)); what the other block layouts (FamilySpec.block) are
 _NOT_PRE_NORM = {
-    "olmo2": "post-norm blocks (norms after attention and MLP)",
-    "gemma3": "sandwich norms (post_attention_layernorm normalises the attention output, plus pre/post feed-forward "
-              "norms)",
+    "post_norm": "post-norm blocks (norms after attention and MLP)",
+    "sandwich": "sandwich norms (post_attention_layernorm normalises the attention output, plus pre/post feed-forward "
+                "norms)",
+    "parallel": "parallel blocks (one input norm feeds attention and MLP)",
+    "other": "decoder layers not known to be sequential pre-norm blocks",
 }
 _SANDWICH_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
 _GATES = "_zoo_bam_gates"
@@ -399,10 +393,13 @@ class BAMPatch(Patch):
     def check(self, family: FamilySpec, model_config: PretrainedConfig) -> str | None:
         if family.attention.kind != "standard":
             return f"its {family.attention.kind} attention has no per-head q/k/v/o projections to turn into experts"
-        if family.name in _FULL_WIDTH_QK_NORM:
-            return f"{_FULL_WIDTH_QK_NORM[family.name]}, so extra attention experts cannot share it"
-        if family.name in _PER_HEAD_PARAMETERS:
-            return f"{_PER_HEAD_PARAMETERS[family.name]}, which extra attention experts do not have"
+        if family.attention.qk_norm_scope == "projection":
+            q_norm, k_norm = family.attention.qk_norm
+            return (f"its {q_norm}/{k_norm} normalise the whole projection (num_heads * head_dim), so extra attention "
+                    "experts cannot share it")
+        if family.attention.sinks:
+            return (f"its attention sinks (`{family.attention.sinks}`) are one learned logit per head, which extra "
+                    "attention experts do not have")
         return None
 
     def validate(self, config: BAMConfig, family: FamilySpec, model_config: PretrainedConfig) -> BAMConfig:
@@ -415,8 +412,8 @@ class BAMPatch(Patch):
         std = config.router_init_std
         if std is None:
             std = float(getattr(model_config, "initializer_range", None) or 0.02)
-        if config.parallel_block and family.name not in _PRE_NORM_FAMILIES:
-            reason = _NOT_PRE_NORM.get(family.name, "decoder layers not known to be sequential pre-norm blocks")
+        if config.parallel_block and family.block != "pre_norm":
+            reason = _NOT_PRE_NORM[family.block]
             raise InvalidOptionError(
                 f"bam: parallel_block needs pre-norm decoder layers (x + Attn(input_layernorm(x)), then "
                 f"post_attention_layernorm -> MLP); {family.name} has {reason}. Use parallel_block=False."

@@ -131,7 +131,8 @@ def _key_channels(family: FamilySpec, model_config: PretrainedConfig) -> tuple[i
     """KV heads of the keys the attention function receives, and each key channel's conv weight column.
 
     RoPE (`rotate_half` layout, which DeepSeek-V3 also uses after de-interleaving) rotates channel `c` with `c + r/2`
-    of the `r` rotated channels; unrotated channels (MLA's nope part, partial rotary) keep their own weights.
+    of the `r` rotated channels, the interleaved layout (`attention.rope: interleaved`) channels `2i` and `2i + 1`;
+    unrotated channels (MLA's nope part, partial rotary) keep their own weights.
     """
     text = getattr(model_config, "text_config", None) or model_config
     if family.attention.kind == "mla":  # keys are [nope, rope]
@@ -139,9 +140,13 @@ def _key_channels(family: FamilySpec, model_config: PretrainedConfig) -> tuple[i
         free = [rotary // 2 + c for c in range(text.qk_nope_head_dim)]
         return text.num_attention_heads, free + [c % (rotary // 2) for c in range(rotary)]
     layout = family.head_layout(text)  # keys are [rotated, pass-through] (partial rotary)
-    rotary = int(layout.head_dim * (getattr(text, "partial_rotary_factor", None) or 1.0))
+    rope = getattr(text, "rope_parameters", None) or {}  # transformers v5 keeps the factor there, older configs not
+    factor = getattr(text, "partial_rotary_factor", None) or rope.get("partial_rotary_factor") or 1.0
+    rotary = int(layout.head_dim * factor)
     free = [rotary // 2 + c for c in range(layout.head_dim - rotary)]
-    return layout.num_kv_heads, [c % (rotary // 2) for c in range(rotary)] + free
+    pairs = [c // 2 for c in range(rotary)] if family.attention.rope == "interleaved" else [
+        c % (rotary // 2) for c in range(rotary)]
+    return layout.num_kv_heads, pairs + free
 
 
 def _key_weight(attention: nn.Module, family: FamilySpec) -> torch.Tensor:

@@ -363,9 +363,10 @@ class MoHPatch(Patch):
     def check(self, family: FamilySpec, model_config: PretrainedConfig) -> str | None:
         if family.attention.kind != "standard":
             return f"its {family.attention.kind} attention has no per-head q/k/v/o projections to gate"
-        if family.name == "gpt_oss":
-            # the zoo dispatcher's eager fallback is Llama's, which ignores GPT-OSS's `s_aux` (attention sinks)
-            return "its attention sinks live in its own eager attention function, which the zoo dispatcher bypasses"
+        if family.attention.sinks:
+            # the zoo dispatcher's eager fallback is Llama's, which ignores attention sinks (GPT-OSS's `s_aux`)
+            return (f"its attention sinks (`{family.attention.sinks}`) live in its own eager attention function, "
+                    "which the zoo dispatcher bypasses")
         return None
 
     def validate(self, config: MoHConfig, family: FamilySpec, model_config: PretrainedConfig) -> MoHConfig:

@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from transformers import PretrainedConfig
 
 from ..errors import PatchConflictError
-from ..families.spec import FamilySpec, family_specs
-from ..moe.routing import ROUTING_RULES
+from ..families.spec import FamilySpec
+from ..moe.routing import missing_rule_reason, moe_families_with_rules, routing_rule
 from ..moe.switching import canonical_switches, install, installed_switches, resolve_switches, uninstall
 from ..registry import Capabilities, Patch, PatchConfig, PatchHandle, register_patch
 
@@ -84,10 +84,10 @@ class MoTEPatch(Patch):
 
     def check(self, family: FamilySpec, model_config: PretrainedConfig) -> str | None:
         if family.mlp.kind != "moe":
-            moe = ", ".join(sorted(name for name in ROUTING_RULES if name in family_specs()))
+            moe = ", ".join(moe_families_with_rules())
             return f"its MLPs are dense, so it has no experts to switch (MoE families: {moe})"
-        if family.name not in ROUTING_RULES:
-            return "its router has no routing rule (hf_attn_zoo.moe.register_routing_rule)"
+        if routing_rule(family) is None:
+            return missing_rule_reason(family)
         return None
 
     def validate(self, config: MoTEConfig, family: FamilySpec, model_config: PretrainedConfig) -> MoTEConfig:

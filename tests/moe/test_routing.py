@@ -13,11 +13,13 @@ from transformers import DynamicCache
 
 from hf_attn_zoo.errors import InvalidOptionError, PatchConflictError, UnsupportedArchitectureError
 from hf_attn_zoo.families import family_specs
-from hf_attn_zoo.moe import ROUTING_RULES, RoutingOverride, route, routing_override, set_routing
+from hf_attn_zoo.moe.routing import moe_families_with_rules
+from hf_attn_zoo.moe import RoutingOverride, route, routing_override, set_routing
 from hf_attn_zoo.moe.routing import _LayerPlan, _merge_plans, with_row_override
 from tests.matrix import tiny_model
 
-MOE_FAMILIES = ["deepseek_v3", "gpt_oss", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
+MOE_FAMILIES = ["deepseek_v3", "dots1", "flex_olmo", "glm4_moe", "gpt_oss", "granitemoe", "mixtral", "olmoe",
+                "qwen2_moe", "qwen3_moe"]
 ATOL = 1e-6
 
 
@@ -30,7 +32,7 @@ def moe_model(family: str, **overrides) -> torch.nn.Module:
         for layer in spec.moe_layers(model):
             router = getattr(spec.mlp_module(model, layer), spec.mlp.router)
             router.weight.mul_(8.0)
-            if family == "deepseek_v3":
+            if _rule(family).rule == "grouped_sigmoid":
                 router.e_score_correction_bias.copy_(0.3 * torch.randn(router.weight.shape[0], generator=generator))
     return model
 
@@ -55,11 +57,15 @@ def _ids(batch: int = 2, length: int = 9, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def _rule(family):
+    return family_specs()[family].mlp.routing
+
+
 # reference: one token at a time, written from the transformers routers' definitions
 def _choice(family, router, logits_row):
-    if family == "gpt_oss":
+    if _rule(family).rule == "topk_softmax":
         return logits_row.double()
-    if family == "deepseek_v3":
+    if _rule(family).rule == "grouped_sigmoid":
         return logits_row.double().sigmoid() + router.e_score_correction_bias.double()
     return logits_row.double().softmax(-1)
 
@@ -68,7 +74,7 @@ def _ranking(family, router, logits_row, disabled=(), forced=()) -> list[int]:
     """The experts one token may select, best first (DeepSeek-V3: only those of its selected groups)."""
     choice = _choice(family, router, logits_row).tolist()
     allowed = [e for e in range(len(choice)) if e not in disabled]
-    if family == "deepseek_v3":
+    if _rule(family).rule == "grouped_sigmoid":
         per = len(choice) // router.num_group
         def group_score(g):
             members = sorted((choice[e] for e in allowed if e // per == g), reverse=True)
@@ -82,14 +88,15 @@ def _ranking(family, router, logits_row, disabled=(), forced=()) -> list[int]:
 def _weights(family, router, logits_row, selected, disabled=()) -> list[float]:
     """Weights of the `selected` experts (softmax families: a disabled expert is out of the softmax)."""
     row = logits_row.double().clone()
-    if family == "gpt_oss":
+    rule = _rule(family)
+    if rule.rule == "topk_softmax":
         return row[selected].softmax(-1).tolist()
     row[list(disabled)] = float("-inf")
-    scores = row.sigmoid() if family == "deepseek_v3" else row.softmax(-1)
+    scores = row.sigmoid() if rule.rule == "grouped_sigmoid" else row.softmax(-1)
     picked = scores[selected]
-    if family == "mixtral" or router.norm_topk_prob:
+    if rule.renormalise == "always" or router.norm_topk_prob:
         picked = picked / picked.sum()
-    if family == "deepseek_v3":
+    if rule.rule == "grouped_sigmoid":
         picked = picked * router.routed_scaling_factor
     return picked.tolist()
 
@@ -114,7 +121,7 @@ def family_model(request):
 
 def test_every_moe_family_has_a_rule():
     moe = {name for name, spec in family_specs().items() if spec.mlp.kind == "moe"}
-    assert moe == set(MOE_FAMILIES) == set(ROUTING_RULES)
+    assert moe == set(MOE_FAMILIES) == set(moe_families_with_rules())
 
 
 def test_rule_reproduces_the_router_exactly(family_model):
@@ -382,7 +389,7 @@ def test_bad_overrides_error_and_leave_the_model_untouched(family, override, mes
 
 def test_dense_models_are_refused_with_the_supported_families():
     model = tiny_model("llama")
-    with pytest.raises(UnsupportedArchitectureError, match="no MoE layer.*deepseek_v3, gpt_oss, mixtral, olmoe"):
+    with pytest.raises(UnsupportedArchitectureError, match="no MoE layer.*deepseek_v3, dots1, .*, qwen3_moe"):
         set_routing(model, RoutingOverride(top_k=1))
     assert "forward" not in model.model.layers[0].mlp.__dict__
 
