@@ -20,6 +20,7 @@ _USAGE = """hf-attn-zoo <command> [args]
 
 commands:
   methods   [--markdown]                     list the methods (patches, decoding methods) and their options
+  families  [--markdown]                     the family files and which methods patch each family
   patch     MODEL METHOD OUT [k=v ...]       patch a checkpoint (folder, hub id or 'default') and save it
                                              (commands that write refuse a non-empty output; --overwrite)
   tune      RECIPE [key=value ...]           continue-tune with a YAML recipe (path or shipped recipe name)
@@ -48,11 +49,9 @@ def methods_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     infos = hf_attn_zoo.methods()
     if args.markdown:
-        print("| method | kind | what it does | training-free | options |\n|---|---|---|---|---|")
-        for info in infos:
-            options = ", ".join(f"`{o.name}`" for o in info.options)
-            print(f"| `{info.name}` | {info.kind} | {info.summary} | {'yes' if info.training_free else 'no'} | "
-                  f"{options} |")
+        from .support import methods_markdown
+
+        print(methods_markdown(infos))
         return 0
     for info in infos:
         if info.kind == "patch":
@@ -63,6 +62,27 @@ def methods_main(argv: list[str]) -> int:
         for option in info.options:
             bounds = f", {option.bounds}" if option.bounds else ""
             print(f"    {option.name} ({option.type}{bounds}, default {option.default!r}): {option.help}")
+    return 0
+
+
+def families_main(argv: list[str]) -> int:
+    from .families import family_specs
+    from .support import families_markdown, support_matrix
+
+    parser = argparse.ArgumentParser(prog="hf-attn-zoo families",
+                                     description="The families with a family file, and which methods patch them.")
+    parser.add_argument("--markdown", action="store_true", help="the README's family x method table")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        print(families_markdown())
+        return 0
+    for name, row in support_matrix().items():
+        spec = family_specs()[name]
+        print(f"{name} ({', '.join(spec.model_types)}; {spec.mlp.kind} MLP, {spec.block} block)")
+        for method, reason in row.items():
+            print(f"    {method}: {'yes' if reason is None else 'no: ' + reason}")
+    print("A decoder of the common shape without a family file is recognised from its modules "
+          "(hf_attn_zoo.families.resolve_family).")
     return 0
 
 
@@ -198,6 +218,7 @@ def analyze_main(argv: list[str]) -> int:
 
 _COMMANDS = {
     "methods": ("hf_attn_zoo.cli", "methods_main"),
+    "families": ("hf_attn_zoo.cli", "families_main"),
     "patch": ("hf_attn_zoo.cli", "patch_main"),
     "upcycle": ("hf_attn_zoo.upcycling.cli", "upcycle_main"),
     "upcycle-study": ("hf_attn_zoo.upcycling.pipeline", "pipeline_main"),

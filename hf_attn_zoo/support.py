@@ -1,0 +1,50 @@
+"""What is supported, as the README shows it: the method table and the family x method table, generated from the
+registries and the family data (`scripts/readme_tables.py` writes them into the README; a test fails on drift)."""
+
+from __future__ import annotations
+
+from .families.spec import family_specs
+from .registry import PATCHES, MethodInfo
+
+__all__ = ["families_markdown", "methods_markdown", "support_matrix"]
+
+
+def methods_markdown(infos: list[MethodInfo]) -> str:
+    """The table of methods: name, kind, summary, training-free, options."""
+    rows = ["| method | kind | what it does | training-free | options |", "|---|---|---|---|---|"]
+    for info in infos:
+        options = ", ".join(f"`{o.name}`" for o in info.options)
+        rows.append(f"| `{info.name}` | {info.kind} | {info.summary} | {'yes' if info.training_free else 'no'} | "
+                    f"{options} |")
+    return "\n".join(rows)
+
+
+def support_matrix() -> dict[str, dict[str, str | None]]:
+    """`{family: {method: None (supported) or the reason the patch refuses it}}` for every shipped family."""
+    return {
+        name: {method: PATCHES[method]().check(spec, spec.tiny_config()) for method in sorted(PATCHES)}
+        for name, spec in sorted(family_specs().items())
+    }
+
+
+def families_markdown() -> str:
+    """The family x method table; every refusal is footnoted with the reason the patch gives."""
+    matrix = support_matrix()
+    methods = sorted(PATCHES)
+    reasons: list[str] = []
+    rows = ["| family | model types | " + " | ".join(f"`{m}`" for m in methods) + " |",
+            "|---|---|" + "---|" * len(methods)]
+    for name, row in matrix.items():
+        cells = []
+        for method in methods:
+            reason = row[method]
+            if reason is None:
+                cells.append("yes")
+                continue
+            if reason not in reasons:
+                reasons.append(reason)
+            cells.append(f"no ({reasons.index(reason) + 1})")
+        types = ", ".join(f"`{t}`" for t in family_specs()[name].model_types)
+        rows.append(f"| {name} | {types} | " + " | ".join(cells) + " |")
+    notes = [f"({i}) {reason}" for i, reason in enumerate(reasons, 1)]
+    return "\n".join(rows) + "\n\n" + "\n".join(f"- {note}" for note in notes)
