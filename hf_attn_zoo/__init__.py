@@ -11,7 +11,7 @@ from . import analysis, assets, decoding, moe
 from . import patches as _patches  # noqa: F401  (registers every method)
 from .decoding.registry import DECODING_METHODS, decoding_info
 from .errors import ZooError
-from .kernels.pattern_handler import register_attention_function
+from .attention_functions import register_attention_function
 from .loading import from_pretrained
 from .moe_losses import install_router_losses
 from .patching import applied_patches, aux_loss, new_module_names, new_parameters, patch, unpatch

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
 from ..errors import InvalidOptionError
-from ..registry import PatchHandle, get_patch
 from .kv_cache import RetainingLayer, SinkWindowLayer, current_kv_layer, use_kv_layer
 from .masks import left_padding
 from .register import install_handler, remove_handler
@@ -22,8 +22,14 @@ from .streaming import StreamingPositions
 
 __all__ = [
     "WithinModelWindow", "attend_pattern", "check_length", "install_pattern", "max_positions", "model_window",
-    "pattern_attention_handler", "register_attention_function", "unsupported_attention_reason",
+    "pattern_attention_handler", "unsupported_attention_reason",
 ]
+
+
+class Reverts(Protocol):
+    """What `install_pattern` needs of a patch's undo handle: a place to register each revert step."""
+
+    def on_revert(self, fn: Callable[[], None]) -> None: ...
 
 
 def max_positions(model_config) -> int:
@@ -113,7 +119,7 @@ def attend_pattern(module, query, key, value, attention_mask, layer: RetainingLa
     return out
 
 
-def install_pattern(model: torch.nn.Module, family, layers: list[int], handle: PatchHandle,
+def install_pattern(model: torch.nn.Module, family, layers: list[int], handle: Reverts,
                     pattern_for: Callable[[int], AttentionPattern], backend: Backend = "auto",
                     kv_layer: Callable[[int], RetainingLayer] | None = None,
                     streaming: StreamingPositions | None = None) -> None:
@@ -142,34 +148,3 @@ def install_pattern(model: torch.nn.Module, family, layers: list[int], handle: P
         if make_layer is not None:
             hook = use_kv_layer(attention, make_layer)
             handle.on_revert(hook.remove)
-
-
-def register_attention_function(method: str, name: str | None = None, **options) -> str:
-    """Register a static-pattern method as a transformers attention implementation; returns its name.
-
-    The attention function goes into `AttentionInterface` and transformers' `sdpa_mask` into
-    `AttentionMaskInterface` under the same name (without a mask function transformers would pass no mask, and
-    padding would be ignored). Every layer then uses the pattern, through the model's own KV cache:
-
-        >>> name = hf_attn_zoo.register_attention_function("sliding_window", window=512, sinks=4)
-        >>> model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=name)  # or set_attn_implementation
-
-    `hf_attn_zoo.patch` is the richer route: per-layer selection, option checks against the model, the bounded KV
-    cache, records in the config for save/reload. The default name is `zoo_<method>`.
-    """
-    from transformers import AttentionInterface, AttentionMaskInterface, PretrainedConfig
-    from transformers.masking_utils import sdpa_mask
-
-    impl = get_patch(method)
-    if not hasattr(impl, "pattern"):
-        raise InvalidOptionError(
-            f"{method} is not a static attention pattern, so it has no stand-alone attention function; apply it with "
-            "hf_attn_zoo.patch(model, ...)."
-        )
-    config = impl.configure(options, None, PretrainedConfig())
-    name = name or f"zoo_{method}"
-    handler = functools.partial(pattern_attention_handler, pattern=impl.pattern(config), tracker=PaddingTracker(),
-                                backend=getattr(config, "backend", "auto"))
-    AttentionInterface.register(name, lambda module, *args, **kwargs: handler(None, module, *args, **kwargs))
-    AttentionMaskInterface.register(name, sdpa_mask)
-    return name
