@@ -3,7 +3,7 @@
 Runs `zoo_passkey_<len>` (exact match of the key, higher is better) and `zoo_long_ppl_<len>` (token perplexity of
 256 tokens after a long context, lower is better; 2k and up) through `hf_attn_zoo.eval_harness.evaluate`, once per
 method, then writes the side-by-side report (`report.md`, `report.json`, `report.png`, as `hf-attn-zoo report`) in
-`--out` and prints its table. Methods that `hf_attn_zoo.methods()` does not know are skipped with a printed line.
+`--out` and prints its table. Names that are not a patch of `hf_attn_zoo.methods()` are skipped with a printed line.
 
 Usage:
     python benchmarks/long_context_eval.py --limit 2 --lengths 1k,2k
@@ -76,12 +76,13 @@ def task_names(lengths: list[str]) -> list[str]:
 
 def runnable(methods: list[tuple[str, dict[str, Any]]]) -> list[MethodSpec]:
     """`(label, method, options)` of the methods that can run now; prints a line for each one skipped."""
-    known = {info.name for info in hf_attn_zoo.methods()}
+    # patches only: a decoding method (SCMoE) is no patch `evaluate` can apply
+    known = {info.name for info in hf_attn_zoo.methods() if info.kind == "patch"}
     runs: list[MethodSpec] = []
     labels: set[str] = set()
     for name, options in methods:
         if name != DENSE and name not in known:
-            print(f"skip {name}: not a registered method (known: {', '.join(sorted(known))})")
+            print(f"skip {name}: not a registered patch (known: {', '.join(sorted(known))})")
             continue
         base = "dense" if name == DENSE else name
         label, n = base, 2

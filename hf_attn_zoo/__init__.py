@@ -18,6 +18,7 @@ from .patching import applied_patches, aux_loss, new_module_names, new_parameter
 from .planning import plan
 from .registry import PATCHES, MethodInfo, method_info, register_patch
 from .upcycling import Expert, upcycle
+from .version import __version__ as __version__
 
 __all__ = [
     "Expert",
@@ -40,8 +41,6 @@ __all__ = [
     "unpatch",
     "upcycle",
 ]
-
-__version__ = "0.1.0"
 
 
 def methods() -> list[MethodInfo]:

@@ -23,6 +23,7 @@ from .errors import InvalidInputError, InvalidOptionError, PatchConflictError, U
 from .families.spec import resolve_family
 from .layers import LayerSelector, resolve_layers
 from .registry import PatchHandle, get_patch
+from .version import __version__
 from .wrappers import inner_model
 
 __all__ = [
@@ -42,8 +43,6 @@ PATCHED_ATTENTION = "hf_attn_zoo:load_with_hf_attn_zoo.from_pretrained"
 
 
 def package_version() -> str:
-    from . import __version__
-
     return __version__
 
 

@@ -119,7 +119,7 @@ def _layers(text: str) -> Any:
 
 
 def plan_main(argv: list[str]) -> int:
-    from ..cli import _parse_options
+    from ..cli_args import parse_options
     from . import plan, shipped_models
 
     parser = argparse.ArgumentParser(
@@ -152,7 +152,7 @@ def plan_main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_intermixed_args(argv)
     result = plan(
-        args.model, args.method, _parse_options(args.options), layers=_layers(args.layers), gpus=args.gpus,
+        args.model, args.method, parse_options(args.options), layers=_layers(args.layers), gpus=args.gpus,
         sharding=args.sharding, dtype=args.dtype, seq_len=args.seq_len, batch=args.batch, train=args.train,
         optimizer=args.optimizer, master_weights=not args.no_master_weights,
         gradient_checkpointing=args.gradient_checkpointing, gpu_memory_gib=args.gpu_memory, lora_rank=args.lora_rank,

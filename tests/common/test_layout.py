@@ -21,22 +21,14 @@ ROOT = Path(__file__).resolve().parents[2] / PACKAGE
 
 # The public face itself, and the command line (the user-facing entry point, which may use the face).
 FACE_IMPORTS_ALLOWED_IN = {f"{PACKAGE}/__init__.py", f"{PACKAGE}/cli.py"}
-# hf_attn_zoo/tuning/ still imports the face (`import hf_attn_zoo as zoo` in train.py); it is being fixed in
-# parallel, and this exclusion goes with that fix.
-FACE_IMPORTS_NOT_CHECKED_YET = (f"{PACKAGE}/tuning/",)
-# (file, name) pairs that import a name from the face on purpose or until their owner moves it:
-FACE_NAMES_ALLOWED = {
-    # patching.package_version() reads __version__, which only the face defines; it goes when the version moves to a
-    # module of its own (or is read with importlib.metadata).
-    (f"{PACKAGE}/patching.py", "__version__"),
-}
+# Folders not checked yet (none now).
+FACE_IMPORTS_NOT_CHECKED_YET: tuple[str, ...] = ()
+# (file, name) pairs that import a name from the face on purpose or until their owner moves it (none now):
+FACE_NAMES_ALLOWED: set[tuple[str, str]] = set()
 
 # Modules that import the command-line entry point (hf_attn_zoo.cli), with the reason; only __main__ should.
 CLI_IMPORTS_ALLOWED = {
     f"{PACKAGE}/__main__.py": "`python -m hf_attn_zoo` runs the entry point",
-    # planning/cli.py still reads `_parse_options` from hf_attn_zoo.cli (inside plan_main); it should import
-    # `parse_options` from hf_attn_zoo.cli_args, as upcycling/cli.py does. Remove this entry with that change.
-    f"{PACKAGE}/planning/cli.py": "to move to hf_attn_zoo.cli_args",
 }
 
 # Import cycles (through module-level imports) that are known and accepted: each entry is the full set of modules of

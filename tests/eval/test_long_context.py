@@ -187,9 +187,11 @@ def test_benchmark_script_skips_unknown_methods(capsys):
         "sliding_window", {"window": 1024, "sinks": 4})
     assert script.parse_lengths("2k,1k,2k") == ["1k", "2k"]
     assert script.task_names(["1k", "8k"]) == ["zoo_passkey_1k", "zoo_passkey_8k", "zoo_long_ppl_8k"]
-    runs = script.runnable([("none", {}), ("no_such_method", {}), ("moh", {}), ("moh", {"top_k": 3})])
+    runs = script.runnable([("none", {}), ("no_such_method", {}), ("moh", {}), ("scmoe", {}), ("moh", {"top_k": 3})])
     assert runs == [("dense", "none", {}), ("moh", "moh", {}), ("moh-2", "moh", {"top_k": 3})]
-    assert "skip no_such_method: not a registered method" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "skip no_such_method: not a registered patch" in out
+    assert "skip scmoe: not a registered patch" in out  # a decoding method, not a patch
 
 
 @pytest.mark.slow
