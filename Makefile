@@ -11,7 +11,7 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZ
 # pytest workers: the suite is CPU-bound on small models, one process per core
 JOBS ?= 2
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile scripts/fetch_corpora.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ test: install
 
 test-fast: install
 	$(OFFLINE) $(PY) -m pytest -q -n $(JOBS) -m "not slow"
+
+# ruff (rules in pyproject.toml's [tool.ruff]) and mypy on the type-checked core ([tool.mypy] files)
+lint: install
+	$(PY) -m ruff check hf_attn_zoo tests benchmarks scripts
+	$(PY) -m mypy
 
 bench: install
 	$(OFFLINE) $(PY) benchmarks/patch_cost.py

@@ -1,4 +1,5 @@
-"""Shared by the MoE benchmarks: the study's real upcycled SmolLM2 MoE if cached, else a random Mixtral of its widths."""
+"""Shared by the MoE benchmarks: the study's real upcycled SmolLM2 MoE if cached, else a random Mixtral of its
+widths."""
 
 from __future__ import annotations
 
@@ -27,4 +28,5 @@ def load_moe(model: Path | None, layers: int) -> tuple[torch.nn.Module, object, 
         num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=True,
     )
     torch.manual_seed(0)
-    return MixtralForCausalLM(config), tokenizer, f"random Mixtral, SmolLM2-135M widths, {layers} layers, 4 experts top-2"
+    return (MixtralForCausalLM(config), tokenizer,
+            f"random Mixtral, SmolLM2-135M widths, {layers} layers, 4 experts top-2")

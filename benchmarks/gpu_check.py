@@ -428,7 +428,7 @@ def check_neutral(setup: Setup, budget: Budget) -> list[Table]:
                     return _check(_rel_error(logits, reference), tol)
 
                 add_row(table, budget, setup, {"method": method, "model": kind, "dtype": dtype_name}, measure)
-            del model, reference
+            model = reference = None  # release them (not `del`: the closures above read the names)
     for method in (m for m, f in families.items() if f is None):
         table.rows.append({"method": method, "status": "FAIL: supports neither model"})
     return [table]
@@ -517,7 +517,7 @@ def check_cache(setup: Setup, budget: Budget) -> list[Table]:
 
                 add_row(table, budget, setup, {"method": "scmoe (beta=0)", "model": kind, "dtype": dtype_name},
                         measure_scmoe)
-            del model
+            model = None  # release it (not `del`: the closures above read the name)
     return [table]
 
 
@@ -676,7 +676,7 @@ def speed_prefill(setup: Setup, budget: Budget) -> list[Table]:
 
             add_row(table, budget, setup, {"method": name, "backend": _auto_backend(name, q, k, v),
                                            "tokens": length}, measure)
-        del q, k, v
+        q = k = v = None  # release them (not `del`: the closures above read the names)
     return [table]
 
 
@@ -757,7 +757,7 @@ def speed_moh_decode(setup: Setup, budget: Budget) -> list[Table]:
 
             add_row(table, budget, setup, {"model": "llama-8b-shaped", "batch": batch,
                                            "context": setup.decode_context, "variant": name}, measure)
-    del model
+    model = None  # release it (not `del`: the closures above read the name)
     return [table]
 
 
@@ -800,7 +800,7 @@ def speed_scmoe(setup: Setup, budget: Budget) -> list[Table]:
 
             add_row(table, budget, setup, {"model": "mixtral-8x7b-shaped", "batch": batch, "pass": name,
                                            "target": f">= {SCMOE_TARGET}x" if name == "scmoe" else None}, measure)
-    del model
+    model = None  # release it (not `del`: the closures above read the name)
     return [table]
 
 
@@ -855,7 +855,7 @@ def speed_train(setup: Setup, budget: Budget) -> list[Table]:
 
         add_row(table, budget, setup, {"model": "llama-8b-shaped", "variant": name,
                                        "target": None if name == "dense" else f">= {TRAIN_TARGET}x"}, measure)
-    del model
+    model = None  # release it (not `del`: the closures above read the name)
     return [table]
 
 
@@ -911,7 +911,7 @@ def speed_compile(setup: Setup, budget: Budget) -> list[Table]:
                 torch._dynamo.reset()
 
         add_row(table, budget, setup, {"model": "llama-8b-shaped", "method": method}, measure)
-    del model
+    model = None  # release it (not `del`: the closures above read the name)
     return [table]
 
 

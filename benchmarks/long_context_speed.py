@@ -1,10 +1,11 @@
 """End to end at long context on the real SmolLM2: prefill tokens/s, KV-cache bytes and decode tokens/s per method.
 
 For each method the model is patched on every layer and run on the same prompt of `--length - --decode` tokens (real
-held-out text, tiled if needed; the decoded tokens fill the context to `--length`): one prefill forward (`logits_to_keep=1`, cache on), then `--decode` greedy steps from that cache. Ratios are
-against the unpatched model (SDPA) in the same run. KV bytes are what the cache holds after the prefill (a method
-with a bounded cache, sliding window or MoA, keeps less). The MoA paper reports 1.2-1.4x less memory and 5.5-6.7x
-decode throughput at 7B on a GPU.
+held-out text, tiled if needed; the decoded tokens fill the context to `--length`): one prefill forward
+(`logits_to_keep=1`, cache on), then `--decode` greedy steps from that cache. Ratios are against the unpatched model
+(SDPA) in the same run. KV bytes are what the cache holds after the prefill (a method with a bounded cache, sliding
+window or MoA, keeps less). The MoA paper reports 1.2-1.4x less memory and 5.5-6.7x decode throughput at 7B on a
+GPU.
 
 Usage: python benchmarks/long_context_speed.py [--length 8192] [--decode 32] [--methods sliding_window,moa]
 """

@@ -48,7 +48,7 @@ def main() -> None:
             return torch.exp(model(ids, labels=ids).loss).item()
 
     dense = perplexity()
-    rows = [f"| router | active heads | perplexity | vs dense |", "|---|---|---|---|",
+    rows = ["| router | active heads | perplexity | vs dense |", "|---|---|---|---|",
             f"| dense | 9/9 | {dense:.2f} | 1.00x |"]
     for label, options in VARIANTS:
         hf_attn_zoo.patch(model, "moh", **options)

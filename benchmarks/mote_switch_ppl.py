@@ -142,7 +142,7 @@ def main() -> None:
     code = experts_to_switch(profile, args.n, max_per_layer=per_layer)
     scores = {(layer, expert): score for layer, expert, score in profile.top(sum(profile.num_experts))}
     print(f"fTRI: {profile.tokens} tokens; top-{args.n} code experts (layer: experts): {_fmt(code)}")
-    print("  scores: " + ", ".join(f"L{l}E{e} {scores[(l, e)]:+.3f}" for l, ex in code.items() for e in ex))
+    print("  scores: " + ", ".join(f"L{layer}E{e} {scores[(layer, e)]:+.3f}" for layer, ex in code.items() for e in ex))
     draws = [random_experts(profile, args.n, seed=s, max_per_layer=per_layer) for s in range(args.draws)]
     for seed, switches in enumerate(draws):
         print(f"random draw (seed {seed}): {_fmt(switches)}")

@@ -13,7 +13,7 @@ import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import yaml
@@ -139,7 +139,7 @@ class FamilySpec(BaseModel):
             if not hasattr(module, part) and part == "model" and isinstance(module, PreTrainedModel):
                 continue  # `model` is already the inner `*Model`
             module = getattr(module, part)
-        return module
+        return cast(torch.nn.ModuleList, module)
 
     def attention_module(self, model: torch.nn.Module, layer: int) -> torch.nn.Module:
         return getattr(self.decoder_layers(model)[layer], self.attention.module)
@@ -149,14 +149,17 @@ class FamilySpec(BaseModel):
 
     def moe_router(self, model: torch.nn.Module, layer: int) -> torch.nn.Module:
         """The router of layer `layer`'s sparse MoE block (`mlp.gate`, `mlp.router`, ...)."""
+        assert self.mlp.router is not None, f"{self.name}: not a MoE family"
         return getattr(self.mlp_module(model, layer), self.mlp.router)
 
     def moe_layers(self, model: torch.nn.Module) -> list[int]:
         """Indices of the layers whose MLP is a sparse MoE block (some MoE families keep dense layers)."""
         if self.mlp.kind != "moe":
             return []
+        router = self.mlp.router
+        assert router is not None  # MLPSpec names a router exactly when its kind is moe
         layers = range(len(self.decoder_layers(model)))
-        return [i for i in layers if hasattr(self.mlp_module(model, i), self.mlp.router)]
+        return [i for i in layers if hasattr(self.mlp_module(model, i), router)]
 
     def head_layout(self, config: PretrainedConfig) -> HeadLayout:
         num_heads = config.num_attention_heads
@@ -216,7 +219,7 @@ def resolve_family(config: PretrainedConfig) -> FamilySpec:
     what did not fit."""
     text = config.get_text_config()
     model_type = getattr(text, "model_type", None)
-    for name, data in _declared().items():
+    for data in _declared().values():
         if model_type in data["model_types"]:
             return _spec(data, text)
     try:

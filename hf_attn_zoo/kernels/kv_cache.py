@@ -140,7 +140,8 @@ class SinkWindowLayer(RetainingLayer):
             return self.keys, self.values
         if self.ring_start is not None:  # several tokens at once: back to a sorted, growing layout
             order = torch.argsort(self.positions)
-            self.keys, self.values, self.positions = self.keys[:, :, order], self.values[:, :, order], self.positions[order]
+            self.keys, self.values = self.keys[:, :, order], self.values[:, :, order]
+            self.positions = self.positions[order]
             self.ring_start = None
         return super().update(key_states, value_states, *args, **kwargs)
 

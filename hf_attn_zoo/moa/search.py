@@ -179,8 +179,8 @@ def search_plan(profile: AttentionProfile, density: float = 0.5, sinks: int = DE
     for primary in lengths:
         choice, status = _solve(losses[primary], densities, layers, density, max_rules_per_layer, time_limit, gap)
         picked = [rules[c] for c in choice]
-        alphas = [[_number(a) for a, _ in picked[l * per_layer:(l + 1) * per_layer]] for l in range(layers)]
-        betas = [[b for _, b in picked[l * per_layer:(l + 1) * per_layer]] for l in range(layers)]
+        alphas = [[_number(a) for a, _ in picked[i * per_layer:(i + 1) * per_layer]] for i in range(layers)]
+        betas = [[b for _, b in picked[i * per_layer:(i + 1) * per_layer]] for i in range(layers)]
         loss = {str(n): float(losses[n][np.arange(len(choice)), choice].sum()) for n in lengths}
         dens = {str(n): float(densities[i][choice].mean()) for i, n in enumerate(lengths)}
         plans.append(MoAPlan(

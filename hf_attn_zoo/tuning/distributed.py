@@ -71,10 +71,12 @@ def deepspeed_config_problems(path: Path, zero_stage: int) -> list[str]:
     problems = []
     stage = config.get("zero_optimization", {}).get("stage")
     if stage != zero_stage:
-        problems.append(f"{path}: zero_optimization.stage is {stage!r} but train.distributed.zero_stage is {zero_stage}")
+        problems.append(f"{path}: zero_optimization.stage is {stage!r} but train.distributed.zero_stage is "
+                        f"{zero_stage}")
     for key in sorted(_DEEPSPEED_AUTO):
         if key in config and config[key] != "auto":
-            problems.append(f"{path}: {key} is {config[key]!r}; set it to \"auto\" (the recipe's train section sets it)")
+            problems.append(f"{path}: {key} is {config[key]!r}; set it to \"auto\" (the recipe's train section "
+                            "sets it)")
     for section, owner in (("optimizer", "optim"), ("scheduler", "optim.schedule")):
         if section in config:
             problems.append(f"{path}: drop the {section!r} section; the recipe's `{owner}` sets it")

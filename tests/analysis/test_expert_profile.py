@@ -70,7 +70,8 @@ def test_mixtral_counts_match_a_hand_computation_from_router_logits(tokenizer):
                 sums[layer].index_add_(0, top.indices.reshape(-1), weights.reshape(-1).double())
         assert profile.tokens[name] == tokens and profile.prompts[name] == len(prompts)
         assert profile.counts[name] == counts.tolist()
-        torch.testing.assert_close(torch.tensor(profile.weight_sums[name], dtype=torch.float64), sums, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.tensor(profile.weight_sums[name], dtype=torch.float64), sums,
+                                   atol=1e-5, rtol=1e-5)
         frequency = torch.tensor(profile.frequency(name), dtype=torch.float64)
         torch.testing.assert_close(frequency, counts.double() / tokens)
         selected = torch.tensor(profile.mean_weight(name, over="selected"), dtype=torch.float64)

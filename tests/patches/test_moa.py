@@ -293,8 +293,9 @@ def _synthetic_profile(global_heads: set[tuple[int, int]], lengths=(64, 128), bl
         causal = distance >= 0
         local = torch.exp(-distance.clamp(min=0)) * causal
         spread = causal.float()
-        influence[n] = torch.stack([torch.stack([spread if (l, h // 2) in global_heads else local for h in range(4)])
-                                    for l in range(2)])
+        influence[n] = torch.stack([
+            torch.stack([spread if (layer, h // 2) in global_heads else local for h in range(4)])
+            for layer in range(2)])
     info = {"model_type": "llama", "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "name_or_path": "synthetic"}
     return AttentionProfile(influence, block, info)
 
@@ -317,7 +318,7 @@ def test_search_gives_global_heads_long_spans_within_the_budget():
 def test_search_limits_distinct_rules_per_layer():
     profile = _synthetic_profile({(0, 1)})
     heads = {n: t.clone() for n, t in profile.influence.items()}
-    for n, t in heads.items():  # four different decay rates in layer 0 (per-query-head rules)
+    for t in heads.values():  # four different decay rates in layer 0 (per-query-head rules)
         for h in range(4):
             t[0, h] = t[0, h] ** (h + 1) if h else t[0, h]
     profile.influence = heads

@@ -64,7 +64,8 @@ def test_fsdp_and_deepspeed_trainer_args_point_to_the_distributed_section(tmp_pa
 
 
 def test_training_arguments_of_each_strategy(recipe_path, monkeypatch):
-    recipe = load_recipe(recipe_path(strategy="fsdp", reshard_after_forward=False), ["train.gradient_checkpointing=true"])
+    recipe = load_recipe(recipe_path(strategy="fsdp", reshard_after_forward=False),
+                         ["train.gradient_checkpointing=true"])
     assert distributed_training_args(recipe) == {}  # one process: nothing to shard
     monkeypatch.setenv("WORLD_SIZE", "2")
     args = distributed_training_args(recipe)

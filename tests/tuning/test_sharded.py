@@ -48,7 +48,8 @@ def _assert_same_training(one: Path, two: Path) -> None:
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
     for (_, x), (_, y) in zip(a, b):
         assert abs(x - y) < FSDP_LOSS_ATOL
-    first, second = load_file(str(one / "final" / "model.safetensors")), load_file(str(two / "final" / "model.safetensors"))
+    first = load_file(str(one / "final" / "model.safetensors"))
+    second = load_file(str(two / "final" / "model.safetensors"))
     assert first.keys() == second.keys()
     for name in first:
         torch.testing.assert_close(first[name], second[name], atol=FSDP_WEIGHT_ATOL, rtol=0)
