@@ -111,6 +111,34 @@ class HeadLayout:
         return self.num_heads // self.num_kv_heads
 
 
+class UpcycleSpec(BaseModel):
+    """A dense seed family's upcycling: which MoE family its upcycled model is written as, with MoE on every layer
+    (`every_layer`) or on some (`some_layers`); `qkv_bias: true` where the architecture always has q/k/v biases
+    (Qwen2), otherwise the seed's `attention_bias` decides."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    every_layer: str
+    some_layers: str
+    qkv_bias: bool = False
+
+
+class UpcycleTargetSpec(BaseModel):
+    """How a MoE family's config is written for an upcycled model: the names of its expert count, expert width and
+    dense-layer list, the seed config keys it carries over besides the common ones, fixed values, where the seed's
+    q/k/v bias goes, and what it cannot express (projection biases, head_dim x heads != hidden, a sliding window)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    num_experts: str
+    expert_size: str
+    dense_layers: str | None = None
+    carry: tuple[str, ...] = ()
+    fixed: dict[str, Any] = {}
+    qkv_bias: str | None = None
+    projection_biases: bool = True
+    free_head_dim: bool = True
+    sliding_window: bool = True
+
+
 Block = Literal["pre_norm", "post_norm", "sandwich", "parallel", "other"]
 
 
@@ -130,6 +158,8 @@ class FamilySpec(BaseModel):
     attention: AttentionSpec
     mlp: MLPSpec
     block: Block = "other"
+    upcycle: UpcycleSpec | None = None
+    upcycle_target: UpcycleTargetSpec | None = None
     tiny: dict[str, Any] = {}
 
     def decoder_layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -3,7 +3,7 @@
 from .build import UPCYCLE_MODES, save_upcycled, upcycle
 from .mergekit import mergekit_upcycle_kwargs, upcycle_from_mergekit
 from .sources import Expert
-from .targets import SEED_MODEL_TYPES
+from .targets import seed_families
 
-__all__ = ["Expert", "SEED_MODEL_TYPES", "UPCYCLE_MODES", "mergekit_upcycle_kwargs", "save_upcycled", "upcycle",
+__all__ = ["Expert", "UPCYCLE_MODES", "mergekit_upcycle_kwargs", "save_upcycled", "seed_families", "upcycle",
            "upcycle_from_mergekit"]

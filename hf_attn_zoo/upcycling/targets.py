@@ -1,4 +1,8 @@
-"""Which transformers MoE architecture a dense seed becomes, and how its config is written.
+"""Which transformers MoE architecture a dense seed becomes, and how its config is written: both are family data.
+
+A seed family's spec names its targets (`upcycle: {every_layer: ..., some_layers: ...}`), and a target family's spec
+says how its config is written (`upcycle_target`: the names of the expert count, the expert width and the dense-layer
+list, what it carries over from the seed and what it cannot express). The shipped choices:
 
 | seed | MoE on every layer | MoE on some layers |
 |---|---|---|
@@ -16,14 +20,18 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 
 from ..errors import IncompatibleModelsError, UnsupportedArchitectureError
+from ..families.spec import FamilySpec, family_specs, resolve_family
 
-__all__ = ["SEED_MODEL_TYPES", "moe_config"]
-
-SEED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+__all__ = ["moe_config", "seed_families"]
 
 _COMMON = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
            "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "tie_word_embeddings",
            "bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout")
+
+
+def seed_families() -> list[str]:
+    """The families whose dense models can be upcycled."""
+    return sorted(name for name, spec in family_specs().items() if spec.upcycle is not None)
 
 
 def _common(seed: PretrainedConfig) -> dict[str, Any]:
@@ -33,46 +41,48 @@ def _common(seed: PretrainedConfig) -> dict[str, Any]:
     return out
 
 
+def _uses_sliding_window(seed: PretrainedConfig) -> bool:
+    return bool(getattr(seed, "sliding_window", None)) and getattr(seed, "use_sliding_window", True) is not False
+
+
+def _check(seed: PretrainedConfig, family: FamilySpec, target: FamilySpec, head_dim: int) -> None:
+    spec = target.upcycle_target
+    if not spec.projection_biases and (getattr(seed, "attention_bias", False) or getattr(seed, "mlp_bias", False)):
+        raise IncompatibleModelsError(f"{target.name} has no projection biases; this {family.name} seed uses "
+                                      "attention_bias or mlp_bias and cannot be upcycled.")
+    if not spec.free_head_dim and head_dim * seed.num_attention_heads != seed.hidden_size:
+        raise IncompatibleModelsError(
+            f"{family.name} seed with head_dim {head_dim} x {seed.num_attention_heads} heads != hidden_size: "
+            f"{target.name} (used when only some layers become MoE) cannot express it; make every layer MoE."
+        )
+    if not spec.sliding_window and _uses_sliding_window(seed):
+        raise IncompatibleModelsError(f"a sliding-window {family.name} seed can only be upcycled on every layer "
+                                      f"({family.upcycle.every_layer}).")
+
+
 def moe_config(seed: PretrainedConfig, num_experts: int, top_k: int, moe_layers: list[int]) -> PretrainedConfig:
     """The config of the MoE built from `seed`: `num_experts` experts, top-k routing, MoE on `moe_layers`."""
-    model_type = seed.model_type
-    if model_type not in SEED_MODEL_TYPES:
+    try:
+        family = resolve_family(seed)
+    except UnsupportedArchitectureError:
+        family = None
+    if family is None or family.upcycle is None:
         raise UnsupportedArchitectureError(
-            f"cannot upcycle a {model_type!r} model; supported seed architectures: {', '.join(SEED_MODEL_TYPES)}."
+            f"cannot upcycle a {seed.model_type!r} model; supported seed architectures: {', '.join(seed_families())}."
         )
     all_layers = moe_layers == list(range(seed.num_hidden_layers))
-    dense_layers = [i for i in range(seed.num_hidden_layers) if i not in moe_layers]
-    common = _common(seed)
+    target = family_specs()[family.upcycle.every_layer if all_layers else family.upcycle.some_layers]
+    spec = target.upcycle_target
     head_dim = getattr(seed, "head_dim", None) or seed.hidden_size // seed.num_attention_heads
-    if model_type in ("llama", "mistral") and all_layers:
-        if getattr(seed, "attention_bias", False) or getattr(seed, "mlp_bias", False):
-            raise IncompatibleModelsError("Mixtral has no projection biases; this Llama seed uses attention_bias or "
-                                          "mlp_bias and cannot be upcycled.")
-        return AutoConfig.for_model(
-            "mixtral", **common, head_dim=head_dim, intermediate_size=seed.intermediate_size,
-            num_local_experts=num_experts, num_experts_per_tok=top_k,
-            sliding_window=getattr(seed, "sliding_window", None),
-        )
-    if model_type in ("llama", "mistral", "qwen2"):
-        if head_dim * seed.num_attention_heads != seed.hidden_size:
-            raise IncompatibleModelsError(
-                f"{model_type} seed with head_dim {head_dim} x {seed.num_attention_heads} heads != hidden_size: "
-                "Qwen2-MoE (used when only some layers become MoE) cannot express it; make every layer MoE."
-            )
-        if getattr(seed, "sliding_window", None) and model_type == "mistral":
-            raise IncompatibleModelsError(
-                "a sliding-window Mistral seed can only be upcycled on every layer (Mixtral)."
-            )
-        return AutoConfig.for_model(
-            "qwen2_moe", **common, intermediate_size=seed.intermediate_size,
-            moe_intermediate_size=seed.intermediate_size,
-            shared_expert_intermediate_size=0, num_experts=num_experts, num_experts_per_tok=top_k,
-            norm_topk_prob=True, mlp_only_layers=dense_layers, decoder_sparse_step=1,
-            qkv_bias=model_type == "qwen2" or bool(getattr(seed, "attention_bias", False)),
-        )
-    return AutoConfig.for_model(
-        "qwen3_moe", **common, head_dim=head_dim, attention_bias=getattr(seed, "attention_bias", False),
-        intermediate_size=seed.intermediate_size, moe_intermediate_size=seed.intermediate_size,
-        num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=True, mlp_only_layers=dense_layers,
-        decoder_sparse_step=1,
-    )
+    _check(seed, family, target, head_dim)
+    values: dict[str, Any] = {**_common(seed), "intermediate_size": seed.intermediate_size, "head_dim": head_dim,
+                              "sliding_window": getattr(seed, "sliding_window", None)}
+    kwargs = {key: values[key] for key in spec.carry}
+    kwargs.update(spec.fixed)
+    kwargs[spec.num_experts] = num_experts
+    kwargs[spec.expert_size] = seed.intermediate_size
+    if spec.dense_layers is not None:
+        kwargs[spec.dense_layers] = [i for i in range(seed.num_hidden_layers) if i not in moe_layers]
+    if spec.qkv_bias is not None:
+        kwargs[spec.qkv_bias] = family.upcycle.qkv_bias or bool(getattr(seed, "attention_bias", False))
+    return AutoConfig.for_model(target.model_types[0], **_common(seed), **kwargs, num_experts_per_tok=top_k)

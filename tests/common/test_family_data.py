@@ -16,7 +16,6 @@ from hf_attn_zoo.families import family_specs, resolve_family
 PACKAGE = Path(__file__).resolve().parents[2] / "hf_attn_zoo"
 # where a model type is not architecture knowledge about a patched model, but a name another format defines
 NOT_FAMILY_KNOWLEDGE = {
-    "upcycling/targets.py": "the stock transformers MoE classes an upcycled model is written as (its config schema)",
     "upcycling/mergekit.py": "mergekit-moe's own `architecture` key",
 }
 
@@ -82,3 +81,18 @@ def test_a_moe_family_without_a_routing_rule_is_refused_by_the_routing_tools():
     with pytest.raises(UnsupportedArchitectureError, match="mote cannot patch a phimoe model: its router has no "
                                                            "routing rule.*declare `mlp.routing`"):
         hf_attn_zoo.patch(model, "mote", off={"all": [0]})
+
+
+def test_upcycling_targets_are_family_data():
+    from hf_attn_zoo.upcycling import seed_families
+    from hf_attn_zoo.upcycling.targets import moe_config
+
+    assert seed_families() == ["llama", "mistral", "qwen2", "qwen3"]
+    for name in seed_families():
+        spec = family_specs()[name]
+        for target in (spec.upcycle.every_layer, spec.upcycle.some_layers):
+            assert family_specs()[target].upcycle_target is not None, (name, target)
+    seed = family_specs()["qwen2"].tiny_config()
+    config = moe_config(seed, num_experts=4, top_k=2, moe_layers=[1])
+    assert config.model_type == "qwen2_moe" and config.mlp_only_layers == [0] and config.qkv_bias
+    assert config.num_experts == 4 and config.moe_intermediate_size == seed.intermediate_size
