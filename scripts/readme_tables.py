@@ -30,7 +30,7 @@ def render(text: str, generated: dict[str, str]) -> str:
         pattern = re.compile(rf"(<!-- BEGIN GENERATED: {name} [^\n]*-->\n).*?(<!-- END GENERATED: {name} -->)", re.S)
         if not pattern.search(text):
             raise SystemExit(f"{README}: no '<!-- BEGIN GENERATED: {name} ... -->' marker")
-        text = pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text)
+        text = pattern.sub(lambda m, table=table: m.group(1) + table + "\n" + m.group(2), text)
     return text
 
 
