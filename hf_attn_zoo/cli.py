@@ -9,10 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# the argument helpers every subcommand shares (planning/cli.py still imports `_parse_options` from here)
-from .cli_args import parse_options as _parse_options
-from .cli_args import read_prompts
-from .cli_args import resolve_model as _resolve_model
+from .cli_args import parse_options, read_prompts, resolve_model
 
 __all__ = ["main"]
 
@@ -102,12 +99,12 @@ def patch_main(argv: list[str]) -> int:
     from .outputs import atomic_output, check_output
 
     check_output(args.out, args.overwrite, "output folder")  # before the (slow) load
-    path = _resolve_model(args.model)
+    path = resolve_model(args.model)
     layers: Any = args.layers
     if "," in layers or layers.lstrip("-").isdigit():
         layers = [int(i) for i in layers.split(",")]
     model = hf_attn_zoo.from_pretrained(path)
-    hf_attn_zoo.patch(model, args.method, layers=layers, **_parse_options(args.options))
+    hf_attn_zoo.patch(model, args.method, layers=layers, **parse_options(args.options))
     with atomic_output(args.out, args.overwrite, what="output folder") as tmp:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(path).save_pretrained(tmp)
@@ -133,8 +130,8 @@ def _analyze_head_usage(argv: list[str]) -> int:
 
     from .assets.corpora import held_out_texts
 
-    path = _resolve_model(args.model)
-    patches = [{"method": "moh", **_parse_options(args.options)}] if args.options else None
+    path = resolve_model(args.model)
+    patches = [{"method": "moh", **parse_options(args.options)}] if args.options else None
     model = hf_attn_zoo.from_pretrained(path, patches=patches).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = tokenizer("\n\n".join(held_out_texts(args.corpus, 64)), return_tensors="pt").input_ids[:, : args.tokens]
@@ -181,7 +178,7 @@ def _analyze_experts(argv: list[str]) -> int:
         if name in prompt_sets:
             raise InvalidOptionError(f"--class {name!r} is given twice")
         prompt_sets[name] = read_prompts(source, count=args.prompts_per_class)[: args.prompts_per_class]
-    path = _resolve_model(args.model)
+    path = resolve_model(args.model)
     model = hf_attn_zoo.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     profile = hf_attn_zoo.analysis.profile_experts(
