@@ -9,8 +9,8 @@ from .routing import (
     RoutingRule,
     register_routing_rule,
     route,
-    routing_rule,
     routing_override,
+    routing_rule,
     set_routing,
     with_row_override,
 )

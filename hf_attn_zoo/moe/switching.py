@@ -46,7 +46,8 @@ import torch
 
 from ..errors import InvalidOptionError, PatchConflictError
 from ..wrappers import inner_model
-from .routing import RoutingHandle, RoutingOverride, _target, set_routing
+from .overrides import RoutingOverride, routing_target
+from .routing import RoutingHandle, set_routing
 
 __all__ = ["KINDS", "experts_to_switch", "random_experts", "switch_experts"]
 
@@ -209,7 +210,7 @@ def resolve_switches(model: torch.nn.Module, switches: Mapping[str, Mapping | No
     A specific layer outside `layers` is an error; range and MoE-ness of the others are checked by the routing
     module when the plan is installed (`_install` / `_update`).
     """
-    target = _target(model)
+    target = routing_target(model)
     selected = list(target.layers) if layers is None else [i for i in target.layers if i in set(layers)]
     if layers is not None and not selected and any(switches.get(kind) for kind in (*KINDS, "gain")):
         raise InvalidOptionError(
@@ -442,7 +443,7 @@ def random_experts(
     if hasattr(source, "layers") and hasattr(source, "num_experts") and not isinstance(source, torch.nn.Module):
         layers = list(zip(source.layers, source.num_experts))
     else:
-        target = _target(source)
+        target = routing_target(source)
         layers = [(layer, target.rule.num_experts(target.routers[layer])) for layer in target.layers]
     excluded = set()
     for key, experts in (_canonical_lists("random_experts: exclude", exclude) or {}).items():

@@ -40,7 +40,7 @@ from transformers import PretrainedConfig
 
 from ..errors import PatchConflictError
 from ..families.spec import FamilySpec
-from ..moe.routing import missing_rule_reason, moe_families_with_rules, routing_rule
+from ..moe.rules import missing_rule_reason, moe_families_with_rules, routing_rule
 from ..moe.switching import canonical_switches, install, installed_switches, resolve_switches, uninstall
 from ..registry import Capabilities, Patch, PatchConfig, PatchHandle, register_patch
 

@@ -13,9 +13,10 @@ from transformers import DynamicCache
 
 from hf_attn_zoo.errors import InvalidOptionError, PatchConflictError, UnsupportedArchitectureError
 from hf_attn_zoo.families import family_specs
-from hf_attn_zoo.moe.routing import moe_families_with_rules
+from hf_attn_zoo.moe.rules import moe_families_with_rules
 from hf_attn_zoo.moe import RoutingOverride, route, routing_override, set_routing
-from hf_attn_zoo.moe.routing import _LayerPlan, _merge_plans, with_row_override
+from hf_attn_zoo.moe.plan import LayerPlan, merge_plans
+from hf_attn_zoo.moe.routing import with_row_override
 from tests.matrix import tiny_model
 
 MOE_FAMILIES = ["deepseek_v3", "dots1", "flex_olmo", "glm4_moe", "gpt_oss", "granitemoe", "mixtral", "olmoe",
@@ -408,13 +409,13 @@ def test_gradients_flow_through_overridden_routing():
 # --- an override for some rows on top of installed overrides (SCMoE on a MoTE patch) ---
 
 def test_merge_plans_unions_the_experts_and_takes_the_added_size():
-    base = _LayerPlan(disabled=frozenset({0}), forced=frozenset({2}), gain=((1, 0.5), (3, 2.0)), top_k=3)
-    merged = _merge_plans(base, _LayerPlan(disabled=frozenset({1}), dropped=frozenset({4}), gain=((1, 0.25),), rank=2))
-    assert merged == _LayerPlan(disabled=frozenset({0, 1}), dropped=frozenset({4}), forced=frozenset({2}),
+    base = LayerPlan(disabled=frozenset({0}), forced=frozenset({2}), gain=((1, 0.5), (3, 2.0)), top_k=3)
+    merged = merge_plans(base, LayerPlan(disabled=frozenset({1}), dropped=frozenset({4}), gain=((1, 0.25),), rank=2))
+    assert merged == LayerPlan(disabled=frozenset({0, 1}), dropped=frozenset({4}), forced=frozenset({2}),
                                 gain=((1, 0.25), (3, 2.0)), top_k=None, rank=2)
     # an added plan without a size keeps the installed one
-    assert _merge_plans(base, _LayerPlan(dropped=frozenset({5}))).top_k == 3
-    assert _merge_plans(_LayerPlan(rank=3), _LayerPlan(top_k=1)) == _LayerPlan(top_k=1)
+    assert merge_plans(base, LayerPlan(dropped=frozenset({5}))).top_k == 3
+    assert merge_plans(LayerPlan(rank=3), LayerPlan(top_k=1)) == LayerPlan(top_k=1)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
