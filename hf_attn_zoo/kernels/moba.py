@@ -7,7 +7,7 @@ query's own block +inf; the query attends the union of its top-k blocks (its own
 mask, so k-1 past blocks), with the usual softmax scale. With GQA a query head gates on its KV head's block means.
 An optional layer `window` (Gemma-3's sliding layers) further limits every query to its last `window` keys.
 
-Paths, equal up to floating-point error (`moba_reference` is the naive dense-mask definition they are tested
+Paths, equal up to floating-point error (`naive_moba_attention` is the naive dense-mask definition they are tested
 against):
 
 - `masked`: one SDPA call with the token-level mask; short inputs and decode steps. Trains.
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from .masks import left_padding
 
-__all__ = ["Backend", "causal_key_conv", "moba_attention", "moba_reference", "moba_selection"]
+__all__ = ["Backend", "causal_key_conv", "moba_attention", "naive_moba_attention", "moba_selection"]
 
 Backend = Literal["auto", "masked", "gather", "flex"]
 
@@ -328,7 +328,7 @@ def moba_attention(
     return out.transpose(1, 2)
 
 
-def moba_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, block_size: int, top_k: int,
+def naive_moba_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, block_size: int, top_k: int,
                    scaling: float | None = None, padding: torch.Tensor | None = None,
                    window: int | None = None) -> torch.Tensor:
     """The naive definition: block means, gates, top-k and one dense masked softmax, in fp32 (tests only)."""

@@ -188,16 +188,6 @@ def test_decode_skip_computes_only_selected_heads_and_matches_masking(granularit
     assert max(calls) < 1.0
 
 
-def test_head_sparse_kernel_matches_the_naive_reference():
-    query, key, value = torch.randn(3, 6, 1, 8), torch.randn(3, 3, 20, 8), torch.randn(3, 3, 20, 8)
-    active = torch.rand(3, 6) > 0.4
-    mask = torch.ones(3, 1, 1, 20, dtype=torch.bool)
-    mask[1, ..., :5] = False
-    got = head_sparse.head_sparse_decode_attention(query, key, value, mask, active, 0.3)
-    expected = head_sparse.naive_head_sparse_decode_attention(query, key, value, mask, active, 0.3)
-    torch.testing.assert_close(got, expected)
-
-
 def test_output_projection_skips_unselected_heads_in_single_token_decode():
     model = hf_attn_zoo.patch(_gqa_model(), "moh", router="qnorm", granularity="group", shared_heads=0, top_k=2,
                               decode_skip="always")
