@@ -40,6 +40,7 @@ test-fast: install
 # ruff (rules in pyproject.toml's [tool.ruff]) and mypy on the type-checked core ([tool.mypy] files)
 lint: install
 	$(PY) -m ruff check hf_attn_zoo tests benchmarks scripts
+	$(PY) -m ruff format --check hf_attn_zoo tests benchmarks scripts
 	$(PY) -m mypy
 
 bench: install

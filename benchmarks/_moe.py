@@ -23,10 +23,21 @@ def load_moe(model: Path | None, layers: int) -> tuple[torch.nn.Module, object, 
     seed = hf_attn_zoo.assets.default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(seed)
     config = MixtralConfig(
-        hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
-        num_key_value_heads=3, head_dim=64, vocab_size=len(tokenizer), max_position_embeddings=2048,
-        num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=True,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=layers,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(0)
-    return (MixtralForCausalLM(config), tokenizer,
-            f"random Mixtral, SmolLM2-135M widths, {layers} layers, 4 experts top-2")
+    return (
+        MixtralForCausalLM(config),
+        tokenizer,
+        f"random Mixtral, SmolLM2-135M widths, {layers} layers, 4 experts top-2",
+    )

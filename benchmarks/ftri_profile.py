@@ -31,7 +31,6 @@ from hf_attn_zoo.analysis import expert_profile
 from hf_attn_zoo.upcycling.cli import read_prompts
 
 
-
 def _load(args):
     return load_moe(args.model, args.layers)
 
@@ -83,21 +82,35 @@ def main() -> None:
             with torch.no_grad():
                 for input_ids, attention_mask in batches:
                     model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+
         return run
 
     def profile():
-        expert_profile.profile_experts(model, tokenizer, sets, target="code", batch_size=args.batch_size,
-                                       max_length=args.max_length, progress=False)
+        expert_profile.profile_experts(
+            model,
+            tokenizer,
+            sets,
+            target="code",
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            progress=False,
+        )
 
-    passes = [("plain forward (full logits)", plain()), ("plain forward (logits_to_keep=1)", plain(logits_to_keep=1)),
-              ("profile_experts", profile)]
+    passes = [
+        ("plain forward (full logits)", plain()),
+        ("plain forward (logits_to_keep=1)", plain(logits_to_keep=1)),
+        ("profile_experts", profile),
+    ]
     seconds = _median_seconds(passes, args.repeats)
     base = seconds[passes[0][0]]
     total = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"model: {description}; {total:.1f}M parameters, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"{len(batches)} batches (batch {args.batch_size}, <= {args.max_length} tokens): {tokens} prompt tokens, "
-          f"{positions} positions with padding; median of {args.repeats} after a warm-up\n")
+    print(
+        f"model: {description}; {total:.1f}M parameters, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"{len(batches)} batches (batch {args.batch_size}, <= {args.max_length} tokens): {tokens} prompt tokens, "
+        f"{positions} positions with padding; median of {args.repeats} after a warm-up\n"
+    )
     print("| pass | seconds | prompt tokens/s | throughput vs plain forward |\n|---|---|---|---|")
     for name, _ in passes:
         print(f"| {name} | {seconds[name]:.3f} | {tokens / seconds[name]:.0f} | {base / seconds[name]:.2f}x |")

@@ -96,19 +96,36 @@ def runnable(methods: list[tuple[str, dict[str, Any]]]) -> list[MethodSpec]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", help="Checkpoint folder (default: the embedded SmolLM2-135M).")
-    parser.add_argument("--methods", nargs="+", type=parse_method, default=[parse_method(m) for m in DEFAULT_METHODS],
-                        help="NAME or NAME={JSON options}; 'none' is the unpatched model, reported as 'dense' "
-                             f"(default: {' '.join(DEFAULT_METHODS)}).")
-    parser.add_argument("--lengths", type=parse_lengths, default=list(LENGTHS),
-                        help=f"Comma-separated subset of {','.join(LENGTHS)} (default: all).")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        type=parse_method,
+        default=[parse_method(m) for m in DEFAULT_METHODS],
+        help="NAME or NAME={JSON options}; 'none' is the unpatched model, reported as 'dense' "
+        f"(default: {' '.join(DEFAULT_METHODS)}).",
+    )
+    parser.add_argument(
+        "--lengths",
+        type=parse_lengths,
+        default=list(LENGTHS),
+        help=f"Comma-separated subset of {','.join(LENGTHS)} (default: all).",
+    )
     parser.add_argument("--limit", type=int, default=None, help="Documents per task (default: every document).")
-    parser.add_argument("--corpus", choices=corpus_names(), default=None,
-                        help="Haystack and perplexity corpus (default: the tasks' python_stdlib_docs).")
+    parser.add_argument(
+        "--corpus",
+        choices=corpus_names(),
+        default=None,
+        help="Haystack and perplexity corpus (default: the tasks' python_stdlib_docs).",
+    )
     parser.add_argument("--batch_size", default="1", help="lm-eval batch size, or 'auto' (default: 1).")
     parser.add_argument("--device", default=None, help="Default: CUDA when available, else CPU.")
     parser.add_argument("--dtype", default="auto", help="Model dtype, as lm-eval's HFLM takes it (default: auto).")
-    parser.add_argument("--out", type=Path, default=Path("long_context_report"),
-                        help="Output folder: one lm-eval results folder per method, and the report.")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("long_context_report"),
+        help="Output folder: one lm-eval results folder per method, and the report.",
+    )
     args = parser.parse_args(argv)
 
     model = resolve_model(args.model)
@@ -130,8 +147,15 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         try:
             results[label] = evaluate(
-                model, tasks, limit=args.limit, batch_size=batch_size, patches=patches, device=args.device,
-                model_args=model_args, metadata=metadata, output_path=args.out / label,
+                model,
+                tasks,
+                limit=args.limit,
+                batch_size=batch_size,
+                patches=patches,
+                device=args.device,
+                model_args=model_args,
+                metadata=metadata,
+                output_path=args.out / label,
             )
         except ZooError as err:
             tqdm.write(f"{label}: failed with {type(err).__name__}: {err}")

@@ -81,14 +81,18 @@ def main() -> None:
         run(model, ids[:, :512], 2)  # warm-up: compile, masks
         rows.append((name, run(model, ids, args.decode)))
         hf_attn_zoo.unpatch(model)
-    print(f"SmolLM2-135M, fp32, prefill {ids.shape[1]} tokens, {args.decode} decode steps to {args.length}, "
-          f"threads={torch.get_num_threads()}")
+    print(
+        f"SmolLM2-135M, fp32, prefill {ids.shape[1]} tokens, {args.decode} decode steps to {args.length}, "
+        f"threads={torch.get_num_threads()}"
+    )
     print("| method | prefill tok/s | vs dense | KV cache MiB | vs dense | decode tok/s | vs dense |")
     print("|---|---|---|---|---|---|---|")
     for name, r in rows:
-        print(f"| {name} | {r['prefill_tok_s']:.0f} | {r['prefill_tok_s'] / dense['prefill_tok_s']:.2f}x | "
-              f"{r['kv_mib']:.1f} | {dense['kv_mib'] / r['kv_mib']:.2f}x less | {r['decode_tok_s']:.1f} | "
-              f"{r['decode_tok_s'] / dense['decode_tok_s']:.2f}x |")
+        print(
+            f"| {name} | {r['prefill_tok_s']:.0f} | {r['prefill_tok_s'] / dense['prefill_tok_s']:.2f}x | "
+            f"{r['kv_mib']:.1f} | {dense['kv_mib'] / r['kv_mib']:.2f}x less | {r['decode_tok_s']:.1f} | "
+            f"{r['decode_tok_s'] / dense['decode_tok_s']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

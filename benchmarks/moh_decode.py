@@ -56,8 +56,10 @@ def _active(batch: int, heads: int, kv: int, fraction: float, granularity: str, 
 
 
 def attention_block_table(contexts, batches, repeats: int) -> list[str]:
-    rows = ["| shapes (H/KV, d) | batch | context | dense SDPA ms | routing | active | MoH / dense time |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| shapes (H/KV, d) | batch | context | dense SDPA ms | routing | active | MoH / dense time |",
+        "|---|---|---|---|---|---|---|",
+    ]
     generator = torch.Generator().manual_seed(0)
     for name, heads, kv, dim in (("SmolLM2", 9, 3, 64), ("LLaMA-3-8B", 32, 8, 128)):
         for batch in batches:
@@ -65,16 +67,24 @@ def attention_block_table(contexts, batches, repeats: int) -> list[str]:
                 query = torch.randn(batch, heads, 1, dim)
                 key, value = torch.randn(batch, kv, context, dim), torch.randn(batch, kv, context, dim)
                 module = _Module(heads // kv)
-                dense = _time(lambda: sdpa_attention_forward(module, query, key, value, None, scaling=dim**-0.5),
-                              repeats)
-                cases = [("head", 0.75), ("head", 0.5), ("group", 2 / 3 if kv == 3 else 0.75),
-                         ("group", 1 / 3 if kv == 3 else 0.5)]
+                dense = _time(
+                    lambda: sdpa_attention_forward(module, query, key, value, None, scaling=dim**-0.5), repeats
+                )
+                cases = [
+                    ("head", 0.75),
+                    ("head", 0.5),
+                    ("group", 2 / 3 if kv == 3 else 0.75),
+                    ("group", 1 / 3 if kv == 3 else 0.5),
+                ]
                 for granularity, fraction in cases:
                     active = _active(batch, heads, kv, fraction, granularity, generator)
-                    sparse = _time(lambda: head_sparse_decode_attention(query, key, value, None, active,
-                                                                        dim**-0.5), repeats)
-                    rows.append(f"| {name} ({heads}/{kv}, {dim}) | {batch} | {context} | {dense * 1e3:.3f} | "
-                                f"{granularity} | {active.float().mean():.0%} | {sparse / dense:.2f}x |")
+                    sparse = _time(
+                        lambda: head_sparse_decode_attention(query, key, value, None, active, dim**-0.5), repeats
+                    )
+                    rows.append(
+                        f"| {name} ({heads}/{kv}, {dim}) | {batch} | {context} | {dense * 1e3:.3f} | "
+                        f"{granularity} | {active.float().mean():.0%} | {sparse / dense:.2f}x |"
+                    )
     return rows
 
 
@@ -96,8 +106,9 @@ def _decode_tokens_per_second(model, batch: int, context: int, steps: int) -> fl
 
     def step(i: int):
         position = torch.full((batch, 1), context + i)
-        return model(token, cache=cache, position_ids=position, attention_mask=mask[:, : context + i + 1],
-                     use_cache=True).logits
+        return model(
+            token, cache=cache, position_ids=position, attention_mask=mask[:, : context + i + 1], use_cache=True
+        ).logits
 
     step(0)  # warm-up
     start = time.perf_counter()

@@ -21,12 +21,18 @@ VARIANTS = [
     ("output norm, 3 shared + top-4", {"router": "onorm", "shared_heads": 3, "top_k": 4}),
     ("query norm (MoH-LLaMA3), 4 shared + top-3", {"router": "qnorm", "shared_heads": 4, "top_k": 3}),
     ("query norm, 0 shared + top-7", {"router": "qnorm", "shared_heads": 0, "top_k": 7}),
-    ("learned (distilled), 4 shared + top-3, binary", {"router": "learned", "shared_heads": 4, "top_k": 3,
-                                                       "gate": "binary"}),
-    ("learned (distilled), 4 shared + top-3, weighted", {"router": "learned", "shared_heads": 4, "top_k": 3,
-                                                         "gate": "weighted"}),
-    ("learned (distilled), KV groups 1 shared + top-1", {"router": "learned", "granularity": "group",
-                                                         "gate": "binary"}),
+    (
+        "learned (distilled), 4 shared + top-3, binary",
+        {"router": "learned", "shared_heads": 4, "top_k": 3, "gate": "binary"},
+    ),
+    (
+        "learned (distilled), 4 shared + top-3, weighted",
+        {"router": "learned", "shared_heads": 4, "top_k": 3, "gate": "weighted"},
+    ),
+    (
+        "learned (distilled), KV groups 1 shared + top-1",
+        {"router": "learned", "granularity": "group", "gate": "binary"},
+    ),
 ]
 
 
@@ -48,8 +54,11 @@ def main() -> None:
             return torch.exp(model(ids, labels=ids).loss).item()
 
     dense = perplexity()
-    rows = ["| router | active heads | perplexity | vs dense |", "|---|---|---|---|",
-            f"| dense | 9/9 | {dense:.2f} | 1.00x |"]
+    rows = [
+        "| router | active heads | perplexity | vs dense |",
+        "|---|---|---|---|",
+        f"| dense | 9/9 | {dense:.2f} | 1.00x |",
+    ]
     for label, options in VARIANTS:
         hf_attn_zoo.patch(model, "moh", **options)
         if options["router"] == "learned":

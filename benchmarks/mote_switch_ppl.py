@@ -51,8 +51,12 @@ def _model_folder(given: Path | None) -> tuple[Path, str]:
 
 
 def _perplexities(model, tokenizer, args) -> dict[str, float]:
-    return {d: held_out_perplexity(model, tokenizer, d, seq_len=args.seq_len, max_blocks=args.blocks,
-                                   batch_size=args.blocks) for d in DOMAINS}
+    return {
+        d: held_out_perplexity(
+            model, tokenizer, d, seq_len=args.seq_len, max_blocks=args.blocks, batch_size=args.blocks
+        )
+        for d in DOMAINS
+    }
 
 
 def _fmt(switches: dict[int, list[int]]) -> str:
@@ -107,8 +111,10 @@ def _throughput(model, switches, ids, repeats: int) -> dict[str, dict[str, float
                 wall[name].append(elapsed)
                 cpu[name].append(elapsed_cpu)
     tokens = ids.numel()
-    return {name: {"wall": tokens / statistics.median(wall[name]), "cpu": tokens / statistics.median(cpu[name])}
-            for name in wall}
+    return {
+        name: {"wall": tokens / statistics.median(wall[name]), "cpu": tokens / statistics.median(cpu[name])}
+        for name in wall
+    }
 
 
 def main() -> None:
@@ -121,9 +127,13 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=4, help="held-out blocks per domain")
     parser.add_argument("--draws", type=int, default=2, help="random-expert draws (seeds 0..draws-1)")
     parser.add_argument("--repeats", type=int, default=7, help="timed forwards per variant")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: on a CPU shared with other jobs, more threads wait on each "
-                             "other; measured here 2 threads ran a forward 4-20x slower than 1)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a CPU shared with other jobs, more threads wait on each "
+        "other; measured here 2 threads ran a forward 4-20x slower than 1)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
@@ -183,12 +193,16 @@ def main() -> None:
     print(f"\nforward of {tuple(ids.shape)} tokens, median of {args.repeats} (taking turns):")
     for clock in ("wall", "cpu"):
         plain_tps, mote_tps = speed["unpatched"][clock], speed["mote"][clock]
-        print(f"  {clock:4s} time: unpatched {plain_tps:.1f} tokens/s, mote ({args.n} experts off) {mote_tps:.1f} "
-              f"tokens/s, ratio {mote_tps / plain_tps:.3f} (overhead {100 * (plain_tps / mote_tps - 1):+.1f} %)")
+        print(
+            f"  {clock:4s} time: unpatched {plain_tps:.1f} tokens/s, mote ({args.n} experts off) {mote_tps:.1f} "
+            f"tokens/s, ratio {mote_tps / plain_tps:.3f} (overhead {100 * (plain_tps / mote_tps - 1):+.1f} %)"
+        )
     extra = router_switched - router_plain
-    print(f"  routers alone (all {len(profile.layers)} MoE layers): plain {1e3 * router_plain:.2f} ms, switched "
-          f"{1e3 * router_switched:.2f} ms per forward -> wrapper overhead {1e3 * extra:.2f} ms = "
-          f"{100 * extra / forward:.2f} % of the forward ({1e3 * forward:.0f} ms)")
+    print(
+        f"  routers alone (all {len(profile.layers)} MoE layers): plain {1e3 * router_plain:.2f} ms, switched "
+        f"{1e3 * router_switched:.2f} ms per forward -> wrapper overhead {1e3 * extra:.2f} ms = "
+        f"{100 * extra / forward:.2f} % of the forward ({1e3 * forward:.0f} ms)"
+    )
     print(f"[total {time.perf_counter() - started:.0f} s]")
 
 

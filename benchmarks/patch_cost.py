@@ -22,11 +22,16 @@ def _rss_mib() -> float:
 def main() -> None:
     model, _ = hf_attn_zoo.assets.load_default_model()
     pointers = {name: p.data_ptr() for name, p in model.named_parameters()}
-    rows = ["| variant | patch time s | RSS growth MiB | new parameters MiB | weights copied |",
-            "|---|---|---|---|---|"]
-    for label, options in (("learned router (defaults)", {}), ("query-norm router", {"router": "qnorm"}),
-                           ("output-norm router", {"router": "onorm"}),
-                           ("learned, group routing", {"granularity": "group"})):
+    rows = [
+        "| variant | patch time s | RSS growth MiB | new parameters MiB | weights copied |",
+        "|---|---|---|---|---|",
+    ]
+    for label, options in (
+        ("learned router (defaults)", {}),
+        ("query-norm router", {"router": "qnorm"}),
+        ("output-norm router", {"router": "onorm"}),
+        ("learned, group routing", {"granularity": "group"}),
+    ):
         gc.collect()
         before = _rss_mib()
         start = time.perf_counter()
@@ -37,8 +42,9 @@ def main() -> None:
         moved = sum(1 for name, p in model.named_parameters() if name in pointers and p.data_ptr() != pointers[name])
         rows.append(f"| {label} | {elapsed:.3f} | {growth:.2f} | {new:.2f} | {moved} |")
         hf_attn_zoo.unpatch(model)
-    print(f"SmolLM2-135M, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-          f"torch {torch.__version__}\n")
+    print(
+        f"SmolLM2-135M, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, torch {torch.__version__}\n"
+    )
     print("\n".join(rows))
 
 

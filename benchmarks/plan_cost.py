@@ -46,8 +46,11 @@ def main() -> None:
     build_plan_models(config, "moh", {})  # warm-up: lazy imports, first-call caches
     methods = ["none", *sorted(hf_attn_zoo.PATCHES), "upcycle"]
     fp32 = None
-    rows = ["| method | model | build + patch s | RSS growth MiB | peak RSS growth MiB | non-meta tensors MiB | "
-            "parameters |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| method | model | build + patch s | RSS growth MiB | peak RSS growth MiB | non-meta tensors MiB | "
+        "parameters |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for method in methods:
         model_name, options = CASES.get(method, (None, {}))
         model_name = model_name or args.model
@@ -66,8 +69,10 @@ def main() -> None:
         if method == "none":
             fp32 = params * 4 / 2**30
         non_meta = sum(built.non_meta.values()) / 2**20
-        rows.append(f"| {method} | {model_name} | {elapsed:.3f} | {growth:.1f} | {peak_growth:.1f} | {non_meta:.1f} | "
-                    f"{params / 1e9:.2f}B |")
+        rows.append(
+            f"| {method} | {model_name} | {elapsed:.3f} | {growth:.1f} | {peak_growth:.1f} | {non_meta:.1f} | "
+            f"{params / 1e9:.2f}B |"
+        )
         del built
     print(f"{args.model} on the meta device, torch {torch.__version__}; its fp32 weights would take {fp32:.1f} GiB\n")
     print("\n".join(rows))

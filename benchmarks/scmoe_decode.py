@@ -32,7 +32,6 @@ from hf_attn_zoo.decoding import SCMoEConfig, scmoe_generate
 from hf_attn_zoo.moe import routing_override
 
 
-
 def _load(args):
     return load_moe(args.model, args.layers)
 
@@ -47,8 +46,8 @@ def _prompts(tokenizer, batch: int, length: int) -> tuple[torch.Tensor, torch.Te
     ids = torch.full((batch, width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row)
-        mask[i, width - len(row):] = 1
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
     return ids, mask
 
 
@@ -70,11 +69,15 @@ def main() -> None:
     # no EOS: every pass generates exactly new_tokens tokens per row
     common = dict(max_new_tokens=args.new_tokens, eos_token_id=[], pad_token_id=pad)
     total = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"model: {description}; {total:.1f}M parameters, {model.config.model_type}, "
-          f"top-{model.config.num_experts_per_tok} of {model.config.num_local_experts} experts, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{args.new_tokens} new tokens per row, prompts <= {args.prompt_length} tokens (left-padded), "
-          f"median of {args.repeats} after a warm-up\n")
+    print(
+        f"model: {description}; {total:.1f}M parameters, {model.config.model_type}, "
+        f"top-{model.config.num_experts_per_tok} of {model.config.num_local_experts} experts, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"{args.new_tokens} new tokens per row, prompts <= {args.prompt_length} tokens (left-padded), "
+        f"median of {args.repeats} after a warm-up\n"
+    )
     print("| batch | pass | seconds | new tokens/s | vs greedy |\n|---|---|---|---|---|")
     for batch in args.batches:
         ids, mask = _prompts(tokenizer, batch, args.prompt_length)
@@ -95,8 +98,12 @@ def main() -> None:
             with routing_override(model, SCMoEConfig(weak="rank", weak_rank=2).weak_override()):
                 return greedy(ids, mask)
 
-        passes = [("greedy", greedy), ("greedy 2B (no routing override)", greedy_2b), ("SCMoE", scmoe),
-                  ("greedy under the weak routing", greedy_weak)]
+        passes = [
+            ("greedy", greedy),
+            ("greedy 2B (no routing override)", greedy_2b),
+            ("SCMoE", scmoe),
+            ("greedy under the weak routing", greedy_weak),
+        ]
         for _, run in passes:
             out = run()
             assert out.shape[1] == ids.shape[1] + args.new_tokens
@@ -112,8 +119,10 @@ def main() -> None:
         passes = passes[:3] + [(sequential, None)]
         for name, _ in passes:
             rate = batch * args.new_tokens / seconds[name]
-            print(f"| {batch} | {name} | {seconds[name]:.2f} | {rate:.1f} | "
-                  f"{seconds['greedy'] / seconds[name]:.2f}x |", flush=True)
+            print(
+                f"| {batch} | {name} | {seconds[name]:.2f} | {rate:.1f} | {seconds['greedy'] / seconds[name]:.2f}x |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

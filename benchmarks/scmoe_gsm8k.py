@@ -52,25 +52,48 @@ def main() -> None:
     runs = {
         "greedy": {},
         f"SCMoE (alpha {args.alpha}, beta {args.beta}, weak {args.weak})": {
-            "scmoe": True, "scmoe_alpha": args.alpha, "scmoe_beta": args.beta, "scmoe_weak": args.weak},
+            "scmoe": True,
+            "scmoe_alpha": args.alpha,
+            "scmoe_beta": args.beta,
+            "scmoe_weak": args.weak,
+        },
     }
-    print(f"model: {folder}; {model.config.model_type}, top-{model.config.num_experts_per_tok} of "
-          f"{model.config.num_local_experts} experts; task {_TASK}, first {args.limit} problems, "
-          f"{args.num_fewshot}-shot, max_gen_toks {args.max_gen_toks}, batch {args.batch_size}, "
-          f"{args.threads} thread(s)", flush=True)
+    print(
+        f"model: {folder}; {model.config.model_type}, top-{model.config.num_experts_per_tok} of "
+        f"{model.config.num_local_experts} experts; task {_TASK}, first {args.limit} problems, "
+        f"{args.num_fewshot}-shot, max_gen_toks {args.max_gen_toks}, batch {args.batch_size}, "
+        f"{args.threads} thread(s)",
+        flush=True,
+    )
     outputs, rows = {}, []
     for name, model_args in runs.items():
         start = time.perf_counter()
-        results = evaluate(model, _TASK, limit=args.limit, batch_size=args.batch_size, tokenizer=tokenizer,
-                           device="cpu", num_fewshot=args.num_fewshot, model_args=model_args,
-                           gen_kwargs={"max_gen_toks": args.max_gen_toks}, log_samples=True)
+        results = evaluate(
+            model,
+            _TASK,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            tokenizer=tokenizer,
+            device="cpu",
+            num_fewshot=args.num_fewshot,
+            model_args=model_args,
+            gen_kwargs={"max_gen_toks": args.max_gen_toks},
+            log_samples=True,
+        )
         seconds = time.perf_counter() - start
         scores = results["results"][_TASK]
         # lm-eval logs each document once per filter; the raw completion is the same in each
         by_doc = {sample["doc_id"]: sample["resps"][0][0] for sample in results["samples"][_TASK]}
         outputs[name] = [by_doc[i] for i in sorted(by_doc)]
-        rows.append((name, scores["exact_match,strict-match"], scores["exact_match,flexible-extract"], seconds,
-                     results["n-samples"][_TASK]["effective"]))
+        rows.append(
+            (
+                name,
+                scores["exact_match,strict-match"],
+                scores["exact_match,flexible-extract"],
+                seconds,
+                results["n-samples"][_TASK]["effective"],
+            )
+        )
         print(f"{name}: done in {seconds:.0f} s", flush=True)
     greedy, scmoe = outputs.values()
     differ = sum(a != b for a, b in zip(greedy, scmoe))

@@ -59,8 +59,9 @@ def _methods() -> dict[str, Callable[[], Attention]]:
     def hyper():
         from hf_attn_zoo.kernels.hyper_attention import hyper_attention
 
-        return lambda q, k, v: hyper_attention(q, k, v, scaling=SCALE, block_size=256, sample_size=256,
-                                               lsh_num_projs=7, min_seq_len=4096, seed=0)
+        return lambda q, k, v: hyper_attention(
+            q, k, v, scaling=SCALE, block_size=256, sample_size=256, lsh_num_projs=7, min_seq_len=4096, seed=0
+        )
 
     def routing():
         from hf_attn_zoo.kernels.routing_attention import routing_attention_benchmark

@@ -26,13 +26,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
             for recipe in speeds:
-                result = run_recipe(recipe, overrides=[
-                    f"output_dir={tmp}/{recipe}-{round_}", f"train.max_steps={args.steps}",
-                    f"train.save_steps={args.steps * 10}", "eval=null", "init=[]", "data.held_out_fraction=0"])
+                result = run_recipe(
+                    recipe,
+                    overrides=[
+                        f"output_dir={tmp}/{recipe}-{round_}",
+                        f"train.max_steps={args.steps}",
+                        f"train.save_steps={args.steps * 10}",
+                        "eval=null",
+                        "init=[]",
+                        "data.held_out_fraction=0",
+                    ],
+                )
                 speeds[recipe].append(result.train_tokens_per_second)
     dense, moh = (statistics.median(v) for v in speeds.values())
-    print(f"\nSmolLM2-135M, every weight trained, {args.steps} steps x {args.rounds} rounds, "
-          f"torch {torch.__version__}\n")
+    print(
+        f"\nSmolLM2-135M, every weight trained, {args.steps} steps x {args.rounds} rounds, torch {torch.__version__}\n"
+    )
     print("| recipe | train tokens/s (median) | vs dense |\n|---|---|---|")
     print(f"| dense/smollm2_quick | {dense:.0f} | 1.00x |")
     print(f"| moh/smollm2_quick | {moh:.0f} | {moh / dense:.2f}x |")

@@ -48,8 +48,9 @@ def _experts() -> list[str]:
 
 
 def _child(mode: str, out: str, experts: list[str]) -> dict:
-    result = subprocess.run([sys.executable, "-c", _CHILD, mode, out, json.dumps(experts)], capture_output=True,
-                            text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", _CHILD, mode, out, json.dumps(experts)], capture_output=True, text=True, check=True
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -73,8 +74,10 @@ def main() -> None:
     import hf_attn_zoo
 
     experts = _experts()
-    print(f"SmolLM2-135M seed + {'cached specialists' if experts[0] != 'default' else 'seed copies'} -> 4 experts, "
-          f"top-1 FFN routing, float32, {args.threads} threads\n")
+    print(
+        f"SmolLM2-135M seed + {'cached specialists' if experts[0] != 'default' else 'seed copies'} -> 4 experts, "
+        f"top-1 FFN routing, float32, {args.threads} threads\n"
+    )
     imports = _child("imports", "", [])["peak_kib"]
     rows = ["| mode | build s | peak RSS MiB (minus imports) | output MiB | peak / output |", "|---|---|---|---|---|"]
     speed = ["| model | params M | forward tokens/s | vs dense |", "|---|---|---|---|"]

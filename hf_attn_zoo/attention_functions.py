@@ -36,8 +36,12 @@ def register_attention_function(method: str, name: str | None = None, **options)
         )
     config = impl.configure(options, None, PretrainedConfig())
     name = name or f"zoo_{method}"
-    handler = functools.partial(pattern_attention_handler, pattern=impl.pattern(config), tracker=PaddingTracker(),
-                                backend=getattr(config, "backend", "auto"))
+    handler = functools.partial(
+        pattern_attention_handler,
+        pattern=impl.pattern(config),
+        tracker=PaddingTracker(),
+        backend=getattr(config, "backend", "auto"),
+    )
     AttentionInterface.register(name, lambda module, *args, **kwargs: handler(None, module, *args, **kwargs))
     AttentionMaskInterface.register(name, sdpa_mask)
     return name

@@ -66,8 +66,9 @@ def families_main(argv: list[str]) -> int:
     from .families import family_specs
     from .support import families_markdown, support_matrix
 
-    parser = argparse.ArgumentParser(prog="hf-attn-zoo families",
-                                     description="The families with a family file, and which methods patch them.")
+    parser = argparse.ArgumentParser(
+        prog="hf-attn-zoo families", description="The families with a family file, and which methods patch them."
+    )
     parser.add_argument("--markdown", action="store_true", help="the README's family x method table")
     args = parser.parse_args(argv)
     if args.markdown:
@@ -78,8 +79,10 @@ def families_main(argv: list[str]) -> int:
         print(f"{name} ({', '.join(spec.model_types)}; {spec.mlp.kind} MLP, {spec.block} block)")
         for method, reason in row.items():
             print(f"    {method}: {'yes' if reason is None else 'no: ' + reason}")
-    print("A decoder of the common shape without a family file is recognised from its modules "
-          "(hf_attn_zoo.families.resolve_family).")
+    print(
+        "A decoder of the common shape without a family file is recognised from its modules "
+        "(hf_attn_zoo.families.resolve_family)."
+    )
     return 0
 
 
@@ -152,18 +155,29 @@ def _analyze_experts(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="hf-attn-zoo analyze experts",
         description="fTRI expert profiling (MoTE, arXiv:2502.11096): rank the MoE experts a behaviour class of "
-                    "prompts selects more often than the other classes.",
+        "prompts selects more often than the other classes.",
     )
     parser.add_argument("model", help="a MoE checkpoint folder (or hub id)")
-    parser.add_argument("--class", dest="classes", action="append", default=[], metavar="NAME=SOURCE",
-                        required=True, help="a behaviour class (two or more): SOURCE is corpus:NAME or a prompt file")
+    parser.add_argument(
+        "--class",
+        dest="classes",
+        action="append",
+        default=[],
+        metavar="NAME=SOURCE",
+        required=True,
+        help="a behaviour class (two or more): SOURCE is corpus:NAME or a prompt file",
+    )
     parser.add_argument("--target", required=True, help="the class whose experts are sought")
     parser.add_argument("--out", type=Path, default=Path("experts.png"), help="heat map PNG (JSON written next to it)")
     parser.add_argument("--prompts-per-class", type=int, default=32, help="at most this many prompts per class")
     parser.add_argument("--max-length", type=int, default=512, help="tokens per prompt (longer ones are truncated)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--contrast", choices=["mean", "max"], default="mean",
-                        help="score = target frequency minus the mean (or max) of the other classes")
+    parser.add_argument(
+        "--contrast",
+        choices=["mean", "max"],
+        default="mean",
+        help="score = target frequency minus the mean (or max) of the other classes",
+    )
     parser.add_argument("--top", type=int, default=10, help="experts to print")
     args = parser.parse_args(argv)
     from transformers import AutoTokenizer
@@ -182,7 +196,12 @@ def _analyze_experts(argv: list[str]) -> int:
     model = hf_attn_zoo.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     profile = hf_attn_zoo.analysis.profile_experts(
-        model, tokenizer, prompt_sets, target=args.target, batch_size=args.batch_size, max_length=args.max_length,
+        model,
+        tokenizer,
+        prompt_sets,
+        target=args.target,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
         contrast=args.contrast,
     )
     out = hf_attn_zoo.analysis.plot_expert_profile(profile, args.out, top=args.top)

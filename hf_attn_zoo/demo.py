@@ -32,20 +32,27 @@ def _step(index: int, text: str) -> None:
 
 
 def demo_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hf-attn-zoo demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="hf-attn-zoo demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("demo_output"), help="where everything is written")
     parser.add_argument("--steps", type=int, default=30, help="continue-tuning steps (4 x 128 tokens each)")
     parser.add_argument("--limit", type=int, default=40, help="documents per task (lm-eval --limit)")
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated zoo_* tasks")
-    parser.add_argument("--ppl-docs", type=int, default=4,
-                        help=f"held-out documents for {PPL_TASK} (rolling perplexity costs a forward per token)")
-    parser.add_argument("--no-baseline", action="store_true",
-                        help=f"skip the same-data dense baseline ({BASELINE})")
+    parser.add_argument(
+        "--ppl-docs",
+        type=int,
+        default=4,
+        help=f"held-out documents for {PPL_TASK} (rolling perplexity costs a forward per token)",
+    )
+    parser.add_argument("--no-baseline", action="store_true", help=f"skip the same-data dense baseline ({BASELINE})")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 4 steps, 8 documents per task, 2 for ppl")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start over: empty --out first (a folder that is not a demo's is refused otherwise; a "
-                             "rerun of the demo reuses its finished tuning runs)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over: empty --out first (a folder that is not a demo's is refused otherwise; a "
+        "rerun of the demo reuses its finished tuning runs)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.limit, args.ppl_docs = 4, 8, 2
@@ -67,8 +74,11 @@ def demo_main(argv: list[str] | None = None) -> int:
 
     # the recipe's own patch and init steps, run here so that the patched-but-untuned model can be evaluated too
     recipe = load_recipe(RECIPE)
-    _step(2, f"Patching as {RECIPE} says: {[dict(method=p.method, **p.options) for p in recipe.patches]}, then "
-             f"{[step.name for step in recipe.init]}")
+    _step(
+        2,
+        f"Patching as {RECIPE} says: {[dict(method=p.method, **p.options) for p in recipe.patches]}, then "
+        f"{[step.name for step in recipe.init]}",
+    )
     model, tokenizer = load_model_and_tokenizer(recipe)
     apply_patches(model, recipe)
     train_dataset, _ = build_datasets(recipe, tokenizer)
@@ -81,21 +91,32 @@ def demo_main(argv: list[str] | None = None) -> int:
         tokenizer.save_pretrained(tmp)
     del model
 
-    _step(3, f"Continue-tuning with the recipe {RECIPE} ({args.steps} steps)"
-             + ("" if args.no_baseline else f", then the same-data dense baseline {BASELINE}"))
+    _step(
+        3,
+        f"Continue-tuning with the recipe {RECIPE} ({args.steps} steps)"
+        + ("" if args.no_baseline else f", then the same-data dense baseline {BASELINE}"),
+    )
     common = [f"train.max_steps={args.steps}", f"train.save_steps={args.steps}", "train.resume=false"]
-    result = run_recipe(RECIPE, overrides=[f"model.path={patched_dir}", "patches=[]", "init=[]",
-                                            f"output_dir={out / 'moh_tuned'}", *common])
+    result = run_recipe(
+        RECIPE,
+        overrides=[f"model.path={patched_dir}", "patches=[]", "init=[]", f"output_dir={out / 'moh_tuned'}", *common],
+    )
     _print_tuning(result)
     baseline = None
     if not args.no_baseline:
         baseline = run_recipe(BASELINE, overrides=[f"output_dir={out / 'dense_tuned'}", *common])
         _print_tuning(baseline)
 
-    _step(4, f"Evaluating base, patched and tuned with lm-eval: {', '.join(tasks)} (limit {args.limit}) and "
-             f"{PPL_TASK} ({args.ppl_docs} held-out documents)")
-    models = [("base", "smollm2 (base)", base_path), ("patched", "moh (patched, untuned)", patched_dir),
-              ("tuned", "moh (tuned)", result.final_dir)]
+    _step(
+        4,
+        f"Evaluating base, patched and tuned with lm-eval: {', '.join(tasks)} (limit {args.limit}) and "
+        f"{PPL_TASK} ({args.ppl_docs} held-out documents)",
+    )
+    models = [
+        ("base", "smollm2 (base)", base_path),
+        ("patched", "moh (patched, untuned)", patched_dir),
+        ("tuned", "moh (tuned)", result.final_dir),
+    ]
     if baseline is not None:
         models.append(("dense_tuned", "dense (tuned, same data)", baseline.final_dir))
     results = {}
@@ -117,8 +138,10 @@ def demo_main(argv: list[str] | None = None) -> int:
 
 def _print_tuning(result) -> None:
     first, last = result.loss_history[0][1], result.loss_history[-1][1]
-    print(f"      {result.final_dir.parent.name}: loss {first:.3f} -> {last:.3f} over {result.global_step} steps, "
-          f"{result.train_tokens_per_second:.0f} train tokens/s; held-out loss {result.eval_loss:.3f}")
+    print(
+        f"      {result.final_dir.parent.name}: loss {first:.3f} -> {last:.3f} over {result.global_step} steps, "
+        f"{result.train_tokens_per_second:.0f} train tokens/s; held-out loss {result.eval_loss:.3f}"
+    )
 
 
 def _plot_head_usage(model_dir: Path, tokenizer, path: Path) -> Path:

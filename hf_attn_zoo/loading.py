@@ -28,7 +28,11 @@ from transformers import AttentionInterface, AttentionMaskInterface, AutoConfig,
 from transformers.utils import cached_file
 
 from .errors import (
-    CheckpointMismatchError, CorruptCheckpointError, UnknownModelError, UnsupportedCheckpointError, ZooError,
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+    UnknownModelError,
+    UnsupportedCheckpointError,
+    ZooError,
 )
 from .patching import PATCHED_ATTENTION, RECORD_KEY, VERSION_KEY, new_parameters, package_version, patch
 
@@ -93,9 +97,11 @@ def from_pretrained(
         except SafetensorError as error:
             raise _corrupt(path, hub_kwargs, error) from error
         if newer:
-            warnings.warn(f"{path} was saved by hf-attn-zoo {saved_version}, newer than the installed "
-                          f"{package_version()}; it loaded, but upgrade hf-attn-zoo if it behaves unexpectedly.",
-                          stacklevel=2)
+            warnings.warn(
+                f"{path} was saved by hf-attn-zoo {saved_version}, newer than the installed "
+                f"{package_version()}; it loaded, but upgrade hf-attn-zoo if it behaves unexpectedly.",
+                stacklevel=2,
+            )
     for spec in patches or []:
         spec = dict(spec)
         method = spec.pop("method")
@@ -107,12 +113,17 @@ def from_pretrained(
 def _check_local_path(path: str) -> None:
     """A path-like argument that does not exist: say so (transformers would call it a malformed hub id)."""
     looks_like_path = (
-        path.startswith(("./", "../", "~", os.sep)) or os.path.isabs(path) or path.count("/") > 1
-        or (os.altsep is not None and os.altsep in path) or (os.sep != "/" and os.sep in path)
+        path.startswith(("./", "../", "~", os.sep))
+        or os.path.isabs(path)
+        or path.count("/") > 1
+        or (os.altsep is not None and os.altsep in path)
+        or (os.sep != "/" and os.sep in path)
     )
     if looks_like_path and not os.path.exists(os.path.expanduser(path)):
-        raise UnknownModelError(f"{path}: no such folder. Give the folder a model was saved to with "
-                                "save_pretrained(), or a hub id such as 'HuggingFaceTB/SmolLM2-135M'.")
+        raise UnknownModelError(
+            f"{path}: no such folder. Give the folder a model was saved to with "
+            "save_pretrained(), or a hub id such as 'HuggingFaceTB/SmolLM2-135M'."
+        )
 
 
 def _is_newer(saved_version: str | None) -> bool:
@@ -126,15 +137,19 @@ def _is_newer(saved_version: str | None) -> bool:
         return False
 
 
-def _from_checkpoint(error: ZooError, path: str, index: int, record: dict, saved_version: str | None,
-                     newer: bool) -> ZooError:
+def _from_checkpoint(
+    error: ZooError, path: str, index: int, record: dict, saved_version: str | None, newer: bool
+) -> ZooError:
     """`error` raised re-applying a checkpoint's record, saying where it comes from and which version wrote it."""
     writer = f"hf-attn-zoo {saved_version}" if saved_version else "an hf-attn-zoo that did not record its version"
-    where = (f"{path}: the patch recorded in config.{RECORD_KEY}[{index}] ({record.get('method')!r}, written by "
-             f"{writer}; installed: {package_version()}) cannot be applied: {error}")
+    where = (
+        f"{path}: the patch recorded in config.{RECORD_KEY}[{index}] ({record.get('method')!r}, written by "
+        f"{writer}; installed: {package_version()}) cannot be applied: {error}"
+    )
     if newer:
-        return UnsupportedCheckpointError(f"{where} The checkpoint was saved by a newer hf-attn-zoo: upgrade it "
-                                          "(pip install -U hf-attn-zoo).")
+        return UnsupportedCheckpointError(
+            f"{where} The checkpoint was saved by a newer hf-attn-zoo: upgrade it (pip install -U hf-attn-zoo)."
+        )
     return type(error)(where)
 
 

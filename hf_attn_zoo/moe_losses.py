@@ -138,9 +138,13 @@ class RouterLosses:
             handle.remove()
         ids = set(self._hook_ids)
         for module in self.model.modules():  # `modules_to_save` deep copies of a router carry the hook too
-            for hooks in (module._forward_hooks, module._forward_hooks_with_kwargs,
-                          module._forward_hooks_always_called, module._forward_pre_hooks,
-                          module._forward_pre_hooks_with_kwargs):
+            for hooks in (
+                module._forward_hooks,
+                module._forward_hooks_with_kwargs,
+                module._forward_hooks_always_called,
+                module._forward_pre_hooks,
+                module._forward_pre_hooks_with_kwargs,
+            ):
                 for hook_id in ids & set(hooks):
                     del hooks[hook_id]
         if self._registration is not None:
@@ -225,7 +229,8 @@ def install_router_losses(
         logger.warning(
             "config.output_router_logits=True: transformers' own load-balancing loss (router_aux_loss_coef=%s) is "
             "turned off in training forwards while hf_attn_zoo router losses are installed, so the balance loss "
-            "counts once (load_balance_weight=%s)", getattr(inner.config, "router_aux_loss_coef", None),
+            "counts once (load_balance_weight=%s)",
+            getattr(inner.config, "router_aux_loss_coef", None),
             load_balance_weight,
         )
 

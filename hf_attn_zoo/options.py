@@ -88,8 +88,9 @@ def bounds_text(field: dataclasses.Field) -> str:
     return ", ".join(f"{_SYMBOLS[k]} {b.label if isinstance(b, Limit) else b}" for k, b in _bounds(field).items())
 
 
-def check_bounds(method: str, config: Any, family: FamilySpec | None = None,
-                 model_config: PretrainedConfig | None = None) -> None:
+def check_bounds(
+    method: str, config: Any, family: FamilySpec | None = None, model_config: PretrainedConfig | None = None
+) -> None:
     """Raise `InvalidOptionError` for the first option of `config` outside its declared bounds, or not finite."""
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
@@ -97,17 +98,24 @@ def check_bounds(method: str, config: Any, family: FamilySpec | None = None,
             continue
         help_text = field.metadata.get("help", "")
         if isinstance(value, float) and not math.isfinite(value):
-            raise InvalidOptionError(f"{method}: {field.name}={value} must be a finite number ({help_text})",
-                                     option=field.name)
+            raise InvalidOptionError(
+                f"{method}: {field.name}={value} must be a finite number ({help_text})", option=field.name
+            )
         bounds = _bounds(field)
-        limits = {kind: bound(config, family, model_config) if isinstance(bound, Limit) else bound
-                  for kind, bound in bounds.items()}
+        limits = {
+            kind: bound(config, family, model_config) if isinstance(bound, Limit) else bound
+            for kind, bound in bounds.items()
+        }
         if all(limit is None or _HOLDS[kind](value, limit) for kind, limit in limits.items()):
             continue
         allowed = " and ".join(
-            f"{_SYMBOLS[kind]} {bound.label} ({limits[kind]})" if isinstance(bound, Limit)
+            f"{_SYMBOLS[kind]} {bound.label} ({limits[kind]})"
+            if isinstance(bound, Limit)
             else f"{_SYMBOLS[kind]} {bound}"
-            for kind, bound in bounds.items() if limits[kind] is not None
+            for kind, bound in bounds.items()
+            if limits[kind] is not None
         )
-        raise InvalidOptionError(f"{method}: {field.name}={value} is out of range: it must be {allowed}. "
-                                 f"{field.name}: {help_text}", option=field.name)
+        raise InvalidOptionError(
+            f"{method}: {field.name}={value} is out of range: it must be {allowed}. {field.name}: {help_text}",
+            option=field.name,
+        )

@@ -21,8 +21,15 @@ from pathlib import Path
 
 from .errors import OutputExistsError
 
-__all__ = ["JOB_MARKER", "OVERWRITE_HINT", "atomic_output", "check_output", "claim_folder", "clear_folder",
-           "holds_something"]
+__all__ = [
+    "JOB_MARKER",
+    "OVERWRITE_HINT",
+    "atomic_output",
+    "check_output",
+    "claim_folder",
+    "clear_folder",
+    "holds_something",
+]
 
 JOB_MARKER = "hf_attn_zoo_job.json"
 OVERWRITE_HINT = "pass --overwrite on the command line (overwrite=True in Python) to replace it, or choose another path"
@@ -42,8 +49,9 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, what: str = "
     if overwrite or not holds_something(path):
         return
     kind = "folder" if path.is_dir() else "file"
-    raise OutputExistsError(f"the {what} {path} is an existing non-empty {kind}; refusing to overwrite it: "
-                            f"{OVERWRITE_HINT}.")
+    raise OutputExistsError(
+        f"the {what} {path} is an existing non-empty {kind}; refusing to overwrite it: {OVERWRITE_HINT}."
+    )
 
 
 def _partial(path: Path, is_file: bool) -> Path:
@@ -61,8 +69,9 @@ def _remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, overwrite: bool = False, is_file: bool = False,
-                  what: str = "output") -> Iterator[Path]:
+def atomic_output(
+    path: str | os.PathLike, overwrite: bool = False, is_file: bool = False, what: str = "output"
+) -> Iterator[Path]:
     """Check `path` (see `check_output`), then yield a temporary sibling to write into; on success it replaces
     `path`, on an exception it is removed and `path` is left as it was.
 
@@ -99,8 +108,7 @@ def clear_folder(path: str | os.PathLike) -> None:
         _remove(child)
 
 
-def claim_folder(path: str | os.PathLike, command: str, overwrite: bool = False,
-                 own: Iterable[str] = ()) -> Path:
+def claim_folder(path: str | os.PathLike, command: str, overwrite: bool = False, own: Iterable[str] = ()) -> Path:
     """Make `path` the work folder of `command`, a job whose stages are cached there and reused by a rerun.
 
     A missing or empty folder, or one marked (`hf_attn_zoo_job.json`) by the same command, is used as it is; one
@@ -119,8 +127,10 @@ def claim_folder(path: str | os.PathLike, command: str, overwrite: bool = False,
         else:
             ours = bool(own) and {child.name for child in path.iterdir()} <= set(own)
         if not ours:
-            raise OutputExistsError(f"{path} holds files that are not from `hf-attn-zoo {command}`; refusing to "
-                                    f"write into it: {OVERWRITE_HINT} (which empties it first).")
+            raise OutputExistsError(
+                f"{path} holds files that are not from `hf-attn-zoo {command}`; refusing to "
+                f"write into it: {OVERWRITE_HINT} (which empties it first)."
+            )
     path.mkdir(parents=True, exist_ok=True)
     if not marker.is_file():
         marker.write_text(json.dumps({"command": command}) + "\n")

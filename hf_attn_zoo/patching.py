@@ -27,7 +27,13 @@ from .version import __version__
 from .wrappers import inner_model
 
 __all__ = [
-    "patch", "unpatch", "applied_patches", "aux_loss", "new_parameters", "new_module_names", "register_aux_loss",
+    "patch",
+    "unpatch",
+    "applied_patches",
+    "aux_loss",
+    "new_parameters",
+    "new_module_names",
+    "register_aux_loss",
 ]
 
 RECORD_KEY = "hf_attn_zoo"

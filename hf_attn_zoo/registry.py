@@ -163,8 +163,9 @@ class Patch(abc.ABC):
         config. Runs after the bounds are checked."""
         return config
 
-    def configure(self, options: dict[str, Any], family: FamilySpec | None,
-                  model_config: PretrainedConfig) -> PatchConfig:
+    def configure(
+        self, options: dict[str, Any], family: FamilySpec | None, model_config: PretrainedConfig
+    ) -> PatchConfig:
         """The checked, completed config of `options` for this model: types, declared bounds, then `validate`."""
         config = self.config_class.from_options(self.name, options)
         check_bounds(self.name, config, family, model_config)

@@ -14,8 +14,9 @@ def methods_markdown(infos: list[MethodInfo]) -> str:
     rows = ["| method | kind | what it does | training-free | options |", "|---|---|---|---|---|"]
     for info in infos:
         options = ", ".join(f"`{o.name}`" for o in info.options)
-        rows.append(f"| `{info.name}` | {info.kind} | {info.summary} | {'yes' if info.training_free else 'no'} | "
-                    f"{options} |")
+        rows.append(
+            f"| `{info.name}` | {info.kind} | {info.summary} | {'yes' if info.training_free else 'no'} | {options} |"
+        )
     return "\n".join(rows)
 
 
@@ -32,8 +33,10 @@ def families_markdown() -> str:
     matrix = support_matrix()
     methods = sorted(PATCHES)
     reasons: list[str] = []
-    rows = ["| family | model types | " + " | ".join(f"`{m}`" for m in methods) + " |",
-            "|---|---|" + "---|" * len(methods)]
+    rows = [
+        "| family | model types | " + " | ".join(f"`{m}`" for m in methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
     for name, row in matrix.items():
         cells = []
         for method in methods:

@@ -28,7 +28,8 @@ def inner_model(model: torch.nn.Module) -> torch.nn.Module:
         elif hasattr(model, "get_base_model"):
             model = model.get_base_model()  # PEFT
         elif isinstance(getattr(model, "module", None), torch.nn.Module) and (
-                not hasattr(model, "config") or type(model).__name__ in _MODULE_WRAPPERS):
+            not hasattr(model, "config") or type(model).__name__ in _MODULE_WRAPPERS
+        ):
             model = model.module  # DDP, FSDP, accelerate
         else:
             break

@@ -36,8 +36,16 @@ def make_tiny_model(out: Path) -> Path:
 
     source = hf_attn_zoo.assets.default_model_path()
     config = AutoConfig.from_pretrained(source)
-    config.update(dict(hidden_size=144, intermediate_size=256, num_hidden_layers=2, num_attention_heads=9,
-                       num_key_value_heads=3, head_dim=16))
+    config.update(
+        dict(
+            hidden_size=144,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=16,
+        )
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
     AutoTokenizer.from_pretrained(source).save_pretrained(out)
     return out
@@ -50,15 +58,39 @@ def free_port() -> int:
 
 
 def run(recipe: str, overrides: list[str], out: Path, nproc: int, batch: int) -> dict:
-    args = [recipe, *overrides, f"output_dir={out}", f"train.batch_size={batch}", "train.resume=false",
-            "train.save_steps=null", "data.held_out_fraction=0", "eval=null"]
+    args = [
+        recipe,
+        *overrides,
+        f"output_dir={out}",
+        f"train.batch_size={batch}",
+        "train.resume=false",
+        "train.save_steps=null",
+        "data.held_out_fraction=0",
+        "eval=null",
+    ]
     if nproc == 1:
         command = [sys.executable, "-m", "hf_attn_zoo.tuning", "tune", *args]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                   f"--master_port={free_port()}", "-m", "hf_attn_zoo.tuning", "tune", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+            "-m",
+            "hf_attn_zoo.tuning",
+            "tune",
+            *args,
+        ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         sys.stderr.write(done.stdout[-4000:] + done.stderr[-8000:])
@@ -93,8 +125,13 @@ def compare(args: argparse.Namespace, work: Path) -> int:
     model = {"tiny": None, "default": "default"}.get(args.model, args.model)
     if model is None:
         model = str(make_tiny_model(work / "tiny_model"))
-    overrides = [f"model.path={model}", f"train.max_steps={args.steps}", f"data.seq_len={args.seq_len}",
-                 "train.logging_steps=1", *args.overrides]
+    overrides = [
+        f"model.path={model}",
+        f"train.max_steps={args.steps}",
+        f"data.seq_len={args.seq_len}",
+        "train.logging_steps=1",
+        *args.overrides,
+    ]
     if args.exact:
         from hf_attn_zoo.tuning import load_recipe
 
@@ -113,8 +150,10 @@ def compare(args: argparse.Namespace, work: Path) -> int:
         print(f"{step:>4} {a:12.6f} {b:12.6f} {abs(a - b):10.2e} {aux}")
     ok = worst <= args.tol and len(one["loss_history"]) == len(two["loss_history"]) == args.steps
     print(f"max |diff| {worst:.2e} (tolerance {args.tol:g}): {'OK' if ok else 'MISMATCH'}")
-    print(f"train tokens/s: 1 process {one['train_tokens_per_second']:.0f}, "
-          f"2 processes {two['train_tokens_per_second']:.0f}")
+    print(
+        f"train tokens/s: 1 process {one['train_tokens_per_second']:.0f}, "
+        f"2 processes {two['train_tokens_per_second']:.0f}"
+    )
     return 0 if ok else 1
 
 

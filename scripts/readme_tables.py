@@ -42,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     wanted = render(current, tables())
     if args.check:
         if wanted != current:
-            diff = difflib.unified_diff(current.splitlines(), wanted.splitlines(), "README.md", "generated",
-                                        lineterm="")
+            diff = difflib.unified_diff(
+                current.splitlines(), wanted.splitlines(), "README.md", "generated", lineterm=""
+            )
             print("\n".join(diff))
             print("README.md is out of date: run `python scripts/readme_tables.py`", file=sys.stderr)
             return 1

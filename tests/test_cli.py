@@ -43,8 +43,9 @@ def test_patch_command_saves_a_loadable_patched_model(tmp_path, capsys):
     source = tmp_path / "src"
     model = tiny_model("qwen2")
     model.save_pretrained(source)
-    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
-                            unk_token="<unk>").save_pretrained(source)
+    PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")), unk_token="<unk>"
+    ).save_pretrained(source)
     out = tmp_path / "out"
     assert main(["patch", str(source), "moh", str(out), "router=onorm", "top_k=3", "--layers", "0"]) == 0
     reloaded = hf_attn_zoo.from_pretrained(out)
@@ -72,7 +73,22 @@ def test_analyze_head_usage_writes_the_plot(tmp_path, capsys):
 
     source = save_tiny_llama(tmp_path / "tiny", vocab_size=300, max_position_embeddings=1024, bos_prefix=False)
     out = tmp_path / "usage.png"
-    assert main(["analyze", "head-usage", str(source), "--out", str(out), "--tokens", "256",
-                 "router=qnorm", "shared_heads=2", "top_k=1"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "head-usage",
+                str(source),
+                "--out",
+                str(out),
+                "--tokens",
+                "256",
+                "router=qnorm",
+                "shared_heads=2",
+                "top_k=1",
+            ]
+        )
+        == 0
+    )
     assert "mean active fraction 0.750" in capsys.readouterr().out
     assert out.stat().st_size > 1000 and out.with_suffix(".json").exists()

@@ -14,8 +14,10 @@ pytestmark = pytest.mark.slow
 
 def test_demo_patches_tunes_evaluates_and_reports(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert demo_main(["--out", str(out), "--steps", "2", "--limit", "4", "--ppl-docs", "1",
-                      "--tasks", "zoo_arc_easy"]) == 0
+    assert (
+        demo_main(["--out", str(out), "--steps", "2", "--limit", "4", "--ppl-docs", "1", "--tasks", "zoo_arc_easy"])
+        == 0
+    )
     printed = capsys.readouterr().out
     for step in range(1, 6):
         assert f"[{step}/5]" in printed

@@ -27,10 +27,22 @@ runpy.run_path("benchmarks/gpu_check.py", run_name="__main__")
 def test_smoke_run_passes_every_check_and_times_every_row(tmp_path):
     out = tmp_path / "gpu_check.md"
     # as on the GPU machine: the package imported from the repo root, not from an installed copy
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", _RUN.format(absent=ABSENT_ON_GPU, out=str(out))], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "PYTHONUNBUFFERED": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", _RUN.format(absent=ABSENT_ON_GPU, out=str(out))],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["complete"]

@@ -72,8 +72,11 @@ def test_weights_of_another_shape_are_refused(saved):
 def test_missing_patch_weights_are_refused(saved):
     _, path = saved
     tensors = load_file(path / "model.safetensors")
-    save_file({k: v for k, v in tensors.items() if "head_router" not in k}, path / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in tensors.items() if "head_router" not in k},
+        path / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     with pytest.raises(CheckpointMismatchError, match="need .* weight\\(s\\) the checkpoint does not have"):
         hf_attn_zoo.from_pretrained(path)
 

@@ -11,7 +11,11 @@ import pytest
 
 import hf_attn_zoo
 from hf_attn_zoo.errors import (
-    CorruptCheckpointError, InvalidOptionError, UnknownMethodError, UnknownModelError, UnsupportedCheckpointError,
+    CorruptCheckpointError,
+    InvalidOptionError,
+    UnknownMethodError,
+    UnknownModelError,
+    UnsupportedCheckpointError,
 )
 
 
@@ -38,8 +42,10 @@ def test_truncated_weights_name_the_file_and_the_fix(saved):
     weights = saved / "model.safetensors"
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size - 100)
-    with pytest.raises(CorruptCheckpointError, match=f"{weights}: the weights file cannot be read .*truncated or "
-                                                     "corrupt.*save_pretrained"):
+    with pytest.raises(
+        CorruptCheckpointError,
+        match=f"{weights}: the weights file cannot be read .*truncated or corrupt.*save_pretrained",
+    ):
         hf_attn_zoo.from_pretrained(saved)
 
 
@@ -87,8 +93,11 @@ def test_newer_checkpoint_that_loads_warns(saved):
 
 def test_unknown_recorded_option_says_it_comes_from_the_checkpoint(saved):
     _edit_config(saved, lambda c: c["hf_attn_zoo"][0]["options"].update(future_option=1))
-    with pytest.raises(InvalidOptionError, match=rf"{saved}: the patch recorded in config.hf_attn_zoo\[0\] \('moh', "
-                                                 rf"written by hf-attn-zoo {hf_attn_zoo.__version__}.*future_option"):
+    with pytest.raises(
+        InvalidOptionError,
+        match=rf"{saved}: the patch recorded in config.hf_attn_zoo\[0\] \('moh', "
+        rf"written by hf-attn-zoo {hf_attn_zoo.__version__}.*future_option",
+    ):
         hf_attn_zoo.from_pretrained(saved)
 
 

@@ -88,10 +88,15 @@ def test_unset_options_are_not_checked():
 
 @pytest.mark.parametrize(
     "method,options,option",
-    [("sliding_window", {"window": 0}, "window"), ("moh", {"top_k": 0}, "top_k"), ("moh", {"top_k": 5}, "top_k"),
-     ("bam", {"num_experts": 1}, "num_experts"), ("routing_attention", {"ema_decay": 1.0}, "ema_decay"),
-     ("moa", {"beta": 1.5}, "beta"),
-     ("power_attention", {"block_size": 2, "window_blocks": 1, "sink_blocks": -1}, "sink_blocks")],
+    [
+        ("sliding_window", {"window": 0}, "window"),
+        ("moh", {"top_k": 0}, "top_k"),
+        ("moh", {"top_k": 5}, "top_k"),
+        ("bam", {"num_experts": 1}, "num_experts"),
+        ("routing_attention", {"ema_decay": 1.0}, "ema_decay"),
+        ("moa", {"beta": 1.5}, "beta"),
+        ("power_attention", {"block_size": 2, "window_blocks": 1, "sink_blocks": -1}, "sink_blocks"),
+    ],
 )
 def test_patch_refuses_an_out_of_range_option_and_leaves_the_model_untouched(method, options, option):
     model = tiny_model("llama")

@@ -17,8 +17,9 @@ from tests.tiny import save_tiny_llama
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("outputs") / "tiny", vocab_size=256, max_position_embeddings=128,
-                           bos_prefix=True)
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("outputs") / "tiny", vocab_size=256, max_position_embeddings=128, bos_prefix=True
+    )
 
 
 def _foreign(path: Path) -> dict[str, bytes]:
@@ -138,8 +139,10 @@ def test_upcycle_refuses_a_foreign_folder_keeps_it_on_a_crash_and_overwrites(tin
             upcycle(tiny_dir, mode="sparse", num_experts=2, output_dir=out, overwrite=True)
     assert _snapshot(out) == before and _siblings(out) == []  # the old folder is only replaced once complete
 
-    assert main(["upcycle", str(tiny_dir), "--mode", "sparse", "--num-experts", "2", "--out", str(out),
-                 "--overwrite"]) == 0
+    assert (
+        main(["upcycle", str(tiny_dir), "--mode", "sparse", "--num-experts", "2", "--out", str(out), "--overwrite"])
+        == 0
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["hf_attn_zoo_upcycling"]["mode"] == "sparse" and "model.safetensors" in _snapshot(out)
     assert _snapshot(out)["model.safetensors"] != before["model.safetensors"]
@@ -189,8 +192,10 @@ def test_upcycle_study_rebuilds_an_interrupted_stage_of_its_own_cache(tmp_path, 
     from hf_attn_zoo.upcycling import pipeline
 
     calls = []
-    monkeypatch.setattr("hf_attn_zoo.upcycling.build.upcycle", lambda *a, **k: calls.append(k) or
-                        (Path(k["output_dir"]).mkdir(parents=True, exist_ok=True)))
+    monkeypatch.setattr(
+        "hf_attn_zoo.upcycling.build.upcycle",
+        lambda *a, **k: calls.append(k) or (Path(k["output_dir"]).mkdir(parents=True, exist_ok=True)),
+    )
     root = tmp_path / "study"
     (root / "moe" / "sparse").mkdir(parents=True)  # an interrupted build, from before the marker existed
     (root / "moe" / "sparse" / "model.safetensors").write_bytes(b"half")

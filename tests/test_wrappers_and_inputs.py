@@ -106,8 +106,11 @@ def test_all_padding_row_is_finite_and_leaves_the_other_rows(method, family):
 def test_input_longer_than_the_model_is_one_clear_error(method, family):
     model = _patched(method, family)
     limit = model.config.max_position_embeddings
-    with pytest.raises(InvalidInputError, match=f"a sequence of {limit + 1} positions is longer than this model "
-                                                f"supports \\(max_position_embeddings={limit}\\)"):
+    with pytest.raises(
+        InvalidInputError,
+        match=f"a sequence of {limit + 1} positions is longer than this model "
+        f"supports \\(max_position_embeddings={limit}\\)",
+    ):
         model(_ids(1, limit + 1))
     assert issubclass(InvalidInputError, InvalidOptionError)  # what the sparse kernels raise for the same input
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def save_tiny_llama(out: Path, vocab_size: int, max_position_embeddings: int, bos_prefix: bool,
-                    seed: int = 0) -> Path:
+def save_tiny_llama(out: Path, vocab_size: int, max_position_embeddings: int, bos_prefix: bool, seed: int = 0) -> Path:
     """Write a 2-layer Llama (hidden 64, GQA 4/2) and its tokenizer to `out`.
 
     Args:

@@ -114,8 +114,7 @@ class ExpertProfile:
         others = [self.frequency(name) for name in self.classes if name != self.target]
         combine = max if self.contrast == "max" else (lambda values: math.fsum(values) / len(values))
         return [
-            [t - combine([other[i][e] for other in others]) for e, t in enumerate(row)]
-            for i, row in enumerate(target)
+            [t - combine([other[i][e] for other in others]) for e, t in enumerate(row)] for i, row in enumerate(target)
         ]
 
     def top(self, n: int = 10) -> list[tuple[int, int, float]]:
@@ -126,9 +125,7 @@ class ExpertProfile:
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise InvalidOptionError(f"top: n must be an integer >= 0, got {n!r}")
         ranked = [
-            (layer, expert, score)
-            for layer, row in zip(self.layers, self.scores())
-            for expert, score in enumerate(row)
+            (layer, expert, score) for layer, row in zip(self.layers, self.scores()) for expert, score in enumerate(row)
         ]
         ranked.sort(key=lambda item: -item[2])
         return ranked[:n]
@@ -158,10 +155,17 @@ class ExpertProfile:
         if data.get("format") != _FORMAT:
             raise InvalidOptionError(f"not an expert profile (format {data.get('format')!r}, expected {_FORMAT!r})")
         return cls(
-            classes=list(data["classes"]), target=data["target"], contrast=data["contrast"],
-            layers=list(data["layers"]), num_experts=list(data["num_experts"]), prompts=dict(data["prompts"]),
-            tokens=dict(data["tokens"]), counts=dict(data["counts"]), weight_sums=dict(data["weight_sums"]),
-            model_type=data.get("model_type", ""), metadata=dict(data.get("metadata", {})),
+            classes=list(data["classes"]),
+            target=data["target"],
+            contrast=data["contrast"],
+            layers=list(data["layers"]),
+            num_experts=list(data["num_experts"]),
+            prompts=dict(data["prompts"]),
+            tokens=dict(data["tokens"]),
+            counts=dict(data["counts"]),
+            weight_sums=dict(data["weight_sums"]),
+            model_type=data.get("model_type", ""),
+            metadata=dict(data.get("metadata", {})),
         )
 
     def to_json(self, path: str | Path) -> Path:
@@ -274,8 +278,12 @@ def profile_experts(
                 capture.token_mask = count_mask.reshape(-1).to(device)
                 capture.active = True
                 try:
-                    inner(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                          use_cache=False, **keep_logits)
+                    inner(
+                        input_ids=input_ids.to(device),
+                        attention_mask=attention_mask.to(device),
+                        use_cache=False,
+                        **keep_logits,
+                    )
                 finally:
                     capture.active, capture.token_mask = False, None
             missing = [layer for layer in layers if layer not in capture.counts]
@@ -296,7 +304,10 @@ def profile_experts(
         inner.train(was_training)
 
     return ExpertProfile(
-        classes=list(classes), target=target, contrast=contrast, layers=list(layers),
+        classes=list(classes),
+        target=target,
+        contrast=contrast,
+        layers=list(layers),
         num_experts=[len(row) for row in result[target][0]],
         prompts={name: len(rows) for name, rows in encoded.items()},
         tokens={name: result[name][2] for name in classes},

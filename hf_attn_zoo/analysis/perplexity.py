@@ -13,8 +13,9 @@ __all__ = ["held_out_perplexity"]
 
 
 @torch.no_grad()
-def held_out_perplexity(model: torch.nn.Module, tokenizer: Any, corpus: str, seq_len: int = 256,
-                        max_blocks: int = 8, batch_size: int = 4) -> float:
+def held_out_perplexity(
+    model: torch.nn.Module, tokenizer: Any, corpus: str, seq_len: int = 256, max_blocks: int = 8, batch_size: int = 4
+) -> float:
     """exp(mean token NLL) over the first `max_blocks` blocks of `seq_len` tokens (at most the model's
     `max_position_embeddings`) of `corpus`'s held-out text.
 

@@ -102,7 +102,9 @@ def _read_bible(path: Path) -> list[tuple[str, str]]:
         program = bundled if bundled.is_file() else Path(shutil.which("bible") or "bible")
         dump = subprocess.run(
             [str(program), "-p", str(path / "usr/lib"), "-f", "gen1:1-rev22:21"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         lines = dump.stdout.splitlines()
     chapters: dict[str, list[str]] = {}

@@ -55,5 +55,6 @@ def register_decoding(method: DecodingMethod) -> DecodingMethod:
 
 def decoding_info(method: DecodingMethod) -> MethodInfo:
     """The `MethodInfo` (kind `"decoding"`) `hf_attn_zoo.methods()` lists for a decoding method."""
-    return MethodInfo(method.name, method.summary, option_infos(method.config_class), method.training_free,
-                      kind="decoding")
+    return MethodInfo(
+        method.name, method.summary, option_infos(method.config_class), method.training_free, kind="decoding"
+    )

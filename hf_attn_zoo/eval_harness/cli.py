@@ -1,8 +1,8 @@
 """`hf-attn-zoo eval` (lm-eval's own command line, plugin registered, task pack included) and `hf-attn-zoo report`.
 
-    hf-attn-zoo eval --model_args pretrained=DIR --tasks zoo_arc_easy --limit 10 --output_path out/base
-    hf-attn-zoo eval --model_args pretrained=DIR,patch=moh,patch_options=router:onorm --tasks zoo_suite -o out/moh
-    hf-attn-zoo report out/base out/moh --names base,moh --out report/
+hf-attn-zoo eval --model_args pretrained=DIR --tasks zoo_arc_easy --limit 10 --output_path out/base
+hf-attn-zoo eval --model_args pretrained=DIR,patch=moh,patch_options=router:onorm --tasks zoo_suite -o out/moh
+hf-attn-zoo report out/base out/moh --names base,moh --out report/
 """
 
 from __future__ import annotations
@@ -72,13 +72,18 @@ def _report_parser() -> argparse.ArgumentParser:
         description="Put lm-eval results of several models side by side: report.md, report.json, report.png.",
     )
     parser.add_argument("results", nargs="+", help="lm-eval results_*.json files or the folders lm-eval wrote.")
-    parser.add_argument("--names", default=None,
-                        help="Comma-separated model names, one per result (default: the file or folder names).")
-    parser.add_argument("--out", default="report",
-                        help="Output folder (default: ./report); one that already holds something is refused.")
+    parser.add_argument(
+        "--names", default=None, help="Comma-separated model names, one per result (default: the file or folder names)."
+    )
+    parser.add_argument(
+        "--out",
+        default="report",
+        help="Output folder (default: ./report); one that already holds something is refused.",
+    )
     parser.add_argument("--overwrite", action="store_true", help="Replace --out if it already holds something.")
-    parser.add_argument("--include_subtasks", action="store_true",
-                        help="Also list the members of groups (e.g. every MMLU subject).")
+    parser.add_argument(
+        "--include_subtasks", action="store_true", help="Also list the members of groups (e.g. every MMLU subject)."
+    )
     return parser
 
 
@@ -101,8 +106,9 @@ def report_main(argv: list[str]) -> int:
     if args.names is not None:
         names = [n.strip() for n in args.names.split(",")]
         if len(names) != len(args.results) or not all(names):
-            print(f"hf-attn-zoo report: --names gives {len(names)} names for {len(args.results)} results",
-                  file=sys.stderr)
+            print(
+                f"hf-attn-zoo report: --names gives {len(names)} names for {len(args.results)} results", file=sys.stderr
+            )
             return 2
     else:
         names = [Path(r).stem if Path(r).is_file() else Path(r).name for r in args.results]

@@ -29,7 +29,7 @@ def gsm8k_heldout(n: int = 50, num_fewshot: int = 5) -> tuple[list[dict[str, str
     rows = [{"question": r["question"], "answer": r["answer"]} for r in rows]
     if n < 1 or num_fewshot < 0 or n + num_fewshot > len(rows):
         raise InvalidOptionError(f"gsm8k_heldout: need 1 <= n and n + num_fewshot <= {len(rows)}")
-    return rows[len(rows) - n:], rows[len(rows) - n - num_fewshot:len(rows) - n]
+    return rows[len(rows) - n :], rows[len(rows) - n - num_fewshot : len(rows) - n]
 
 
 _NUMBER = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
@@ -54,4 +54,3 @@ def gsm8k_prompt(example: Mapping[str, str], fewshot: Sequence[Mapping[str, str]
     """`zoo_gsm8k`'s prompt: `Question: ...\\nAnswer: ...` shots separated by blank lines, then the question."""
     shots = "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in fewshot)
     return f"{shots}Question: {example['question']}\nAnswer:"
-

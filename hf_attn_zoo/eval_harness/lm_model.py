@@ -51,7 +51,6 @@ logger = logging.getLogger(__name__)
 PatchSpec = dict[str, Any]
 
 
-
 def _parse_scalar(text: str) -> Any:
     if "|" in text:
         return [_parse_scalar(part) for part in text.split("|") if part.strip()]
@@ -169,9 +168,14 @@ def _as_float(name: str, value: Any) -> float:
         raise InvalidOptionError(f"{name} must be a number, got {value!r}") from None
 
 
-def parse_scmoe_args(scmoe: Any = False, scmoe_loglikelihood: Any = False, scmoe_alpha: Any = 0.1,
-                     scmoe_beta: Any = 0.5, scmoe_weak: Any = "rank:2", scmoe_ban_eos: Any = False
-                     ) -> tuple[_scmoe.SCMoEConfig | None, bool, bool]:
+def parse_scmoe_args(
+    scmoe: Any = False,
+    scmoe_loglikelihood: Any = False,
+    scmoe_alpha: Any = 0.1,
+    scmoe_beta: Any = 0.5,
+    scmoe_weak: Any = "rank:2",
+    scmoe_ban_eos: Any = False,
+) -> tuple[_scmoe.SCMoEConfig | None, bool, bool]:
     """`(config, for generate_until, for loglikelihood)` from the `scmoe*` model arguments (config None when off).
 
     Example:
@@ -185,7 +189,9 @@ def parse_scmoe_args(scmoe: Any = False, scmoe_loglikelihood: Any = False, scmoe
     if not isinstance(scmoe_weak, str):
         raise InvalidOptionError(f"scmoe_weak must be 'rank:k', 'top1' or 'top_m:m', got {scmoe_weak!r}")
     config = _scmoe.SCMoEConfig.from_kwargs(
-        alpha=_as_float("scmoe_alpha", scmoe_alpha), beta=_as_float("scmoe_beta", scmoe_beta), weak=scmoe_weak,
+        alpha=_as_float("scmoe_alpha", scmoe_alpha),
+        beta=_as_float("scmoe_beta", scmoe_beta),
+        weak=scmoe_weak,
         ban_eos=_as_bool("scmoe_ban_eos", scmoe_ban_eos),
     )
     return config, generate, loglikelihood
@@ -288,25 +294,29 @@ class ZooLM(HFLM):
         # MoH routers count head use from their creation; the report wants the counts of this evaluation only.
         _reset_head_usage(self._model)
 
-    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                    labels: torch.Tensor | None = None) -> torch.Tensor:
+    def _model_call(
+        self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`HFLM._model_call`; with `scmoe_loglikelihood`, the SCMoE log-scores of `inps` instead of the logits.
 
         lm-eval applies `log_softmax` to the result, which leaves normalised log-scores unchanged.
         """
         if not self._zoo_scmoe_loglikelihood or attn_mask is not None or labels is not None:
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
-        with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                            enabled=self.mixed_precision_dtype is not None):
+        with torch.autocast(
+            device_type=self.device.type,
+            dtype=self.mixed_precision_dtype,
+            enabled=self.mixed_precision_dtype is not None,
+        ):
             return _scmoe.scmoe_logprobs(self.model, inps, config=self._zoo_scmoe)
 
-    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str],
-                        **generation_kwargs: Any) -> torch.Tensor:
+    def _model_generate(
+        self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any
+    ) -> torch.Tensor:
         """`HFLM._model_generate`; with `scmoe`, `generate` runs `scmoe_decode` as its decoding loop, so stop
         strings, `max_gen_toks`, EOS and padding are handled by the same `generate` preparation."""
         if self._zoo_scmoe_generate:
-            generation_kwargs = {**generation_kwargs, "custom_generate": _scmoe.scmoe_decode,
-                                 "scmoe": self._zoo_scmoe}
+            generation_kwargs = {**generation_kwargs, "custom_generate": _scmoe.scmoe_decode, "scmoe": self._zoo_scmoe}
         return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     def _create_model(self, pretrained: str, *args: Any, **kwargs: Any) -> None:
@@ -337,8 +347,11 @@ class ZooLM(HFLM):
             }
         zoo_info: dict[str, Any] = {"patches": applied_patches(model)}
         if self._zoo_scmoe is not None:
-            zoo_info["scmoe"] = {**self._zoo_scmoe.to_dict(), "generate_until": self._zoo_scmoe_generate,
-                                 "loglikelihood": self._zoo_scmoe_loglikelihood}
+            zoo_info["scmoe"] = {
+                **self._zoo_scmoe.to_dict(),
+                "generate_until": self._zoo_scmoe_generate,
+                "loglikelihood": self._zoo_scmoe_loglikelihood,
+            }
         usage = _head_usage(model)
         if usage is not None:
             zoo_info["head_usage"] = usage

@@ -44,8 +44,16 @@ class ReportRow:
 
 def merge_results(into: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
     """Merge the lm-eval results of another run of the same model into `into` (its run config wins)."""
-    for key in ("results", "groups", "group_subtasks", "higher_is_better", "n-samples", "configs", "n-shot",
-                "versions"):
+    for key in (
+        "results",
+        "groups",
+        "group_subtasks",
+        "higher_is_better",
+        "n-samples",
+        "configs",
+        "n-shot",
+        "versions",
+    ):
         if isinstance(other.get(key), dict):
             into.setdefault(key, {}).update(other[key])
     if isinstance(other.get("config"), dict):
@@ -129,8 +137,14 @@ def build_rows(results: dict[str, dict[str, Any]], include_subtasks: bool = Fals
                     n = (res.get("n-samples") or {}).get(task, {}).get("effective", metrics.get("sample_len"))
                     alias = str(metrics.get("alias", task)).strip(" -")
                     row = rows[(task, metric, filt)] = ReportRow(
-                        task, alias, metric, filt, direction if isinstance(direction, bool) else None,
-                        n if isinstance(n, int) else None, dict.fromkeys(names), dict.fromkeys(names),
+                        task,
+                        alias,
+                        metric,
+                        filt,
+                        direction if isinstance(direction, bool) else None,
+                        n if isinstance(n, int) else None,
+                        dict.fromkeys(names),
+                        dict.fromkeys(names),
                     )
                 row.values[name] = _number(value)
                 row.stderrs[name] = _number(metrics.get(f"{metric}_stderr,{filt}"))
@@ -243,7 +257,7 @@ def _plot(rows: list[ReportRow], names: list[str], path: Path) -> None:
         arrow = {True: " ↑", False: " ↓"}.get(row.higher_is_better, "")
         ax.set_title(f"{row.alias}\n{row.label}{arrow}", fontsize=9)
         ax.tick_params(axis="y", labelsize=8)
-    for ax in list(axes.flat)[len(rows):]:
+    for ax in list(axes.flat)[len(rows) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

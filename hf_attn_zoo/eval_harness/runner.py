@@ -24,12 +24,16 @@ DEFAULT_MAX_LENGTH = 2048
 def _task_manager(include_path: tuple[str, ...], include_defaults: bool, metadata: str) -> Any:
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=list(include_path), include_defaults=include_defaults,
-                       metadata=json.loads(metadata) or None)
+    return TaskManager(
+        include_path=list(include_path), include_defaults=include_defaults, metadata=json.loads(metadata) or None
+    )
 
 
-def task_manager(include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-                 include_defaults: bool = False, metadata: dict[str, Any] | None = None) -> Any:
+def task_manager(
+    include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    include_defaults: bool = False,
+    metadata: dict[str, Any] | None = None,
+) -> Any:
     """Return an `lm_eval.tasks.TaskManager` that knows the `zoo_*` tasks (built once per argument set).
 
     Args:
@@ -121,8 +125,10 @@ def evaluate(
     task_metadata = dict(metadata or {})
     if isinstance(model_or_path, LM):
         if patches or tokenizer is not None or model_args:
-            raise InvalidOptionError("patches, tokenizer and model_args apply when evaluate() builds the model; "
-                                     "pass a model or a path instead of a ready lm-eval LM.")
+            raise InvalidOptionError(
+                "patches, tokenizer and model_args apply when evaluate() builds the model; "
+                "pass a model or a path instead of a ready lm-eval LM."
+            )
         lm = model_or_path
     else:
         args = dict(model_args or {})

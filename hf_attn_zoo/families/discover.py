@@ -30,15 +30,19 @@ _ROUTER_NAMES = ("gate", "router")
 _BLOCKS = {
     frozenset({"input_layernorm", "post_attention_layernorm"}): "pre_norm",
     frozenset({"post_attention_layernorm", "post_feedforward_layernorm"}): "post_norm",
-    frozenset({"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-               "post_feedforward_layernorm"}): "sandwich",
+    frozenset(
+        {"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"}
+    ): "sandwich",
     frozenset({"input_layernorm"}): "parallel",
 }
 
 
 def _layers_path(model: torch.nn.Module, num_layers: int) -> str:
-    lists = [name for name, module in model.named_modules()
-             if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers and name.endswith("layers")]
+    lists = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers and name.endswith("layers")
+    ]
     if not lists:
         raise UnsupportedArchitectureError(
             f"{type(model).__name__} has no list of {num_layers} decoder layers named `layers` to patch"
@@ -77,8 +81,10 @@ def _mlp(layers: torch.nn.ModuleList) -> dict[str, Any]:
         raise UnsupportedArchitectureError(f"its decoder layer has no MLP named {' / '.join(_MLP_NAMES)} ({children})")
     for layer in layers:  # MoE families may keep dense layers first
         block = getattr(layer, name)
-        router = next((r for r in _ROUTER_NAMES if isinstance(getattr(getattr(block, r, None), "weight", None),
-                                                              torch.Tensor)), None)
+        router = next(
+            (r for r in _ROUTER_NAMES if isinstance(getattr(getattr(block, r, None), "weight", None), torch.Tensor)),
+            None,
+        )
         if router is not None and hasattr(block, "experts"):
             return {"module": name, "kind": "moe", "router": router, "experts": "experts"}
     return {"module": name, "kind": "dense"}
@@ -117,5 +123,9 @@ def _read_layout(config: PretrainedConfig) -> dict[str, Any]:
         ) from error
     path = _layers_path(model, text.num_hidden_layers)
     layers = model.get_submodule(path)
-    return {"layers": path, "attention": _attention(layers[0], head_dim), "mlp": _mlp(layers),
-            "block": _block(layers[0])}
+    return {
+        "layers": path,
+        "attention": _attention(layers[0], head_dim),
+        "mlp": _mlp(layers),
+        "block": _block(layers[0]),
+    }

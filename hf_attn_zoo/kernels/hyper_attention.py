@@ -216,9 +216,11 @@ def _non_causal(q, k, v, options: _Options, projections, generator):
         picks = torch.randint(n_k, (*lead[1:], options.sample_size), generator=generator, device=k.device)
         picks = picks.expand(*lead, options.sample_size)
         own_block = (torch.arange(n_q, device=q.device) // query_block)[:, None] == (picks // options.block_size)[
-            ..., None, :]
-        res_out, res_lse = _exact(q_sorted, _gather(k_sorted, picks), _gather(v_sorted, picks), options.scaling,
-                                  mask=~own_block)
+            ..., None, :
+        ]
+        res_out, res_lse = _exact(
+            q_sorted, _gather(k_sorted, picks), _gather(v_sorted, picks), options.scaling, mask=~own_block
+        )
         out, lse = merge_attention(out, lse, res_out, res_lse + math.log(n_k / options.sample_size))
     inverse = torch.argsort(query_order, dim=-1)
     return _gather(out, inverse), lse.gather(-1, inverse)
@@ -232,10 +234,10 @@ def _causal(q, k, v, options: _Options, projections, generator):
     # the official code pads odd lengths with a zero row to fold both halves into one call; unequal halves need none
     half = (n + 1) // 2
     up_out, up_lse = _causal(q[..., :half, :], k[..., :half, :], v[..., :half, :], options, projections, generator)
-    down_out, down_lse = _causal(q[..., half:, :], k[..., half:, :], v[..., half:, :], options, projections,
-                                 generator)
-    rect_out, rect_lse = _non_causal(q[..., half:, :], k[..., :half, :], v[..., :half, :], options, projections,
-                                     generator)
+    down_out, down_lse = _causal(q[..., half:, :], k[..., half:, :], v[..., half:, :], options, projections, generator)
+    rect_out, rect_lse = _non_causal(
+        q[..., half:, :], k[..., :half, :], v[..., :half, :], options, projections, generator
+    )
     down_out, down_lse = merge_attention(down_out, down_lse, rect_out, rect_lse)
     return torch.cat([up_out, down_out], -2), torch.cat([up_lse, down_lse], -1)
 
@@ -283,8 +285,10 @@ def hyper_attention_with_lse(
     if min(block_size, lsh_num_projs, min_seq_len) < 1 or sample_size < 0:
         raise ValueError("block_size, lsh_num_projs and min_seq_len must be >= 1 and sample_size >= 0")
     if causal and query.shape[2] != key.shape[2]:
-        raise ValueError(f"causal HyperAttention needs as many queries as keys, got {query.shape[2]} and "
-                         f"{key.shape[2]} (decode steps attend the cache exactly)")
+        raise ValueError(
+            f"causal HyperAttention needs as many queries as keys, got {query.shape[2]} and "
+            f"{key.shape[2]} (decode steps attend the cache exactly)"
+        )
     if generator is None:
         generator = torch.Generator(device=query.device).manual_seed(seed)
     projections = torch.randn(query.shape[-1], lsh_num_projs, generator=generator, device=query.device)

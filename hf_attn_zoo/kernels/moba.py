@@ -61,15 +61,17 @@ def causal_key_conv(key: torch.Tensor, weight: torch.Tensor, padding: torch.Tens
     if padding is not None:
         key = key * padding[:, None, -seq:, None].to(key.dtype)
     x = key.permute(0, 1, 3, 2).reshape(batch, kv_heads * dim, seq)
-    out = F.conv1d(F.pad(x, (size - 1, 0)), weight.reshape(kv_heads * dim, 1, size).to(key.dtype),
-                   groups=kv_heads * dim)
+    out = F.conv1d(
+        F.pad(x, (size - 1, 0)), weight.reshape(kv_heads * dim, 1, size).to(key.dtype), groups=kv_heads * dim
+    )
     out = out.reshape(batch, kv_heads, dim, seq).permute(0, 1, 3, 2)
     # in the input's memory layout: downstream kernels round alike, so the identity kernel is bit-exact
     return torch.empty_like(key).copy_(out)
 
 
-def moba_selection(query: torch.Tensor, key: torch.Tensor, block_size: int,
-                   top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def moba_selection(
+    query: torch.Tensor, key: torch.Tensor, block_size: int, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The blocks each query attends, for one group of rows whose first real token is key 0.
 
     Args:
@@ -101,12 +103,18 @@ def moba_selection(query: torch.Tensor, key: torch.Tensor, block_size: int,
 def _masked(query, key, value, chosen, block_size, window, scaling, dropout):
     q_len, length = query.shape[1], key.shape[1]
     k_pos = torch.arange(length, device=key.device)
-    q_pos = k_pos[length - q_len:, None]
+    q_pos = k_pos[length - q_len :, None]
     allowed = (k_pos <= q_pos) & (q_pos - k_pos < window if window else True)
     mask = chosen[:, :, k_pos // block_size] & allowed
-    return F.scaled_dot_product_attention(query[None], key[None], value[None], attn_mask=mask[None],
-                                          dropout_p=dropout, scale=scaling,
-                                          enable_gqa=query.shape[0] != key.shape[0])[0]
+    return F.scaled_dot_product_attention(
+        query[None],
+        key[None],
+        value[None],
+        attn_mask=mask[None],
+        dropout_p=dropout,
+        scale=scaling,
+        enable_gqa=query.shape[0] != key.shape[0],
+    )[0]
 
 
 def _partial(query, key, value, mask, causal, scaling, dropout, fused):
@@ -122,8 +130,9 @@ def _partial(query, key, value, mask, causal, scaling, dropout, fused):
         heads = query.shape[1]
         if heads > 1:
             key, value = (t.expand(-1, heads, -1, -1).contiguous() for t in (key, value))
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, is_causal=causal,
-                                                                             scale=scaling)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, is_causal=causal, scale=scaling
+        )
         return out.float(), lse
     # fp32 scores, softmax and log-sum-exp: the partial results are merged by their log-sum-exp below
     scores = (query @ key.transpose(-1, -2)).float() * scaling
@@ -163,15 +172,17 @@ def _gather(query, key, value, chosen, current, block_size, window, scaling, dro
     q = F.pad(query, (0, 0, front, grid - q_len - front)).unflatten(1, (n_own, block_size))  # [H, n_own, bs, D]
     q = q.unflatten(0, (kv_heads, group)).transpose(1, 2).flatten(0, 1)  # [G * n_own, group, bs, D]
     start = first * block_size
-    k, v = (F.pad(t[:, start:], (0, 0, 0, start + grid - length)).unflatten(1, (n_own, block_size)).flatten(0, 1)
-            [:, None] for t in (key, value))
+    k, v = (
+        F.pad(t[:, start:], (0, 0, 0, start + grid - length)).unflatten(1, (n_own, block_size)).flatten(0, 1)[:, None]
+        for t in (key, value)
+    )
     mask = None
     if window:
         pos = torch.arange(block_size, device=device)
         mask = pos[:, None] - pos < window
     out, lse = _partial(q, k, v, mask, True, scaling, dropout, fused)
-    out = out.unflatten(0, (kv_heads, n_own)).transpose(1, 2).flatten(0, 1).flatten(1, 2)[:, front:front + q_len]
-    lse = lse.unflatten(0, (kv_heads, n_own)).transpose(1, 2).flatten(0, 1).flatten(1, 2)[:, front:front + q_len]
+    out = out.unflatten(0, (kv_heads, n_own)).transpose(1, 2).flatten(0, 1).flatten(1, 2)[:, front : front + q_len]
+    lse = lse.unflatten(0, (kv_heads, n_own)).transpose(1, 2).flatten(0, 1).flatten(1, 2)[:, front : front + q_len]
     parts.append((torch.arange(heads * q_len, device=device), lse.flatten(), out.flatten(0, 1)))
 
     rows = torch.arange(heads, device=device)[:, None] * q_len
@@ -190,11 +201,12 @@ def _gather(query, key, value, chosen, current, block_size, window, scaling, dro
         start, stop = j * block_size, min((j + 1) * block_size, length)
         mask = None
         if window:
-            mask = ((picked + q_first)[..., None] - torch.arange(start, stop, device=device) < window)
+            mask = (picked + q_first)[..., None] - torch.arange(start, stop, device=device) < window
             mask = mask.unflatten(0, (kv_heads, group)).flatten(1, 2)[:, None]
         # one call per KV head: its query heads' rows side by side attend the block's keys (no GQA expansion)
-        out, lse = _partial(q[:, None], key[:, None, start:stop], value[:, None, start:stop], mask, False, scaling,
-                            dropout, fused)
+        out, lse = _partial(
+            q[:, None], key[:, None, start:stop], value[:, None, start:stop], mask, False, scaling, dropout, fused
+        )
         real = torch.arange(width, device=device) < counts[:, j, None]
         index = torch.where(real, rows + picked, trash).flatten()
         parts.append((index, lse.flatten(), out.flatten(0, 2)))
@@ -247,10 +259,17 @@ def _flex(query, key, value, chosen, block_size, window, scaling):
         allowed = padded[h, q_idx, kv_idx // block_size] & (kv_idx <= pos)
         return allowed & (pos - kv_idx < window) if window else allowed
 
-    block_mask = BlockMask.from_kv_blocks(num_blocks[None], indices[None], BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
-                                          seq_lengths=(q_len, length))
-    out = _compiled_flex()(query[None].contiguous(), key[None].contiguous(), value[None].contiguous(),
-                           block_mask=block_mask, scale=scaling, enable_gqa=query.shape[0] != key.shape[0])
+    block_mask = BlockMask.from_kv_blocks(
+        num_blocks[None], indices[None], BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(q_len, length)
+    )
+    out = _compiled_flex()(
+        query[None].contiguous(),
+        key[None].contiguous(),
+        value[None].contiguous(),
+        block_mask=block_mask,
+        scale=scaling,
+        enable_gqa=query.shape[0] != key.shape[0],
+    )
     return out[0]
 
 
@@ -306,12 +325,21 @@ def moba_attention(
     """
     batch, heads, q_len, dim = query.shape
     total = key.shape[2]
-    scaling = dim ** -0.5 if scaling is None else scaling
+    scaling = dim**-0.5 if scaling is None else scaling
     offsets = left_padding(padding, batch, query.device)
     firsts = sorted(set(offsets.tolist()))
     if firsts == [0]:
-        out = _rows(query.flatten(0, 1), key.flatten(0, 1), value.flatten(0, 1), block_size, top_k, window, scaling,
-                    dropout, backend)
+        out = _rows(
+            query.flatten(0, 1),
+            key.flatten(0, 1),
+            value.flatten(0, 1),
+            block_size,
+            top_k,
+            window,
+            scaling,
+            dropout,
+            backend,
+        )
         return out.unflatten(0, (batch, heads)).transpose(1, 2)
     out = query.new_zeros(batch, heads, q_len, value.shape[-1])
     # rows with the same left padding share their block boundaries, so they run as one group
@@ -320,29 +348,46 @@ def moba_attention(
         skip = max(0, first - (total - q_len))  # queries on padding positions stay zero
         if skip == q_len:
             continue
-        part = _rows(query[rows, :, skip:].flatten(0, 1), key[rows, :, first:].flatten(0, 1),
-                     value[rows, :, first:].flatten(0, 1), block_size, top_k, window, scaling, dropout, backend)
+        part = _rows(
+            query[rows, :, skip:].flatten(0, 1),
+            key[rows, :, first:].flatten(0, 1),
+            value[rows, :, first:].flatten(0, 1),
+            block_size,
+            top_k,
+            window,
+            scaling,
+            dropout,
+            backend,
+        )
         # under autocast the masked path's SDPA returns its lower precision: the output keeps the queries' dtype
         part = F.pad(part.unflatten(0, (len(rows), heads)).to(out.dtype), (0, 0, skip, 0))
         out = out.index_put((rows[:, None], torch.arange(heads, device=query.device)), part)
     return out.transpose(1, 2)
 
 
-def naive_moba_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, block_size: int, top_k: int,
-                   scaling: float | None = None, padding: torch.Tensor | None = None,
-                   window: int | None = None) -> torch.Tensor:
+def naive_moba_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    block_size: int,
+    top_k: int,
+    scaling: float | None = None,
+    padding: torch.Tensor | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
     """The naive definition: block means, gates, top-k and one dense masked softmax, in fp32 (tests only)."""
     batch, heads, q_len, dim = query.shape
     total = key.shape[2]
     group = heads // key.shape[1]
-    scaling = dim ** -0.5 if scaling is None else scaling
+    scaling = dim**-0.5 if scaling is None else scaling
     k = key.float().repeat_interleave(group, 1)
     v = value.float().repeat_interleave(group, 1)
     q = query.float()
     offsets = left_padding(padding, batch, query.device)
     pos = torch.arange(total, device=query.device)
     rel_k = pos[None] - offsets[:, None]  # [B, S]
-    rel_q = rel_k[:, total - q_len:]  # [B, Q]
+    rel_q = rel_k[:, total - q_len :]  # [B, Q]
     n = -(-total // block_size)
     k_block = torch.where(rel_k >= 0, rel_k // block_size, -1)
     member = (k_block[..., None] == torch.arange(n, device=query.device)).float()  # [B, S, n]
@@ -354,9 +399,9 @@ def naive_moba_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     values, index = gates.topk(min(top_k, n), dim=-1)
     chosen = torch.zeros_like(gates, dtype=torch.bool).scatter_(-1, index, values > -math.inf)
     allowed = chosen.gather(-1, k_block.clamp(min=0)[:, None, None, :].expand(batch, heads, q_len, total))
-    allowed = allowed & (rel_k >= 0)[:, None, None, :] & (pos <= pos[total - q_len:, None])
+    allowed = allowed & (rel_k >= 0)[:, None, None, :] & (pos <= pos[total - q_len :, None])
     if window:
-        allowed = allowed & (pos[total - q_len:, None] - pos < window)
+        allowed = allowed & (pos[total - q_len :, None] - pos < window)
     scores = (q @ k.transpose(-1, -2) * scaling).masked_fill(~allowed, -math.inf)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     return (probs @ v).to(query.dtype).transpose(1, 2)

@@ -21,8 +21,14 @@ from .sparse_attention import AttentionPattern, Backend, PaddingTracker, sparse_
 from .streaming import StreamingPositions
 
 __all__ = [
-    "WithinModelWindow", "attend_pattern", "check_length", "install_pattern", "max_positions", "model_window",
-    "pattern_attention_handler", "unsupported_attention_reason",
+    "WithinModelWindow",
+    "attend_pattern",
+    "check_length",
+    "install_pattern",
+    "max_positions",
+    "model_window",
+    "pattern_attention_handler",
+    "unsupported_attention_reason",
 ]
 
 
@@ -68,8 +74,10 @@ class WithinModelWindow(AttentionPattern):
 def unsupported_attention_reason(family) -> str | None:
     """Why a pattern patch cannot run on `family`'s attention function, or None."""
     if family.attention.sinks:
-        return (f"its attention sinks (`{family.attention.sinks}`) live in its own attention function, which a "
-                "sparse pattern replaces")
+        return (
+            f"its attention sinks (`{family.attention.sinks}`) live in its own attention function, which a "
+            "sparse pattern replaces"
+        )
     return None
 
 
@@ -83,18 +91,40 @@ def check_length(module: torch.nn.Module, total: int) -> None:
         )
 
 
-def pattern_attention_handler(base, module, query, key, value, attention_mask, *, pattern: AttentionPattern,
-                              tracker: PaddingTracker, backend: Backend, streaming: StreamingPositions | None = None,
-                              **kwargs):
+def pattern_attention_handler(
+    base,
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    *,
+    pattern: AttentionPattern,
+    tracker: PaddingTracker,
+    backend: Backend,
+    streaming: StreamingPositions | None = None,
+    **kwargs,
+):
     """Attention handler of a pattern layer (see `hf_attn_zoo.kernels.register`)."""
     layer = current_kv_layer(module)
-    return attend_pattern(module, query, key, value, attention_mask, layer, pattern, tracker, backend,
-                          streaming=streaming, **kwargs), None
+    return attend_pattern(
+        module, query, key, value, attention_mask, layer, pattern, tracker, backend, streaming=streaming, **kwargs
+    ), None
 
 
-def attend_pattern(module, query, key, value, attention_mask, layer: RetainingLayer | None,
-                   pattern: AttentionPattern, tracker: PaddingTracker, backend: Backend,
-                   streaming: StreamingPositions | None = None, **kwargs) -> torch.Tensor:
+def attend_pattern(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    layer: RetainingLayer | None,
+    pattern: AttentionPattern,
+    tracker: PaddingTracker,
+    backend: Backend,
+    streaming: StreamingPositions | None = None,
+    **kwargs,
+) -> torch.Tensor:
     """`pattern` over the keys the layer's cache returned (`layer`: its retaining cache layer, if any); with
     `streaming`, calls past the prefill use StreamingLLM's cache positions and may pass the model's position range."""
     total = layer.seen if layer is not None else key.shape[2]
@@ -111,18 +141,33 @@ def attend_pattern(module, query, key, value, attention_mask, layer: RetainingLa
     if streaming is not None:
         out = streaming.attend(query, key, value, positions, queries, padding, kwargs.get("scaling"))
     else:
-        out = sparse_attention(query, key, value, pattern, scaling=kwargs.get("scaling"), padding=padding,
-                               key_positions=positions, query_positions=queries,
-                               dropout=kwargs.get("dropout", 0.0) or 0.0, backend=backend)
+        out = sparse_attention(
+            query,
+            key,
+            value,
+            pattern,
+            scaling=kwargs.get("scaling"),
+            padding=padding,
+            key_positions=positions,
+            query_positions=queries,
+            dropout=kwargs.get("dropout", 0.0) or 0.0,
+            backend=backend,
+        )
     if layer is not None:
         layer.evict()  # bounded from the prefill on, not only from the next step
     return out
 
 
-def install_pattern(model: torch.nn.Module, family, layers: list[int], handle: Reverts,
-                    pattern_for: Callable[[int], AttentionPattern], backend: Backend = "auto",
-                    kv_layer: Callable[[int], RetainingLayer] | None = None,
-                    streaming: StreamingPositions | None = None) -> None:
+def install_pattern(
+    model: torch.nn.Module,
+    family,
+    layers: list[int],
+    handle: Reverts,
+    pattern_for: Callable[[int], AttentionPattern],
+    backend: Backend = "auto",
+    kv_layer: Callable[[int], RetainingLayer] | None = None,
+    streaming: StreamingPositions | None = None,
+) -> None:
     """Run the attention of `layers` with `pattern_for(layer)`; with `kv_layer`, cache through `kv_layer(layer)`.
 
     On a layer with its own sliding window (Mistral, Gemma 3's local layers) the pattern is intersected with it, and
@@ -137,8 +182,9 @@ def install_pattern(model: torch.nn.Module, family, layers: list[int], handle: R
         window = model_window(model.config, index)
         if window is not None:
             pattern = WithinModelWindow(pattern, window)
-        handler = functools.partial(pattern_attention_handler, pattern=pattern, tracker=tracker, backend=backend,
-                                    streaming=streaming)
+        handler = functools.partial(
+            pattern_attention_handler, pattern=pattern, tracker=tracker, backend=backend, streaming=streaming
+        )
         install_handler(model, attention, handler)
         handle.on_revert(lambda a=attention: remove_handler(model, a))
         make_layer = functools.partial(kv_layer, index) if kv_layer is not None else None

@@ -31,8 +31,13 @@ import torch.nn.functional as F
 
 from .masks import left_padding
 
-__all__ = ["RoutingBackend", "naive_routing_attention", "routing_attention", "routing_attention_benchmark",
-           "routing_mask"]
+__all__ = [
+    "RoutingBackend",
+    "naive_routing_attention",
+    "routing_attention",
+    "routing_attention_benchmark",
+    "routing_mask",
+]
 
 RoutingBackend = Literal["auto", "masked", "sorted"]
 
@@ -41,9 +46,18 @@ MASKED_MAX_PAIRS = 1 << 22
 QUERY_CHUNK = 512
 
 
-def routing_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, offsets: torch.Tensor, padding: torch.Tensor | None,
-                 query_clusters: torch.Tensor, key_clusters: torch.Tensor, routing: torch.Tensor, window: int,
-                 sinks: int, span: int | None = None) -> torch.Tensor:
+def routing_mask(
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    offsets: torch.Tensor,
+    padding: torch.Tensor | None,
+    query_clusters: torch.Tensor,
+    key_clusters: torch.Tensor,
+    routing: torch.Tensor,
+    window: int,
+    sinks: int,
+    span: int | None = None,
+) -> torch.Tensor:
     """The allowed (query, key) pairs `[B, H, Q, K]` for absolute positions `q_pos` `[Q]` and `k_pos` `[K]`.
 
     `query_clusters` `[B, H, Q]`, `key_clusters` `[B, KV, K]` (the keys at `k_pos`), `routing` `[H]` bool (routing
@@ -64,15 +78,27 @@ def routing_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, offsets: torch.Tensor
     return mask
 
 
-def naive_routing_attention(query, key, value, query_clusters, key_clusters, routing, *, window: int, sinks: int,
-                            scaling: float, padding: torch.Tensor | None = None,
-                            span: int | None = None) -> torch.Tensor:
+def naive_routing_attention(
+    query,
+    key,
+    value,
+    query_clusters,
+    key_clusters,
+    routing,
+    *,
+    window: int,
+    sinks: int,
+    scaling: float,
+    padding: torch.Tensor | None = None,
+    span: int | None = None,
+) -> torch.Tensor:
     """Reference: the dense mask and an explicit softmax (`[B, Q, H, D]`); padded query rows are zero."""
     batch, heads, q_len, _ = query.shape
     k_pos = torch.arange(key.shape[2], device=query.device)
     offsets = left_padding(padding, batch, query.device)
-    mask = routing_mask(k_pos[-q_len:], k_pos, offsets, padding, query_clusters, key_clusters, routing, window, sinks,
-                        span)
+    mask = routing_mask(
+        k_pos[-q_len:], k_pos, offsets, padding, query_clusters, key_clusters, routing, window, sinks, span
+    )
     group = heads // key.shape[1]
     k, v = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
     scores = (query.float() @ k.float().transpose(-1, -2)) * scaling
@@ -84,8 +110,15 @@ def _attend(query, key, value, mask, scaling, dropout):
     """SDPA with a boolean mask; rows with no allowed key (padding queries) return zeros instead of NaN."""
     empty = ~mask.any(-1, keepdim=True)
     has_empty = bool(empty.any())
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask | empty if has_empty else mask,
-                                         dropout_p=dropout, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    out = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=mask | empty if has_empty else mask,
+        dropout_p=dropout,
+        scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
     return out.masked_fill(empty, 0.0) if has_empty else out
 
 
@@ -95,8 +128,18 @@ def _masked(query, key, value, q_pos, k_pos, offsets, padding, qc, kc, routing, 
         stop = min(start + QUERY_CHUNK, query.shape[2])
         # causal: the chunk reads no key after its last query
         last = int(q_pos[stop - 1]) + 1
-        mask = routing_mask(q_pos[start:stop], k_pos[:last], offsets, padding, qc[:, :, start:stop], kc[:, :, :last],
-                            routing, window, sinks, span)
+        mask = routing_mask(
+            q_pos[start:stop],
+            k_pos[:last],
+            offsets,
+            padding,
+            qc[:, :, start:stop],
+            kc[:, :, :last],
+            routing,
+            window,
+            sinks,
+            span,
+        )
         outs.append(_attend(query[:, :, start:stop], key[:, :, :last], value[:, :, :last], mask, scaling, dropout))
     return torch.cat(outs, dim=2)
 
@@ -117,13 +160,15 @@ def _partial(q, k, v, bias, empty, scaling):
     key) broadcastable to `[B, H, n]`: those rows give `out = 0`, `lse = -inf`. Inference on CPU runs the fused flash
     kernel behind CPU SDPA (which also returns the log-sum-exp); with gradients, explicit PyTorch ops.
     """
-    if q.device.type == "cpu" and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
-                                                                      or v.requires_grad)):
+    if q.device.type == "cpu" and not (
+        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    ):
         # autocast does not cover the raw kernel, which needs one dtype (autocast: bf16 values, fp32 rotated q/k)
         dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
         q, k, v = (t.to(dtype) for t in (q, k, v))
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias.to(q.dtype),
-                                                                              scale=scaling)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, attn_mask=bias.to(q.dtype), scale=scaling
+        )
         return out.float(), lse.float().masked_fill(empty, float("-inf"))
     # fp32 scores and log-sum-exp: the local and routing parts are merged by their log-sum-exp
     scores = (q.float() @ k.float().transpose(-1, -2)) * scaling + bias.float()
@@ -165,10 +210,12 @@ def _local_part(query, key, value, q_pos, offsets, real, window, sinks, span, sc
             if real is not None:
                 mask = mask & real[:, cols][:, None, :]
             # GQA without repeating keys: the query heads of a KV head are stacked as rows
-            masks[signature] = (_bias(mask, query.dtype)[:, None].repeat(1, 1, group, 1),
-                                ~mask.any(-1)[:, None].repeat(1, 1, group))
+            masks[signature] = (
+                _bias(mask, query.dtype)[:, None].repeat(1, 1, group, 1),
+                ~mask.any(-1)[:, None].repeat(1, 1, group),
+            )
         bias, empty = masks[signature]
-        k, v = key[:, :, low:last + 1], value[:, :, low:last + 1]
+        k, v = key[:, :, low : last + 1], value[:, :, low : last + 1]
         if sink_cols:
             k = torch.cat([key[:, :, :sink_cols], k], dim=2)
             v = torch.cat([value[:, :, :sink_cols], v], dim=2)
@@ -194,7 +241,7 @@ def _routing_part(query, key, value, q_pos, k_pos, offsets, real, qc, kc, routin
         valid_q = valid_k[-q_len:]
         rows_b, outs_b, lses_b = [], [], []
         for g in range(kv_heads):
-            heads_g = torch.nonzero(routing[g * group:(g + 1) * group]).flatten() + g * group
+            heads_g = torch.nonzero(routing[g * group : (g + 1) * group]).flatten() + g * group
             if heads_g.numel() == 0:
                 continue
             q_clusters = torch.where(valid_q, qc[b, heads_g], -1).flatten()  # [hg * Q], -1: no routing
@@ -208,8 +255,8 @@ def _routing_part(query, key, value, q_pos, k_pos, offsets, real, qc, kc, routin
             q_flat = query[b, heads_g].reshape(-1, query.shape[-1])
             rq_flat = rq_all.repeat(heads_g.numel())
             for c in range(1, classes):
-                rows = q_order[q_bounds[c - 1]:q_bounds[c]]
-                cols = k_order[k_bounds[c - 1]:k_bounds[c]]
+                rows = q_order[q_bounds[c - 1] : q_bounds[c]]
+                cols = k_order[k_bounds[c - 1] : k_bounds[c]]
                 if rows.numel() == 0 or cols.numel() == 0:
                     continue
                 rq = rq_flat[rows]
@@ -221,8 +268,14 @@ def _routing_part(query, key, value, q_pos, k_pos, offsets, real, qc, kc, routin
                     empty = ~mask.any(-1)
                 else:
                     empty = rq - rk_all[cols[0]] < window  # the cluster's earliest key is the farthest
-                out, lse = _partial(q_flat[rows][None, None], key[b, g, cols][None, None],
-                                    value[b, g, cols][None, None], _bias(mask, query.dtype), empty, scaling)
+                out, lse = _partial(
+                    q_flat[rows][None, None],
+                    key[b, g, cols][None, None],
+                    value[b, g, cols][None, None],
+                    _bias(mask, query.dtype),
+                    empty,
+                    scaling,
+                )
                 rows_b.append(heads_g[rows // q_len] * q_len + rows % q_len)
                 outs_b.append(out[0, 0])
                 lses_b.append(lse[0, 0])
@@ -241,11 +294,12 @@ def _sorted(query, key, value, q_pos, k_pos, offsets, padding, qc, kc, routing, 
     local_out, local_lse = _local_part(query, key, value, q_pos, offsets, padding, window, sinks, span, scaling)
     if not bool(routing.any()):
         return local_out.to(query.dtype)
-    route_out, route_lse = _routing_part(query, key, value, q_pos, k_pos, offsets, padding, qc, kc, routing, window,
-                                         sinks, span, scaling)
+    route_out, route_lse = _routing_part(
+        query, key, value, q_pos, k_pos, offsets, padding, qc, kc, routing, window, sinks, span, scaling
+    )
     # the log-sum-exp merge in fp32, cast back to the queries' dtype
     lse = _safe(torch.logaddexp(local_lse, route_lse))
-    out = (local_out * torch.exp(local_lse - lse)[..., None] + route_out * torch.exp(route_lse - lse)[..., None])
+    out = local_out * torch.exp(local_lse - lse)[..., None] + route_out * torch.exp(route_lse - lse)[..., None]
     return out.to(query.dtype)
 
 
@@ -287,7 +341,7 @@ def routing_attention(
         `[B, Q, H, D]`, the layout transformers' attention functions return.
     """
     batch, _, q_len, dim = query.shape
-    scaling = dim ** -0.5 if scaling is None else scaling
+    scaling = dim**-0.5 if scaling is None else scaling
     k_pos = torch.arange(key.shape[2], device=query.device)
     q_pos = k_pos[-q_len:]
     offsets = left_padding(padding, batch, query.device)
@@ -295,21 +349,55 @@ def routing_attention(
     if backend == "auto":
         backend = "masked" if dropout or q_len * key.shape[2] <= MASKED_MAX_PAIRS else "sorted"
     if backend == "masked":
-        out = _masked(query, key, value, q_pos, k_pos, offsets, padding, query_clusters, key_clusters, routing,
-                      window, sinks, span, scaling, dropout)
+        out = _masked(
+            query,
+            key,
+            value,
+            q_pos,
+            k_pos,
+            offsets,
+            padding,
+            query_clusters,
+            key_clusters,
+            routing,
+            window,
+            sinks,
+            span,
+            scaling,
+            dropout,
+        )
     elif backend == "sorted":
         if dropout:
             raise ValueError("the sorted routing-attention path has no dropout; use backend='masked'")
-        out = _sorted(query, key, value, q_pos, k_pos, offsets, padding, query_clusters, key_clusters, routing,
-                      window, sinks, span, scaling)
+        out = _sorted(
+            query,
+            key,
+            value,
+            q_pos,
+            k_pos,
+            offsets,
+            padding,
+            query_clusters,
+            key_clusters,
+            routing,
+            window,
+            sinks,
+            span,
+            scaling,
+        )
     else:
         raise ValueError(f"unknown routing-attention backend {backend!r}; use auto, masked or sorted")
     return out.transpose(1, 2).contiguous()
 
 
-def routing_attention_benchmark(num_clusters: int, window: int, scaling: float | None, sinks: int = 4,
-                                routing_heads: int | None = None,
-                                seed: int = 0) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+def routing_attention_benchmark(
+    num_clusters: int,
+    window: int,
+    scaling: float | None,
+    sinks: int = 4,
+    routing_heads: int | None = None,
+    seed: int = 0,
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """`fn(query, key, value) -> [B, Q, H, D]`: one routing layer's inference work, for attention-level benchmarks.
 
     Like a freshly patched layer: random unit centroids per KV head (from `seed`), nearest-centroid assignment of the
@@ -320,14 +408,15 @@ def routing_attention_benchmark(num_clusters: int, window: int, scaling: float |
     def run(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         heads, kv_heads = query.shape[1], key.shape[1]
         routing = torch.zeros(heads, dtype=torch.bool, device=query.device)
-        routing[heads - (heads // 2 if routing_heads is None else routing_heads):] = True
+        routing[heads - (heads // 2 if routing_heads is None else routing_heads) :] = True
         generator = torch.Generator().manual_seed(seed)
         means = F.normalize(torch.randn(kv_heads, num_clusters, query.shape[-1], generator=generator), dim=-1)
         means = means.to(query.device, torch.float32)
         key_clusters = torch.einsum("bksd,kcd->bksc", F.normalize(key.float(), dim=-1), means).argmax(-1)
         query_means = means.repeat_interleave(heads // kv_heads, dim=0)
         query_clusters = torch.einsum("bhqd,hcd->bhqc", F.normalize(query.float(), dim=-1), query_means).argmax(-1)
-        return routing_attention(query, key, value, query_clusters, key_clusters, routing, window=window, sinks=sinks,
-                                 scaling=scaling)
+        return routing_attention(
+            query, key, value, query_clusters, key_clusters, routing, window=window, sinks=sinks, scaling=scaling
+        )
 
     return run

@@ -98,8 +98,10 @@ class PaddingTracker:
         def after(module, args, kwargs, output):
             self.mask, self.active = None, False
 
-        return [model.register_forward_pre_hook(before, with_kwargs=True),
-                model.register_forward_hook(after, with_kwargs=True)]
+        return [
+            model.register_forward_pre_hook(before, with_kwargs=True),
+            model.register_forward_hook(after, with_kwargs=True),
+        ]
 
     def padding(self, attention_mask, batch: int, total: int) -> torch.Tensor | None:
         """Real tokens `[B, total]` (True = real) over every position seen so far, or `None` without padding."""
@@ -114,8 +116,14 @@ class PaddingTracker:
         return key_padding(attention_mask, batch, total)
 
 
-def pattern_mask(pattern: AttentionPattern, q_pos: torch.Tensor, k_pos: torch.Tensor, offsets: torch.Tensor,
-                 padding: torch.Tensor | None, num_heads: int) -> torch.Tensor:
+def pattern_mask(
+    pattern: AttentionPattern,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    offsets: torch.Tensor,
+    padding: torch.Tensor | None,
+    num_heads: int,
+) -> torch.Tensor:
     """The pattern as a boolean mask `[B or 1, H or 1, Q, K]` for absolute positions `q_pos` `[Q]`, `k_pos` `[K]`."""
     shift = offsets[:, None, None, None]
     q = q_pos[None, None, :, None] - shift
@@ -134,8 +142,9 @@ def _attend(query, key, value, mask, scaling, dropout):
     empty = ~mask.any(-1, keepdim=True)
     if bool(empty.any()):
         mask = mask | empty
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
-                                         enable_gqa=query.shape[1] != key.shape[1])
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
+    )
     return out.masked_fill(empty, 0.0) if bool(empty.any()) else out
 
 
@@ -182,16 +191,22 @@ def _gather_plan(pattern, q_pos, k_pos, offsets, padding, num_heads, kv_heads, b
     for row in range(batch if per_row else 1):
         for chunk in range(chunks):
             start = chunk * QUERY_CHUNK
-            q = q_pos[start:start + QUERY_CHUNK]
+            q = q_pos[start : start + QUERY_CHUNK]
             real = q.shape[0]
             q = F.pad(q, (0, QUERY_CHUNK - real), value=int(q[-1]))
             seen = int(torch.searchsorted(k_pos, q.max(), right=True)) if ordered else kv_len
-            mask = pattern_mask(pattern, q, k_pos[:seen], offsets[row:row + 1], None if padding is None
-                                else padding[row:row + 1], num_heads)[0]  # [H or 1, QC, seen]
+            mask = pattern_mask(
+                pattern,
+                q,
+                k_pos[:seen],
+                offsets[row : row + 1],
+                None if padding is None else padding[row : row + 1],
+                num_heads,
+            )[0]  # [H or 1, QC, seen]
             mask = F.pad(mask, (0, kv_len - seen))
             mask[:, real:] = False  # the last chunk's padding queries
             for head in range(split):
-                heads = mask[head * group_size:(head + 1) * group_size] if per_head else mask
+                heads = mask[head * group_size : (head + 1) * group_size] if per_head else mask
                 touched = F.pad(heads, (0, blocks * KEY_BLOCK - kv_len)).unflatten(-1, (blocks, KEY_BLOCK)).any(-1)
                 touched = touched.flatten(0, -2).any(0).nonzero().flatten()
                 if touched.numel() == 0:
@@ -221,8 +236,14 @@ def _gather_plan(pattern, q_pos, k_pos, offsets, padding, num_heads, kv_heads, b
         used[0] |= not bool(used.any())  # block's non-sink keys), keeping one for a group of empty rows
         mask, keys = mask[..., used], torch.stack(keys)[:, used]
         empty = ~mask.any(-1, keepdim=True)
-        groups.append(_Group(torch.tensor(units, device=device), keys, (mask | empty)[None],
-                             empty[None] if bool(empty.any()) else None))
+        groups.append(
+            _Group(
+                torch.tensor(units, device=device),
+                keys,
+                (mask | empty)[None],
+                empty[None] if bool(empty.any()) else None,
+            )
+        )
     return _GatherPlan(chunks, per_head, tuple(groups))
 
 
@@ -247,8 +268,15 @@ def _blocks(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling,
         query, key, value = (F.pad(t, (0, 0, 0, extra)) for t in (query, key, value))
         q_pos = k_pos = torch.arange(real_len + extra, device=query.device)
     q_len, kv_heads, kv_len = query.shape[2], key.shape[1], key.shape[2]
-    cache_key = (pattern.cache_key(), num_heads if pattern.per_head else None, kv_heads, batch, q_len, kv_len,
-                 str(query.device))
+    cache_key = (
+        pattern.cache_key(),
+        num_heads if pattern.per_head else None,
+        kv_heads,
+        batch,
+        q_len,
+        kv_len,
+        str(query.device),
+    )
     build = functools.partial(_gather_plan, pattern, q_pos, k_pos, offsets, padding, num_heads, kv_heads, batch)
     plan = _cached(_GATHER_PLANS, cache_key, build) if cacheable else build()
     group = num_heads // kv_heads
@@ -258,17 +286,18 @@ def _blocks(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling,
     queries = queries.unflatten(1, (kv_heads, group)).unflatten(3, (plan.chunks, QUERY_CHUNK))  # [B, KV, G, C, QC, D]
     queries = queries.permute(0, 3, 1, 2, 4, 5).reshape(-1, heads, rows, dim)  # [units, heads, G * QC, D]
     # keys and values as [heads, B * S * KV / heads, D] (a view for one row), gathered with one flat index per call
-    keys, values = (t.unflatten(1, (-1, heads)).permute(2, 0, 1, 3, 4).reshape(heads, -1, t.shape[-1])
-                    for t in (key, value))
+    keys, values = (
+        t.unflatten(1, (-1, heads)).permute(2, 0, 1, 3, 4).reshape(heads, -1, t.shape[-1]) for t in (key, value)
+    )
     out = queries.new_empty(queries.shape[0], heads, rows, value.shape[-1])
     for g in plan.groups:
         step = max(1, GATHER_MAX_KEYS // g.keys.shape[1])
         for start in range(0, g.units.shape[0], step):
-            units, index = g.units[start:start + step], g.keys[start:start + step]
-            k, v = (t.index_select(1, index.flatten()).unflatten(1, index.shape).transpose(0, 1)
-                    for t in (keys, values))  # [g, heads, n, D]
-            o = F.scaled_dot_product_attention(queries[units], k, v, attn_mask=g.mask, dropout_p=dropout,
-                                               scale=scaling)
+            units, index = g.units[start : start + step], g.keys[start : start + step]
+            k, v = (
+                t.index_select(1, index.flatten()).unflatten(1, index.shape).transpose(0, 1) for t in (keys, values)
+            )  # [g, heads, n, D]
+            o = F.scaled_dot_product_attention(queries[units], k, v, attn_mask=g.mask, dropout_p=dropout, scale=scaling)
             # under autocast SDPA returns its lower precision: the output keeps the queries' dtype
             o = o.to(out.dtype)
             out.index_copy_(0, units, o if g.empty is None else o.masked_fill(g.empty, 0.0))
@@ -315,19 +344,30 @@ def _compiled_create_block_mask():
     return torch.compile(create_block_mask)
 
 
-def _block_mask(pattern: AttentionPattern, num_heads: int, q_len: int, kv_len: int, device: torch.device,
-                offsets: torch.Tensor, padding: torch.Tensor | None):
+def _block_mask(
+    pattern: AttentionPattern,
+    num_heads: int,
+    q_len: int,
+    kv_len: int,
+    device: torch.device,
+    offsets: torch.Tensor,
+    padding: torch.Tensor | None,
+):
     create_block_mask = _compiled_create_block_mask()
     shift_q = kv_len - q_len
     heads = num_heads if pattern.per_head else None
 
     if padding is None and not bool(offsets.any()):
+
         def mask_mod(b, h, q_idx, kv_idx):
             return pattern.allowed(q_idx + shift_q, kv_idx, h if pattern.per_head else None)
 
         key = (pattern.cache_key(), heads, q_len, kv_len, str(device))
-        return _cached(_BLOCK_MASKS, key, lambda: create_block_mask(mask_mod, None, heads, q_len, kv_len,
-                                                                    device=device, BLOCK_SIZE=FLEX_BLOCK))
+        return _cached(
+            _BLOCK_MASKS,
+            key,
+            lambda: create_block_mask(mask_mod, None, heads, q_len, kv_len, device=device, BLOCK_SIZE=FLEX_BLOCK),
+        )
 
     real = padding if padding is not None else torch.ones(offsets.shape[0], kv_len, dtype=torch.bool, device=device)
 
@@ -336,8 +376,9 @@ def _block_mask(pattern: AttentionPattern, num_heads: int, q_len: int, kv_len: i
         allowed = pattern.allowed(q_idx + shift_q - shift, kv_idx - shift, h if pattern.per_head else None)
         return allowed & (kv_idx >= shift) & real[b, kv_idx]
 
-    return create_block_mask(padded_mask_mod, offsets.shape[0], heads, q_len, kv_len, device=device,
-                             BLOCK_SIZE=FLEX_BLOCK)
+    return create_block_mask(
+        padded_mask_mod, offsets.shape[0], heads, q_len, kv_len, device=device, BLOCK_SIZE=FLEX_BLOCK
+    )
 
 
 @functools.cache
@@ -360,8 +401,14 @@ def _flex(query, key, value, pattern, offsets, padding, scaling):
     # would silently fall back to the eager reference, which materialises every score
     with torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT):
         mask = _block_mask(pattern, query.shape[1], query.shape[2], key.shape[2], query.device, offsets, padding)
-        out = _compiled_flex()(query.contiguous(), key.contiguous(), value.contiguous(), block_mask=mask,
-                               scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+        out = _compiled_flex()(
+            query.contiguous(),
+            key.contiguous(),
+            value.contiguous(),
+            block_mask=mask,
+            scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1],
+        )
     return out[:, :, :q_len]
 
 
@@ -418,8 +465,19 @@ def sparse_attention(
             raise ValueError("the flex backend needs the keys at positions 0..S-1; use 'masked' with key_positions")
         out = _flex(query, key, value, pattern, offsets, padding, scaling)
     elif backend == "blocks":
-        out = _blocks(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling, dropout,
-                      key_positions is None and query_positions is None)
+        out = _blocks(
+            query,
+            key,
+            value,
+            pattern,
+            q_pos,
+            k_pos,
+            offsets,
+            padding,
+            scaling,
+            dropout,
+            key_positions is None and query_positions is None,
+        )
     elif backend == "masked":
         out = _masked(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling, dropout)
     else:

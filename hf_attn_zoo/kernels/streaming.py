@@ -39,18 +39,26 @@ def streaming_rotary(model: torch.nn.Module, head_dim: int) -> torch.Tensor:
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     rotary = getattr(decoder, "rotary_emb", None)
     if rotary is None:
-        raise InvalidOptionError("sliding_window: stream=True needs a model with rotary position embeddings "
-                                 "(`rotary_emb`); use stream=False.")
+        raise InvalidOptionError(
+            "sliding_window: stream=True needs a model with rotary position embeddings "
+            "(`rotary_emb`); use stream=False."
+        )
     if not isinstance(getattr(rotary, "inv_freq", None), torch.Tensor):
-        raise InvalidOptionError("sliding_window: stream=True is not supported on models whose RoPE differs per layer "
-                                 "type (e.g. Gemma 3's local and global layers); use stream=False.")
+        raise InvalidOptionError(
+            "sliding_window: stream=True is not supported on models whose RoPE differs per layer "
+            "type (e.g. Gemma 3's local and global layers); use stream=False."
+        )
     rope_type = getattr(rotary, "rope_type", "default")
     if rope_type not in _STATIC_ROPE:
-        raise InvalidOptionError(f"sliding_window: stream=True needs RoPE frequencies that do not change with the "
-                                 f"length; this model uses rope_type={rope_type!r} ({', '.join(_STATIC_ROPE)} work).")
+        raise InvalidOptionError(
+            f"sliding_window: stream=True needs RoPE frequencies that do not change with the "
+            f"length; this model uses rope_type={rope_type!r} ({', '.join(_STATIC_ROPE)} work)."
+        )
     if rotary.inv_freq.numel() * 2 != head_dim:
-        raise InvalidOptionError(f"sliding_window: stream=True needs RoPE on the whole head ({head_dim} dims), this "
-                                 f"model rotates {rotary.inv_freq.numel() * 2}; use stream=False.")
+        raise InvalidOptionError(
+            f"sliding_window: stream=True needs RoPE on the whole head ({head_dim} dims), this "
+            f"model rotates {rotary.inv_freq.numel() * 2}; use stream=False."
+        )
     return rotary.inv_freq
 
 
@@ -60,8 +68,16 @@ class StreamingPositions:
     def __init__(self, inv_freq: torch.Tensor, sinks: int, window: int):
         self.inv_freq, self.sinks, self.window = inv_freq, sinks, window
 
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_positions: torch.Tensor,
-               query_positions: torch.Tensor, padding: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_positions: torch.Tensor,
+        query_positions: torch.Tensor,
+        padding: torch.Tensor | None,
+        scaling: float,
+    ) -> torch.Tensor:
         """`query` `[B, H, Q, D]` at text positions `query_positions` `[Q]`; `key`/`value` `[B, KV, K, D]` (the cache,
         GQA not repeated) at `key_positions` `[K]`; `padding` `[B, T]` (True = real token) or None. Returns
         `[B, Q, H, D]`."""

@@ -72,14 +72,20 @@ class LayerRules:
         group = len(rules) // num_kv_heads
         retention: dict[tuple[int, int], list[int]] = {}
         for kv in range(num_kv_heads):
-            members = rules[kv * group:(kv + 1) * group]
+            members = rules[kv * group : (kv + 1) * group]
             retention.setdefault((max(s for s, _ in members), max(w for _, w in members)), []).append(kv)
         self.buckets = []
         for (sink, window), kv_heads in sorted(retention.items()):
             q_heads = [kv * group + g for kv in kv_heads for g in range(group)]
-            self.buckets.append(Bucket(torch.tensor(kv_heads), torch.tensor(q_heads), sink, window,
-                                       MoAPattern([rules[h][0] for h in q_heads], [rules[h][1] for h in q_heads],
-                                                  limit)))
+            self.buckets.append(
+                Bucket(
+                    torch.tensor(kv_heads),
+                    torch.tensor(q_heads),
+                    sink,
+                    window,
+                    MoAPattern([rules[h][0] for h in q_heads], [rules[h][1] for h in q_heads], limit),
+                )
+            )
         order = torch.cat([b.q_heads for b in self.buckets])
         # bucket outputs are concatenated in bucket order; this puts the query heads back in model order
         self.inverse = torch.argsort(order)

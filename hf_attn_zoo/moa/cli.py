@@ -33,11 +33,16 @@ def _load(model: str):
 
 
 def profile_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="hf-attn-zoo moa profile",
-                                     description="MoA attention-influence profile on held-out corpus text.")
+    parser = argparse.ArgumentParser(
+        prog="hf-attn-zoo moa profile", description="MoA attention-influence profile on held-out corpus text."
+    )
     parser.add_argument("--model", default="default", help="local folder, hub id, or 'default' (SmolLM2-135M)")
-    parser.add_argument("--lengths", type=_ints, default=[512, 1024],
-                        help="comma-separated profiled lengths (CPU: 512,1024; GPU: MoA's 2048,4096,8192)")
+    parser.add_argument(
+        "--lengths",
+        type=_ints,
+        default=[512, 1024],
+        help="comma-separated profiled lengths (CPU: 512,1024; GPU: MoA's 2048,4096,8192)",
+    )
     parser.add_argument("--samples", type=int, default=4, help="calibration sequences per length")
     parser.add_argument("--block-size", type=int, default=64, help="tile size of the influence sums (MoA: 64)")
     parser.add_argument("--corpus", default="python_docs", help="corpus whose held-out split is the calibration text")
@@ -55,8 +60,10 @@ def profile_main(argv: list[str]) -> int:
     with atomic_output(args.out, args.overwrite, is_file=True, what="profile file") as tmp:
         profile.save(tmp)
     losses = ", ".join(f"{n}: {v:.3f}" for n, v in profile.metadata["loss"].items())
-    print(f"profiled {profile.model['num_layers']} layers x {profile.model['num_heads']} heads at lengths "
-          f"{profile.lengths} (mean loss {losses}) -> {args.out}")
+    print(
+        f"profiled {profile.model['num_layers']} layers x {profile.model['num_heads']} heads at lengths "
+        f"{profile.lengths} (mean loss {losses}) -> {args.out}"
+    )
     return 0
 
 
@@ -68,8 +75,9 @@ def search_main(argv: list[str]) -> int:
     parser.add_argument("--alpha-step", type=int, default=None, help="grid step of alpha (default: min length / 8)")
     parser.add_argument("--max-rules-per-layer", type=int, default=2, help="distinct rules per layer (0: no limit)")
     parser.add_argument("--granularity", choices=["kv_head", "head"], default="kv_head")
-    parser.add_argument("--group-reduce", choices=["sum", "max"], default="sum",
-                        help="how a KV head's query heads' influence combine")
+    parser.add_argument(
+        "--group-reduce", choices=["sum", "max"], default="sum", help="how a KV head's query heads' influence combine"
+    )
     parser.add_argument("--gap", type=float, default=0.01, help="MILP relative optimality gap")
     parser.add_argument("--time-limit", type=float, default=30.0, help="seconds per MILP")
     parser.add_argument("--out", type=Path, default=Path("moa_plan.json"))
@@ -81,27 +89,43 @@ def search_main(argv: list[str]) -> int:
 
     check_output(args.out, args.overwrite, "plan file")
 
-    result = search_plan(AttentionProfile.load(args.profile), args.density, args.sinks, args.alpha_step,
-                         args.max_rules_per_layer or None, args.granularity, args.group_reduce, args.time_limit,
-                         args.gap, str(args.profile))
+    result = search_plan(
+        AttentionProfile.load(args.profile),
+        args.density,
+        args.sinks,
+        args.alpha_step,
+        args.max_rules_per_layer or None,
+        args.granularity,
+        args.group_reduce,
+        args.time_limit,
+        args.gap,
+        str(args.profile),
+    )
     for plan in result.plans:
         p = plan.provenance
         print(f"primary length {p['primary_length']}: loss {json.dumps(p['loss'])}, density {json.dumps(p['density'])}")
     with atomic_output(args.out, args.overwrite, is_file=True, what="plan file") as tmp:
         result.chosen.save(tmp)
-    print(f"chose primary length {result.chosen.provenance['primary_length']} ({result.chosen.provenance['choice']})"
-          f" -> {args.out}")
+    print(
+        f"chose primary length {result.chosen.provenance['primary_length']} ({result.chosen.provenance['choice']})"
+        f" -> {args.out}"
+    )
     return 0
 
 
 def apply_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="hf-attn-zoo moa apply",
-                                     description="Held-out perplexity of the dense model, the MoA plan, and the "
-                                                 "uniform StreamingLLM rule (alpha=0) at the plan's density.")
+    parser = argparse.ArgumentParser(
+        prog="hf-attn-zoo moa apply",
+        description="Held-out perplexity of the dense model, the MoA plan, and the "
+        "uniform StreamingLLM rule (alpha=0) at the plan's density.",
+    )
     parser.add_argument("--model", default="default")
     parser.add_argument("--plan", type=Path, required=True)
-    parser.add_argument("--corpus", default="python_stdlib_docs",
-                        help="held-out text to measure on (use another corpus than the profile's)")
+    parser.add_argument(
+        "--corpus",
+        default="python_stdlib_docs",
+        help="held-out text to measure on (use another corpus than the profile's)",
+    )
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per block (default: the plan's length)")
     parser.add_argument("--blocks", type=int, default=4)
     args = parser.parse_args(argv)
@@ -116,8 +140,7 @@ def apply_main(argv: list[str]) -> int:
     length = plan.length or seq_len
 
     def ppl() -> float:
-        return held_out_perplexity(model, tokenizer, args.corpus, seq_len=seq_len, max_blocks=args.blocks,
-                                   batch_size=1)
+        return held_out_perplexity(model, tokenizer, args.corpus, seq_len=seq_len, max_blocks=args.blocks, batch_size=1)
 
     rows = [("dense", 1.0, ppl())]
     rules = [(a, b) for ra, rb in zip(plan.alphas, plan.betas) for a, b in zip(ra, rb)]

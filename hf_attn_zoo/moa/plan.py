@@ -62,15 +62,19 @@ class MoAPlan:
         missing = sorted({"model", "alphas", "betas"} - set(data))
         unknown = sorted(set(data) - {f for f in cls.__dataclass_fields__})
         if missing or unknown:
-            raise InvalidOptionError(f"moa: {source} lacks the keys {missing} or has unknown keys {unknown}; a plan "
-                                     f"has {sorted(cls.__dataclass_fields__)} (write one with `hf-attn-zoo moa "
-                                     "search`).")
+            raise InvalidOptionError(
+                f"moa: {source} lacks the keys {missing} or has unknown keys {unknown}; a plan "
+                f"has {sorted(cls.__dataclass_fields__)} (write one with `hf-attn-zoo moa "
+                "search`)."
+            )
         plan = cls(**data)
         model = plan.model if isinstance(plan.model, dict) else {}
         for key in ("num_layers", "num_heads", "num_kv_heads"):
             if not isinstance(model.get(key), int) or model[key] < 1:
-                raise InvalidOptionError(f"moa: {source}: model.{key} must be a positive integer, got "
-                                         f"{model.get(key)!r}; regenerate the plan with `hf-attn-zoo moa search`.")
+                raise InvalidOptionError(
+                    f"moa: {source}: model.{key} must be a positive integer, got "
+                    f"{model.get(key)!r}; regenerate the plan with `hf-attn-zoo moa search`."
+                )
         if plan.granularity not in ("kv_head", "head"):
             raise InvalidOptionError(f"moa: {source}: granularity={plan.granularity!r}; use 'kv_head' or 'head'.")
         if not isinstance(plan.sinks, int) or plan.sinks < 0:
@@ -82,34 +86,43 @@ class MoAPlan:
             rows = getattr(plan, name)
             if not isinstance(rows, list) or len(rows) != model["num_layers"]:
                 got = len(rows) if isinstance(rows, list) else type(rows).__name__
-                raise InvalidOptionError(f"moa: {source}: {name} has {got} layers, the plan's model has "
-                                         f"{model['num_layers']}; the plan is incomplete, regenerate it.")
+                raise InvalidOptionError(
+                    f"moa: {source}: {name} has {got} layers, the plan's model has "
+                    f"{model['num_layers']}; the plan is incomplete, regenerate it."
+                )
             for layer, row in enumerate(rows):
                 if not isinstance(row, list) or len(row) != heads:
                     got = len(row) if isinstance(row, list) else type(row).__name__
                     raise InvalidOptionError(
                         f"moa: {source}: {name}[{layer}] has {got} heads, a {plan.granularity} plan of this model "
-                        f"needs {heads}; the plan is incomplete, regenerate it.")
+                        f"needs {heads}; the plan is incomplete, regenerate it."
+                    )
                 if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in row):
-                    raise InvalidOptionError(f"moa: {source}: {name}[{layer}] holds a value that is not a finite "
-                                             "number.")
+                    raise InvalidOptionError(
+                        f"moa: {source}: {name}[{layer}] holds a value that is not a finite number."
+                    )
         for layer, row in enumerate(plan.betas):
             bad = [b for b in row if not 0.0 <= b <= 1.0]
             if bad:
-                raise InvalidOptionError(f"moa: {source}: betas[{layer}] holds {bad[0]}; every beta must be in [0, 1] "
-                                         "(the share of the reference length a head attends).")
+                raise InvalidOptionError(
+                    f"moa: {source}: betas[{layer}] holds {bad[0]}; every beta must be in [0, 1] "
+                    "(the share of the reference length a head attends)."
+                )
         return plan
 
     def check_model(self, model_config, source: str = "the plan") -> None:
         """Raise `CheckpointMismatchError` if the plan was made for a model of another shape or type."""
         expected = plan_model_info(model_config)
-        wrong = [f"{key}: plan {self.model.get(key)!r}, model {expected[key]!r}"
-                 for key in ("model_type", "num_layers", "num_heads", "num_kv_heads")
-                 if self.model.get(key) != expected[key]]
+        wrong = [
+            f"{key}: plan {self.model.get(key)!r}, model {expected[key]!r}"
+            for key in ("model_type", "num_layers", "num_heads", "num_kv_heads")
+            if self.model.get(key) != expected[key]
+        ]
         if wrong:
             raise CheckpointMismatchError(
                 f"moa: {source} was made for another model ({'; '.join(wrong)}); profile and search this model "
-                "(`hf-attn-zoo moa profile` then `moa search`) or pass the plan made for it.")
+                "(`hf-attn-zoo moa profile` then `moa search`) or pass the plan made for it."
+            )
 
     def check_spans(self, length: int, source: str = "the plan") -> None:
         """Raise `InvalidOptionError` if a rule gives a span below one key at reference length `length`."""
@@ -119,7 +132,8 @@ class MoAPlan:
                     raise InvalidOptionError(
                         f"moa: {source}: layer {layer}, head {head} has the span alpha + beta * N = {alpha} + {beta} x "
                         f"{length} = {alpha + beta * length:g} < 1 (negative or empty); raise its alpha or the "
-                        "reference `length`, or regenerate the plan.")
+                        "reference `length`, or regenerate the plan."
+                    )
 
     def query_head_rules(self, layer: int, length: int, sinks: int) -> list[tuple[int, int]]:
         """`(s, w)` per query head of `layer` (a `kv_head` rule is shared by its group, HF kv-major order)."""
@@ -139,19 +153,35 @@ def plan_model_info(model_config) -> dict[str, Any]:
     """The `model` block of a plan for `model_config` (its text config for multimodal models)."""
     text = getattr(model_config, "text_config", None) or model_config
     heads = text.num_attention_heads
-    return {"model_type": text.model_type, "num_layers": text.num_hidden_layers, "num_heads": heads,
-            "num_kv_heads": getattr(text, "num_key_value_heads", None) or heads,
-            "name_or_path": str(getattr(model_config, "_name_or_path", "") or "")}
+    return {
+        "model_type": text.model_type,
+        "num_layers": text.num_hidden_layers,
+        "num_heads": heads,
+        "num_kv_heads": getattr(text, "num_key_value_heads", None) or heads,
+        "name_or_path": str(getattr(model_config, "_name_or_path", "") or ""),
+    }
 
 
-def uniform_plan(model_config, alpha: float, beta: float, granularity: Granularity = "kv_head",
-                 sinks: int = DEFAULT_SINKS, length: int | None = None) -> MoAPlan:
+def uniform_plan(
+    model_config,
+    alpha: float,
+    beta: float,
+    granularity: Granularity = "kv_head",
+    sinks: int = DEFAULT_SINKS,
+    length: int | None = None,
+) -> MoAPlan:
     """Every head with the rule `(alpha, beta)` (MoA's StreamingLLM baseline: alpha=0, beta=0.5)."""
     info = plan_model_info(model_config)
     heads = info["num_kv_heads"] if granularity == "kv_head" else info["num_heads"]
-    return MoAPlan(model=info, alphas=[[alpha] * heads for _ in range(info["num_layers"])],
-                   betas=[[beta] * heads for _ in range(info["num_layers"])], granularity=granularity,
-                   length=length, sinks=sinks, provenance={"uniform": {"alpha": alpha, "beta": beta}})
+    return MoAPlan(
+        model=info,
+        alphas=[[alpha] * heads for _ in range(info["num_layers"])],
+        betas=[[beta] * heads for _ in range(info["num_layers"])],
+        granularity=granularity,
+        length=length,
+        sinks=sinks,
+        provenance={"uniform": {"alpha": alpha, "beta": beta}},
+    )
 
 
 def load_plan(source: str | Path | dict[str, Any]) -> tuple[MoAPlan, str]:
@@ -163,11 +193,15 @@ def load_plan(source: str | Path | dict[str, Any]) -> tuple[MoAPlan, str]:
     try:
         text = path.read_text()
     except OSError as error:
-        raise InvalidOptionError(f"moa: cannot read the {name} ({error.strerror or error}); pass the path of a plan "
-                                 "written by `hf-attn-zoo moa search`.") from None
+        raise InvalidOptionError(
+            f"moa: cannot read the {name} ({error.strerror or error}); pass the path of a plan "
+            "written by `hf-attn-zoo moa search`."
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
-        raise InvalidOptionError(f"moa: the {name} is not valid JSON ({error.msg} at line {error.lineno}); it is "
-                                 "corrupt, regenerate it with `hf-attn-zoo moa search`.") from None
+        raise InvalidOptionError(
+            f"moa: the {name} is not valid JSON ({error.msg} at line {error.lineno}); it is "
+            "corrupt, regenerate it with `hf-attn-zoo moa search`."
+        ) from None
     return MoAPlan.from_dict(data, name), name

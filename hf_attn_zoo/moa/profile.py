@@ -38,8 +38,14 @@ from ..kernels.pattern_handler import max_positions
 from ..kernels.register import install_handler, remove_handler
 from .plan import plan_model_info
 
-__all__ = ["AttentionProfile", "attention_influence", "block_sum", "calibration_sequences", "profile_model",
-           "profile_sequences"]
+__all__ = [
+    "AttentionProfile",
+    "attention_influence",
+    "block_sum",
+    "calibration_sequences",
+    "profile_model",
+    "profile_sequences",
+]
 
 FORMAT = "hf_attn_zoo.moa.profile/1"
 EPS = 1e-6
@@ -74,8 +80,16 @@ class AttentionProfile:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        torch.save({"format": FORMAT, "influence": {str(n): t for n, t in self.influence.items()},
-                    "block_size": self.block_size, "model": self.model, "metadata": self.metadata}, path)
+        torch.save(
+            {
+                "format": FORMAT,
+                "influence": {str(n): t for n, t in self.influence.items()},
+                "block_size": self.block_size,
+                "model": self.model,
+                "metadata": self.metadata,
+            },
+            path,
+        )
         return path
 
     @classmethod
@@ -83,13 +97,16 @@ class AttentionProfile:
         try:
             data = torch.load(Path(path), map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises many types for unreadable or foreign files
-            raise InvalidOptionError(f"moa: cannot read the profile {str(path)!r} ({error}); write one with "
-                                     "`hf-attn-zoo moa profile`.") from None
+            raise InvalidOptionError(
+                f"moa: cannot read the profile {str(path)!r} ({error}); write one with `hf-attn-zoo moa profile`."
+            ) from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise InvalidOptionError(f"moa: {str(path)!r} is not an MoA profile ({FORMAT}); write one with "
-                                     "`hf-attn-zoo moa profile`.")
-        return cls({int(n): t for n, t in data["influence"].items()}, data["block_size"], data["model"],
-                   data["metadata"])
+            raise InvalidOptionError(
+                f"moa: {str(path)!r} is not an MoA profile ({FORMAT}); write one with `hf-attn-zoo moa profile`."
+            )
+        return cls(
+            {int(n): t for n, t in data["influence"].items()}, data["block_size"], data["model"], data["metadata"]
+        )
 
 
 class _Recorder:
@@ -124,8 +141,9 @@ def _allowed_keys(attention_mask, q_len: int, kv_len: int) -> torch.Tensor | Non
     if attention_mask is None:
         return None
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
-        raise InvalidOptionError("moa profile: the model passed a mask it cannot read; load it with "
-                                 "attn_implementation='sdpa' or 'eager'.")
+        raise InvalidOptionError(
+            "moa profile: the model passed a mask it cannot read; load it with attn_implementation='sdpa' or 'eager'."
+        )
     mask = attention_mask[..., -q_len:, -kv_len:]
     return mask if mask.dtype == torch.bool else mask == 0
 
@@ -134,16 +152,28 @@ def _profiling_handler(base, module, query, key, value, attention_mask, *, recor
     """SDPA with the layer's mask; a hook on the output feeds `dL/dO` to the recorder during backward."""
     allowed = _allowed_keys(attention_mask, query.shape[2], key.shape[2])
     scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, is_causal=allowed is None,
-                                         scale=scale, enable_gqa=query.shape[1] != key.shape[1])
+    out = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=allowed,
+        is_causal=allowed is None,
+        scale=scale,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
     if out.requires_grad:
         saved = (module.layer_idx, query.detach(), key.detach(), value.detach(), allowed, scale)
         out.register_hook(lambda grad: recorder.add(*saved, grad))
     return out.transpose(1, 2).contiguous(), None
 
 
-def profile_sequences(model: torch.nn.Module, sequences: dict[int, list[torch.Tensor]], block_size: int = 64,
-                      progress: bool = True, metadata: dict[str, Any] | None = None) -> AttentionProfile:
+def profile_sequences(
+    model: torch.nn.Module,
+    sequences: dict[int, list[torch.Tensor]],
+    block_size: int = 64,
+    progress: bool = True,
+    metadata: dict[str, Any] | None = None,
+) -> AttentionProfile:
     """Profile `model` on token sequences grouped by length (`{length: [ids [length], ...]}`).
 
     Args:
@@ -194,10 +224,13 @@ def profile_sequences(model: torch.nn.Module, sequences: dict[int, list[torch.Te
         for name, p in model.named_parameters():
             p.requires_grad_(grads[name])
         model.train(was_training)
-    meta = {"samples": {str(n): len(s) for n, s in sequences.items()}, "loss": {str(n): v for n, v in losses.items()},
-            "objective": "mean next-token cross-entropy on every token",
-            "head_order": "query heads in HF order: head h belongs to KV head h // (num_heads // num_kv_heads)",
-            **(metadata or {})}
+    meta = {
+        "samples": {str(n): len(s) for n, s in sequences.items()},
+        "loss": {str(n): v for n, v in losses.items()},
+        "objective": "mean next-token cross-entropy on every token",
+        "head_order": "query heads in HF order: head h belongs to KV head h // (num_heads // num_kv_heads)",
+        **(metadata or {}),
+    }
     return AttentionProfile(influence, block_size, info, meta)
 
 
@@ -208,24 +241,40 @@ def calibration_sequences(tokenizer, lengths: list[int], samples: int, corpus: s
     ids = tokenizer("\n\n".join(held_out_texts(corpus)), return_tensors="pt", add_special_tokens=False).input_ids[0]
     needed = samples * sum(lengths)
     if ids.numel() < needed:
-        raise InvalidOptionError(f"moa profile: {corpus!r} holds {ids.numel()} held-out tokens, {needed} are needed "
-                                 f"for {samples} samples of {lengths}; use fewer samples, shorter lengths or another "
-                                 "corpus.")
+        raise InvalidOptionError(
+            f"moa profile: {corpus!r} holds {ids.numel()} held-out tokens, {needed} are needed "
+            f"for {samples} samples of {lengths}; use fewer samples, shorter lengths or another "
+            "corpus."
+        )
     out, start = {}, 0
     for length in lengths:
-        out[length] = [ids[start + i * length:start + (i + 1) * length] for i in range(samples)]
+        out[length] = [ids[start + i * length : start + (i + 1) * length] for i in range(samples)]
         start += samples * length
     return out
 
 
-def profile_model(model: torch.nn.Module, tokenizer, lengths: tuple[int, ...] = (512, 1024), samples: int = 4,
-                  block_size: int = 64, corpus: str = "python_docs", progress: bool = True) -> AttentionProfile:
+def profile_model(
+    model: torch.nn.Module,
+    tokenizer,
+    lengths: tuple[int, ...] = (512, 1024),
+    samples: int = 4,
+    block_size: int = 64,
+    corpus: str = "python_docs",
+    progress: bool = True,
+) -> AttentionProfile:
     """Profile `model` on `samples` held-out sequences of `corpus` per length (see the module docstring)."""
     limit = max_positions(model.config)
     bad = [n for n in lengths if n < 2 or (limit and n > limit)]
     if bad or samples < 1:
-        raise InvalidOptionError(f"moa profile: lengths {list(lengths)} must lie in [2, {limit or 'inf'}] and "
-                                 f"samples={samples} must be >= 1.")
+        raise InvalidOptionError(
+            f"moa profile: lengths {list(lengths)} must lie in [2, {limit or 'inf'}] and "
+            f"samples={samples} must be >= 1."
+        )
     sequences = calibration_sequences(tokenizer, sorted(set(lengths)), samples, corpus)
-    return profile_sequences(model, sequences, block_size, progress,
-                             {"corpus": corpus, "split": "held_out", "model_path": str(model.config._name_or_path)})
+    return profile_sequences(
+        model,
+        sequences,
+        block_size,
+        progress,
+        {"corpus": corpus, "split": "held_out", "model_path": str(model.config._name_or_path)},
+    )

@@ -100,8 +100,15 @@ def _units(influence: torch.Tensor, model: dict, granularity: str, reduce: str) 
     return grouped.sum(2) if reduce == "sum" else grouped.amax(2)
 
 
-def _solve(loss: np.ndarray, densities: np.ndarray, layers: int, budget: float, max_rules: int | None,
-           time_limit: float, gap: float) -> tuple[np.ndarray, str]:
+def _solve(
+    loss: np.ndarray,
+    densities: np.ndarray,
+    layers: int,
+    budget: float,
+    max_rules: int | None,
+    time_limit: float,
+    gap: float,
+) -> tuple[np.ndarray, str]:
     """One-hot rule index per unit minimising `loss` `[U, C]` under the density band at every length `[N, C]`."""
     units, rules = loss.shape
     per_layer = units // layers
@@ -121,18 +128,33 @@ def _solve(loss: np.ndarray, densities: np.ndarray, layers: int, budget: float, 
         lower += [np.full(nx, -np.inf), np.zeros(layers)]
         upper += [np.zeros(nx), np.full(layers, max_rules)]
     constraints = LinearConstraint(sp.vstack(rows).tocsr(), np.concatenate(lower), np.concatenate(upper))
-    result = milp(cost, constraints=constraints, integrality=np.ones(nx + ny), bounds=Bounds(0, 1),
-                  options={"time_limit": time_limit, "mip_rel_gap": gap})
+    result = milp(
+        cost,
+        constraints=constraints,
+        integrality=np.ones(nx + ny),
+        bounds=Bounds(0, 1),
+        options={"time_limit": time_limit, "mip_rel_gap": gap},
+    )
     if result.x is None:
-        raise InvalidOptionError(f"moa search: the MILP found no plan ({result.message}); raise the density budget, "
-                                 "max_rules_per_layer or time_limit.")
+        raise InvalidOptionError(
+            f"moa search: the MILP found no plan ({result.message}); raise the density budget, "
+            "max_rules_per_layer or time_limit."
+        )
     return result.x[:nx].reshape(units, rules).argmax(1), result.message
 
 
-def search_plan(profile: AttentionProfile, density: float = 0.5, sinks: int = DEFAULT_SINKS,
-                alpha_step: int | None = None, max_rules_per_layer: int | None = 2,
-                granularity: Literal["kv_head", "head"] = "kv_head", group_reduce: Literal["sum", "max"] = "sum",
-                time_limit: float = 30.0, gap: float = 0.01, profile_name: str | None = None) -> SearchResult:
+def search_plan(
+    profile: AttentionProfile,
+    density: float = 0.5,
+    sinks: int = DEFAULT_SINKS,
+    alpha_step: int | None = None,
+    max_rules_per_layer: int | None = 2,
+    granularity: Literal["kv_head", "head"] = "kv_head",
+    group_reduce: Literal["sum", "max"] = "sum",
+    time_limit: float = 30.0,
+    gap: float = 0.01,
+    profile_name: str | None = None,
+) -> SearchResult:
     """Plans for `profile` under a mean-density budget (see the module docstring).
 
     Args:
@@ -162,14 +184,17 @@ def search_plan(profile: AttentionProfile, density: float = 0.5, sinks: int = DE
     densities = np.array([[d for _, d in stats[n]] for n in lengths])
     for n, row in zip(lengths, densities):
         if row.min() > density + 1e-12:
-            raise InvalidOptionError(f"moa search: density={density} is infeasible: the minimum achievable density at "
-                                     f"length {n} is {row.min():.3f} (sinks={sinks}, alpha_step={step}); raise the "
-                                     "budget or lower sinks.")
+            raise InvalidOptionError(
+                f"moa search: density={density} is infeasible: the minimum achievable density at "
+                f"length {n} is {row.min():.3f} (sinks={sinks}, alpha_step={step}); raise the "
+                "budget or lower sinks."
+            )
     losses = {}
     for n in lengths:
         if not bool(torch.isfinite(profile.influence[n]).all()):
-            raise InvalidOptionError(f"moa search: the profile's influence at length {n} is not finite; re-profile "
-                                     "(in float32 or wider).")
+            raise InvalidOptionError(
+                f"moa search: the profile's influence at length {n} is not finite; re-profile (in float32 or wider)."
+            )
         units = _units(profile.influence[n].double(), profile.model, granularity, group_reduce)
         dropped = torch.stack([1 - share.double() for share, _ in stats[n]]).flatten(1)  # [C, nb*nb]
         losses[n] = (units.flatten(2) @ dropped.T).flatten(0, 1).numpy()  # [L*units, C]
@@ -179,24 +204,43 @@ def search_plan(profile: AttentionProfile, density: float = 0.5, sinks: int = DE
     for primary in lengths:
         choice, status = _solve(losses[primary], densities, layers, density, max_rules_per_layer, time_limit, gap)
         picked = [rules[c] for c in choice]
-        alphas = [[_number(a) for a, _ in picked[i * per_layer:(i + 1) * per_layer]] for i in range(layers)]
-        betas = [[b for _, b in picked[i * per_layer:(i + 1) * per_layer]] for i in range(layers)]
+        alphas = [[_number(a) for a, _ in picked[i * per_layer : (i + 1) * per_layer]] for i in range(layers)]
+        betas = [[b for _, b in picked[i * per_layer : (i + 1) * per_layer]] for i in range(layers)]
         loss = {str(n): float(losses[n][np.arange(len(choice)), choice].sum()) for n in lengths}
         dens = {str(n): float(densities[i][choice].mean()) for i, n in enumerate(lengths)}
-        plans.append(MoAPlan(
-            model=dict(profile.model), alphas=alphas, betas=betas, granularity=granularity, length=max(lengths),
-            sinks=sinks, density=dens[str(max(lengths))],
-            provenance={"profile": profile_name, "budget": density, "lengths": lengths, "block_size": block,
-                        "alpha_step": step, "candidates": len(rules), "max_rules_per_layer": max_rules_per_layer,
-                        "gap": gap,
-                        "group_reduce": group_reduce, "primary_length": primary, "loss": loss, "density": dens,
-                        "solver": f"scipy.optimize.milp (HiGHS): {status}",
-                        "profile_metadata": {k: v for k, v in profile.metadata.items() if k in ("corpus", "samples")}},
-        ))
+        plans.append(
+            MoAPlan(
+                model=dict(profile.model),
+                alphas=alphas,
+                betas=betas,
+                granularity=granularity,
+                length=max(lengths),
+                sinks=sinks,
+                density=dens[str(max(lengths))],
+                provenance={
+                    "profile": profile_name,
+                    "budget": density,
+                    "lengths": lengths,
+                    "block_size": block,
+                    "alpha_step": step,
+                    "candidates": len(rules),
+                    "max_rules_per_layer": max_rules_per_layer,
+                    "gap": gap,
+                    "group_reduce": group_reduce,
+                    "primary_length": primary,
+                    "loss": loss,
+                    "density": dens,
+                    "solver": f"scipy.optimize.milp (HiGHS): {status}",
+                    "profile_metadata": {k: v for k, v in profile.metadata.items() if k in ("corpus", "samples")},
+                },
+            )
+        )
     longest = str(max(lengths))
     chosen = min(plans, key=lambda p: p.provenance["loss"][longest])
-    chosen.provenance["choice"] = (f"lowest influence loss at the longest profiled length ({longest}) among the plans "
-                                   f"with primary lengths {lengths}")
+    chosen.provenance["choice"] = (
+        f"lowest influence loss at the longest profiled length ({longest}) among the plans "
+        f"with primary lengths {lengths}"
+    )
     return SearchResult(plans, lengths, chosen)
 
 

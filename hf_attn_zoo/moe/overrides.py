@@ -16,8 +16,17 @@ from ..wrappers import inner_model
 from .plan import LayerPlan
 from .rules import RoutingRule, missing_rule_reason, moe_families_with_rules, routing_rule
 
-__all__ = ["Entry", "LayerKey", "RoutingOverride", "Target", "check_plan", "is_int", "resolve_entries",
-           "resolve_override", "routing_target"]
+__all__ = [
+    "Entry",
+    "LayerKey",
+    "RoutingOverride",
+    "Target",
+    "check_plan",
+    "is_int",
+    "resolve_entries",
+    "resolve_override",
+    "routing_target",
+]
 
 LayerKey = Union[int, str]
 
@@ -136,8 +145,9 @@ def resolve_override(target: Target, override: RoutingOverride) -> dict[int, Lay
     """Validate one override against the model; its non-empty per-layer plans."""
     if not isinstance(override, RoutingOverride):
         raise InvalidOptionError(f"expected a RoutingOverride, got {type(override).__name__}")
-    fields: dict[int, dict[str, Any]] = {i: {"disabled": set(), "dropped": set(), "forced": set(), "gain": {}}
-                                         for i in target.layers}
+    fields: dict[int, dict[str, Any]] = {
+        i: {"disabled": set(), "dropped": set(), "forced": set(), "gain": {}} for i in target.layers
+    }
     for name in ("disabled", "dropped", "forced"):
         for layers, entry in _by_layer(target, name, getattr(override, name)):
             for layer in layers:
@@ -149,8 +159,12 @@ def resolve_override(target: Target, override: RoutingOverride) -> dict[int, Lay
             num_experts = target.rule.num_experts(target.routers[layer])
             for expert, factor in entry.items():
                 _experts("gain", layer, [expert], num_experts)
-                if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) \
-                        or factor < 0:
+                if (
+                    isinstance(factor, bool)
+                    or not isinstance(factor, (int, float))
+                    or not math.isfinite(factor)
+                    or factor < 0
+                ):
                     raise InvalidOptionError(
                         f"RoutingOverride.gain[{layer}][{expert}] must be a finite number >= 0, got {factor!r}"
                     )
@@ -164,8 +178,14 @@ def resolve_override(target: Target, override: RoutingOverride) -> dict[int, Lay
 
     plans = {}
     for layer, f in fields.items():
-        plan = LayerPlan(frozenset(f["disabled"]), frozenset(f["dropped"]), frozenset(f["forced"]),
-                          tuple(sorted(f["gain"].items())), f.get("top_k"), f.get("rank"))
+        plan = LayerPlan(
+            frozenset(f["disabled"]),
+            frozenset(f["dropped"]),
+            frozenset(f["forced"]),
+            tuple(sorted(f["gain"].items())),
+            f.get("top_k"),
+            f.get("rank"),
+        )
         if plan.is_empty():
             continue
         check_plan(target, layer, plan)

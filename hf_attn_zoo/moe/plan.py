@@ -21,8 +21,9 @@ class LayerPlan:
     rank: int | None = None
 
     def is_empty(self) -> bool:
-        return not (self.disabled or self.dropped or self.forced or self.gain) and self.top_k is None \
-            and self.rank is None
+        return (
+            not (self.disabled or self.dropped or self.forced or self.gain) and self.top_k is None and self.rank is None
+        )
 
 
 # (plan, num_experts, device) -> the plan's expert masks and gain vector on that device
@@ -66,8 +67,11 @@ def merge_plans(base: LayerPlan, extra: LayerPlan) -> LayerPlan:
 
 def describe_plan(plan: LayerPlan) -> str:
     """A layer plan in words, for error messages (`"disabled experts [0], rank=2"`)."""
-    parts = [f"{name} experts {sorted(getattr(plan, name))}" for name in ("disabled", "dropped", "forced")
-             if getattr(plan, name)]
+    parts = [
+        f"{name} experts {sorted(getattr(plan, name))}"
+        for name in ("disabled", "dropped", "forced")
+        if getattr(plan, name)
+    ]
     if plan.gain:
         parts.append(f"gains {dict(plan.gain)}")
     parts += [f"{name}={getattr(plan, name)}" for name in ("top_k", "rank") if getattr(plan, name) is not None]

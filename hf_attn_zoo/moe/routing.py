@@ -112,8 +112,6 @@ _SHAPE = "_zoo_routing_shape"
 _HANDLE = "_zoo_routing_handle"
 
 
-
-
 @dataclass
 class RoutingDecision:
     """What one router selected in one call (detached).
@@ -138,14 +136,6 @@ class RoutingDecision:
         return torch.bincount(self.index[self.active].reshape(-1), minlength=num_experts)
 
 
-
-
-
-
-
-
-
-
 class RoutingHandle:
     """What `set_routing` returns: `remove()` restores the routers exactly, `update()` swaps the overrides.
 
@@ -154,8 +144,13 @@ class RoutingHandle:
         decisions (`dict[int, RoutingDecision]`): with `record=True`, each layer's routing in the last forward.
     """
 
-    def __init__(self, target: Target, entries: list[Entry], record: bool,
-                 on_route: Callable[[int, RoutingDecision], None] | None):
+    def __init__(
+        self,
+        target: Target,
+        entries: list[Entry],
+        record: bool,
+        on_route: Callable[[int, RoutingDecision], None] | None,
+    ):
         self._target = target
         self._entries = entries
         self._record = record
@@ -189,8 +184,9 @@ class RoutingHandle:
     def __exit__(self, *exc: Any) -> None:
         self.remove()
 
-    def _token_groups(self, layer: int, num_tokens: int, shape: tuple[int, int] | None, device: torch.device
-                      ) -> list[tuple[LayerPlan, torch.Tensor | None]]:
+    def _token_groups(
+        self, layer: int, num_tokens: int, shape: tuple[int, int] | None, device: torch.device
+    ) -> list[tuple[LayerPlan, torch.Tensor | None]]:
         """`[(plan, token indices or None = all tokens)]` of the overrides with a plan in this layer."""
         entries = self._entries
         active = [(e, e.plans[layer]) for e in entries if layer in e.plans]
@@ -287,7 +283,9 @@ def _routed_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> Any:
         output = (logits, weights, index)
     if handle._record or handle._on_route is not None:
         decision = RoutingDecision(
-            logits.detach(), index.detach(), weights.detach(),
+            logits.detach(),
+            index.detach(),
+            weights.detach(),
             torch.ones_like(index, dtype=torch.bool) if active is None else active.detach(),
             None if shape is None else (int(shape[0]), int(shape[1])),
         )
@@ -367,8 +365,6 @@ def routing_override(
         yield handle
     finally:
         handle.remove()
-
-
 
 
 _MERGE_FIX = "choose an override that fits the installed ones, or change or remove the installed overrides"
@@ -469,8 +465,9 @@ def with_row_override(
         handle._entries, handle._rows_cache = saved
 
 
-def route(model: torch.nn.Module, layer: int, router_logits: torch.Tensor,
-          override: RoutingOverride | None = None) -> RoutingDecision:
+def route(
+    model: torch.nn.Module, layer: int, router_logits: torch.Tensor, override: RoutingOverride | None = None
+) -> RoutingDecision:
     """The routing `layer`'s router would produce for `router_logits` `(N, E)` under `override` (rows ignored).
 
     With no override this is the family rule itself, equal to the router's own `(weights, index)`.

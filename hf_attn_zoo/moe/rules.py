@@ -22,8 +22,17 @@ from ..errors import InvalidOptionError
 from ..families.spec import FamilySpec, RoutingSpec, family_specs
 from .plan import LayerPlan, plan_tensors
 
-__all__ = ["ROUTING_RULES", "GroupedSigmoidRule", "RoutingRule", "SoftmaxTopKRule", "TopKSoftmaxRule",
-           "missing_rule_reason", "moe_families_with_rules", "register_routing_rule", "routing_rule"]
+__all__ = [
+    "ROUTING_RULES",
+    "GroupedSigmoidRule",
+    "RoutingRule",
+    "SoftmaxTopKRule",
+    "TopKSoftmaxRule",
+    "missing_rule_reason",
+    "moe_families_with_rules",
+    "register_routing_rule",
+    "routing_rule",
+]
 
 
 class RoutingRule(abc.ABC):
@@ -38,21 +47,29 @@ class RoutingRule(abc.ABC):
         return int(router.weight.shape[0])
 
     @abc.abstractmethod
-    def scores(self, router: torch.nn.Module, logits: torch.Tensor, disabled: torch.Tensor | None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores(
+        self, router: torch.nn.Module, logits: torch.Tensor, disabled: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`(choice, weight_scores)`, both `(N, E)`: the selection ranks `choice`, the weights use `weight_scores`.
 
         `disabled` (`(E,)` bool, or None): experts whose logit counts as -inf (the caller also masks `choice`).
         """
 
-    def select(self, router: torch.nn.Module, choice: torch.Tensor, k: int, ordered: bool, masked: bool
-               ) -> torch.Tensor:
+    def select(
+        self, router: torch.nn.Module, choice: torch.Tensor, k: int, ordered: bool, masked: bool
+    ) -> torch.Tensor:
         """`(N, k)` indices of the top-k of `choice` (decreasing when `ordered`; `masked`: it holds -inf entries)."""
         return torch.topk(choice, k, dim=-1).indices
 
     @abc.abstractmethod
-    def weigh(self, router: torch.nn.Module, weight_scores: torch.Tensor, logits: torch.Tensor, index: torch.Tensor,
-              active: torch.Tensor | None) -> torch.Tensor:
+    def weigh(
+        self,
+        router: torch.nn.Module,
+        weight_scores: torch.Tensor,
+        logits: torch.Tensor,
+        index: torch.Tensor,
+        active: torch.Tensor | None,
+    ) -> torch.Tensor:
         """`(N, k)` weights of the selected experts; `active` (or None: all) marks the ones not dropped."""
 
     def weight_dtype(self, router: torch.nn.Module, logits: torch.Tensor) -> torch.dtype:
@@ -66,8 +83,9 @@ class RoutingRule(abc.ABC):
         """Why this set of forced experts cannot all be selected, or None."""
         return None
 
-    def apply(self, router: torch.nn.Module, logits: torch.Tensor, plan: LayerPlan
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def apply(
+        self, router: torch.nn.Module, logits: torch.Tensor, plan: LayerPlan
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """`(weights, index, active)` of `logits` `(N, E)` under `plan` (active None: every slot is active)."""
         masks = plan_tensors(plan, self.num_experts(router), logits.device)
         disabled = masks["disabled"] if plan.disabled else None
@@ -78,7 +96,7 @@ class RoutingRule(abc.ABC):
             choice = choice.masked_fill(masks["forced"], float("inf"))
         masked = disabled is not None
         if plan.rank is not None:
-            index = self.select(router, choice, plan.rank, ordered=True, masked=masked)[:, plan.rank - 1:]
+            index = self.select(router, choice, plan.rank, ordered=True, masked=masked)[:, plan.rank - 1 :]
             weights = torch.ones(index.shape, dtype=self.weight_dtype(router, logits), device=logits.device)
             active = None
         else:
@@ -176,8 +194,10 @@ class GroupedSigmoidRule(RoutingRule):
         per_group = self.num_experts(router) // router.num_group
         groups = sorted({e // per_group for e in forced})
         if len(groups) > router.topk_group:
-            return (f"the forced experts lie in {len(groups)} expert groups {groups}, but only topk_group="
-                    f"{router.topk_group} groups are selected per token (groups of {per_group} experts)")
+            return (
+                f"the forced experts lie in {len(groups)} expert groups {groups}, but only topk_group="
+                f"{router.topk_group} groups are selected per token (groups of {per_group} experts)"
+            )
         return None
 
 
@@ -199,8 +219,9 @@ class TopKSoftmaxRule(RoutingRule):
 RuleFactory = Callable[[RoutingSpec], RoutingRule]
 
 ROUTING_RULES: dict[str, RuleFactory] = {
-    "softmax_topk": lambda spec: SoftmaxTopKRule(always_renormalise=spec.renormalise == "always",
-                                                 cast_back=spec.weights == "logits"),
+    "softmax_topk": lambda spec: SoftmaxTopKRule(
+        always_renormalise=spec.renormalise == "always", cast_back=spec.weights == "logits"
+    ),
     "grouped_sigmoid": lambda spec: GroupedSigmoidRule(),
     "topk_softmax": lambda spec: TopKSoftmaxRule(),
 }
@@ -225,10 +246,14 @@ def missing_rule_reason(family: FamilySpec) -> str:
     """Why `family` has no routing rule, and the fix."""
     spec = family.mlp.routing
     if spec is None:
-        return (f"its router has no routing rule: if it works like one of {', '.join(ROUTING_RULES)}, declare "
-                f"`mlp.routing` in hf_attn_zoo/families/{family.name}.yaml (see families/spec.py RoutingSpec)")
-    return (f"its routing rule {spec.rule!r} is not registered (known: {', '.join(ROUTING_RULES)}); add it with "
-            "hf_attn_zoo.moe.register_routing_rule")
+        return (
+            f"its router has no routing rule: if it works like one of {', '.join(ROUTING_RULES)}, declare "
+            f"`mlp.routing` in hf_attn_zoo/families/{family.name}.yaml (see families/spec.py RoutingSpec)"
+        )
+    return (
+        f"its routing rule {spec.rule!r} is not registered (known: {', '.join(ROUTING_RULES)}); add it with "
+        "hf_attn_zoo.moe.register_routing_rule"
+    )
 
 
 def moe_families_with_rules() -> list[str]:

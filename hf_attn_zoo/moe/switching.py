@@ -94,11 +94,12 @@ def _expert(where: str, value: Any) -> int:
 
 
 def _sort_keys(keys: Iterable[str]) -> list[str]:
-    return sorted(keys, key=lambda k: (-1 if k == "all" else int(k)))
+    return sorted(keys, key=lambda k: -1 if k == "all" else int(k))
 
 
-def canonical_switches(where: str, off: Any = None, drop: Any = None, on: Any = None, gain: Any = None
-                       ) -> dict[str, dict | None]:
+def canonical_switches(
+    where: str, off: Any = None, drop: Any = None, on: Any = None, gain: Any = None
+) -> dict[str, dict | None]:
     """The switches in their JSON-stable form: string layer keys (`"all"` first), sorted unique expert lists,
     `gain` as `{layer: {expert (str): float}}`; `None` for a kind with nothing in it.
 
@@ -147,8 +148,12 @@ def _canonical_gain(where: str, value: Any) -> dict[str, dict[str, float]] | Non
             index = _expert(f"{where}[{layer}]", expert)
             if index in entry:
                 raise InvalidOptionError(f"{where}[{layer}]: expert {index} is given twice")
-            if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not math.isfinite(factor) \
-                    or factor < 0:
+            if (
+                isinstance(factor, bool)
+                or not isinstance(factor, numbers.Real)
+                or not math.isfinite(factor)
+                or factor < 0
+            ):
                 raise InvalidOptionError(f"{where}[{layer}][{index}] must be a finite number >= 0, got {factor!r}")
             entry[index] = float(factor)
         if entry:
@@ -167,7 +172,7 @@ def _check_kinds(where: str, switches: Mapping[str, Mapping | None]) -> None:
             sets[kind] = set(lists.get(key, ())) | set(lists.get("all", ()))
         kinds = list(KINDS)
         for i, a in enumerate(kinds):
-            for b in kinds[i + 1:]:
+            for b in kinds[i + 1 :]:
                 both = sorted(sets[a] & sets[b])
                 if both:
                     layer = "every MoE layer ('all')" if key == "all" else f"layer {key}"
@@ -203,8 +208,9 @@ class _Plan:
         return not any(self.status.values()) and not any(self.gain.values())
 
 
-def resolve_switches(model: torch.nn.Module, switches: Mapping[str, Mapping | None], where: str,
-                     layers: Iterable[int] | None = None) -> _Plan:
+def resolve_switches(
+    model: torch.nn.Module, switches: Mapping[str, Mapping | None], where: str, layers: Iterable[int] | None = None
+) -> _Plan:
     """Canonical switches -> a `_Plan` on `model`'s MoE layers (`"all"`: the MoE layers among `layers`).
 
     A specific layer outside `layers` is an error; range and MoE-ness of the others are checked by the routing
@@ -390,8 +396,9 @@ def experts_to_switch(
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise InvalidOptionError(f"experts_to_switch: n must be an integer >= 0, got {n!r}")
-    if max_per_layer is not None and (isinstance(max_per_layer, bool) or not isinstance(max_per_layer, int)
-                                      or max_per_layer < 1):
+    if max_per_layer is not None and (
+        isinstance(max_per_layer, bool) or not isinstance(max_per_layer, int) or max_per_layer < 1
+    ):
         raise InvalidOptionError(f"experts_to_switch: max_per_layer must be an integer >= 1, got {max_per_layer!r}")
     if hasattr(profile, "top") and hasattr(profile, "num_experts"):
         ranked = profile.top(sum(profile.num_experts))

@@ -67,7 +67,7 @@ __all__ = ["BAMConfig", "BAMPatch", "BAMRouter", "ExpertLinear", "ExpertOutputLi
 _NOT_PRE_NORM = {
     "post_norm": "post-norm blocks (norms after attention and MLP)",
     "sandwich": "sandwich norms (post_attention_layernorm normalises the attention output, plus pre/post feed-forward "
-                "norms)",
+    "norms)",
     "parallel": "parallel blocks (one input norm feeds attention and MLP)",
     "other": "decoder layers not known to be sequential pre-norm blocks",
 }
@@ -81,40 +81,57 @@ _BLOCK_INPUT = "_zoo_bam_block_input"
 class BAMConfig(PatchConfig):
     num_experts: int = field(
         default=2,
-        metadata={"help": "attention experts N per patched layer. Expert 0 is the layer's own attention; "
-                  "experts 1..N-1 start as copies of it (plus expert_noise) unless the upcycler fills them.", "ge": 2},
+        metadata={
+            "help": "attention experts N per patched layer. Expert 0 is the layer's own attention; "
+            "experts 1..N-1 start as copies of it (plus expert_noise) unless the upcycler fills them.",
+            "ge": 2,
+        },
     )
     routing: Literal["soft", "top_k"] = field(
         default="soft",
-        metadata={"help": "soft: every token mixes all experts with softmax gates (the paper's choice); top_k: the "
-                  "softmax over the top_k router logits only (the paper's ablation; all experts are still computed)."},
+        metadata={
+            "help": "soft: every token mixes all experts with softmax gates (the paper's choice); top_k: the "
+            "softmax over the top_k router logits only (the paper's ablation; all experts are still computed)."
+        },
     )
     top_k: int | None = field(
         default=None,
-        metadata={"help": "experts mixed per token with routing='top_k'. Default 1. "
-                  "Only for routing='top_k'.", "ge": 1, "le": other("num_experts")},
+        metadata={
+            "help": "experts mixed per token with routing='top_k'. Default 1. Only for routing='top_k'.",
+            "ge": 1,
+            "le": other("num_experts"),
+        },
     )
     kv: Literal["experts", "shared"] = field(
         default="experts",
-        metadata={"help": "experts: each expert has its own Q/K/V/O (N x KV cache); shared: only Q and O are per "
-                  "expert, K/V and the KV cache are shared (the paper's KV-sharing variant)."},
+        metadata={
+            "help": "experts: each expert has its own Q/K/V/O (N x KV cache); shared: only Q and O are per "
+            "expert, K/V and the KV cache are shared (the paper's KV-sharing variant)."
+        },
     )
     parallel_block: bool = field(
         default=False,
-        metadata={"help": "rewire the patched decoder layers as parallel blocks, y = x + Attn(LN1(x)) + "
-                  "MLP(LN2(x)), as BAM's seed models. Changes a sequential model's outputs: needs tuning. Only for "
-                  "pre-norm families (not olmo2, gemma3)."},
+        metadata={
+            "help": "rewire the patched decoder layers as parallel blocks, y = x + Attn(LN1(x)) + "
+            "MLP(LN2(x)), as BAM's seed models. Changes a sequential model's outputs: needs tuning. Only for "
+            "pre-norm families (not olmo2, gemma3)."
+        },
     )
     expert_noise: float = field(
         default=0.0,
-        metadata={"help": "std of the Gaussian noise added to the copied experts' weights, relative to each weight "
-                  "matrix's std (breaks the symmetry of identical copies; 0 = exact copies). Biases are copied.",
-                  "ge": 0},
+        metadata={
+            "help": "std of the Gaussian noise added to the copied experts' weights, relative to each weight "
+            "matrix's std (breaks the symmetry of identical copies; 0 = exact copies). Biases are copied.",
+            "ge": 0,
+        },
     )
     router_init_std: float | None = field(
         default=None,
-        metadata={"help": "std of the attention router's normal initialisation (0 = uniform gates). Default: "
-                  "the model's initializer_range, as the paper's randomly initialised routers.", "ge": 0},
+        metadata={
+            "help": "std of the attention router's normal initialisation (0 = uniform gates). Default: "
+            "the model's initializer_range, as the paper's randomly initialised routers.",
+            "ge": 0,
+        },
     )
 
 
@@ -228,8 +245,10 @@ class ExpertLinear(nn.Linear, _Experts):
 
     def extra_repr(self) -> str:
         order = "kv-head-major" if self.kv_layout else "expert-major"
-        return (f"in_features={self.in_features}, out_features={self.out_features} ({self.num_experts} experts x "
-                f"{self.expert_out_features}, {order}), bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features} ({self.num_experts} experts x "
+            f"{self.expert_out_features}, {order}), bias={self.bias is not None}"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.cat([F.linear(x, self.weight, self.bias), self.extra_experts(x)], dim=-1)  # [..., N * out]
@@ -263,8 +282,10 @@ class ExpertOutputLinear(nn.Linear, _Experts):
         self.__dict__[_EXPERTS] = experts
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features} ({self.num_experts} experts x {self.expert_in_features}), "
-                f"out_features={self.out_features}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features} ({self.num_experts} experts x {self.expert_in_features}), "
+            f"out_features={self.out_features}, bias={self.bias is not None}"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gates = self.__dict__.pop(_GATES, None)
@@ -303,8 +324,15 @@ class BAMRouter(nn.Module):
     add its output to the gates.
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, routing: str, top_k: int | None,
-                 dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        routing: str,
+        top_k: int | None,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=dtype, device=device))
         self.num_experts = num_experts
@@ -382,8 +410,10 @@ def _linear(module: nn.Module, what: str) -> nn.Linear:
 @register_patch
 class BAMPatch(Patch):
     name = "bam"
-    summary = ("BAM Mixture-of-Attention: N attention experts (own Q/K/V/O or shared K/V) mixed by a soft (or top-k) "
-               "router on the attention input.")
+    summary = (
+        "BAM Mixture-of-Attention: N attention experts (own Q/K/V/O or shared K/V) mixed by a soft (or top-k) "
+        "router on the attention input."
+    )
     config_class = BAMConfig
     capabilities = Capabilities(training_free=False, new_params=True, kv_cache=True, generate=True)
     # the stacked heads change what the attention function sees: a patch of the attention function (MoH's head
@@ -395,11 +425,15 @@ class BAMPatch(Patch):
             return f"its {family.attention.kind} attention has no per-head q/k/v/o projections to turn into experts"
         if family.attention.qk_norm_scope == "projection":
             q_norm, k_norm = family.attention.qk_norm
-            return (f"its {q_norm}/{k_norm} normalise the whole projection (num_heads * head_dim), so extra attention "
-                    "experts cannot share it")
+            return (
+                f"its {q_norm}/{k_norm} normalise the whole projection (num_heads * head_dim), so extra attention "
+                "experts cannot share it"
+            )
         if family.attention.sinks:
-            return (f"its attention sinks (`{family.attention.sinks}`) are one learned logit per head, which extra "
-                    "attention experts do not have")
+            return (
+                f"its attention sinks (`{family.attention.sinks}`) are one learned logit per head, which extra "
+                "attention experts do not have"
+            )
         return None
 
     def validate(self, config: BAMConfig, family: FamilySpec, model_config: PretrainedConfig) -> BAMConfig:
@@ -407,8 +441,9 @@ class BAMPatch(Patch):
         if config.routing == "top_k":
             top_k = 1 if top_k is None else top_k
         elif top_k is not None:
-            raise InvalidOptionError(f"bam: top_k={top_k} is only used with routing='top_k' (routing='soft' mixes "
-                                     "all experts).")
+            raise InvalidOptionError(
+                f"bam: top_k={top_k} is only used with routing='top_k' (routing='soft' mixes all experts)."
+            )
         std = config.router_init_std
         if std is None:
             std = float(getattr(model_config, "initializer_range", None) or 0.02)
@@ -442,7 +477,8 @@ class BAMPatch(Patch):
             if config.parallel_block:
                 layer = decoder_layers[i]
                 if not all(hasattr(layer, a) for a in ("input_layernorm", "post_attention_layernorm")) or any(
-                        hasattr(layer, a) for a in _SANDWICH_NORMS):
+                    hasattr(layer, a) for a in _SANDWICH_NORMS
+                ):
                     raise UnsupportedArchitectureError(
                         f"bam parallel_block: layer {i} is not a pre-norm block (input_layernorm, "
                         "post_attention_layernorm and no pre/post feed-forward norms)."

@@ -46,16 +46,33 @@ MAX_LSH_PROJS = 16
 
 @dataclass
 class HyperAttentionConfig(PatchConfig):
-    block_size: int = field(default=256, metadata={"help": "keys per sortLSH block of the block-diagonal part "
-                                                   "(paper: 256).", "ge": 1, "le": POSITIONS})
-    sample_size: int = field(default=256, metadata={"help": "keys sampled uniformly for the residual part "
-                                                    "(paper: 256).", "ge": 1, "le": POSITIONS})
-    lsh_num_projs: int = field(default=7, metadata={"help": "Gaussian projections of the angular LSH, 2^r buckets "
-                                                    "(paper: 7).", "ge": 1, "le": MAX_LSH_PROJS})
-    min_seq_len: int = field(default=4096, metadata={"help": "exact attention up to this many tokens (whole inputs "
-                                                     "and the causal recursion's leaves; paper: 4096).", "ge": 1})
-    seed: int = field(default=0, metadata={"help": "seed of the LSH projections and samples (layer i uses seed + i).",
-                                           "ge": 0})
+    block_size: int = field(
+        default=256,
+        metadata={"help": "keys per sortLSH block of the block-diagonal part (paper: 256).", "ge": 1, "le": POSITIONS},
+    )
+    sample_size: int = field(
+        default=256,
+        metadata={"help": "keys sampled uniformly for the residual part (paper: 256).", "ge": 1, "le": POSITIONS},
+    )
+    lsh_num_projs: int = field(
+        default=7,
+        metadata={
+            "help": "Gaussian projections of the angular LSH, 2^r buckets (paper: 7).",
+            "ge": 1,
+            "le": MAX_LSH_PROJS,
+        },
+    )
+    min_seq_len: int = field(
+        default=4096,
+        metadata={
+            "help": "exact attention up to this many tokens (whole inputs "
+            "and the causal recursion's leaves; paper: 4096).",
+            "ge": 1,
+        },
+    )
+    seed: int = field(
+        default=0, metadata={"help": "seed of the LSH projections and samples (layer i uses seed + i).", "ge": 0}
+    )
 
 
 def _row(query, key, value, real, options):
@@ -67,16 +84,33 @@ def _row(query, key, value, real, options):
     return query.new_zeros(*query.shape[:2], value.shape[-1]).index_copy(1, index, out)
 
 
-def hyper_attention_handler(base, module, query, key, value, attention_mask, *, config: HyperAttentionConfig,
-                            seed: int, tracker: PaddingTracker, **kwargs):
+def hyper_attention_handler(
+    base,
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    *,
+    config: HyperAttentionConfig,
+    seed: int,
+    tracker: PaddingTracker,
+    **kwargs,
+):
     """Attention handler of a HyperAttention layer (see `hf_attn_zoo.kernels.register`)."""
     length = query.shape[2]
     check_length(module, key.shape[2])
     if key.shape[2] != length or length <= config.min_seq_len:
         return base(module, query, key, value, attention_mask, **kwargs)
-    options = dict(scaling=kwargs.get("scaling"), causal=True, block_size=config.block_size,
-                   sample_size=config.sample_size, lsh_num_projs=config.lsh_num_projs,
-                   min_seq_len=config.min_seq_len, seed=seed)
+    options = dict(
+        scaling=kwargs.get("scaling"),
+        causal=True,
+        block_size=config.block_size,
+        sample_size=config.sample_size,
+        lsh_num_projs=config.lsh_num_projs,
+        min_seq_len=config.min_seq_len,
+        seed=seed,
+    )
     padding = tracker.padding(attention_mask, query.shape[0], length)
     if padding is None:
         out = hyper_attention(query, key, value, **options)
@@ -97,7 +131,7 @@ def _positions_from_first_real_token(module, args, kwargs):
     inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
     if inputs is None:
         return None
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -inputs.shape[1]:]
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -inputs.shape[1] :]
     return args, {**kwargs, "position_ids": positions}
 
 
@@ -126,16 +160,21 @@ class HyperAttentionPatch(Patch):
         if reason is not None:
             return reason
         if all(_local_window(model_config, i) is not None for i in range(_num_layers(model_config))):
-            return (f"every layer attends only its own sliding window of {model_window(model_config, 0)} tokens "
-                    "(already local); HyperAttention approximates global attention")
+            return (
+                f"every layer attends only its own sliding window of {model_window(model_config, 0)} tokens "
+                "(already local); HyperAttention approximates global attention"
+            )
         return None
 
-    def apply(self, model, config: HyperAttentionConfig, family: FamilySpec, layers: list[int],
-              handle: PatchHandle) -> None:
+    def apply(
+        self, model, config: HyperAttentionConfig, family: FamilySpec, layers: list[int], handle: PatchHandle
+    ) -> None:
         global_layers = [i for i in layers if _local_window(model.config, i) is None]
         if not global_layers:
-            raise InvalidOptionError(f"hyper_attention: layers {layers} all attend their own sliding window (already "
-                                     "local); select global-attention layers.")
+            raise InvalidOptionError(
+                f"hyper_attention: layers {layers} all attend their own sliding window (already "
+                "local); select global-attention layers."
+            )
         tracker = PaddingTracker()
         for hook in tracker.install(model):
             handle.on_revert(hook.remove)
@@ -143,8 +182,9 @@ class HyperAttentionPatch(Patch):
         handle.on_revert(hook.remove)
         for index in global_layers:
             attention = family.attention_module(model, index)
-            handler = functools.partial(hyper_attention_handler, config=config, seed=config.seed + index,
-                                        tracker=tracker)
+            handler = functools.partial(
+                hyper_attention_handler, config=config, seed=config.seed + index, tracker=tracker
+            )
             install_handler(model, attention, handler)
             handle.on_revert(lambda a=attention: remove_handler(model, a))
 

@@ -57,25 +57,57 @@ __all__ = ["MoAConfig", "MoAPatch", "moa_attention_handler"]
 
 @dataclass
 class MoAConfig(PatchConfig):
-    plan: str | dict | None = field(default=None, metadata={"help": "a plan JSON file (from `hf-attn-zoo moa search`) "
-                                                            "or its dict; stored inline in the config once patched."})
-    alpha: float | None = field(default=None, metadata={"help": "without a plan: every head's span offset "
-                                                        "(default 0)."})
-    beta: float | None = field(default=None, metadata={"help": "without a plan: every head's share of the reference "
-                                                       "length (default 0.5, MoA's StreamingLLM baseline).",
-                                                       "ge": 0, "le": 1})
-    sinks: int | None = field(default=None, metadata={"help": "initial tokens of each span (default: the plan's, else "
-                                                      "64, MoA's value); clipped to span - 1.", "ge": 0})
-    length: int | None = field(default=None, metadata={"help": "reference length N of S(N) = alpha + beta * N "
-                                                       "(default: the plan's, else max_position_embeddings).", "ge": 1})
+    plan: str | dict | None = field(
+        default=None,
+        metadata={
+            "help": "a plan JSON file (from `hf-attn-zoo moa search`) "
+            "or its dict; stored inline in the config once patched."
+        },
+    )
+    alpha: float | None = field(
+        default=None, metadata={"help": "without a plan: every head's span offset (default 0)."}
+    )
+    beta: float | None = field(
+        default=None,
+        metadata={
+            "help": "without a plan: every head's share of the reference "
+            "length (default 0.5, MoA's StreamingLLM baseline).",
+            "ge": 0,
+            "le": 1,
+        },
+    )
+    sinks: int | None = field(
+        default=None,
+        metadata={
+            "help": "initial tokens of each span (default: the plan's, else 64, MoA's value); clipped to span - 1.",
+            "ge": 0,
+        },
+    )
+    length: int | None = field(
+        default=None,
+        metadata={
+            "help": "reference length N of S(N) = alpha + beta * N "
+            "(default: the plan's, else max_position_embeddings).",
+            "ge": 1,
+        },
+    )
     granularity: Literal["kv_head", "head"] | None = field(
-        default=None, metadata={"help": "without a plan: one rule per KV head ('kv_head', default; GQA groups share it "
-                                "and the cache shrinks) or per query head ('head')."})
-    bounded_cache: bool = field(default=True, metadata={"help": "decode with per-head caches that keep only each "
-                                                        "head's sinks and window."})
+        default=None,
+        metadata={
+            "help": "without a plan: one rule per KV head ('kv_head', default; GQA groups share it "
+            "and the cache shrinks) or per query head ('head')."
+        },
+    )
+    bounded_cache: bool = field(
+        default=True, metadata={"help": "decode with per-head caches that keep only each head's sinks and window."}
+    )
     backend: Literal["auto", "flex", "blocks", "masked"] = field(
-        default="auto", metadata={"help": "auto (one masked SDPA for short inputs; else gathered-block SDPA on CPU, "
-                                  "compiled flex on a GPU), or force one."})
+        default="auto",
+        metadata={
+            "help": "auto (one masked SDPA for short inputs; else gathered-block SDPA on CPU, "
+            "compiled flex on a GPU), or force one."
+        },
+    )
 
 
 def _plan_of(config: MoAConfig, model_config: PretrainedConfig) -> MoAPlan:
@@ -84,24 +116,48 @@ def _plan_of(config: MoAConfig, model_config: PretrainedConfig) -> MoAPlan:
     return uniform_plan(model_config, config.alpha, config.beta, config.granularity, config.sinks, config.length)
 
 
-def moa_attention_handler(base, module, query, key, value, attention_mask, *, rules: LayerRules,
-                          tracker: PaddingTracker, backend: Backend, **kwargs):
+def moa_attention_handler(
+    base,
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    *,
+    rules: LayerRules,
+    tracker: PaddingTracker,
+    backend: Backend,
+    **kwargs,
+):
     """Attention of an MoA layer: one sparse call with the layer's per-head pattern, or one per cache bucket."""
     layer = current_kv_layer(module)
     if not isinstance(layer, MoACacheLayer):
-        out = attend_pattern(module, query, key, value, attention_mask, layer, rules.pattern, tracker, backend,
-                             **kwargs)
+        out = attend_pattern(
+            module, query, key, value, attention_mask, layer, rules.pattern, tracker, backend, **kwargs
+        )
         return out, None
     check_length(module, layer.seen)
     padding = tracker.padding(attention_mask, query.shape[0], layer.seen)
-    options = {"scaling": kwargs.get("scaling"), "padding": padding, "dropout": kwargs.get("dropout", 0.0) or 0.0,
-               "backend": backend}
+    options = {
+        "scaling": kwargs.get("scaling"),
+        "padding": padding,
+        "dropout": kwargs.get("dropout", 0.0) or 0.0,
+        "backend": backend,
+    }
     layer.pad = int(left_padding(padding, query.shape[0], query.device).max())
     outs = []
     for i, bucket in enumerate(rules.buckets):
         positions = None if layer.bucket_contiguous(i) else layer.bucket_positions[i]
-        outs.append(sparse_attention(query[:, bucket.q_heads.to(query.device)], layer.bucket_keys[i],
-                                     layer.bucket_values[i], bucket.pattern, key_positions=positions, **options))
+        outs.append(
+            sparse_attention(
+                query[:, bucket.q_heads.to(query.device)],
+                layer.bucket_keys[i],
+                layer.bucket_values[i],
+                bucket.pattern,
+                key_positions=positions,
+                **options,
+            )
+        )
     layer.evict()
     return torch.cat(outs, dim=2)[:, :, rules.inverse.to(query.device)], None
 
@@ -132,8 +188,10 @@ class MoAPatch(Patch):
             plan, source = load_plan(config.plan)
             plan.check_model(model_config, source)
             if config.granularity is not None and config.granularity != plan.granularity:
-                raise InvalidOptionError(f"moa: granularity={config.granularity!r} contradicts {source} "
-                                         f"({plan.granularity!r}); leave granularity unset with a plan.")
+                raise InvalidOptionError(
+                    f"moa: granularity={config.granularity!r} contradicts {source} "
+                    f"({plan.granularity!r}); leave granularity unset with a plan."
+                )
             config.plan, config.granularity = plan.to_dict(), plan.granularity
             sinks, length = plan.sinks, plan.length
         else:
@@ -144,8 +202,9 @@ class MoAPatch(Patch):
         config.sinks = sinks if config.sinks is None else config.sinks
         config.length = config.length or length or limit or None
         if config.length is None:
-            raise InvalidOptionError("moa: this model has no max_position_embeddings to default the reference length "
-                                     "N to, so pass `length`.")
+            raise InvalidOptionError(
+                "moa: this model has no max_position_embeddings to default the reference length N to, so pass `length`."
+            )
         _plan_of(config, model_config).check_spans(config.length, source)
         return config
 
@@ -156,8 +215,11 @@ class MoAPatch(Patch):
         for hook in tracker.install(model):
             handle.on_revert(hook.remove)
         for index in layers:
-            rules = LayerRules(plan.query_head_rules(index, config.length, config.sinks), num_kv_heads,
-                               model_window(model.config, index))
+            rules = LayerRules(
+                plan.query_head_rules(index, config.length, config.sinks),
+                num_kv_heads,
+                model_window(model.config, index),
+            )
             attention = family.attention_module(model, index)
             handler = functools.partial(moa_attention_handler, rules=rules, tracker=tracker, backend=config.backend)
             install_handler(model, attention, handler)
@@ -168,4 +230,3 @@ class MoAPatch(Patch):
 
     def neutral_config(self, family: FamilySpec, model_config: PretrainedConfig) -> MoAConfig:
         return MoAConfig(alpha=0.0, beta=1.0, sinks=0, length=max_positions(model_config))
-

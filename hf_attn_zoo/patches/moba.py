@@ -48,21 +48,47 @@ __all__ = ["MoBAConfig", "MoBAKeyConv", "MoBAPatch"]
 
 @dataclass
 class MoBAConfig(PatchConfig):
-    block_size: int = field(default=512, metadata={"help": "tokens per key block (paper scaling-law setting: 512; "
-                                                   "FlashMoBA: smaller blocks route better).",
-                                                   "ge": 1, "le": POSITIONS})
-    top_k: int = field(default=3, metadata={"help": "blocks each query attends, its own block included (paper: 3).",
-                                            "ge": 1, "le": blocks_of("block_size")})
-    key_conv: int = field(default=0, metadata={"help": "FlashMoBA key convolution: kernel size of a depthwise causal "
-                                               "convolution on the keys (e.g. 3 or 5), identity-initialised; 0 = "
-                                               "off.", "ge": 0, "le": other("block_size")})
+    block_size: int = field(
+        default=512,
+        metadata={
+            "help": "tokens per key block (paper scaling-law setting: 512; FlashMoBA: smaller blocks route better).",
+            "ge": 1,
+            "le": POSITIONS,
+        },
+    )
+    top_k: int = field(
+        default=3,
+        metadata={
+            "help": "blocks each query attends, its own block included (paper: 3).",
+            "ge": 1,
+            "le": blocks_of("block_size"),
+        },
+    )
+    key_conv: int = field(
+        default=0,
+        metadata={
+            "help": "FlashMoBA key convolution: kernel size of a depthwise causal "
+            "convolution on the keys (e.g. 3 or 5), identity-initialised; 0 = "
+            "off.",
+            "ge": 0,
+            "le": other("block_size"),
+        },
+    )
     decode: Literal["dense", "sparse"] = field(
-        default="dense", metadata={"help": "calls with a KV cache: dense (full attention over the cache, as the "
-                                   "paper evaluates) or sparse (the same block selection: decoding equals the full "
-                                   "forward)."})
+        default="dense",
+        metadata={
+            "help": "calls with a KV cache: dense (full attention over the cache, as the "
+            "paper evaluates) or sparse (the same block selection: decoding equals the full "
+            "forward)."
+        },
+    )
     backend: Literal["auto", "masked", "gather", "flex"] = field(
-        default="auto", metadata={"help": "auto (one masked SDPA for short inputs, gather-and-densify otherwise), "
-                                  "or force one; flex (compiled FlexAttention) is inference-only on CPU."})
+        default="auto",
+        metadata={
+            "help": "auto (one masked SDPA for short inputs, gather-and-densify otherwise), "
+            "or force one; flex (compiled FlexAttention) is inference-only on CPU."
+        },
+    )
 
 
 class MoBAKeyConv(nn.Module):
@@ -74,8 +100,15 @@ class MoBAKeyConv(nn.Module):
     keys' projection when patched.
     """
 
-    def __init__(self, kv_heads: int, channel_map: list[int], kernel_size: int, *, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None):
+    def __init__(
+        self,
+        kv_heads: int,
+        channel_map: list[int],
+        kernel_size: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
         super().__init__()
         weight = torch.zeros(kv_heads, max(channel_map) + 1, kernel_size, dtype=dtype, device=device)
         weight[..., -1] = 1.0
@@ -88,13 +121,16 @@ class MoBAKeyConv(nn.Module):
 
     def forward(self, key: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
         if key.shape[1] != self.weight.shape[0] or key.shape[-1] != len(self.channel_map):
-            raise ValueError(f"moba key convolution expects keys with {self.weight.shape[0]} heads of size "
-                             f"{len(self.channel_map)}, got {tuple(key.shape)}")
+            raise ValueError(
+                f"moba key convolution expects keys with {self.weight.shape[0]} heads of size "
+                f"{len(self.channel_map)}, got {tuple(key.shape)}"
+            )
         return causal_key_conv(key, self.weight[:, self.channel_map], padding)
 
 
-def _moba_handler(base, module, query, key, value, attention_mask, *, config: MoBAConfig, tracker: PaddingTracker,
-                  **kwargs):
+def _moba_handler(
+    base, module, query, key, value, attention_mask, *, config: MoBAConfig, tracker: PaddingTracker, **kwargs
+):
     """Attention handler of a MoBA layer (see `hf_attn_zoo.kernels.register`)."""
     batch, _, q_len, _ = query.shape
     total = key.shape[2]
@@ -107,9 +143,18 @@ def _moba_handler(base, module, query, key, value, attention_mask, *, config: Mo
     longest = total - int(left_padding(padding, batch, query.device).min())
     if (q_len < total and config.decode == "dense") or -(-longest // config.block_size) <= config.top_k:
         return base(module, query, key, value, attention_mask, **kwargs)
-    out = moba_attention(query, key, value, block_size=config.block_size, top_k=config.top_k,
-                         scaling=kwargs.get("scaling"), padding=padding, window=kwargs.get("sliding_window"),
-                         dropout=kwargs.get("dropout", 0.0) or 0.0, backend=config.backend)
+    out = moba_attention(
+        query,
+        key,
+        value,
+        block_size=config.block_size,
+        top_k=config.top_k,
+        scaling=kwargs.get("scaling"),
+        padding=padding,
+        window=kwargs.get("sliding_window"),
+        dropout=kwargs.get("dropout", 0.0) or 0.0,
+        backend=config.backend,
+    )
     return out, None
 
 
@@ -144,8 +189,11 @@ def _key_channels(family: FamilySpec, model_config: PretrainedConfig) -> tuple[i
     factor = getattr(text, "partial_rotary_factor", None) or rope.get("partial_rotary_factor") or 1.0
     rotary = int(layout.head_dim * factor)
     free = [rotary // 2 + c for c in range(layout.head_dim - rotary)]
-    pairs = [c // 2 for c in range(rotary)] if family.attention.rope == "interleaved" else [
-        c % (rotary // 2) for c in range(rotary)]
+    pairs = (
+        [c // 2 for c in range(rotary)]
+        if family.attention.rope == "interleaved"
+        else [c % (rotary // 2) for c in range(rotary)]
+    )
     return layout.num_kv_heads, pairs + free
 
 

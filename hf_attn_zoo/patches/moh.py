@@ -57,50 +57,70 @@ SHARED_FRACTION = 0.5
 class MoHConfig(PatchConfig):
     router: Literal["learned", "qnorm", "onorm"] = field(
         default="learned",
-        metadata={"help": "learned (Eq. 5), qnorm (MoH-LLaMA3, training-free) or onorm (attention-output norm, "
-                  "training-free)."},
+        metadata={
+            "help": "learned (Eq. 5), qnorm (MoH-LLaMA3, training-free) or onorm (attention-output norm, "
+            "training-free)."
+        },
     )
     shared_heads: int | None = field(
         default=None,
-        metadata={"help": "always-active heads (the first ones). Default: half of the heads (learned, qnorm), "
-                  "0 (onorm).", "ge": 0, "le": QUERY_HEADS},
+        metadata={
+            "help": "always-active heads (the first ones). Default: half of the heads (learned, qnorm), 0 (onorm).",
+            "ge": 0,
+            "le": QUERY_HEADS,
+        },
     )
     routed_heads: int | None = field(
         default=None,
-        metadata={"help": "heads a token routes over (after the shared ones); heads beyond shared+routed are never "
-                  "used. Default: all remaining heads.", "ge": 0, "le": QUERY_HEADS},
+        metadata={
+            "help": "heads a token routes over (after the shared ones); heads beyond shared+routed are never "
+            "used. Default: all remaining heads.",
+            "ge": 0,
+            "le": QUERY_HEADS,
+        },
     )
     top_k: int | None = field(
         default=None,
-        metadata={"help": "active routed heads per token. Default: 75% of all heads active in total.",
-                  "ge": 1, "le": QUERY_HEADS},
+        metadata={
+            "help": "active routed heads per token. Default: 75% of all heads active in total.",
+            "ge": 1,
+            "le": QUERY_HEADS,
+        },
     )
     gate: Literal["weighted", "binary"] = field(
         default="binary",
-        metadata={"help": "binary (0/1 with straight-through gradients, Eq. 9-10, as MoH-LLaMA3) or weighted (Eq. 5 "
-                  "gates; learned router only). Binary keeps a pretrained model's output scale: measured on "
-                  "SmolLM2 it starts closer to the dense model and decodes faster."},
+        metadata={
+            "help": "binary (0/1 with straight-through gradients, Eq. 9-10, as MoH-LLaMA3) or weighted (Eq. 5 "
+            "gates; learned router only). Binary keeps a pretrained model's output scale: measured on "
+            "SmolLM2 it starts closer to the dense model and decodes faster."
+        },
     )
     granularity: Literal["head", "group"] = field(
         default="head",
-        metadata={"help": "route over query heads, or over whole KV groups (GQA-aware: an unselected group's KV "
-                  "cache is not read when decoding). In group mode head counts must be multiples of the group "
-                  "size."},
+        metadata={
+            "help": "route over query heads, or over whole KV groups (GQA-aware: an unselected group's KV "
+            "cache is not read when decoding). In group mode head counts must be multiples of the group "
+            "size."
+        },
     )
     balance_loss_weight: float = field(
-        default=0.01, metadata={"help": "weight of the load-balance loss (Eq. 8), averaged over patched layers.",
-                                "ge": 0}
+        default=0.01,
+        metadata={"help": "weight of the load-balance loss (Eq. 8), averaged over patched layers.", "ge": 0},
     )
     decode_skip: Literal["auto", "always", "never"] = field(
         default="auto",
-        metadata={"help": "skip unselected heads in the decode step: auto (only where it reads less KV than dense "
-                  "and the context is long enough to pay), always, never (mask only)."},
+        metadata={
+            "help": "skip unselected heads in the decode step: auto (only where it reads less KV than dense "
+            "and the context is long enough to pay), always, never (mask only)."
+        },
     )
     skip_min_unread_kv: int = field(
         default=1024,
-        metadata={"help": "decode_skip=auto: skip only when the KV positions left unread per KV head (context length "
-                  "x fraction of KV groups unselected) reach this; below it the per-call overhead costs more.",
-                  "ge": 0},
+        metadata={
+            "help": "decode_skip=auto: skip only when the KV positions left unread per KV head (context length "
+            "x fraction of KV groups unselected) reach this; below it the per-call overhead costs more.",
+            "ge": 0,
+        },
     )
 
 
@@ -117,8 +137,9 @@ class _Units:
 
 def _units(config: MoHConfig, layout: HeadLayout) -> _Units:
     size = layout.group_size if config.granularity == "group" else 1
-    return _Units(layout.num_heads // size, config.shared_heads // size, config.routed_heads // size,
-                  config.top_k // size, size)
+    return _Units(
+        layout.num_heads // size, config.shared_heads // size, config.routed_heads // size, config.top_k // size, size
+    )
 
 
 class MoHRouter(nn.Module):
@@ -129,8 +150,15 @@ class MoHRouter(nn.Module):
     q_proj weight's); the gates are computed in float32 whatever the weights' dtype.
     """
 
-    def __init__(self, hidden_size: int, layout: HeadLayout, config: MoHConfig, *,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        hidden_size: int,
+        layout: HeadLayout,
+        config: MoHConfig,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
         super().__init__()
         self.config = config
         self.layout = layout
@@ -155,8 +183,10 @@ class MoHRouter(nn.Module):
 
     def extra_repr(self) -> str:
         u = self.units
-        return (f"router={self.config.router}, gate={self.config.gate}, granularity={self.config.granularity}, "
-                f"shared={u.shared}, routed={u.routed}, top_k={u.top_k} (units of {u.size} head(s))")
+        return (
+            f"router={self.config.router}, gate={self.config.gate}, granularity={self.config.granularity}, "
+            f"shared={u.shared}, routed={u.routed}, top_k={u.top_k} (units of {u.size} head(s))"
+        )
 
     def reset_usage(self) -> None:
         # plain attributes, not buffers: statistics are not saved with the model; the counts are made by the first
@@ -215,8 +245,9 @@ class MoHRouter(nn.Module):
             return self._unit_norms(query.float().norm(dim=-1).transpose(1, 2))  # query [B, H, T, D]
         return self._unit_norms(head_out.float().norm(dim=-1))  # head_out [B, T, H, D]
 
-    def forward(self, hidden: torch.Tensor, query: torch.Tensor | None = None,
-                head_out: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, query: torch.Tensor | None = None, head_out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Head gates `[B, T, H]` for the attention input `hidden` `[B, T, C]` (Eq. 5)."""
         u = self.units
         mode = self.teacher or self.config.router
@@ -250,8 +281,12 @@ class MoHRouter(nn.Module):
         self._record_usage(gates)
         if self.teacher is not None:
             # distill_router only runs on routers with routed heads, so `scores` holds the teacher's norms
-            self.distill_buffer.append((hidden.detach().reshape(-1, hidden.shape[-1]).cpu(),
-                                        scores.detach().reshape(-1, scores.shape[-1]).cpu()))
+            self.distill_buffer.append(
+                (
+                    hidden.detach().reshape(-1, hidden.shape[-1]).cpu(),
+                    scores.detach().reshape(-1, scores.shape[-1]).cpu(),
+                )
+            )
         return gates
 
     def _routed_gates(self, scores: torch.Tensor, mode: str) -> torch.Tensor:
@@ -339,8 +374,11 @@ def _head_sparse_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tenso
     if stash is None or stash[0] != x.data_ptr():
         return F.linear(x, self.weight, self.bias)
     head_dim = x.shape[-1] // self._zoo_num_heads
-    out = x.new_zeros(*x.shape[:-1], self.weight.shape[0]) if self.bias is None else self.bias.expand(
-        *x.shape[:-1], -1).clone()
+    out = (
+        x.new_zeros(*x.shape[:-1], self.weight.shape[0])
+        if self.bias is None
+        else self.bias.expand(*x.shape[:-1], -1).clone()
+    )
     for start, stop in stash[1]:
         cols = slice(start * head_dim, stop * head_dim)
         out = out + x[..., cols] @ self.weight[:, cols].T
@@ -354,8 +392,9 @@ def _capture_hidden(module, args, kwargs):
 @register_patch
 class MoHPatch(Patch):
     name = "moh"
-    summary = ("Mixture-of-Head attention: shared + top-k routed heads per token (learned, query-norm or output-norm "
-               "router).")
+    summary = (
+        "Mixture-of-Head attention: shared + top-k routed heads per token (learned, query-norm or output-norm router)."
+    )
     config_class = MoHConfig
     capabilities = Capabilities(training_free=False, new_params=True, kv_cache=True, generate=True)
     targets = ("attention_fn",)
@@ -365,8 +404,10 @@ class MoHPatch(Patch):
             return f"its {family.attention.kind} attention has no per-head q/k/v/o projections to gate"
         if family.attention.sinks:
             # the zoo dispatcher's eager fallback is Llama's, which ignores attention sinks (GPT-OSS's `s_aux`)
-            return (f"its attention sinks (`{family.attention.sinks}`) live in its own eager attention function, "
-                    "which the zoo dispatcher bypasses")
+            return (
+                f"its attention sinks (`{family.attention.sinks}`) live in its own eager attention function, "
+                "which the zoo dispatcher bypasses"
+            )
         return None
 
     def validate(self, config: MoHConfig, family: FamilySpec, model_config: PretrainedConfig) -> MoHConfig:
@@ -388,18 +429,21 @@ class MoHPatch(Patch):
         if shared + routed > layout.num_heads:
             raise InvalidOptionError(
                 f"moh: shared_heads + routed_heads = {shared} + {routed} exceeds the {layout.num_heads} heads of "
-                "this model.")
+                "this model."
+            )
         if top_k > routed:
             raise InvalidOptionError(f"moh: top_k={top_k} active heads cannot exceed routed_heads={routed}.")
         if routed and not top_k:
             raise InvalidOptionError(
                 f"moh: with shared_heads={shared} no routed head would ever be active (top_k resolves to 0 of "
-                f"routed_heads={routed}); give top_k >= 1, or routed_heads=0 to keep only the shared heads.")
+                f"routed_heads={routed}); give top_k >= 1, or routed_heads=0 to keep only the shared heads."
+            )
         if shared + top_k == 0:
             raise InvalidOptionError("moh: shared_heads + top_k is 0, so no head would be active.")
         if config.gate == "weighted" and config.router != "learned":
-            raise InvalidOptionError(f"moh: gate='weighted' needs router='learned'; the {config.router} router "
-                                     "uses binary gates.")
+            raise InvalidOptionError(
+                f"moh: gate='weighted' needs router='learned'; the {config.router} router uses binary gates."
+            )
         return replace(config, shared_heads=shared, routed_heads=routed, top_k=top_k)
 
     def apply(self, model, config: MoHConfig, family: FamilySpec, layers: list[int], handle: PatchHandle) -> None:
@@ -450,8 +494,9 @@ def moh_routers(model: nn.Module) -> dict[str, MoHRouter]:
     return {name: m for name, m in model.named_modules() if isinstance(m, MoHRouter)}
 
 
-def distill_router(model: nn.Module, batches, steps: int = 200, lr: float = 1e-2,
-                   temperature: float = 1.0) -> dict[str, float]:
+def distill_router(
+    model: nn.Module, batches, steps: int = 200, lr: float = 1e-2, temperature: float = 1.0
+) -> dict[str, float]:
     """Fit every learned MoH router to the output-norm ranking (the training-free `onorm` router) on real text.
 
     Runs the model over `batches` (dicts with `input_ids`, optionally `attention_mask`) with output-norm routing,
@@ -497,5 +542,9 @@ def distill_router(model: nn.Module, batches, steps: int = 200, lr: float = 1e-2
             agreements.append((picked == wanted).all(-1).float().mean().item())
         losses.append(loss.item())
     model.train(was_training)
-    return {"loss": sum(losses) / len(losses), "topk_agreement": sum(agreements) / len(agreements),
-            "layers": len(routers), "tokens": int(hidden.shape[0])}
+    return {
+        "loss": sum(losses) / len(losses),
+        "topk_agreement": sum(agreements) / len(agreements),
+        "layers": len(routers),
+        "tokens": int(hidden.shape[0]),
+    }

@@ -53,31 +53,41 @@ _LAYER_KEYS = "layer keys: decoder-layer index (int or string, as JSON writes it
 class MoTEConfig(PatchConfig):
     off: dict | None = field(
         default=None,
-        metadata={"help": "experts to switch off, {layer: [experts]}: masked before the top-k, the next-ranked "
-                  f"expert takes the place (MoTE). {_LAYER_KEYS}."},
+        metadata={
+            "help": "experts to switch off, {layer: [experts]}: masked before the top-k, the next-ranked "
+            f"expert takes the place (MoTE). {_LAYER_KEYS}."
+        },
     )
     drop: dict | None = field(
         default=None,
-        metadata={"help": "experts to drop, {layer: [experts]}: removed after the top-k, the remaining weights "
-                  "renormalised where the family renormalises; no replacement (fewer experts run)."},
+        metadata={
+            "help": "experts to drop, {layer: [experts]}: removed after the top-k, the remaining weights "
+            "renormalised where the family renormalises; no replacement (fewer experts run)."
+        },
     )
     on: dict | None = field(
         default=None,
-        metadata={"help": "experts to force on, {layer: [experts]}: always selected, replacing the lowest-ranked "
-                  "(at most top-k per layer; DeepSeek-V3: within topk_group groups)."},
+        metadata={
+            "help": "experts to force on, {layer: [experts]}: always selected, replacing the lowest-ranked "
+            "(at most top-k per layer; DeepSeek-V3: within topk_group groups)."
+        },
     )
     gain: dict | None = field(
         default=None,
-        metadata={"help": "routing-weight factors, {layer: {expert: factor}} (finite, >= 0): scale a selected "
-                  "expert's weight; a specific layer's factor wins over 'all'."},
+        metadata={
+            "help": "routing-weight factors, {layer: {expert: factor}} (finite, >= 0): scale a selected "
+            "expert's weight; a specific layer's factor wins over 'all'."
+        },
     )
 
 
 @register_patch
 class MoTEPatch(Patch):
     name = "mote"
-    summary = ("MoTE expert switching: switch MoE experts off (next one takes the place), drop them, force them on "
-               "or re-weight them, per layer; training-free.")
+    summary = (
+        "MoTE expert switching: switch MoE experts off (next one takes the place), drop them, force them on "
+        "or re-weight them, per layer; training-free."
+    )
     config_class = MoTEConfig
     capabilities = Capabilities(training_free=True, new_params=False, kv_cache=True, generate=True)
     targets = ("router",)

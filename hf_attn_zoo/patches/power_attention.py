@@ -31,15 +31,28 @@ __all__ = ["PowerAttentionConfig", "PowerAttentionPatch", "PowerPattern"]
 
 @dataclass
 class PowerAttentionConfig(PatchConfig):
-    block_size: int = field(default=256, metadata={"help": "tokens per block b (paper: 256).",
-                                                   "ge": 1, "le": POSITIONS})
-    window_blocks: int = field(default=5, metadata={"help": "local window W in blocks, the query's own included "
-                                                    "(paper: 5).", "ge": 1, "le": blocks_of("block_size")})
-    sink_blocks: int = field(default=1, metadata={"help": "initial blocks every query attends (paper: 1).",
-                                                  "ge": 0, "le": blocks_of("block_size")})
+    block_size: int = field(
+        default=256, metadata={"help": "tokens per block b (paper: 256).", "ge": 1, "le": POSITIONS}
+    )
+    window_blocks: int = field(
+        default=5,
+        metadata={
+            "help": "local window W in blocks, the query's own included (paper: 5).",
+            "ge": 1,
+            "le": blocks_of("block_size"),
+        },
+    )
+    sink_blocks: int = field(
+        default=1,
+        metadata={"help": "initial blocks every query attends (paper: 1).", "ge": 0, "le": blocks_of("block_size")},
+    )
     backend: Literal["auto", "flex", "blocks", "masked"] = field(
-        default="auto", metadata={"help": "auto (one masked SDPA for short inputs; else gathered-block SDPA on CPU, "
-                                  "compiled flex on a GPU), or force one."})
+        default="auto",
+        metadata={
+            "help": "auto (one masked SDPA for short inputs; else gathered-block SDPA on CPU, "
+            "compiled flex on a GPU), or force one."
+        },
+    )
 
 
 class PowerPattern(AttentionPattern):
@@ -47,7 +60,8 @@ class PowerPattern(AttentionPattern):
         self.block_size, self.window_blocks, self.sink_blocks = block_size, window_blocks, sink_blocks
         # tensors, so compiled FlexAttention does not specialise (and recompile) on every setting
         self._block, self._window, self._sink_end = (
-            torch.tensor(v) for v in (block_size, window_blocks, sink_blocks * block_size))
+            torch.tensor(v) for v in (block_size, window_blocks, sink_blocks * block_size)
+        )
 
     def allowed(self, q, k, head):
         d = q // self._block - k // self._block
@@ -72,8 +86,9 @@ class PowerAttentionPatch(Patch):
     def pattern(self, config: PowerAttentionConfig) -> PowerPattern:
         return PowerPattern(config.block_size, config.window_blocks, config.sink_blocks)
 
-    def apply(self, model, config: PowerAttentionConfig, family: FamilySpec, layers: list[int],
-              handle: PatchHandle) -> None:
+    def apply(
+        self, model, config: PowerAttentionConfig, family: FamilySpec, layers: list[int], handle: PatchHandle
+    ) -> None:
         pattern = self.pattern(config)
         install_pattern(model, family, layers, handle, lambda index: pattern, config.backend)
 

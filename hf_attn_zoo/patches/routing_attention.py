@@ -82,30 +82,57 @@ _ROPE_ATTR = "_zoo_rope"
 
 @dataclass
 class RoutingAttentionConfig(PatchConfig):
-    num_clusters: int = field(default=16, metadata={"help": "k-means centroids per KV head (paper: about sqrt(N)).",
-                                                    "ge": 1})
-    routing_heads: int | None = field(default=None, metadata={"help": "query heads that route (the last ones); the "
-                                                              "others are local. Default: half (paper).",
-                                                              "ge": 0, "le": QUERY_HEADS})
-    window: int = field(default=256, metadata={"help": "causal local window of every head, the query included.",
-                                               "ge": 1, "le": POSITIONS})
-    sinks: int = field(default=4, metadata={"help": "initial real tokens every query attends (0 = none).",
-                                            "ge": 0, "le": POSITIONS})
-    ema_decay: float = field(default=0.999, metadata={"help": "online k-means decay lambda (paper: 0.999).",
-                                                      "ge": 0, "lt": 1})
-    commitment_weight: float = field(default=1e-4, metadata={"help": "weight of the commitment loss ||x - mu(x)||^2 "
-                                                             "(lucidrains: 1e-4), averaged over patched layers.",
-                                                             "ge": 0})
+    num_clusters: int = field(
+        default=16, metadata={"help": "k-means centroids per KV head (paper: about sqrt(N)).", "ge": 1}
+    )
+    routing_heads: int | None = field(
+        default=None,
+        metadata={
+            "help": "query heads that route (the last ones); the others are local. Default: half (paper).",
+            "ge": 0,
+            "le": QUERY_HEADS,
+        },
+    )
+    window: int = field(
+        default=256,
+        metadata={"help": "causal local window of every head, the query included.", "ge": 1, "le": POSITIONS},
+    )
+    sinks: int = field(
+        default=4, metadata={"help": "initial real tokens every query attends (0 = none).", "ge": 0, "le": POSITIONS}
+    )
+    ema_decay: float = field(
+        default=0.999, metadata={"help": "online k-means decay lambda (paper: 0.999).", "ge": 0, "lt": 1}
+    )
+    commitment_weight: float = field(
+        default=1e-4,
+        metadata={
+            "help": "weight of the commitment loss ||x - mu(x)||^2 (lucidrains: 1e-4), averaged over patched layers.",
+            "ge": 0,
+        },
+    )
     centroid_data: Literal["keys", "queries_and_keys"] = field(
-        default="keys", metadata={"help": "vectors the centroids are fitted to (k-means init and EMA): keys, with "
-                                  "queries routed to the key clusters (retrofit default: measured on SmolLM2 it beats "
-                                  "queries_and_keys, whose clusters split queries from keys), or queries_and_keys "
-                                  "(the paper, which shares Q = K)."})
-    seed: int = field(default=0, metadata={"help": "seed of the random unit centroids set at patch time (before "
-                                           "init_routing_centroids).", "ge": 0})
+        default="keys",
+        metadata={
+            "help": "vectors the centroids are fitted to (k-means init and EMA): keys, with "
+            "queries routed to the key clusters (retrofit default: measured on SmolLM2 it beats "
+            "queries_and_keys, whose clusters split queries from keys), or queries_and_keys "
+            "(the paper, which shares Q = K)."
+        },
+    )
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "seed of the random unit centroids set at patch time (before init_routing_centroids).",
+            "ge": 0,
+        },
+    )
     backend: Literal["auto", "masked", "sorted"] = field(
-        default="auto", metadata={"help": "auto (one masked SDPA for short inputs and decode, cluster-sorted gather "
-                                  "for long ones), or force one."})
+        default="auto",
+        metadata={
+            "help": "auto (one masked SDPA for short inputs and decode, cluster-sorted gather "
+            "for long ones), or force one."
+        },
+    )
 
 
 class RoutingCentroids(nn.Module):
@@ -120,8 +147,9 @@ class RoutingCentroids(nn.Module):
     all-reduce), so every process keeps the same centroids, whatever shards the parameters.
     """
 
-    def __init__(self, layout: HeadLayout, config: RoutingAttentionConfig, seed: int, *,
-                 device: torch.device | str | None = None):
+    def __init__(
+        self, layout: HeadLayout, config: RoutingAttentionConfig, seed: int, *, device: torch.device | str | None = None
+    ):
         super().__init__()
         self.config = config
         self.seed = seed
@@ -148,11 +176,14 @@ class RoutingCentroids(nn.Module):
 
     def extra_repr(self) -> str:
         kv, clusters, dim = self.means.shape
-        return (f"kv_heads={kv}, clusters={clusters}, head_dim={dim}, routing_heads={self.routing_heads}, "
-                f"ema_decay={self.config.ema_decay}")
+        return (
+            f"kv_heads={kv}, clusters={clusters}, head_dim={dim}, routing_heads={self.routing_heads}, "
+            f"ema_decay={self.config.ema_decay}"
+        )
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor,
-                real: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, real: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         batch, heads, q_len, _ = query.shape
         # fp32 distances to the centroids: in bf16 close scores tie and the argmax flips
         q = F.normalize(query[:, self.routing_index].float(), dim=-1)  # [B, R, Q, D]
@@ -209,7 +240,7 @@ class RoutingCentroids(nn.Module):
 
     def _record(self, q, k, real) -> None:
         for g in self.routed_kv.tolist():
-            parts = [k[:, g:g + 1]]
+            parts = [k[:, g : g + 1]]
             if self.config.centroid_data == "queries_and_keys":
                 parts.append(q[:, self.routing_kv == g])
             for part in parts:
@@ -235,8 +266,10 @@ class RoutingKVLayer(RetainingLayer):
     def add_clusters(self, new: torch.Tensor) -> torch.Tensor:
         self.clusters = new if self.clusters is None else torch.cat([self.clusters, new], dim=-1)
         if self.clusters.shape[-1] != self.seen:
-            raise RuntimeError(f"routing_attention: the cache holds {self.seen} keys but {self.clusters.shape[-1]} "
-                               "cluster ids; a cache filled before the patch cannot be continued, start a new one.")
+            raise RuntimeError(
+                f"routing_attention: the cache holds {self.seen} keys but {self.clusters.shape[-1]} "
+                "cluster ids; a cache filled before the patch cannot be continued, start a new one."
+            )
         return self.clusters
 
     def reset(self) -> None:
@@ -262,13 +295,27 @@ class RoutingKVLayer(RetainingLayer):
 def _capture_rope(module, args, kwargs):
     rope = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
     if rope is None:
-        raise UnsupportedArchitectureError("routing_attention needs the rotary embeddings (position_embeddings) that "
-                                           f"{type(module).__name__} receives; this call passed none.")
+        raise UnsupportedArchitectureError(
+            "routing_attention needs the rotary embeddings (position_embeddings) that "
+            f"{type(module).__name__} receives; this call passed none."
+        )
     module.__dict__[_ROPE_ATTR] = rope
 
 
-def _routing_handler(base, module, query, key, value, attention_mask, *, tracker: PaddingTracker,
-                     config: RoutingAttentionConfig, rope, span: int | None, **kwargs):
+def _routing_handler(
+    base,
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    *,
+    tracker: PaddingTracker,
+    config: RoutingAttentionConfig,
+    rope,
+    span: int | None,
+    **kwargs,
+):
     """Attention handler of a routing layer (see `hf_attn_zoo.kernels.register`)."""
     cos, sin = module.__dict__.pop(_ROPE_ATTR)
     layer = current_kv_layer(module)
@@ -285,10 +332,23 @@ def _routing_handler(base, module, query, key, value, attention_mask, *, tracker
     elif total != q_len:
         raise UnsupportedArchitectureError(
             "routing_attention decodes with a dynamic cache, which keeps the cluster id of every cached key; use "
-            "transformers' DynamicCache (generate's default) instead of a static or offloaded cache.")
-    out = routing_attention(query, key, value, q_clusters, k_clusters, module.routing_centroids.routing,
-                            window=config.window, sinks=config.sinks, scaling=kwargs.get("scaling"), padding=padding,
-                            span=span, dropout=kwargs.get("dropout", 0.0) or 0.0, backend=config.backend)
+            "transformers' DynamicCache (generate's default) instead of a static or offloaded cache."
+        )
+    out = routing_attention(
+        query,
+        key,
+        value,
+        q_clusters,
+        k_clusters,
+        module.routing_centroids.routing,
+        window=config.window,
+        sinks=config.sinks,
+        scaling=kwargs.get("scaling"),
+        padding=padding,
+        span=span,
+        dropout=kwargs.get("dropout", 0.0) or 0.0,
+        backend=config.backend,
+    )
     return out, None
 
 
@@ -302,17 +362,21 @@ class RoutingAttentionPatch(Patch):
 
     def check(self, family: FamilySpec, model_config: PretrainedConfig) -> str | None:
         if family.attention.kind != "standard":
-            return (f"its {family.attention.kind} attention rotates only part of each key, so the pre-RoPE vectors "
-                    "the clusters are built on cannot be recovered")
+            return (
+                f"its {family.attention.kind} attention rotates only part of each key, so the pre-RoPE vectors "
+                "the clusters are built on cannot be recovered"
+            )
         return unsupported_attention_reason(family)
 
-    def validate(self, config: RoutingAttentionConfig, family: FamilySpec,
-                 model_config: PretrainedConfig) -> RoutingAttentionConfig:
+    def validate(
+        self, config: RoutingAttentionConfig, family: FamilySpec, model_config: PretrainedConfig
+    ) -> RoutingAttentionConfig:
         heads = family.head_layout(model_config).num_heads
         return replace(config, routing_heads=heads // 2 if config.routing_heads is None else config.routing_heads)
 
-    def apply(self, model, config: RoutingAttentionConfig, family: FamilySpec, layers: list[int],
-              handle: PatchHandle) -> None:
+    def apply(
+        self, model, config: RoutingAttentionConfig, family: FamilySpec, layers: list[int], handle: PatchHandle
+    ) -> None:
         layout = family.head_layout(model.config)
         tracker = PaddingTracker()
         for hook in tracker.install(model):
@@ -324,7 +388,8 @@ class RoutingAttentionPatch(Patch):
             if rope is None:
                 raise UnsupportedArchitectureError(
                     f"routing_attention: {type(attention).__module__} has no apply_rotary_pos_emb to invert; the "
-                    "clusters are built on pre-RoPE vectors.")
+                    "clusters are built on pre-RoPE vectors."
+                )
             # built in place next to q_proj: no real memory on a meta-device model
             device = getattr(attention, family.attention.q).weight.device
             centroids = RoutingCentroids(layout, config, seed=config.seed * 65537 + index, device=device)
@@ -337,14 +402,16 @@ class RoutingAttentionPatch(Patch):
             handle.on_revert(hook.remove)
             hook = use_kv_layer(attention, RoutingKVLayer)
             handle.on_revert(hook.remove)
-            handler = functools.partial(_routing_handler, tracker=tracker, config=config, rope=rope,
-                                        span=model_window(model.config, index))
+            handler = functools.partial(
+                _routing_handler, tracker=tracker, config=config, rope=rope, span=model_window(model.config, index)
+            )
             install_handler(model, attention, handler)
             handle.on_revert(lambda a=attention: remove_handler(model, a))
 
         def commitment_loss(model: nn.Module) -> torch.Tensor | None:
-            mine = [m for m in model.modules()
-                    if isinstance(m, RoutingCentroids) and getattr(m, "patch_tag", None) == tag]
+            mine = [
+                m for m in model.modules() if isinstance(m, RoutingCentroids) and getattr(m, "patch_tag", None) == tag
+            ]
             losses = [m.last_aux_loss for m in mine if m.last_aux_loss is not None]
             for m in mine:
                 m.last_aux_loss = None
@@ -384,8 +451,9 @@ def _spherical_kmeans(x: torch.Tensor, clusters: int, iterations: int, generator
 
 
 @torch.no_grad()
-def init_routing_centroids(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], iterations: int = 10,
-                           max_vectors: int = 65536) -> dict[str, float]:
+def init_routing_centroids(
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], iterations: int = 10, max_vectors: int = 65536
+) -> dict[str, float]:
     """Initialise every routing layer's centroids by spherical k-means on the model's own normalised q/k vectors.
 
     Runs the model (eval mode, no gradient) over `batches` (dicts with `input_ids`, optionally `attention_mask`),
@@ -399,8 +467,9 @@ def init_routing_centroids(model: nn.Module, batches: Iterable[dict[str, torch.T
     if iterations < 1:
         raise InvalidOptionError(f"init_routing_centroids: iterations={iterations} must be >= 1.")
     if not modules:
-        raise InvalidOptionError("init_routing_centroids needs a model patched with routing_attention and at least "
-                                 "one routing head.")
+        raise InvalidOptionError(
+            "init_routing_centroids needs a model patched with routing_attention and at least one routing head."
+        )
     was_training = model.training
     model.eval()
     for m in modules:
@@ -430,8 +499,12 @@ def init_routing_centroids(model: nn.Module, batches: Iterable[dict[str, torch.T
         model.train(was_training)
     if not before:
         raise InvalidOptionError("init_routing_centroids: the batches held no real tokens.")
-    return {"distance_before": sum(before) / len(before), "distance_after": sum(after) / len(after),
-            "layers": len(modules), "vectors": vectors}
+    return {
+        "distance_before": sum(before) / len(before),
+        "distance_after": sum(after) / len(after),
+        "layers": len(modules),
+        "vectors": vectors,
+    }
 
 
 @register_init_hook("routing_kmeans_init")
@@ -440,7 +513,12 @@ def routing_kmeans_init(model, train_dataset, tokens: int = 4096, batch_size: in
     blocks = max(1, min(len(train_dataset), tokens // len(train_dataset[0]["input_ids"])))
     ids = torch.stack([torch.as_tensor(row) for row in train_dataset[:blocks]["input_ids"]])
     device = next(model.parameters()).device
-    fit = init_routing_centroids(model, [{"input_ids": chunk.to(device)} for chunk in ids.split(batch_size)],
-                                 iterations=iterations)
-    logger.info("routing_kmeans_init: within-cluster distance %.3f -> %.3f on %d vectors", fit["distance_before"],
-                fit["distance_after"], fit["vectors"])
+    fit = init_routing_centroids(
+        model, [{"input_ids": chunk.to(device)} for chunk in ids.split(batch_size)], iterations=iterations
+    )
+    logger.info(
+        "routing_kmeans_init: within-cluster distance %.3f -> %.3f on %d vectors",
+        fit["distance_before"],
+        fit["distance_after"],
+        fit["vectors"],
+    )

@@ -40,22 +40,46 @@ __all__ = ["SinkWindowPattern", "SlidingWindowConfig", "SlidingWindowPatch"]
 
 @dataclass
 class SlidingWindowConfig(PatchConfig):
-    window: int = field(default=1024, metadata={"help": "keys per query in the window, the query included (NATTEN "
-                                                "kernel size).", "ge": 1, "le": POSITIONS})
-    sinks: int = field(default=4, metadata={"help": "initial tokens every query attends (StreamingLLM: 4; 0 = plain "
-                                            "sliding window / causal neighbourhood attention).",
-                                            "ge": 0, "le": POSITIONS})
-    dilation: int = field(default=1, metadata={"help": "NATTEN dilation: the window takes every dilation-th key.",
-                                               "ge": 1})
-    bounded_cache: bool = field(default=True, metadata={"help": "decode with a KV cache that keeps only the sinks and "
-                                                        "the window (bounded memory)."})
+    window: int = field(
+        default=1024,
+        metadata={
+            "help": "keys per query in the window, the query included (NATTEN kernel size).",
+            "ge": 1,
+            "le": POSITIONS,
+        },
+    )
+    sinks: int = field(
+        default=4,
+        metadata={
+            "help": "initial tokens every query attends (StreamingLLM: 4; 0 = plain "
+            "sliding window / causal neighbourhood attention).",
+            "ge": 0,
+            "le": POSITIONS,
+        },
+    )
+    dilation: int = field(
+        default=1, metadata={"help": "NATTEN dilation: the window takes every dilation-th key.", "ge": 1}
+    )
+    bounded_cache: bool = field(
+        default=True,
+        metadata={"help": "decode with a KV cache that keeps only the sinks and the window (bounded memory)."},
+    )
     backend: Literal["auto", "flex", "blocks", "masked"] = field(
-        default="auto", metadata={"help": "auto (one masked SDPA for short inputs; else gathered-block SDPA on CPU, "
-                                  "compiled flex on a GPU), or force one."})
-    stream: bool = field(default=False, metadata={"help": "StreamingLLM positions when decoding: past the prefill a "
-                                                 "query sees the sinks at their distance inside the cache (as v4's "
-                                                 "SinkCache), so generation can run past max_position_embeddings; "
-                                                 "needs bounded_cache and dilation 1."})
+        default="auto",
+        metadata={
+            "help": "auto (one masked SDPA for short inputs; else gathered-block SDPA on CPU, "
+            "compiled flex on a GPU), or force one."
+        },
+    )
+    stream: bool = field(
+        default=False,
+        metadata={
+            "help": "StreamingLLM positions when decoding: past the prefill a "
+            "query sees the sinks at their distance inside the cache (as v4's "
+            "SinkCache), so generation can run past max_position_embeddings; "
+            "needs bounded_cache and dilation 1."
+        },
+    )
 
 
 class SinkWindowPattern(AttentionPattern):
@@ -86,32 +110,41 @@ class SlidingWindowPatch(Patch):
     def check(self, family: FamilySpec, model_config: PretrainedConfig) -> str | None:
         return unsupported_attention_reason(family)
 
-    def validate(self, config: SlidingWindowConfig, family: FamilySpec,
-                 model_config: PretrainedConfig) -> SlidingWindowConfig:
+    def validate(
+        self, config: SlidingWindowConfig, family: FamilySpec, model_config: PretrainedConfig
+    ) -> SlidingWindowConfig:
         limit = max_positions(model_config)
         if limit and config.window * config.dilation > limit:
-            raise InvalidOptionError(f"sliding_window: window x dilation = {config.window} x {config.dilation} must "
-                                     f"be <= the model's max_position_embeddings ({limit}).")
+            raise InvalidOptionError(
+                f"sliding_window: window x dilation = {config.window} x {config.dilation} must "
+                f"be <= the model's max_position_embeddings ({limit})."
+            )
         if config.stream and (not config.bounded_cache or config.dilation != 1):
-            raise InvalidOptionError("sliding_window: stream=True re-indexes the positions of the bounded sinks + "
-                                     "window cache; it needs bounded_cache=True and dilation=1.")
+            raise InvalidOptionError(
+                "sliding_window: stream=True re-indexes the positions of the bounded sinks + "
+                "window cache; it needs bounded_cache=True and dilation=1."
+            )
         if config.stream and limit and config.sinks + config.window > limit:
-            raise InvalidOptionError(f"sliding_window: stream=True needs sinks + window <= max_position_embeddings "
-                                     f"({limit}), the positions the cache is re-indexed into.")
+            raise InvalidOptionError(
+                f"sliding_window: stream=True needs sinks + window <= max_position_embeddings "
+                f"({limit}), the positions the cache is re-indexed into."
+            )
         return config
 
     def pattern(self, config: SlidingWindowConfig) -> SinkWindowPattern:
         return SinkWindowPattern(config.window, config.sinks, config.dilation)
 
-    def apply(self, model, config: SlidingWindowConfig, family: FamilySpec, layers: list[int],
-              handle: PatchHandle) -> None:
+    def apply(
+        self, model, config: SlidingWindowConfig, family: FamilySpec, layers: list[int], handle: PatchHandle
+    ) -> None:
         pattern = self.pattern(config)
         span = config.window * config.dilation
         kv_layer = (lambda index: SinkWindowLayer(config.sinks, span)) if config.bounded_cache else None
         streaming = None
         if config.stream:
-            head_dim = getattr(model.config, "head_dim", None) or \
-                model.config.hidden_size // model.config.num_attention_heads
+            head_dim = (
+                getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+            )
             streaming = StreamingPositions(streaming_rotary(model, head_dim), config.sinks, config.window)
         install_pattern(model, family, layers, handle, lambda index: pattern, config.backend, kv_layer, streaming)
 

@@ -85,8 +85,9 @@ class Plan:
         """Raise `PlanError` (with the figures) when the plan does not fit in the GPU memory; else return it."""
         if self.fits:
             return self
-        parts = ", ".join(f"{row} {getattr(self.memory, row) / GiB:.1f}" for row in self.memory.ROWS
-                          if getattr(self.memory, row))
+        parts = ", ".join(
+            f"{row} {getattr(self.memory, row) / GiB:.1f}" for row in self.memory.ROWS if getattr(self.memory, row)
+        )
         s = self.setup
         hints = []
         if self.fitting_gpus is not None and self.fitting_gpus > s.gpus:
@@ -119,40 +120,57 @@ class Plan:
 
 def _assumptions(setup: Setup, lora_rank: int, device: str, moe: bool, method: str) -> list[str]:
     db = DTYPE_BYTES[setup.dtype]
-    out = [f"weights in {setup.dtype} ({db} B/param); buffers (RoPE tables) and the CUDA context (~0.5-1 GiB) "
-           "and allocator fragmentation are not counted"]
+    out = [
+        f"weights in {setup.dtype} ({db} B/param); buffers (RoPE tables) and the CUDA context (~0.5-1 GiB) "
+        "and allocator fragmentation are not counted"
+    ]
     if setup.train != "none":
         state = OPTIMIZER_STATE_BYTES[setup.optimizer]
         master = 4 if setup.master_weights and db < 4 else 0
-        out.append(f"training: gradients in {setup.dtype}; {setup.optimizer} keeps {state} B of states per trainable "
-                   f"parameter" + (f" + a {master} B fp32 master copy (mixed precision)" if master else "")
-                   + f": {db + state + master} B per trainable parameter besides its weight")
+        out.append(
+            f"training: gradients in {setup.dtype}; {setup.optimizer} keeps {state} B of states per trainable "
+            f"parameter"
+            + (f" + a {master} B fp32 master copy (mixed precision)" if master else "")
+            + f": {db + state + master} B per trainable parameter besides its weight"
+        )
         if setup.train == "lora":
-            out.append(f"--train lora: LoRA r={lora_rank} on the attention projections (q, k, v, o) of every layer, "
-                       "plus the patch's new modules trained fully (upcycling: the routers)")
+            out.append(
+                f"--train lora: LoRA r={lora_rank} on the attention projections (q, k, v, o) of every layer, "
+                "plus the patch's new modules trained fully (upcycling: the routers)"
+            )
         elif setup.train == "new":
-            out.append("--train new: only the parameters the patch created (hf_attn_zoo.new_parameters; upcycling: "
-                       "the MoE routers and experts); activations still flow back through every layer")
-        sharding = {"ddp": "ddp replicates weights, gradients and optimizer states",
-                    "zero2": "zero2 shards gradients and optimizer states over the GPUs, replicates weights",
-                    "fsdp": "fsdp shards weights, gradients and optimizer states (FSDP units = decoder layers + "
-                            "root); the root unit and 2 layers are all-gathered at a time",
-                    "zero3": "zero3 shards weights, gradients and optimizer states (units = decoder layers + root); "
-                             "the root unit and 2 layers are all-gathered at a time"}[setup.sharding]
+            out.append(
+                "--train new: only the parameters the patch created (hf_attn_zoo.new_parameters; upcycling: "
+                "the MoE routers and experts); activations still flow back through every layer"
+            )
+        sharding = {
+            "ddp": "ddp replicates weights, gradients and optimizer states",
+            "zero2": "zero2 shards gradients and optimizer states over the GPUs, replicates weights",
+            "fsdp": "fsdp shards weights, gradients and optimizer states (FSDP units = decoder layers + "
+            "root); the root unit and 2 layers are all-gathered at a time",
+            "zero3": "zero3 shards weights, gradients and optimizer states (units = decoder layers + root); "
+            "the root unit and 2 layers are all-gathered at a time",
+        }[setup.sharding]
         out.append(sharding)
-        out.append(f"activations per GPU micro-batch of {setup.batch} x {setup.seq_len} tokens (global batch = "
-                   f"{setup.batch} x {setup.gpus} GPUs x gradient accumulation): norms, q/k/v, attention output and "
-                   "MLP intermediates per token and layer (planning/memory.py); fused attention kernels keep no "
-                   "scores" + ("; gradient checkpointing keeps only each layer's input" if
-                               setup.gradient_checkpointing else ""))
+        out.append(
+            f"activations per GPU micro-batch of {setup.batch} x {setup.seq_len} tokens (global batch = "
+            f"{setup.batch} x {setup.gpus} GPUs x gradient accumulation): norms, q/k/v, attention output and "
+            "MLP intermediates per token and layer (planning/memory.py); fused attention kernels keep no "
+            "scores"
+            + ("; gradient checkpointing keeps only each layer's input" if setup.gradient_checkpointing else "")
+        )
         out.append("logits + loss: vocab x (dtype + 8) B per token (fp32 copy and log-softmax for the loss)")
         if moe:
             out.append("MoE: activations assume each token reaches top_k experts (no capacity padding)")
     else:
-        out.append(f"inference: weights + KV cache of {setup.batch} sequence(s) of {setup.seq_len} tokens + one "
-                   "layer's prefill activations")
-    out.append(f"attention kernels for {device}: the kernels' own `auto` rules at {setup.seq_len} tokens; the base "
-               "implementation is the config's (sdpa unless set)")
+        out.append(
+            f"inference: weights + KV cache of {setup.batch} sequence(s) of {setup.seq_len} tokens + one "
+            "layer's prefill activations"
+        )
+    out.append(
+        f"attention kernels for {device}: the kernels' own `auto` rules at {setup.seq_len} tokens; the base "
+        "implementation is the config's (sdpa unless set)"
+    )
     return out
 
 
@@ -199,9 +217,17 @@ def plan(
         raise InvalidOptionError(f"lora_rank={lora_rank!r} must be a positive integer.")
     if not gpu_memory_gib > 0:
         raise InvalidOptionError(f"gpu_memory_gib={gpu_memory_gib!r} must be positive.")
-    setup = Setup(gpus=gpus, sharding=sharding, dtype=dtype, train=train, optimizer=optimizer,
-                  master_weights=master_weights, gradient_checkpointing=gradient_checkpointing, seq_len=seq_len,
-                  batch=batch)
+    setup = Setup(
+        gpus=gpus,
+        sharding=sharding,
+        dtype=dtype,
+        train=train,
+        optimizer=optimizer,
+        master_weights=master_weights,
+        gradient_checkpointing=gradient_checkpointing,
+        seq_len=seq_len,
+        batch=batch,
+    )
     config, source = load_config(model)
     check_setup(setup, config.num_hidden_layers)
     started = time.perf_counter()
@@ -212,8 +238,9 @@ def plan(
 
     params_after = param_count(after)
     adapters = lora_params(after, family, lora_rank) if train == "lora" else 0
-    trainable = {"full": params_after, "new": built.new_params, "none": 0,
-                 "lora": adapters + built.lora_full_params}[train]
+    trainable = {"full": params_after, "new": built.new_params, "none": 0, "lora": adapters + built.lora_full_params}[
+        train
+    ]
     decoder = family.decoder_layers(after)
     layer_params = [param_count(layer) for layer in decoder]
     training = train != "none"
@@ -225,10 +252,15 @@ def plan(
     kv_before = kv_cache(built.before, built.family_before, [], seq_len, db)
     kv_after = kv_cache(after, family, built.records, seq_len, db)
     figures = ModelFigures(
-        params=params_after + adapters, trainable=trainable, num_layers=len(decoder),
-        root_params=params_after - sum(layer_params), largest_layer_params=max(layer_params),
-        hidden_size=after.config.hidden_size, vocab_size=after.config.vocab_size,
-        layer_activations=layer_activations(after, family, built.records), layer_scores=tuple(scores),
+        params=params_after + adapters,
+        trainable=trainable,
+        num_layers=len(decoder),
+        root_params=params_after - sum(layer_params),
+        largest_layer_params=max(layer_params),
+        hidden_size=after.config.hidden_size,
+        vocab_size=after.config.vocab_size,
+        layer_activations=layer_activations(after, family, built.records),
+        layer_scores=tuple(scores),
         kv_cache_bytes=kv_after.bytes_at_seq_len,
     )
     memory = memory_per_gpu(figures, setup)
@@ -242,19 +274,35 @@ def plan(
         warnings.append(f"--train new: {method} creates no parameters, so nothing would train.")
     if built.non_meta:
         names = ", ".join(sorted(built.non_meta)[:5])
-        warnings.append(f"the patch allocated {sum(built.non_meta.values()) / 2**20:.1f} MiB outside the meta device "
-                        f"({len(built.non_meta)} tensors: {names}); it is not meta-safe yet.")
+        warnings.append(
+            f"the patch allocated {sum(built.non_meta.values()) / 2**20:.1f} MiB outside the meta device "
+            f"({len(built.non_meta)} tensors: {names}); it is not meta-safe yet."
+        )
     result = Plan(
-        model=str(model) if not isinstance(model, PretrainedConfig) else config.model_type, source=source,
-        architecture=type(after).__name__, method=method,
+        model=str(model) if not isinstance(model, PretrainedConfig) else config.model_type,
+        source=source,
+        architecture=type(after).__name__,
+        method=method,
         options=(built.upcycle or {}) if method == "upcycle" else (record["options"] if record else {}),
         layers=(built.upcycle["layers"] if built.upcycle else (record["layers"] if record else None)),
-        setup=setup, gpu_memory_gib=float(gpu_memory_gib), device=device, lora_rank=lora_rank,
-        params_before=param_count(built.before), params_after=params_after, params_new=built.new_params,
-        params_trainable=trainable, params_active=active_params(after, family) if moe else None, memory=memory,
-        kv_before=kv_before, kv_after=kv_after, kernels=kernels, experts_kernel=experts_kernel(after),
-        num_layers=len(decoder), build_seconds=build_seconds,
-        assumptions=_assumptions(setup, lora_rank, device, moe, method), warnings=warnings,
+        setup=setup,
+        gpu_memory_gib=float(gpu_memory_gib),
+        device=device,
+        lora_rank=lora_rank,
+        params_before=param_count(built.before),
+        params_after=params_after,
+        params_new=built.new_params,
+        params_trainable=trainable,
+        params_active=active_params(after, family) if moe else None,
+        memory=memory,
+        kv_before=kv_before,
+        kv_after=kv_after,
+        kernels=kernels,
+        experts_kernel=experts_kernel(after),
+        num_layers=len(decoder),
+        build_seconds=build_seconds,
+        assumptions=_assumptions(setup, lora_rank, device, moe, method),
+        warnings=warnings,
     )
     if training:
         toggled = dataclasses.replace(setup, gradient_checkpointing=not gradient_checkpointing)

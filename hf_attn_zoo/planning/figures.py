@@ -34,8 +34,15 @@ from torch import nn
 from ..families.spec import FamilySpec
 from ..kernels.pattern_handler import model_window
 
-__all__ = ["KVFigures", "active_params", "attention_records", "kv_cache", "layer_activations", "lora_params",
-           "param_count"]
+__all__ = [
+    "KVFigures",
+    "active_params",
+    "attention_records",
+    "kv_cache",
+    "layer_activations",
+    "lora_params",
+    "param_count",
+]
 
 
 def param_count(module: nn.Module) -> int:
@@ -180,19 +187,22 @@ def _moa_layer_bytes(record: dict[str, Any], config, index: int, position: int, 
     if options.get("plan") is not None:
         plan = MoAPlan.from_dict(options["plan"], "the recorded plan")
     else:
-        plan = uniform_plan(config, options["alpha"], options["beta"], options["granularity"], options["sinks"],
-                            options["length"])
+        plan = uniform_plan(
+            config, options["alpha"], options["beta"], options["granularity"], options["sinks"], options["length"]
+        )
     num_kv_heads = plan_model_info(config)["num_kv_heads"]
-    rules = LayerRules(plan.query_head_rules(index, options["length"], options["sinks"]), num_kv_heads,
-                       model_window(config, index))
+    rules = LayerRules(
+        plan.query_head_rules(index, options["length"], options["sinks"]), num_kv_heads, model_window(config, index)
+    )
     if latent:
         return position * min(kept, max(b.sink for b in rules.buckets) + max(b.window for b in rules.buckets))
     per_kv_head = position // num_kv_heads
     return sum(len(b.kv_heads) * per_kv_head * min(kept, b.sink + b.window) for b in rules.buckets)
 
 
-def kv_cache(model: nn.Module, family: FamilySpec, records: list[dict[str, Any]], seq_len: int,
-             dtype_bytes: int) -> KVFigures:
+def kv_cache(
+    model: nn.Module, family: FamilySpec, records: list[dict[str, Any]], seq_len: int, dtype_bytes: int
+) -> KVFigures:
     """KV cache figures of `model` with its patch `records` for one sequence of `seq_len` tokens."""
     config = model.config
     by_layer = attention_records(records)

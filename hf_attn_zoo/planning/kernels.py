@@ -53,8 +53,11 @@ def _stub(shape: tuple[int, ...], device: str) -> Any:
 def _base(config, device: str, window: int | None, heads_note: str = "") -> str:
     from ..kernels.register import _base_name
 
-    name = _base_name(config) if getattr(config, "_attn_implementation", None) == "zoo" else (
-        getattr(config, "_attn_implementation", None) or "sdpa")
+    name = (
+        _base_name(config)
+        if getattr(config, "_attn_implementation", None) == "zoo"
+        else (getattr(config, "_attn_implementation", None) or "sdpa")
+    )
     if name == "sdpa":
         kernel = "SDPA flash / memory-efficient kernel" if device == "cuda" else "SDPA (CPU flash kernel)"
     elif "flash" in name:
@@ -112,18 +115,23 @@ def _moh(model, family, index: int, options: dict[str, Any], seq_len: int, devic
         with torch.no_grad():
             sparse = _use_sparse_decode(router, q, k, None, {})
     if sparse:
-        decode = (f"head-sparse decode at {seq_len} tokens of context: only the selected KV groups are read "
-                  "(kernels/head_sparse), output projection on the active heads only")
+        decode = (
+            f"head-sparse decode at {seq_len} tokens of context: only the selected KV groups are read "
+            "(kernels/head_sparse), output projection on the active heads only"
+        )
     elif options.get("decode_skip") == "never":
         decode = f"{base} + gates (decode_skip=never)"
     else:
-        decode = (f"{base} + gates (no head skipping: it needs granularity=group or MHA, and context x unread KV "
-                  "share >= skip_min_unread_kv)")
+        decode = (
+            f"{base} + gates (no head skipping: it needs granularity=group or MHA, and context x unread KV "
+            "share >= skip_min_unread_kv)"
+        )
     return train, decode
 
 
-def _layer_choice(model, family, index: int, record: dict[str, Any] | None, seq_len: int, device: str,
-                  training: bool) -> KernelChoice:
+def _layer_choice(
+    model, family, index: int, record: dict[str, Any] | None, seq_len: int, device: str, training: bool
+) -> KernelChoice:
     from ..kernels.pattern_handler import model_window
 
     config = model.config
@@ -139,8 +147,9 @@ def _layer_choice(model, family, index: int, record: dict[str, Any] | None, seq_
     if method == "bam":
         n = options["num_experts"]
         kv = f"{n} x KV heads" if options.get("kv", "experts") == "experts" else "shared KV heads"
-        kernel = _base(config, device, window, f" over {n} x query heads ({kv}), mixed by the {options['routing']} "
-                                               "router")
+        kernel = _base(
+            config, device, window, f" over {n} x query heads ({kv}), mixed by the {options['routing']} router"
+        )
         return KernelChoice((index,), method, kernel, kernel)
     if method in ("sliding_window", "power_attention", "moa"):
         train, _ = _pattern(options, layout, seq_len, device)
@@ -154,27 +163,38 @@ def _layer_choice(model, family, index: int, record: dict[str, Any] | None, seq_
         from ..kernels import moba
 
         backend = options.get("backend", "auto")
-        chosen = backend if backend != "auto" else (
-            "masked" if seq_len * seq_len <= moba.MASKED_MAX_PAIRS else "gather")
-        names = {"masked": "one SDPA call with the token-level block mask",
-                 "gather": "FlashMoBA gather-and-densify: own block causal + selected blocks, merged by log-sum-exp",
-                 "flex": "FlexAttention with a block-level BlockMask (Triton on CUDA)"}
+        chosen = (
+            backend if backend != "auto" else ("masked" if seq_len * seq_len <= moba.MASKED_MAX_PAIRS else "gather")
+        )
+        names = {
+            "masked": "one SDPA call with the token-level block mask",
+            "gather": "FlashMoBA gather-and-densify: own block causal + selected blocks, merged by log-sum-exp",
+            "flex": "FlexAttention with a block-level BlockMask (Triton on CUDA)",
+        }
         train = f"{chosen}: {names[chosen]}" + (" (auto)" if backend == "auto" else "")
         keys = 0
         if training and chosen == "gather":
             train += "; plain PyTorch ops with gradients"
             keys = options["top_k"] * options["block_size"]
-        decode = ("SDPA over the whole cache (decode=dense)" if options.get("decode", "dense") == "dense"
-                  else "MoBA block selection over the cache, masked SDPA (decode=sparse)")
+        decode = (
+            "SDPA over the whole cache (decode=dense)"
+            if options.get("decode", "dense") == "dense"
+            else "MoBA block selection over the cache, masked SDPA (decode=sparse)"
+        )
         return KernelChoice((index,), method, train, decode, keys)
     if method == "routing_attention":
         from ..kernels import routing_attention
 
         backend = options.get("backend", "auto")
-        chosen = backend if backend != "auto" else (
-            "masked" if seq_len * seq_len <= routing_attention.MASKED_MAX_PAIRS else "sorted")
-        names = {"masked": "boolean-mask SDPA over query chunks",
-                 "sorted": "local part + per-cluster routing part on keys sorted by cluster, merged by log-sum-exp"}
+        chosen = (
+            backend
+            if backend != "auto"
+            else ("masked" if seq_len * seq_len <= routing_attention.MASKED_MAX_PAIRS else "sorted")
+        )
+        names = {
+            "masked": "boolean-mask SDPA over query chunks",
+            "sorted": "local part + per-cluster routing part on keys sorted by cluster, merged by log-sum-exp",
+        }
         train = f"{chosen}: {names[chosen]}" + (" (auto)" if backend == "auto" else "")
         keys = 0
         if training and chosen == "sorted":
@@ -184,8 +204,9 @@ def _layer_choice(model, family, index: int, record: dict[str, Any] | None, seq_
     if method == "hyper_attention":
         exact = _base(config, device, window)
         if seq_len <= options["min_seq_len"]:
-            return KernelChoice((index,), method, f"exact ({seq_len} <= min_seq_len={options['min_seq_len']}): {exact}",
-                                exact)
+            return KernelChoice(
+                (index,), method, f"exact ({seq_len} <= min_seq_len={options['min_seq_len']}): {exact}", exact
+            )
         train = "sortLSH block-diagonal + sampled residual, causal recursion"
         keys = 0
         if training:
@@ -198,8 +219,9 @@ def _layer_choice(model, family, index: int, record: dict[str, Any] | None, seq_
     return KernelChoice((index,), "none", kernel, kernel)
 
 
-def attention_kernels(model: torch.nn.Module, seq_len: int, device: str = "cuda",
-                      training: bool = True) -> list[KernelChoice]:
+def attention_kernels(
+    model: torch.nn.Module, seq_len: int, device: str = "cuda", training: bool = True
+) -> list[KernelChoice]:
     """The attention kernels of every decoder layer of a (patched, meta-device) model, grouped by equal choice."""
     from ..families.spec import resolve_family
     from ..patching import applied_patches
@@ -212,9 +234,14 @@ def attention_kernels(model: torch.nn.Module, seq_len: int, device: str = "cuda"
         choice = _layer_choice(model, family, index, records.get(index), seq_len, device, training)
         last = groups[-1] if groups else None
         if last is not None and (last.method, last.train_prefill, last.decode, last.score_keys) == (
-                choice.method, choice.train_prefill, choice.decode, choice.score_keys):
-            groups[-1] = KernelChoice(last.layers + choice.layers, last.method, last.train_prefill, last.decode,
-                                      last.score_keys)
+            choice.method,
+            choice.train_prefill,
+            choice.decode,
+            choice.score_keys,
+        ):
+            groups[-1] = KernelChoice(
+                last.layers + choice.layers, last.method, last.train_prefill, last.decode, last.score_keys
+            )
         else:
             groups.append(choice)
     return groups

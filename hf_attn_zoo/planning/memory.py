@@ -132,8 +132,12 @@ class MemoryBreakdown:
 
 def check_setup(setup: Setup, num_layers: int) -> None:
     """Refuse impossible setups: unknown choices, non-positive sizes, more GPUs than the sharding can use."""
-    choices = {"sharding": (setup.sharding, SHARDINGS), "dtype": (setup.dtype, tuple(DTYPE_BYTES)),
-               "train": (setup.train, TRAIN_MODES), "optimizer": (setup.optimizer, tuple(OPTIMIZER_STATE_BYTES))}
+    choices = {
+        "sharding": (setup.sharding, SHARDINGS),
+        "dtype": (setup.dtype, tuple(DTYPE_BYTES)),
+        "train": (setup.train, TRAIN_MODES),
+        "optimizer": (setup.optimizer, tuple(OPTIMIZER_STATE_BYTES)),
+    }
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             raise InvalidOptionError(f"{name}={value!r} is not one of {', '.join(allowed)}.")
@@ -166,12 +170,15 @@ def memory_per_gpu(figures: ModelFigures, setup: Setup) -> MemoryBreakdown:
     w_div = n if shard_weights else 1
     out.weights = figures.params * db // w_div
     out.how["weights"] = f"{_fmt(figures.params)} params x {db} B ({setup.dtype})" + (
-        f" / {n} GPUs" if w_div > 1 else "")
+        f" / {n} GPUs" if w_div > 1 else ""
+    )
     if shard_weights:
         unit = figures.root_params + 2 * figures.largest_layer_params
         out.gathered = unit * db
-        out.how["gathered"] = (f"root unit {_fmt(figures.root_params)} + 2 x largest layer "
-                               f"{_fmt(figures.largest_layer_params)} params, all-gathered in {setup.dtype}")
+        out.how["gathered"] = (
+            f"root unit {_fmt(figures.root_params)} + 2 x largest layer "
+            f"{_fmt(figures.largest_layer_params)} params, all-gathered in {setup.dtype}"
+        )
     tokens = setup.tokens
     if setup.train == "none":
         out.kv_cache = figures.kv_cache_bytes * setup.batch
@@ -192,12 +199,16 @@ def memory_per_gpu(figures: ModelFigures, setup: Setup) -> MemoryBreakdown:
     per_layer = [layer_activation_bytes(figures, i, db) for i in range(figures.num_layers)]
     if setup.gradient_checkpointing:
         out.activations = tokens * (figures.num_layers * figures.hidden_size * db + max(per_layer))
-        out.how["activations"] = (f"{tokens} tokens x ({figures.num_layers} layer inputs x {figures.hidden_size} x "
-                                  f"{db} B + one recomputed layer {max(per_layer) / 1024:.0f} KiB/token)")
+        out.how["activations"] = (
+            f"{tokens} tokens x ({figures.num_layers} layer inputs x {figures.hidden_size} x "
+            f"{db} B + one recomputed layer {max(per_layer) / 1024:.0f} KiB/token)"
+        )
     else:
         out.activations = tokens * sum(per_layer)
-        out.how["activations"] = (f"{tokens} tokens x {figures.num_layers} layers x "
-                                  f"{sum(per_layer) / len(per_layer) / 1024:.0f} KiB/token/layer")
+        out.how["activations"] = (
+            f"{tokens} tokens x {figures.num_layers} layers x "
+            f"{sum(per_layer) / len(per_layer) / 1024:.0f} KiB/token/layer"
+        )
     out.logits = tokens * figures.vocab_size * (db + LOSS_EXTRA_BYTES)
     out.how["logits"] = f"{tokens} tokens x {figures.vocab_size} vocab x ({db} + {LOSS_EXTRA_BYTES}) B"
     return out

@@ -80,16 +80,23 @@ def load_config(model: str | Path | PretrainedConfig) -> tuple[PretrainedConfig,
         return _from_dict(json.loads(path.read_text()), str(path)), str(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UnknownModelError(f"{path} is a folder without a config.json; give a model folder, a hub id or "
-                                    f"one of the shipped configs: {', '.join(shipped_models())}.")
+            raise UnknownModelError(
+                f"{path} is a folder without a config.json; give a model folder, a hub id or "
+                f"one of the shipped configs: {', '.join(shipped_models())}."
+            )
         return AutoConfig.from_pretrained(path), str(path)
     try:
         return AutoConfig.from_pretrained(name), f"hub {name}"
     except (OSError, ValueError) as error:
-        offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-                      for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-        hub = ("the hub is offline here (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE set) and it is not in the local cache"
-               if offline else f"the hub could not provide it ({str(error).splitlines()[0]})")
+        offline = any(
+            os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+            for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+        )
+        hub = (
+            "the hub is offline here (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE set) and it is not in the local cache"
+            if offline
+            else f"the hub could not provide it ({str(error).splitlines()[0]})"
+        )
         raise UnknownModelError(
             f"unknown model {name!r}: it is not a shipped config ({', '.join(shipped_models())}), not a local folder "
             f"with a config.json, and {hub}. Pass a folder holding the model's config.json, or a shipped name."
@@ -134,8 +141,10 @@ def _patch_meta(model: torch.nn.Module, method: str, layers: Any, options: dict[
         raise  # the patch's own message (bad option, unsupported family ...)
     except Exception as error:  # a patch that is not meta-device safe
         last = f"{type(error).__name__}: {error}".splitlines()[0]
-        raise PlanError(f"{method} could not be applied to a model on the meta device ({last}); the plan needs a "
-                        "meta-safe patch. Report it with this message.") from error
+        raise PlanError(
+            f"{method} could not be applied to a model on the meta device ({last}); the plan needs a "
+            "meta-safe patch. Report it with this message."
+        ) from error
 
 
 def _upcycle_options(options: dict[str, Any], layers: Any) -> dict[str, Any]:
@@ -143,8 +152,10 @@ def _upcycle_options(options: dict[str, Any], layers: Any) -> dict[str, Any]:
 
     unknown = sorted(set(options) - set(UPCYCLE_OPTIONS))
     if unknown:
-        raise InvalidOptionError(f"upcycle: unknown option(s) {unknown}; known options: {list(UPCYCLE_OPTIONS)} "
-                                 "(bam attention options go in bam_options, e.g. 'bam_options={kv: shared}').")
+        raise InvalidOptionError(
+            f"upcycle: unknown option(s) {unknown}; known options: {list(UPCYCLE_OPTIONS)} "
+            "(bam attention options go in bam_options, e.g. 'bam_options={kv: shared}')."
+        )
     mode = options.get("mode", "btx")
     if mode not in UPCYCLE_MODES:
         raise InvalidOptionError(f"upcycle: mode={mode!r} is not one of {', '.join(UPCYCLE_MODES)}.")
@@ -159,12 +170,23 @@ def _upcycle_options(options: dict[str, Any], layers: Any) -> dict[str, Any]:
         raise InvalidOptionError(f"upcycle: bam_options={bam_options!r} must be a mapping of bam options.")
     if bam_options and mode != "bam":
         raise InvalidOptionError(f"upcycle: bam_options are only used with mode=bam (got mode={mode!r}).")
-    return {"mode": mode, "num_experts": n, "top_k": top_k, "layers": options.get("layers", layers),
-            "bam_options": dict(bam_options)}
+    return {
+        "mode": mode,
+        "num_experts": n,
+        "top_k": top_k,
+        "layers": options.get("layers", layers),
+        "bam_options": dict(bam_options),
+    }
 
 
-def _build_upcycled(config: PretrainedConfig, dtype: str, options: dict[str, Any], layers: Any,
-                    before: torch.nn.Module, family_before: FamilySpec) -> BuiltModels:
+def _build_upcycled(
+    config: PretrainedConfig,
+    dtype: str,
+    options: dict[str, Any],
+    layers: Any,
+    before: torch.nn.Module,
+    family_before: FamilySpec,
+) -> BuiltModels:
     from ..registry import get_patch
     from ..upcycling.build import _layers
     from ..upcycling.targets import moe_config
@@ -190,13 +212,22 @@ def _build_upcycled(config: PretrainedConfig, dtype: str, options: dict[str, Any
         experts.update({id(p): p for p in getattr(mlp, family.mlp.experts).parameters()})
     new = {**routers, **experts}
     spec["layers"] = moe_layers
-    return BuiltModels(before, after, family_before, family, applied_patches(after), spec,
-                       sum(p.numel() for p in new.values()), sum(p.numel() for p in routers.values()),
-                       _non_meta(after))
+    return BuiltModels(
+        before,
+        after,
+        family_before,
+        family,
+        applied_patches(after),
+        spec,
+        sum(p.numel() for p in new.values()),
+        sum(p.numel() for p in routers.values()),
+        _non_meta(after),
+    )
 
 
-def build_plan_models(config: PretrainedConfig, method: str, options: dict[str, Any], layers: Any = "all",
-                      dtype: str = "bf16") -> BuiltModels:
+def build_plan_models(
+    config: PretrainedConfig, method: str, options: dict[str, Any], layers: Any = "all", dtype: str = "bf16"
+) -> BuiltModels:
     """Build the unpatched model and the planned one on the meta device.
 
     `method` is a registered patch, `none` (the unpatched model) or `upcycle` (options: mode, num_experts, top_k,
@@ -215,5 +246,4 @@ def build_plan_models(config: PretrainedConfig, method: str, options: dict[str, 
     after = build_meta(config, dtype)
     _patch_meta(after, method, layers, options)
     new = sum(p.numel() for p in new_parameters(after).values())
-    return BuiltModels(before, after, family, family, applied_patches(after), None, new, new,
-                       _non_meta(after))
+    return BuiltModels(before, after, family, family, applied_patches(after), None, new, new, _non_meta(after))

@@ -34,12 +34,16 @@ def tune_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides (train.max_steps=10)")
     parser.add_argument("--print", action="store_true", help="print the resolved recipe and exit")
     parser.add_argument(
-        "--nproc", type=int, default=1, metavar="N",
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
         help="train in N processes on this machine (torchrun; GPUs, or CPU processes over gloo where there are "
         "none); the recipe's train.distributed picks ddp, fsdp or deepspeed",
     )
     parser.add_argument(
-        "--overwrite", action="store_true",
+        "--overwrite",
+        action="store_true",
         help="start over: empty the recipe's output_dir first (only a tuning run folder). Without it a finished run "
         "of the same recipe is reported and not retrained, and a run of a changed recipe is refused (set "
         "train.allow_recipe_change=true to continue it anyway)",

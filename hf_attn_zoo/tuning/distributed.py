@@ -24,8 +24,16 @@ from ..errors import RecipeError
 from .recipe import DistributedSection, Recipe
 
 __all__ = [
-    "CHECKPOINT_LAYOUT", "SHIPPED_CONFIGS", "check_resume", "deepspeed_config_path", "deepspeed_config_problems",
-    "distributed_training_args", "enable_fsdp_without_gpus", "full_state_dict", "launch", "sharding_problems",
+    "CHECKPOINT_LAYOUT",
+    "SHIPPED_CONFIGS",
+    "check_resume",
+    "deepspeed_config_path",
+    "deepspeed_config_problems",
+    "distributed_training_args",
+    "enable_fsdp_without_gpus",
+    "full_state_dict",
+    "launch",
+    "sharding_problems",
     "world_size",
 ]
 
@@ -50,7 +58,10 @@ def deepspeed_config_path(section: DistributedSection, base_dir: Path) -> Path:
 
 # keys the Trainer fills from its own arguments when they say "auto" (transformers.integrations.deepspeed)
 _DEEPSPEED_AUTO = {
-    "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping", "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "train_batch_size",
 }
 
 
@@ -71,19 +82,19 @@ def deepspeed_config_problems(path: Path, zero_stage: int) -> list[str]:
     problems = []
     stage = config.get("zero_optimization", {}).get("stage")
     if stage != zero_stage:
-        problems.append(f"{path}: zero_optimization.stage is {stage!r} but train.distributed.zero_stage is "
-                        f"{zero_stage}")
+        problems.append(
+            f"{path}: zero_optimization.stage is {stage!r} but train.distributed.zero_stage is {zero_stage}"
+        )
     for key in sorted(_DEEPSPEED_AUTO):
         if key in config and config[key] != "auto":
-            problems.append(f"{path}: {key} is {config[key]!r}; set it to \"auto\" (the recipe's train section "
-                            "sets it)")
+            problems.append(f'{path}: {key} is {config[key]!r}; set it to "auto" (the recipe\'s train section sets it)')
     for section, owner in (("optimizer", "optim"), ("scheduler", "optim.schedule")):
         if section in config:
             problems.append(f"{path}: drop the {section!r} section; the recipe's `{owner}` sets it")
     for precision in ("bf16", "fp16"):
         enabled = config.get(precision, {}).get("enabled")
         if enabled not in (None, "auto"):
-            problems.append(f"{path}: {precision}.enabled is {enabled!r}; set it to \"auto\" (train.mixed_precision)")
+            problems.append(f'{path}: {precision}.enabled is {enabled!r}; set it to "auto" (train.mixed_precision)')
     return problems
 
 
@@ -101,9 +112,13 @@ def sharding_problems(recipe: Recipe) -> list[tuple[tuple[str | int, ...], str]]
         return []
     problems: list[tuple[tuple[str | int, ...], str]] = []
     if importlib.util.find_spec("deepspeed") is None:
-        problems.append((("train", "distributed", "strategy"),
-                         "deepspeed is not installed (pip install deepspeed); or use strategy: fsdp, which needs "
-                         "nothing beyond torch"))
+        problems.append(
+            (
+                ("train", "distributed", "strategy"),
+                "deepspeed is not installed (pip install deepspeed); or use strategy: fsdp, which needs "
+                "nothing beyond torch",
+            )
+        )
     path = deepspeed_config_path(section, recipe.base_dir)
     where = ("train", "distributed", "deepspeed_config" if section.deepspeed_config else "zero_stage")
     problems += [(where, problem) for problem in deepspeed_config_problems(path, section.zero_stage)]
@@ -219,8 +234,17 @@ def launch(nproc: int, argv: list[str]) -> int:
     On a machine without GPUs the processes train on CPU over gloo, one thread each unless `OMP_NUM_THREADS` says
     otherwise (torchrun would otherwise let every process use every core).
     """
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", "-m", "hf_attn_zoo.tuning", "tune", *argv]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        "-m",
+        "hf_attn_zoo.tuning",
+        "tune",
+        *argv,
+    ]
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))

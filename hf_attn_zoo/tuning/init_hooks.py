@@ -69,8 +69,9 @@ def get_init_hook(name: str) -> InitHook:
 
 
 @register_init_hook("moh_distill_router")
-def moh_distill_router(model, train_dataset, tokens: int = 4096, batch_size: int = 8, steps: int = 200,
-                       lr: float = 1e-2) -> None:
+def moh_distill_router(
+    model, train_dataset, tokens: int = 4096, batch_size: int = 8, steps: int = 200, lr: float = 1e-2
+) -> None:
     """Fit the learned MoH routers to the output-norm head ranking on the first `tokens` training tokens.
 
     See `hf_attn_zoo.patches.moh.distill_router`: a router fitted this way starts continue-tuning from the

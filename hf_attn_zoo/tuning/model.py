@@ -23,7 +23,12 @@ from .init_hooks import get_init_hook
 from .recipe import LoraSection, Recipe
 
 __all__ = [
-    "apply_patches", "check_moe", "install_moe_losses", "load_model_and_tokenizer", "run_init_hooks", "save_final",
+    "apply_patches",
+    "check_moe",
+    "install_moe_losses",
+    "load_model_and_tokenizer",
+    "run_init_hooks",
+    "save_final",
     "select_trainable",
 ]
 
@@ -77,8 +82,9 @@ def check_moe(model: torch.nn.Module, recipe: Recipe) -> None:
     """A `moe` section (or `train.what: moe`) needs MoE layers: say so before the data is tokenized."""
     from ..moe_losses import moe_layers
 
-    wanted = [loc for loc, on in ((("moe",), recipe.moe is not None), (("train", "what"), recipe.train.what == "moe"))
-              if on]
+    wanted = [
+        loc for loc, on in ((("moe",), recipe.moe is not None), (("train", "what"), recipe.train.what == "moe")) if on
+    ]
     if not wanted:
         return
     try:
@@ -112,7 +118,9 @@ def install_moe_losses(model: torch.nn.Module, recipe: Recipe) -> Any:
     if not any(p.requires_grad for router in routers for p in router.parameters()):
         logger.warning(
             "%s: the routers are frozen under train.what=%s, so the router losses train nothing of theirs; use "
-            "`what: moe`, `all` or `lora` to train the routers", recipe.location(("moe",)), recipe.train.what,
+            "`what: moe`, `all` or `lora` to train the routers",
+            recipe.location(("moe",)),
+            recipe.train.what,
         )
     return handle
 

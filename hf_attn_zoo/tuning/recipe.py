@@ -131,4 +131,3 @@ def load_recipe(path_or_name: str | Path, overrides: Iterable[str] = ()) -> Reci
         except ValueError:
             data["name"] = path.stem
     return validate_recipe(data, source)
-

@@ -126,9 +126,7 @@ def _semantic_problems(recipe: Recipe) -> list[tuple[Loc, str]]:
     if train.global_batch_size is not None and "grad_accum" in train.model_fields_set and train.grad_accum != 1:
         problems.append((("train", "grad_accum"), "give train.grad_accum or train.global_batch_size, not both"))
     if train.global_batch_size is not None and train.global_batch_size % train.batch_size:
-        problems.append(
-            (("train", "global_batch_size"), f"must be a multiple of train.batch_size={train.batch_size}")
-        )
+        problems.append((("train", "global_batch_size"), f"must be a multiple of train.batch_size={train.batch_size}"))
     if train.what == "new" and not recipe.patches:
         problems.append((("train", "what"), "'new' trains only the parameters patches create, but `patches` is empty"))
     if train.eval_steps is not None and recipe.data.held_out_fraction == 0:
@@ -217,18 +215,31 @@ def _optimizer_problems(recipe: Recipe) -> list[tuple[Loc, str]]:
 
 # TrainingArguments fields that recipe keys already set: one place to write each setting.
 _OWNED_ARGS = {
-    "output_dir": "output_dir", "per_device_train_batch_size": "train.batch_size",
+    "output_dir": "output_dir",
+    "per_device_train_batch_size": "train.batch_size",
     "gradient_accumulation_steps": "train.grad_accum / train.global_batch_size",
     "max_steps": "train.max_steps / train.token_budget",
-    "learning_rate": "optim.lr", "lr_scheduler_type": "optim.schedule", "warmup_steps": "optim.warmup_steps",
-    "optim": "optim.name", "weight_decay": "optim.weight_decay", "adam_beta1": "optim.betas",
-    "adam_beta2": "optim.betas", "adam_epsilon": "optim.eps", "max_grad_norm": "optim.max_grad_norm",
-    "bf16": "train.mixed_precision", "fp16": "train.mixed_precision", "save_steps": "train.save_steps",
-    "save_total_limit": "train.save_total_limit", "logging_steps": "train.logging_steps",
-    "eval_steps": "train.eval_steps", "seed": "seed", "gradient_checkpointing": "train.gradient_checkpointing",
+    "learning_rate": "optim.lr",
+    "lr_scheduler_type": "optim.schedule",
+    "warmup_steps": "optim.warmup_steps",
+    "optim": "optim.name",
+    "weight_decay": "optim.weight_decay",
+    "adam_beta1": "optim.betas",
+    "adam_beta2": "optim.betas",
+    "adam_epsilon": "optim.eps",
+    "max_grad_norm": "optim.max_grad_norm",
+    "bf16": "train.mixed_precision",
+    "fp16": "train.mixed_precision",
+    "save_steps": "train.save_steps",
+    "save_total_limit": "train.save_total_limit",
+    "logging_steps": "train.logging_steps",
+    "eval_steps": "train.eval_steps",
+    "seed": "seed",
+    "gradient_checkpointing": "train.gradient_checkpointing",
     "activation_checkpointing": "train.gradient_checkpointing",
     "resume_from_checkpoint": "train.resume",
-    "fsdp": "train.distributed.strategy", "fsdp_config": "train.distributed",
+    "fsdp": "train.distributed.strategy",
+    "fsdp_config": "train.distributed",
     "deepspeed": "train.distributed.strategy (and deepspeed_config)",
 }
 

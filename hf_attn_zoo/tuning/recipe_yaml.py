@@ -16,8 +16,16 @@ import yaml
 
 from ..errors import RecipeError
 
-__all__ = ["Loc", "SourceMap", "apply_overrides", "display_path", "format_key", "format_loc", "load_tree",
-           "many_problems"]
+__all__ = [
+    "Loc",
+    "SourceMap",
+    "apply_overrides",
+    "display_path",
+    "format_key",
+    "format_loc",
+    "load_tree",
+    "many_problems",
+]
 
 Loc = tuple[str | int, ...]
 
@@ -219,4 +227,3 @@ def apply_overrides(data: dict, overrides: Iterable[str], marks: dict | None = N
                 del marks[k]
             marks[loc] = (f"override {override!r}", 0, 0)
     return data
-

@@ -93,21 +93,30 @@ def last_checkpoint(output_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-
 # Keys whose change does not change what a run trains, so a rerun with them changed still counts as the same run:
 # where the run folder is (`output_dir`, `name`), how it is described, whether to resume and whether a change is
 # allowed, how often it logs and checkpoints and how many checkpoints it keeps, and the evaluation after training
 # (`eval`, and `train.eval_steps`, which only measures). `init` is added when resuming an unfinished run from a
 # checkpoint: the init hooks do not run then (the checkpoint holds their result).
-HARMLESS_RECIPE_KEYS = ("name", "description", "output_dir", "train.resume", "train.allow_recipe_change",
-                        "train.logging_steps", "train.save_steps", "train.save_total_limit", "train.eval_steps",
-                        "eval")
+HARMLESS_RECIPE_KEYS = (
+    "name",
+    "description",
+    "output_dir",
+    "train.resume",
+    "train.allow_recipe_change",
+    "train.logging_steps",
+    "train.save_steps",
+    "train.save_total_limit",
+    "train.eval_steps",
+    "eval",
+)
 _RUN_FILES = ("recipe.yaml", "result.json", "final", "final.partial")
 
 
 def _is_run_dir(folder: Path) -> bool:
     return any((folder / name).exists() for name in _RUN_FILES) or any(
-        _CHECKPOINT.match(child.name) for child in folder.iterdir())
+        _CHECKPOINT.match(child.name) for child in folder.iterdir()
+    )
 
 
 def _normalized(text: str) -> dict[str, Any]:
@@ -144,7 +153,8 @@ def check_run_dir(recipe: Recipe, output_dir: Path, overwrite: bool, clear: bool
         raise OutputExistsError(
             f"output_dir {output_dir} already holds files that are not a tuning run (no recipe.yaml, result.json, "
             "final/ or checkpoint-N); refusing to write into it, even with --overwrite: choose another output_dir, "
-            "or empty it yourself.")
+            "or empty it yourself."
+        )
     if overwrite:
         if clear:
             logger.warning("hf-attn-zoo tune: --overwrite: removing the earlier run in %s", output_dir)
@@ -165,10 +175,14 @@ def check_run_dir(recipe: Recipe, output_dir: Path, overwrite: bool, clear: bool
         raise RecipeError(
             f"output_dir {output_dir} holds an {state} run of a different recipe; changed: {', '.join(changed)}. "
             "Set train.allow_recipe_change=true to continue it with this recipe anyway, use another output_dir, or "
-            f"start over: {OVERWRITE_HINT}.")
+            f"start over: {OVERWRITE_HINT}."
+        )
     if changed:
-        logger.warning("hf-attn-zoo tune: continuing %s with a changed recipe (train.allow_recipe_change): %s",
-                       output_dir, ", ".join(changed))
+        logger.warning(
+            "hf-attn-zoo tune: continuing %s with a changed recipe (train.allow_recipe_change): %s",
+            output_dir,
+            ", ".join(changed),
+        )
         return None
     if finished:
         result = TuneResult.from_json((output_dir / "result.json").read_text())
@@ -188,4 +202,3 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(data, dict):
         return {k: v for key, value in data.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
     return {prefix.rstrip("."): data}
-

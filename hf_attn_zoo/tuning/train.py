@@ -41,7 +41,12 @@ from .run_folder import TuneResult, check_run_dir, last_checkpoint, write_recipe
 from .trainer import CheckpointLayout, Throughput, ZooTrainer, grad_accum_steps, training_args
 
 __all__ = [
-    "TuneResult", "apply_patches", "build_datasets", "last_checkpoint", "load_model_and_tokenizer", "run_init_hooks",
+    "TuneResult",
+    "apply_patches",
+    "build_datasets",
+    "last_checkpoint",
+    "load_model_and_tokenizer",
+    "run_init_hooks",
     "run_recipe",
 ]
 
@@ -94,8 +99,12 @@ def run_recipe(
     # for `overwrite`, before the first barrier; the others wait there before they look for checkpoints)
     finished = check_run_dir(recipe, output_dir, overwrite, clear=_rank() == 0)
     if finished is not None:
-        logger.info("hf-attn-zoo tune: %s is already finished (same recipe): %d steps, model in %s; nothing to do",
-                    output_dir, finished.global_step, finished.final_dir)
+        logger.info(
+            "hf-attn-zoo tune: %s is already finished (same recipe): %d steps, model in %s; nothing to do",
+            output_dir,
+            finished.global_step,
+            finished.final_dir,
+        )
         return finished
 
     set_seed(recipe.seed)
@@ -165,7 +174,10 @@ def run_recipe(
         (output_dir / "result.json").write_text(result.to_json())
         logger.info(
             "hf-attn-zoo tune: %d steps, final loss %s, %.0f train tokens/s, model in %s",
-            result.global_step, result.final_loss, result.train_tokens_per_second, final_dir,
+            result.global_step,
+            result.final_loss,
+            result.train_tokens_per_second,
+            final_dir,
         )
     trainer.accelerator.wait_for_everyone()
     return result
@@ -190,8 +202,10 @@ def _run_eval(model: torch.nn.Module, recipe: Recipe, output_dir: Path) -> dict[
     try:
         from ..eval_harness import evaluate
     except ImportError:
-        logger.warning("%s: hf_attn_zoo.eval_harness.evaluate is not available; skipping the eval section",
-                       recipe.location(("eval",)))
+        logger.warning(
+            "%s: hf_attn_zoo.eval_harness.evaluate is not available; skipping the eval section",
+            recipe.location(("eval",)),
+        )
         return None
     results = evaluate(model, recipe.eval.tasks, recipe.eval.limit)
     with contextlib.suppress(TypeError):

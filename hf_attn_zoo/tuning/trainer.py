@@ -109,9 +109,14 @@ class ZooTrainer(Trainer):
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         if self.lr_scheduler is None:
             optim = self.recipe.optim
-            self.lr_scheduler = lr_schedule.lr_scheduler(optimizer or self.optimizer, optim.schedule,
-                                                         optim.warmup_steps, num_training_steps, optim.lr,
-                                                         optim.min_lr)
+            self.lr_scheduler = lr_schedule.lr_scheduler(
+                optimizer or self.optimizer,
+                optim.schedule,
+                optim.warmup_steps,
+                num_training_steps,
+                optim.lr,
+                optim.min_lr,
+            )
             self._created_lr_scheduler = True
         return self.lr_scheduler
 
@@ -135,8 +140,9 @@ class ZooTrainer(Trainer):
         # training logs are written on every process at the same step, so the reduction below is collective
         if "loss" in logs and "eval_loss" not in logs:
             device = self.args.device
-            sums = [torch.as_tensor(self._aux_sums[k], dtype=torch.float64, device=device).reshape(1)
-                    for k in _AUX_LOGS]
+            sums = [
+                torch.as_tensor(self._aux_sums[k], dtype=torch.float64, device=device).reshape(1) for k in _AUX_LOGS
+            ]
             counts = torch.tensor([float(self._aux_counts[k]) for k in _AUX_LOGS], dtype=torch.float64, device=device)
             local = torch.cat([*sums, counts])
             total = self.accelerator.reduce(local, reduction="sum") if self.args.world_size > 1 else local

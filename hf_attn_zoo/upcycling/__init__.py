@@ -5,5 +5,12 @@ from .mergekit import mergekit_upcycle_kwargs, upcycle_from_mergekit
 from .sources import Expert
 from .targets import seed_families
 
-__all__ = ["Expert", "UPCYCLE_MODES", "mergekit_upcycle_kwargs", "save_upcycled", "seed_families", "upcycle",
-           "upcycle_from_mergekit"]
+__all__ = [
+    "Expert",
+    "UPCYCLE_MODES",
+    "mergekit_upcycle_kwargs",
+    "save_upcycled",
+    "seed_families",
+    "upcycle",
+    "upcycle_from_mergekit",
+]

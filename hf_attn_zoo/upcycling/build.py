@@ -107,19 +107,25 @@ def upcycle(
     specs = [e if isinstance(e, Expert) else Expert(str(e)) for e in experts]
     if mode == "sparse":
         if specs:
-            raise InvalidOptionError("mode='sparse' copies the seed's MLP into every expert and takes no expert "
-                                     "models; use mode='btx' or 'bam' to merge other models.")
+            raise InvalidOptionError(
+                "mode='sparse' copies the seed's MLP into every expert and takes no expert "
+                "models; use mode='btx' or 'bam' to merge other models."
+            )
         count = 4 if num_experts is None else num_experts
         specs = [Expert(str(seed), noise_scale=noise) for _ in range(count)]
     else:
         if include_seed:
             specs = [Expert(str(seed))] + specs
         if len(specs) < 2:
-            raise InvalidOptionError(f"mode={mode!r} needs at least two expert models (the seed counts when "
-                                     "include_seed); to build experts from the seed alone use mode='sparse'.")
+            raise InvalidOptionError(
+                f"mode={mode!r} needs at least two expert models (the seed counts when "
+                "include_seed); to build experts from the seed alone use mode='sparse'."
+            )
         if num_experts is not None and num_experts != len(specs):
-            raise InvalidOptionError(f"num_experts={num_experts} but {len(specs)} expert models were given "
-                                     f"({'seed + ' if include_seed else ''}experts).")
+            raise InvalidOptionError(
+                f"num_experts={num_experts} but {len(specs)} expert models were given "
+                f"({'seed + ' if include_seed else ''}experts)."
+            )
         specs = [dataclasses.replace(spec, noise_scale=spec.noise_scale or noise) for spec in specs]
     n = len(specs)
     if n < 2:
@@ -156,14 +162,26 @@ def upcycle(
     shared_sources = sources if shared == "average" else [seed_source]
 
     ffn_routers = router_weights(
-        router_init, seed_source, [s.prompts for s in specs], [s.negative_prompts for s in specs], n, moe_layers,
-        "ffn", random_seed,
+        router_init,
+        seed_source,
+        [s.prompts for s in specs],
+        [s.negative_prompts for s in specs],
+        n,
+        moe_layers,
+        "ffn",
+        random_seed,
     )
     attention_routers = None
     if mode == "bam":
         attention_routers = router_weights(
-            router_init, seed_source, [s.prompts for s in specs], [s.negative_prompts for s in specs], n,
-            moe_layers, "attention", random_seed,
+            router_init,
+            seed_source,
+            [s.prompts for s in specs],
+            [s.negative_prompts for s in specs],
+            n,
+            moe_layers,
+            "attention",
+            random_seed,
         )
 
     with no_init_weights():
@@ -198,18 +216,28 @@ def upcycle(
         patch(model, "bam", layers=moe_layers, **options)
         _fill_attention_experts(model, family, expert_sources, specs, moe_layers, attention_routers, generator)
 
-    setattr(model.config, RECORD_KEY, {
-        "mode": mode, "experts": [s.source for s in specs], "top_k": top_k, "layers": moe_layers,
-        "router_init": router_init, "shared": shared, "noise": noise,
-    })
+    setattr(
+        model.config,
+        RECORD_KEY,
+        {
+            "mode": mode,
+            "experts": [s.source for s in specs],
+            "top_k": top_k,
+            "layers": moe_layers,
+            "router_init": router_init,
+            "shared": shared,
+            "noise": noise,
+        },
+    )
     logger.info("upcycled %s in %.1f s", mode, time.perf_counter() - started)
     if output_dir is not None:
         save_upcycled(model, seed_source, output_dir, overwrite=overwrite)
     return model
 
 
-def save_upcycled(model: PreTrainedModel, seed: Source | str | Path, output_dir: str | Path,
-                  overwrite: bool = False) -> Path:
+def save_upcycled(
+    model: PreTrainedModel, seed: Source | str | Path, output_dir: str | Path, overwrite: bool = False
+) -> Path:
     """Save an upcycled model (safetensors, transformers v5 fused-experts layout) with the seed's tokenizer.
 
     A non-empty `output_dir` is refused (`OutputExistsError`) unless `overwrite`; the folder is written beside it and

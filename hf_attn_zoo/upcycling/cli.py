@@ -16,7 +16,7 @@ def upcycle_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="hf-attn-zoo upcycle",
         description="Upcycle dense checkpoints into an MoE: sparse (seed copies), btx (FFN experts from several "
-                    "models) or bam (FFN and attention experts).",
+        "models) or bam (FFN and attention experts).",
     )
     parser.add_argument("seed", nargs="?", help="seed model: folder, hub id or 'default' (SmolLM2-135M)")
     parser.add_argument("experts", nargs="*", help="expert models (btx/bam), after the seed")
@@ -28,14 +28,23 @@ def upcycle_main(argv: list[str]) -> int:
     parser.add_argument("--top-k", type=int, help="FFN experts per token (default 2; 1 for bam)")
     parser.add_argument("--layers", default="all", help="'all' or comma-separated layer indices")
     parser.add_argument("--router-init", choices=["random", "hidden", "embed"], default="random")
-    parser.add_argument("--prompts", action="append", default=[],
-                        help="one per expert (in order, seed first): a prompt file or corpus:NAME")
+    parser.add_argument(
+        "--prompts",
+        action="append",
+        default=[],
+        help="one per expert (in order, seed first): a prompt file or corpus:NAME",
+    )
     parser.add_argument("--noise", type=float, default=0.0, help="relative noise on expert copies")
     parser.add_argument("--shared", choices=["average", "seed"], help="non-expert weights: average or seed's")
     parser.add_argument("--no-seed-expert", action="store_true", help="btx/bam: the seed is not an expert")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--bam", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="bam patch options, e.g. kv=shared routing=top_k top_k=2 parallel_block=true")
+    parser.add_argument(
+        "--bam",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="bam patch options, e.g. kv=shared routing=top_k top_k=2 parallel_block=true",
+    )
     args = parser.parse_intermixed_args(argv)
     from .build import upcycle
     from .mergekit import mergekit_upcycle_kwargs
@@ -47,17 +56,27 @@ def upcycle_main(argv: list[str]) -> int:
             parser.error("give a seed model or --mergekit FILE")
         layers: Any = args.layers if args.layers == "all" else [int(i) for i in args.layers.split(",")]
         kwargs = dict(
-            seed=args.seed, experts=args.experts, mode=args.mode, num_experts=args.num_experts, top_k=args.top_k,
-            layers=layers, router_init=args.router_init, noise=args.noise, shared=args.shared,
-            include_seed=not args.no_seed_expert, dtype=args.dtype,
+            seed=args.seed,
+            experts=args.experts,
+            mode=args.mode,
+            num_experts=args.num_experts,
+            top_k=args.top_k,
+            layers=layers,
+            router_init=args.router_init,
+            noise=args.noise,
+            shared=args.shared,
+            include_seed=not args.no_seed_expert,
+            dtype=args.dtype,
             prompts=[read_prompts(p) for p in args.prompts] or None,
             bam_options=parse_options(args.bam) or None,
         )
     model = upcycle(**kwargs, output_dir=args.out, overwrite=args.overwrite)
     record = model.config.hf_attn_zoo_upcycling
     total = sum(p.numel() for p in model.parameters())
-    print(f"{record['mode']}: {len(record['experts'])} experts (top-{record['top_k']}) on {len(record['layers'])} "
-          f"layers, {type(model).__name__}, {total / 1e6:.1f}M parameters -> {args.out}")
+    print(
+        f"{record['mode']}: {len(record['experts'])} experts (top-{record['top_k']}) on {len(record['layers'])} "
+        f"layers, {type(model).__name__}, {total / 1e6:.1f}M parameters -> {args.out}"
+    )
     loader = "hf_attn_zoo.from_pretrained" if record["mode"] == "bam" else "AutoModelForCausalLM.from_pretrained"
     print(f"load it with {loader}({str(args.out)!r})")
     return 0

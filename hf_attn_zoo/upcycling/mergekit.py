@@ -26,8 +26,15 @@ __all__ = ["mergekit_upcycle_kwargs", "upcycle_from_mergekit"]
 _TOP = {"base_model", "experts", "gate_mode", "experts_per_token", "dtype", "architecture", "tokenizer_source"}
 _EXPERT = {"source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale"}
 _GATE_MODES = {"hidden": "hidden", "cheap_embed": "embed", "random": "random", "uniform_random": "random"}
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "fp32": "float32",
-           "bf16": "bfloat16", "fp16": "float16", None: "auto"}
+_DTYPES = {
+    "float32": "float32",
+    "bfloat16": "bfloat16",
+    "float16": "float16",
+    "fp32": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    None: "auto",
+}
 
 
 def _fail(path: Path, message: str) -> InvalidOptionError:
@@ -52,8 +59,11 @@ def mergekit_upcycle_kwargs(path: str | Path) -> dict[str, Any]:
         if key not in data:
             raise _fail(path, f"missing required field {key!r}.")
     if data.get("architecture") not in (None, "mixtral"):
-        raise _fail(path, f"architecture={data['architecture']!r} is not supported; the MoE architecture follows "
-                          "the base model (Mixtral for Llama/Mistral). Remove the field.")
+        raise _fail(
+            path,
+            f"architecture={data['architecture']!r} is not supported; the MoE architecture follows "
+            "the base model (Mixtral for Llama/Mistral). Remove the field.",
+        )
     if data.get("tokenizer_source") not in (None, "base"):
         raise _fail(path, "only tokenizer_source: base is supported (experts must share the base tokenizer).")
     gate_mode = data.get("gate_mode", "hidden")
@@ -70,13 +80,15 @@ def mergekit_upcycle_kwargs(path: str | Path) -> dict[str, Any]:
         unknown = sorted(set(entry) - _EXPERT)
         if unknown:
             raise _fail(path, f"experts[{i}] has unknown field(s) {unknown}; supported: {sorted(_EXPERT)}.")
-        experts.append(Expert(
-            source=str(entry["source_model"]),
-            prompts=list(entry.get("positive_prompts") or []),
-            negative_prompts=list(entry.get("negative_prompts") or []),
-            noise_scale=float(entry.get("noise_scale") or 0.0),
-            residual_scale=float(entry.get("residual_scale", 1.0)),
-        ))
+        experts.append(
+            Expert(
+                source=str(entry["source_model"]),
+                prompts=list(entry.get("positive_prompts") or []),
+                negative_prompts=list(entry.get("negative_prompts") or []),
+                noise_scale=float(entry.get("noise_scale") or 0.0),
+                residual_scale=float(entry.get("residual_scale", 1.0)),
+            )
+        )
     return {
         "seed": str(data["base_model"]),
         "experts": experts,
@@ -89,8 +101,9 @@ def mergekit_upcycle_kwargs(path: str | Path) -> dict[str, Any]:
     }
 
 
-def upcycle_from_mergekit(path: str | Path, output_dir: str | Path | None = None, overwrite: bool = False,
-                          **overrides: Any):
+def upcycle_from_mergekit(
+    path: str | Path, output_dir: str | Path | None = None, overwrite: bool = False, **overrides: Any
+):
     """Build the MoE a mergekit-moe YAML describes (see the module docstring for the differences); a non-empty
     `output_dir` is refused unless `overwrite`."""
     from .build import upcycle

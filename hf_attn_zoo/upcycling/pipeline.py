@@ -26,8 +26,17 @@ from typing import Any
 
 from ..assets.model import cache_dir
 
-__all__ = ["DOMAINS", "build_moes", "cached_moe", "evaluate_models", "moe_checkpoint", "pipeline_main", "pipeline_root",
-           "train_specialists", "tune_on_mixture"]
+__all__ = [
+    "DOMAINS",
+    "build_moes",
+    "cached_moe",
+    "evaluate_models",
+    "moe_checkpoint",
+    "pipeline_main",
+    "pipeline_root",
+    "train_specialists",
+    "tune_on_mixture",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +82,9 @@ def train_specialists(root: str | Path | None = None, domains: Sequence[str] = t
     return {d: _tune(f"upcycling/specialist_{d}_quick", root / "specialists" / d) for d in domains}
 
 
-def build_moes(specialists: dict[str, Path], root: str | Path | None = None, modes: Sequence[str] = MODES,
-               seed: str = "default") -> dict[str, Path]:
+def build_moes(
+    specialists: dict[str, Path], root: str | Path | None = None, modes: Sequence[str] = MODES, seed: str = "default"
+) -> dict[str, Path]:
     """Stage 2: the sparse / BTX / BAM MoEs (cached); returns `{mode: folder}` and writes `build.json` timings."""
     from .build import upcycle
 
@@ -86,15 +96,27 @@ def build_moes(specialists: dict[str, Path], root: str | Path | None = None, mod
             started = time.perf_counter()
             experts = [] if mode == "sparse" else list(specialists.values())
             # a folder without config.json is what an interrupted build of this study left: ours to replace
-            upcycle(seed, experts, mode=mode, num_experts=len(specialists) + 1 if mode == "sparse" else None,
-                    top_k=1, router_init="random", output_dir=folder, overwrite=True)
+            upcycle(
+                seed,
+                experts,
+                mode=mode,
+                num_experts=len(specialists) + 1 if mode == "sparse" else None,
+                top_k=1,
+                router_init="random",
+                output_dir=folder,
+                overwrite=True,
+            )
             (folder / "build.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
         out[mode] = folder
     return out
 
 
-def tune_on_mixture(models: dict[str, str | Path], root: str | Path | None = None,
-                    recipe: str = "upcycling/mixture_quick", overrides: Sequence[str] = ()) -> dict[str, Path]:
+def tune_on_mixture(
+    models: dict[str, str | Path],
+    root: str | Path | None = None,
+    recipe: str = "upcycling/mixture_quick",
+    overrides: Sequence[str] = (),
+) -> dict[str, Path]:
     """Stage 3: continue-tune every model on the domain mixture with one recipe (same data, steps, tokens)."""
     from transformers import AutoConfig
 
@@ -111,8 +133,13 @@ def tune_on_mixture(models: dict[str, str | Path], root: str | Path | None = Non
     return out
 
 
-def evaluate_models(models: dict[str, str | Path], out_dir: str | Path, tasks: Sequence[str] = DEFAULT_TASKS,
-                    limit: int | None = 100, ppl_blocks: int = 8) -> dict[str, Path]:
+def evaluate_models(
+    models: dict[str, str | Path],
+    out_dir: str | Path,
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    limit: int | None = 100,
+    ppl_blocks: int = 8,
+) -> dict[str, Path]:
     """Stage 4: held-out perplexity per domain + lm-eval tasks for every model; `report.md/json/png` in `out_dir`."""
     import torch
     from transformers import AutoTokenizer
@@ -170,17 +197,22 @@ def moe_checkpoint(mode: str = "bam", tuned: bool = True, root: str | Path | Non
 
 
 def pipeline_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="hf-attn-zoo upcycle-study", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="hf-attn-zoo upcycle-study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, help="cache/work folder (default: <cache>/upcycling/smollm2_quick)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--tasks", nargs="*", default=list(DEFAULT_TASKS), help="lm-eval tasks (none: skip)")
     parser.add_argument("--limit", type=int, default=100, help="lm-eval examples per task")
-    parser.add_argument("--stage", choices=["specialists", "build", "tune", "all"], default="all",
-                        help="stop after this stage")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start over: empty --out first (a folder that is not this study's cache is refused "
-                             "otherwise; the study's own cache is reused stage by stage)")
+    parser.add_argument(
+        "--stage", choices=["specialists", "build", "tune", "all"], default="all", help="stop after this stage"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over: empty --out first (a folder that is not this study's cache is refused "
+        "otherwise; the study's own cache is reused stage by stage)",
+    )
     args = parser.parse_args(argv)
     root = _claim(args.out, args.overwrite)
     specialists = train_specialists(root)
@@ -194,9 +226,12 @@ def pipeline_main(argv: list[str]) -> int:
     tuned = tune_on_mixture({"dense": "default", **built}, root)
     if args.stage == "tune":
         return 0
-    models: dict[str, Any] = {"seed": "default", **{f"spec_{k}": v for k, v in specialists.items()},
-                              **{f"{k} (untuned)": v for k, v in built.items()},
-                              **{f"{k} (tuned)": v for k, v in tuned.items()}}
+    models: dict[str, Any] = {
+        "seed": "default",
+        **{f"spec_{k}": v for k, v in specialists.items()},
+        **{f"{k} (untuned)": v for k, v in built.items()},
+        **{f"{k} (tuned)": v for k, v in tuned.items()},
+    }
     paths = evaluate_models(models, root / "report", args.tasks, args.limit)
     print(Path(paths["md"]).read_text())
     print(f"wrote {paths['md']}, {paths['png']}")

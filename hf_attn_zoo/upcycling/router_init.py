@@ -110,6 +110,7 @@ def _hidden_means(
         def hook(module, args, kwargs):
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             captured[layer] = hidden.detach().float()[0].mean(0)
+
         return hook
 
     hooks = []

@@ -27,8 +27,15 @@ logger = logging.getLogger(__name__)
 _SINGLE = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
 # config fields that must agree for weights to be stacked or averaged
-_SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "head_dim", "vocab_size")
+_SHAPE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+)
 
 
 @dataclass
@@ -99,11 +106,17 @@ def open_source(name: str | Path, **hub_kwargs: Any) -> Source:
         from huggingface_hub import snapshot_download
 
         try:
-            path = Path(snapshot_download(str(resolved), allow_patterns=["*.json", "*.safetensors", "tokenizer*",
-                                                                         "*.model", "*.txt"], **hub_kwargs))
+            path = Path(
+                snapshot_download(
+                    str(resolved),
+                    allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"],
+                    **hub_kwargs,
+                )
+            )
         except Exception as err:  # offline, unknown repo, gated: one message
-            raise MissingAssetError(f"could not get {resolved!r} from the Hugging Face hub ({err}); pass a local "
-                                    "folder instead.") from err
+            raise MissingAssetError(
+                f"could not get {resolved!r} from the Hugging Face hub ({err}); pass a local folder instead."
+            ) from err
     config = AutoConfig.from_pretrained(path)
     return Source(str(name), path, config)
 

@@ -24,9 +24,22 @@ from ..families.spec import FamilySpec, family_specs, resolve_family
 
 __all__ = ["moe_config", "seed_families"]
 
-_COMMON = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-           "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "tie_word_embeddings",
-           "bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout")
+_COMMON = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "attention_dropout",
+)
 
 
 def seed_families() -> list[str]:
@@ -48,16 +61,19 @@ def _uses_sliding_window(seed: PretrainedConfig) -> bool:
 def _check(seed: PretrainedConfig, family: FamilySpec, target: FamilySpec, head_dim: int) -> None:
     spec = target.upcycle_target
     if not spec.projection_biases and (getattr(seed, "attention_bias", False) or getattr(seed, "mlp_bias", False)):
-        raise IncompatibleModelsError(f"{target.name} has no projection biases; this {family.name} seed uses "
-                                      "attention_bias or mlp_bias and cannot be upcycled.")
+        raise IncompatibleModelsError(
+            f"{target.name} has no projection biases; this {family.name} seed uses "
+            "attention_bias or mlp_bias and cannot be upcycled."
+        )
     if not spec.free_head_dim and head_dim * seed.num_attention_heads != seed.hidden_size:
         raise IncompatibleModelsError(
             f"{family.name} seed with head_dim {head_dim} x {seed.num_attention_heads} heads != hidden_size: "
             f"{target.name} (used when only some layers become MoE) cannot express it; make every layer MoE."
         )
     if not spec.sliding_window and _uses_sliding_window(seed):
-        raise IncompatibleModelsError(f"a sliding-window {family.name} seed can only be upcycled on every layer "
-                                      f"({family.upcycle.every_layer}).")
+        raise IncompatibleModelsError(
+            f"a sliding-window {family.name} seed can only be upcycled on every layer ({family.upcycle.every_layer})."
+        )
 
 
 def moe_config(seed: PretrainedConfig, num_experts: int, top_k: int, moe_layers: list[int]) -> PretrainedConfig:
@@ -75,8 +91,12 @@ def moe_config(seed: PretrainedConfig, num_experts: int, top_k: int, moe_layers:
     spec = target.upcycle_target
     head_dim = getattr(seed, "head_dim", None) or seed.hidden_size // seed.num_attention_heads
     _check(seed, family, target, head_dim)
-    values: dict[str, Any] = {**_common(seed), "intermediate_size": seed.intermediate_size, "head_dim": head_dim,
-                              "sliding_window": getattr(seed, "sliding_window", None)}
+    values: dict[str, Any] = {
+        **_common(seed),
+        "intermediate_size": seed.intermediate_size,
+        "head_dim": head_dim,
+        "sliding_window": getattr(seed, "sliding_window", None),
+    }
     kwargs = {key: values[key] for key in spec.carry}
     kwargs.update(spec.fixed)
     kwargs[spec.num_experts] = num_experts

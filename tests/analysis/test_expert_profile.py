@@ -13,10 +13,18 @@ from hf_attn_zoo.errors import InvalidOptionError, UnsupportedArchitectureError
 from hf_attn_zoo.families import family_specs
 from tests.matrix import tiny_model
 
-CODE = ["def f(x): return x + 1", "import os", "for i in range(10): print(i)", "class A: pass",
-        "x = [k * 2 for k in data if k]"]
-PROSE = ["In the beginning God created the heaven and the earth.", "And it was so.",
-         "Shall I compare thee to a summer's day?"]
+CODE = [
+    "def f(x): return x + 1",
+    "import os",
+    "for i in range(10): print(i)",
+    "class A: pass",
+    "x = [k * 2 for k in data if k]",
+]
+PROSE = [
+    "In the beginning God created the heaven and the earth.",
+    "And it was so.",
+    "Shall I compare thee to a summer's day?",
+]
 POETRY = ["Tyger Tyger, burning bright", "Do not go gentle into that good night"]
 
 # one MoE layer per family at least; qwen2_moe keeps layer 0 dense
@@ -44,8 +52,9 @@ def _model(family: str, tokenizer):
 
 
 def _profile(model, tokenizer, sets=None, target="code", **kwargs):
-    return profile_experts(model, tokenizer, sets or {"code": CODE, "prose": PROSE}, target=target, progress=False,
-                           **kwargs)
+    return profile_experts(
+        model, tokenizer, sets or {"code": CODE, "prose": PROSE}, target=target, progress=False, **kwargs
+    )
 
 
 def test_mixtral_counts_match_a_hand_computation_from_router_logits(tokenizer):
@@ -70,13 +79,15 @@ def test_mixtral_counts_match_a_hand_computation_from_router_logits(tokenizer):
                 sums[layer].index_add_(0, top.indices.reshape(-1), weights.reshape(-1).double())
         assert profile.tokens[name] == tokens and profile.prompts[name] == len(prompts)
         assert profile.counts[name] == counts.tolist()
-        torch.testing.assert_close(torch.tensor(profile.weight_sums[name], dtype=torch.float64), sums,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            torch.tensor(profile.weight_sums[name], dtype=torch.float64), sums, atol=1e-5, rtol=1e-5
+        )
         frequency = torch.tensor(profile.frequency(name), dtype=torch.float64)
         torch.testing.assert_close(frequency, counts.double() / tokens)
         selected = torch.tensor(profile.mean_weight(name, over="selected"), dtype=torch.float64)
-        torch.testing.assert_close(selected, torch.where(counts > 0, sums / counts.clamp_min(1), 0.0), atol=1e-5,
-                                   rtol=1e-5)
+        torch.testing.assert_close(
+            selected, torch.where(counts > 0, sums / counts.clamp_min(1), 0.0), atol=1e-5, rtol=1e-5
+        )
         every = torch.tensor(profile.mean_weight(name, over="all"), dtype=torch.float64)
         torch.testing.assert_close(every, sums / tokens, atol=1e-5, rtol=1e-5)
         # renormalised Mixtral weights: each token's weights sum to 1
@@ -109,18 +120,25 @@ def test_scores_are_target_minus_the_mean_or_max_of_the_others(tokenizer):
     mean = _profile(model, tokenizer, sets, target="prose")
     highest = _profile(model, tokenizer, sets, target="prose", contrast="max")
     frequency = {name: torch.tensor(mean.frequency(name)) for name in sets}
-    torch.testing.assert_close(torch.tensor(mean.scores()),
-                               frequency["prose"] - (frequency["code"] + frequency["poetry"]) / 2)
-    torch.testing.assert_close(torch.tensor(highest.scores()),
-                               frequency["prose"] - torch.maximum(frequency["code"], frequency["poetry"]))
+    torch.testing.assert_close(
+        torch.tensor(mean.scores()), frequency["prose"] - (frequency["code"] + frequency["poetry"]) / 2
+    )
+    torch.testing.assert_close(
+        torch.tensor(highest.scores()), frequency["prose"] - torch.maximum(frequency["code"], frequency["poetry"])
+    )
     assert mean.counts == highest.counts
 
 
 def _handmade(target: str = "a") -> ExpertProfile:
     # layer 3: expert 1 favours "a" by 0.5, expert 0 by 0.25; layer 7: expert 2 by 0.75, expert 0 ties expert 1
     return ExpertProfile(
-        classes=["a", "b"], target=target, contrast="mean", layers=[3, 7], num_experts=[3, 3],
-        prompts={"a": 2, "b": 2}, tokens={"a": 4, "b": 4},
+        classes=["a", "b"],
+        target=target,
+        contrast="mean",
+        layers=[3, 7],
+        num_experts=[3, 3],
+        prompts={"a": 2, "b": 2},
+        tokens={"a": 4, "b": 4},
         counts={"a": [[2, 4, 2], [1, 1, 4]], "b": [[1, 2, 4], [2, 2, 1]]},
         weight_sums={"a": [[1.0, 2.0, 1.0], [0.5, 0.5, 2.0]], "b": [[0.5, 1.0, 2.0], [1.0, 1.0, 0.5]]},
     )
@@ -208,16 +226,52 @@ def test_cli_end_to_end(tmp_path, tokenizer, capsys):
     code.write_text("\n".join(CODE) + "\n\n")
     prose.write_text(json.dumps(PROSE))
     out = tmp_path / "plots" / "experts.png"
-    assert main(["analyze", "experts", str(source), "--class", f"code={code}", "--class", f"prose={prose}",
-                 "--target", "code", "--out", str(out), "--prompts-per-class", "4", "--max-length", "16"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "experts",
+                str(source),
+                "--class",
+                f"code={code}",
+                "--class",
+                f"prose={prose}",
+                "--target",
+                "code",
+                "--out",
+                str(out),
+                "--prompts-per-class",
+                "4",
+                "--max-length",
+                "16",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "code: 4 prompts" in printed and "prose: 3 prompts" in printed and "| 8 |" in printed
     profile = ExpertProfile.from_json(out.with_suffix(".json"))
     assert profile.target == "code" and profile.metadata["max_length"] == 16
     assert profile.tokens["code"] == sum(min(len(p.encode()), 15) for p in CODE[:4])
     assert out.stat().st_size > 1000
-    assert main(["analyze", "experts", str(source), "--class", f"code={code}", "--class", f"prose={prose}",
-                 "--target", "poetry", "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "analyze",
+                "experts",
+                str(source),
+                "--class",
+                f"code={code}",
+                "--class",
+                f"prose={prose}",
+                "--target",
+                "poetry",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "error: profile_experts: target 'poetry' is not one of the classes" in capsys.readouterr().err
 
 

@@ -28,8 +28,14 @@ GRID = [pytest.param(m, f, id=f"{m}-{f}") for m in sorted(METHOD_CASES) for f in
 # sliding-window family; without gradients the CPU runs some of them on its fused flash kernel
 KERNEL_PATHS = [
     pytest.param(method, family, backend, id=f"{method}-{backend}-{family}")
-    for method, backend in [("moba", "gather"), ("routing_attention", "sorted"), ("power_attention", "blocks"),
-                            ("sliding_window", "blocks"), ("moa", "blocks"), ("hyper_attention", None)]
+    for method, backend in [
+        ("moba", "gather"),
+        ("routing_attention", "sorted"),
+        ("power_attention", "blocks"),
+        ("sliding_window", "blocks"),
+        ("moa", "blocks"),
+        ("hyper_attention", None),
+    ]
     for family in ("llama", "gemma3")
     if _supported(method, family)
 ]

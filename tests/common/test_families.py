@@ -44,8 +44,10 @@ def test_gemma3_tiny_model_mixes_sliding_and_global_layers():
 
 def test_an_architecture_of_another_shape_is_refused_with_what_did_not_fit():
     model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    expected = ("model_type 'gpt2' is not recognised by hf_attn_zoo: GPT2LMHeadModel has no list of 1 decoder layers "
-                "named `layers` to patch. Family files exist for .*llama.*qwen3")
+    expected = (
+        "model_type 'gpt2' is not recognised by hf_attn_zoo: GPT2LMHeadModel has no list of 1 decoder layers "
+        "named `layers` to patch. Family files exist for .*llama.*qwen3"
+    )
     with pytest.raises(UnsupportedArchitectureError, match=expected):
         hf_attn_zoo.patch(model, "moh")
     assert hf_attn_zoo.applied_patches(model) == []

@@ -22,11 +22,18 @@ NOT_FAMILY_KNOWLEDGE = {
 
 def _string_constants(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
-    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
-                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
-                  and node.body and isinstance(node.body[0], ast.Expr)}
-    return {node.value for node in ast.walk(tree)
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings}
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+    }
+    return {
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+    }
 
 
 def test_no_model_type_literal_outside_the_family_data():
@@ -42,16 +49,27 @@ def test_no_model_type_literal_outside_the_family_data():
     assert not found, f"model types written in code (put what they encode in the family spec): {found}"
 
 
-@pytest.mark.parametrize("model_type,expected", [
-    ("helium", {"block": "pre_norm", "mlp": "dense"}),
-    ("olmo3", {"block": "post_norm", "qk_norm_scope": "projection", "mlp": "dense"}),
-    ("cohere", {"block": "parallel", "mlp": "dense"}),
-    ("phimoe", {"block": "pre_norm", "mlp": "moe"}),
-])
+@pytest.mark.parametrize(
+    "model_type,expected",
+    [
+        ("helium", {"block": "pre_norm", "mlp": "dense"}),
+        ("olmo3", {"block": "post_norm", "qk_norm_scope": "projection", "mlp": "dense"}),
+        ("cohere", {"block": "parallel", "mlp": "dense"}),
+        ("phimoe", {"block": "pre_norm", "mlp": "moe"}),
+    ],
+)
 def test_a_decoder_without_a_family_file_is_read_from_its_modules(model_type, expected):
-    config = AutoConfig.for_model(model_type, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, head_dim=16, intermediate_size=64, vocab_size=128,
-                                  pad_token_id=0)
+    config = AutoConfig.for_model(
+        model_type,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=64,
+        vocab_size=128,
+        pad_token_id=0,
+    )
     spec = resolve_family(config)
     assert spec.name == model_type and spec.layers == "model.layers" and spec.attention.q == "q_proj"
     assert spec.block == expected["block"] and spec.mlp.kind == expected["mlp"]
@@ -61,25 +79,47 @@ def test_a_decoder_without_a_family_file_is_read_from_its_modules(model_type, ex
 
 
 def test_an_unrecognised_layout_names_what_it_found():
-    config = AutoConfig.for_model("phi3", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, intermediate_size=64, vocab_size=128, pad_token_id=0)
-    with pytest.raises(UnsupportedArchitectureError,
-                       match="model_type 'phi3' is not recognised.*no attention module with separate q_proj/k_proj/"
-                             "v_proj/o_proj.*self_attn \\(Phi3Attention\\)"):
+    config = AutoConfig.for_model(
+        "phi3",
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=128,
+        pad_token_id=0,
+    )
+    with pytest.raises(
+        UnsupportedArchitectureError,
+        match="model_type 'phi3' is not recognised.*no attention module with separate q_proj/k_proj/"
+        "v_proj/o_proj.*self_attn \\(Phi3Attention\\)",
+    ):
         resolve_family(config)
 
 
 def test_a_moe_family_without_a_routing_rule_is_refused_by_the_routing_tools():
     import hf_attn_zoo
 
-    config = AutoConfig.for_model("phimoe", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, head_dim=16, intermediate_size=64, vocab_size=128,
-                                  num_local_experts=4, num_experts_per_tok=2, pad_token_id=0)
+    config = AutoConfig.for_model(
+        "phimoe",
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=64,
+        vocab_size=128,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        pad_token_id=0,
+    )
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(config)
-    with pytest.raises(UnsupportedArchitectureError, match="mote cannot patch a phimoe model: its router has no "
-                                                           "routing rule.*declare `mlp.routing`"):
+    with pytest.raises(
+        UnsupportedArchitectureError,
+        match="mote cannot patch a phimoe model: its router has no routing rule.*declare `mlp.routing`",
+    ):
         hf_attn_zoo.patch(model, "mote", off={"all": [0]})
 
 

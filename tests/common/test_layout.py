@@ -84,8 +84,12 @@ def _module_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]
     return found
 
 
-def face_imports(root: Path = ROOT, skip: set[str] = frozenset(), skip_dirs: tuple[str, ...] = (),
-                 allowed_names: set[tuple[str, str]] = frozenset()) -> list[str]:
+def face_imports(
+    root: Path = ROOT,
+    skip: set[str] = frozenset(),
+    skip_dirs: tuple[str, ...] = (),
+    allowed_names: set[tuple[str, str]] = frozenset(),
+) -> list[str]:
     """`file:line: statement` for every import of the package itself (its `__init__`) outside `skip`."""
     package = root.name
     mods = modules(root)
@@ -99,8 +103,11 @@ def face_imports(root: Path = ROOT, skip: set[str] = frozenset(), skip_dirs: tup
                 bad = [alias.name for alias in node.names if alias.name == package]
             elif _resolve(node, name, path) == package:
                 # `from hf_attn_zoo import x` / `from .. import x` is fine when x is a module of its own
-                bad = [alias.name for alias in node.names
-                       if f"{package}.{alias.name}" not in mods and (rel, alias.name) not in allowed_names]
+                bad = [
+                    alias.name
+                    for alias in node.names
+                    if f"{package}.{alias.name}" not in mods and (rel, alias.name) not in allowed_names
+                ]
             else:
                 bad = []
             if bad:
@@ -120,8 +127,11 @@ def importers_of(target: str, root: Path = ROOT) -> dict[str, list[str]]:
                 hit = any(alias.name == target or alias.name.startswith(target + ".") for alias in node.names)
             else:
                 source = _resolve(node, name, path)
-                hit = source == target or source.startswith(target + ".") or any(
-                    f"{source}.{alias.name}" == target for alias in node.names)
+                hit = (
+                    source == target
+                    or source.startswith(target + ".")
+                    or any(f"{source}.{alias.name}" == target for alias in node.names)
+                )
             if hit:
                 found.setdefault(path.relative_to(root.parent).as_posix(), []).append(ast.unparse(node))
     return found
@@ -224,8 +234,9 @@ def cycles(graph: dict[str, set[str]]) -> list[tuple[frozenset[str], list[str]]]
 
 
 def test_inner_modules_do_not_import_the_public_face():
-    found = face_imports(skip=FACE_IMPORTS_ALLOWED_IN, skip_dirs=FACE_IMPORTS_NOT_CHECKED_YET,
-                         allowed_names=FACE_NAMES_ALLOWED)
+    found = face_imports(
+        skip=FACE_IMPORTS_ALLOWED_IN, skip_dirs=FACE_IMPORTS_NOT_CHECKED_YET, allowed_names=FACE_NAMES_ALLOWED
+    )
     assert not found, (
         "inner modules import the package's public face; import the defining module instead "
         "(e.g. `from ..patching import patch`, `from ..loading import from_pretrained`):\n" + "\n".join(found)
@@ -259,7 +270,7 @@ def toy(tmp_path: Path) -> Path:
         "cli.py": "from .a import helper\n",
         "sub/__init__.py": "",
         "sub/d.py": "from ..b import helper\nfrom .. import a\nfrom typing import TYPE_CHECKING\n"
-                    "if TYPE_CHECKING:\n    from .. import c\n",
+        "if TYPE_CHECKING:\n    from .. import c\n",
         "sub/e.py": "def f():\n    from ..cli import main\n",
     }
     for rel, text in files.items():
@@ -272,7 +283,8 @@ def test_face_imports_flags_names_of_the_face_not_its_modules(toy):
     found = face_imports(toy, skip={"toy/__init__.py"})
     assert found == ["toy/b.py:4: from . import __version__", "toy/b.py:5: import toy"]
     assert face_imports(toy, skip={"toy/__init__.py"}, allowed_names={("toy/b.py", "__version__")}) == [
-        "toy/b.py:5: import toy"]
+        "toy/b.py:5: import toy"
+    ]
 
 
 def test_import_graph_and_cycles(toy):
@@ -281,7 +293,8 @@ def test_import_graph_and_cycles(toy):
     assert graph["toy.b"] == {"toy.c"}
     assert graph["toy.sub.d"] == {"toy.b", "toy.a"}
     assert graph["toy.c"] == {"toy.sub", "toy.sub.d"}
-    assert cycles(graph) == [(frozenset({"toy.a", "toy.b", "toy.c", "toy.sub.d"}),
-                              ["toy.a", "toy.b", "toy.c", "toy.sub.d", "toy.a"])]
+    assert cycles(graph) == [
+        (frozenset({"toy.a", "toy.b", "toy.c", "toy.sub.d"}), ["toy.a", "toy.b", "toy.c", "toy.sub.d", "toy.a"])
+    ]
     assert cycles({"x": {"y"}, "y": set()}) == []
     assert importers_of("toy.cli", toy) == {"toy/sub/e.py": ["from ..cli import main"]}

@@ -60,8 +60,13 @@ def _families(method: str) -> list[str]:
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_CASES))
-@settings(max_examples=25, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(data=st.data())
 def test_random_options_are_refused_cleanly_or_patch_and_unpatch_exactly(method, data):
     family = data.draw(st.sampled_from(_families(method)), label="family")

@@ -101,7 +101,7 @@ def test_left_padded_batch_generation_equals_each_row_alone(method, family):
     with torch.no_grad():
         together = model.generate(batch, attention_mask=mask, **options)[:, width:]
         for row, ids in enumerate(rows):
-            alone = model.generate(ids, attention_mask=torch.ones_like(ids), **options)[:, ids.shape[1]:]
+            alone = model.generate(ids, attention_mask=torch.ones_like(ids), **options)[:, ids.shape[1] :]
             assert torch.equal(together[row : row + 1], alone), f"row {row} changed by the batch's left padding"
 
 
@@ -128,9 +128,7 @@ def test_lora_on_top_of_the_patch(method, family):
     names = hf_attn_zoo.new_module_names(model)
     mla = family_specs()[family].attention.kind == "mla"  # DeepSeek-V3: low-rank q / kv projections
     targets = ["q_b_proj", "kv_b_proj"] if mla else ["q_proj", "v_proj"]
-    peft_model = get_peft_model(
-        model, LoraConfig(r=2, target_modules=targets, modules_to_save=names or None)
-    )
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=targets, modules_to_save=names or None))
     peft_model.train()
     ids = _ids()
     peft_model(input_ids=ids, labels=ids).loss.backward()

@@ -17,9 +17,18 @@ def save_tiny_mixtral(out: Path) -> Path:
     save_tiny_llama(out, vocab_size=512, max_position_embeddings=2048, bos_prefix=True)
     llama = AutoConfig.from_pretrained(out)
     config = MixtralConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=2048, vocab_size=llama.vocab_size,
-        bos_token_id=llama.bos_token_id, eos_token_id=llama.eos_token_id, pad_token_id=llama.pad_token_id,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=2048,
+        vocab_size=llama.vocab_size,
+        bos_token_id=llama.bos_token_id,
+        eos_token_id=llama.eos_token_id,
+        pad_token_id=llama.pad_token_id,
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)

@@ -51,8 +51,8 @@ def padded_batch(model, lengths=(5, 8), seed=0):
     ids = torch.full((len(lengths), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, length in enumerate(lengths):
-        ids[row, width - length:] = torch.randint(3, 128, (length,), generator=generator)
-        mask[row, width - length:] = 1
+        ids[row, width - length :] = torch.randint(3, 128, (length,), generator=generator)
+        mask[row, width - length :] = 1
     return ids, mask
 
 
@@ -63,6 +63,7 @@ def model(request):
 
 
 # --- the score (Eq. 5-6) on hand-built distributions ---
+
 
 def _logits(probs):
     return torch.tensor(probs, dtype=torch.float32).log()
@@ -116,6 +117,7 @@ def test_logprobs_are_normalised_over_the_plausible_set(model):
 
 # --- the paired forward ---
 
+
 def test_strong_rows_are_the_normal_forward_and_weak_rows_the_weak_routing(model):
     ids, mask = padded_batch(model)
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
@@ -145,11 +147,24 @@ def test_custom_generate_callable_and_folder(model):
     ids, mask = padded_batch(model)
     reference = scmoe_generate(model, ids, mask, max_new_tokens=6, beta=0.5, weak="rank:2")
     with torch.no_grad():
-        callable_out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                                      custom_generate=scmoe_decode, beta=0.5, weak="rank:2")
-        folder_out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                                    custom_generate=CUSTOM_GENERATE_DIR, trust_remote_code=True,
-                                    scmoe=SCMoEConfig(beta=0.5))
+        callable_out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=6,
+            do_sample=False,
+            custom_generate=scmoe_decode,
+            beta=0.5,
+            weak="rank:2",
+        )
+        folder_out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=6,
+            do_sample=False,
+            custom_generate=CUSTOM_GENERATE_DIR,
+            trust_remote_code=True,
+            scmoe=SCMoEConfig(beta=0.5),
+        )
     assert torch.equal(callable_out, reference)
     assert torch.equal(folder_out, reference)
     # per-row betas: each row as in its own run
@@ -160,8 +175,18 @@ def test_custom_generate_callable_and_folder(model):
 
 def test_cached_steps_equal_a_full_forward(model):
     ids, mask = padded_batch(model)
-    out = scmoe_generate(model, ids, mask, max_new_tokens=6, beta=0.5, return_dict_in_generate=True,
-                         output_scores=True, output_logits=True, eos_token_id=[], pad_token_id=0)
+    out = scmoe_generate(
+        model,
+        ids,
+        mask,
+        max_new_tokens=6,
+        beta=0.5,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+        eos_token_id=[],
+        pad_token_id=0,
+    )
     sequences, steps = out.sequences, len(out.scores)
     assert steps == 6
     full_mask = torch.cat([mask, mask.new_ones(mask.shape[0], steps)], dim=-1)
@@ -185,8 +210,8 @@ def test_eos_stops_each_row():
     eos = next(t for t in row0[2:] if t not in row1)
     stop = row0.index(eos)
     out = scmoe_generate(model, ids, mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=0)
-    assert out[0, prompt:prompt + stop + 1].tolist() == row0[:stop + 1]
-    assert set(out[0, prompt + stop + 1:].tolist()) <= {0}
+    assert out[0, prompt : prompt + stop + 1].tolist() == row0[: stop + 1]
+    assert set(out[0, prompt + stop + 1 :].tolist()) <= {0}
     assert out[1, prompt:].tolist() == row1
     # both rows finished: decoding stops before max_new_tokens
     both = scmoe_generate(model, ids[:1], mask[:1], max_new_tokens=8, eos_token_id=eos)
@@ -198,26 +223,33 @@ def test_eos_stops_each_row():
 
 # --- options and errors ---
 
-@pytest.mark.parametrize(("options", "match"), [
-    ({"alpha": 0.0}, "alpha"),
-    ({"alpha": 1.5}, "alpha"),
-    ({"beta": -0.1}, "beta"),
-    ({"beta": float("nan")}, "beta"),
-    ({"weak": "median"}, "weak"),
-    ({"weak": "top_m"}, "needs m"),
-    ({"weak_rank": 0}, "weak_rank"),
-])
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"alpha": 0.0}, "alpha"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"beta": -0.1}, "beta"),
+        ({"beta": float("nan")}, "beta"),
+        ({"weak": "median"}, "weak"),
+        ({"weak": "top_m"}, "needs m"),
+        ({"weak_rank": 0}, "weak_rank"),
+    ],
+)
 def test_bad_config(options, match):
     with pytest.raises(InvalidOptionError, match=match):
         SCMoEConfig(**options)
 
 
-@pytest.mark.parametrize(("spec", "expected"), [
-    ("rank", {"weak": "rank"}),
-    ("rank:3", {"weak": "rank", "weak_rank": 3}),
-    ("top1", {"weak": "top1"}),
-    ("top_m:2", {"weak": "top_m", "m": 2}),
-])
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("rank", {"weak": "rank"}),
+        ("rank:3", {"weak": "rank", "weak_rank": 3}),
+        ("top1", {"weak": "top1"}),
+        ("top_m:2", {"weak": "top_m", "m": 2}),
+    ],
+)
 def test_parse_weak(spec, expected):
     assert parse_weak(spec) == expected
     assert SCMoEConfig(**expected).weak_spec() == (spec if ":" in spec or spec == "top1" else "rank:2")
@@ -245,8 +277,10 @@ def test_model_errors():
         scmoe_generate(dense, ids, mask, max_new_tokens=2)
     assert "qwen3_moe" in str(err.value)
     # nothing is left installed after an error
-    torch.testing.assert_close(scmoe_forward(model, ids, mask).strong_logits,
-                               model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits)
+    torch.testing.assert_close(
+        scmoe_forward(model, ids, mask).strong_logits,
+        model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits,
+    )
 
 
 def test_gsm8k_heldout_is_the_tail_and_scoring():
@@ -259,12 +293,15 @@ def test_gsm8k_heldout_is_the_tail_and_scoring():
 
 # --- the lm-eval model class and pick_beta on a saved tiny Mixtral with a tokenizer ---
 
+
 def _generate_requests():
     from lm_eval.api.instance import Instance
 
     prompts = ["def main():\n", "The class statement defines"]
-    return [Instance("generate_until", {}, (p, {"until": ["\n\n"], "max_gen_toks": 8, "do_sample": False}), i)
-            for i, p in enumerate(prompts)]
+    return [
+        Instance("generate_until", {}, (p, {"until": ["\n\n"], "max_gen_toks": 8, "do_sample": False}), i)
+        for i, p in enumerate(prompts)
+    ]
 
 
 def test_lm_eval_generate_until(tiny_mixtral_dir, monkeypatch):
@@ -273,11 +310,21 @@ def test_lm_eval_generate_until(tiny_mixtral_dir, monkeypatch):
 
     calls = []
 
-    def spy(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
-            streamer=None, scmoe=None, **model_kwargs):
+    def spy(
+        model,
+        input_ids,
+        logits_processor,
+        stopping_criteria,
+        generation_config,
+        synced_gpus=False,
+        streamer=None,
+        scmoe=None,
+        **model_kwargs,
+    ):
         calls.append(scmoe)
-        return scmoe_decode(model, input_ids, logits_processor, stopping_criteria, generation_config, scmoe=scmoe,
-                            **model_kwargs)
+        return scmoe_decode(
+            model, input_ids, logits_processor, stopping_criteria, generation_config, scmoe=scmoe, **model_kwargs
+        )
 
     monkeypatch.setattr(scmoe_module, "scmoe_decode", spy)
     default = ZooLM(pretrained=str(tiny_mixtral_dir), device="cpu", batch_size=2)
@@ -286,8 +333,14 @@ def test_lm_eval_generate_until(tiny_mixtral_dir, monkeypatch):
     zero = ZooLM(pretrained=default.model, tokenizer=default.tokenizer, batch_size=2, scmoe=True, scmoe_beta=0.0)
     assert zero.generate_until(_generate_requests()) == expected
     assert calls and calls[0].beta == 0.0
-    contrast = ZooLM(pretrained=default.model, tokenizer=default.tokenizer, batch_size=2, scmoe="true",
-                     scmoe_beta="1.0", scmoe_weak="rank:2")
+    contrast = ZooLM(
+        pretrained=default.model,
+        tokenizer=default.tokenizer,
+        batch_size=2,
+        scmoe="true",
+        scmoe_beta="1.0",
+        scmoe_weak="rank:2",
+    )
     assert all(isinstance(text, str) for text in contrast.generate_until(_generate_requests()))
     assert contrast.get_model_info()["hf_attn_zoo"]["scmoe"]["beta"] == 1.0
     assert "scmoe" not in default.get_model_info()["hf_attn_zoo"]
@@ -298,18 +351,24 @@ def test_lm_eval_loglikelihood(tiny_mixtral_dir):
 
     from hf_attn_zoo.eval_harness.lm_model import ZooLM
 
-    lm = ZooLM(pretrained=str(tiny_mixtral_dir), device="cpu", batch_size=1, scmoe_loglikelihood=True,
-               scmoe_alpha=1e-6, scmoe_beta=0.5)
+    lm = ZooLM(
+        pretrained=str(tiny_mixtral_dir),
+        device="cpu",
+        batch_size=1,
+        scmoe_loglikelihood=True,
+        scmoe_alpha=1e-6,
+        scmoe_beta=0.5,
+    )
     context, continuation = "The class statement", " defines a class"
-    (score, _), = lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)])
+    ((score, _),) = lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)])
     ctx, whole = lm.tok_encode(context), lm.tok_encode(context + continuation)
     ids = torch.tensor([whole])
     logprobs = scmoe_logprobs(lm.model, ids, alpha=1e-6, beta=0.5)
-    targets = whole[len(ctx):]
+    targets = whole[len(ctx) :]
     expected = sum(logprobs[0, len(ctx) - 1 + i, t].item() for i, t in enumerate(targets))
     assert score == pytest.approx(expected, abs=1e-4)
     plain = ZooLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=1)
-    (plain_score, _), = plain.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)])
+    ((plain_score, _),) = plain.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)])
     assert plain_score != pytest.approx(score, abs=1e-3)
 
 
@@ -342,8 +401,9 @@ def test_pick_beta(tiny_mixtral_dir):
         seen.append(completion)
         return float(example["question"] == "1 + 1")
 
-    best, table = pick_beta(model, tokenizer, examples, betas=(0.5, 0.0), max_new_tokens=3, batch_size=3,
-                            score_fn=score)
+    best, table = pick_beta(
+        model, tokenizer, examples, betas=(0.5, 0.0), max_new_tokens=3, batch_size=3, score_fn=score
+    )
     assert [row["beta"] for row in table] == [0.5, 0.0]
     assert all(row["score"] == 0.5 and row["n"] == 2 for row in table)
     assert best == 0.0  # ties go to the smaller beta
@@ -361,14 +421,23 @@ def test_stop_strings_with_scmoe(tiny_mixtral_dir):
     prompt = ids.input_ids.shape[1]
     with torch.no_grad():
         free = model.generate(**ids, max_new_tokens=12, do_sample=False)
-    stop = tokenizer.decode(free[0, prompt:prompt + 4])[-2:]
+    stop = tokenizer.decode(free[0, prompt : prompt + 4])[-2:]
     with torch.no_grad():
         expected = model.generate(**ids, max_new_tokens=12, do_sample=False, stop_strings=[stop], tokenizer=tokenizer)
-        folder = model.generate(**ids, max_new_tokens=12, do_sample=False, stop_strings=[stop], tokenizer=tokenizer,
-                                custom_generate=CUSTOM_GENERATE_DIR, trust_remote_code=True, beta=0.0)
+        folder = model.generate(
+            **ids,
+            max_new_tokens=12,
+            do_sample=False,
+            stop_strings=[stop],
+            tokenizer=tokenizer,
+            custom_generate=CUSTOM_GENERATE_DIR,
+            trust_remote_code=True,
+            beta=0.0,
+        )
     assert expected.shape[1] < free.shape[1]
-    out = scmoe_generate(model, ids.input_ids, ids.attention_mask, max_new_tokens=12, beta=0.0, stop_strings=stop,
-                         tokenizer=tokenizer)
+    out = scmoe_generate(
+        model, ids.input_ids, ids.attention_mask, max_new_tokens=12, beta=0.0, stop_strings=stop, tokenizer=tokenizer
+    )
     assert torch.equal(out, expected)
     assert torch.equal(folder, expected)
 
@@ -394,7 +463,7 @@ def _positions(mask):
 
 def _reference_logits(model, ids, mask, override=None):
     """Logits of one plain forward of `model` (under `override`, when given)."""
-    with torch.no_grad(), (routing_override(model, override) if override is not None else contextlib.nullcontext()):
+    with torch.no_grad(), routing_override(model, override) if override is not None else contextlib.nullcontext():
         return model(ids, attention_mask=mask, position_ids=_positions(mask)).logits
 
 
@@ -484,10 +553,13 @@ def test_the_mote_patch_is_restored_exactly_after_scmoe_and_after_an_error():
     assert torch.equal(_reference_logits(patched, ids, mask), before)
 
 
-@pytest.mark.parametrize(("on", "bad", "good", "good_override"), [
-    ({1: [3]}, "rank:2", "top1", RoutingOverride(forced={1: [3]}, top_k=1)),
-    ({1: [2, 3]}, "top1", "top_m:2", RoutingOverride(forced={1: [2, 3]}, top_k=2)),
-])
+@pytest.mark.parametrize(
+    ("on", "bad", "good", "good_override"),
+    [
+        ({1: [3]}, "rank:2", "top1", RoutingOverride(forced={1: [3]}, top_k=1)),
+        ({1: [2, 3]}, "top1", "top_m:2", RoutingOverride(forced={1: [2, 3]}, top_k=2)),
+    ],
+)
 def test_an_impossible_merge_names_the_layer_and_keeps_the_patch(on, bad, good, good_override):
     base = moe_model("mixtral")
     patched = hf_attn_zoo.patch(clone(base), "mote", on=on)

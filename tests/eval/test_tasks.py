@@ -31,12 +31,25 @@ TASKS = {
     "zoo_lambada_openai": (5153, {"text"}, "lambada/lambada_openai.yaml"),
     "zoo_gsm8k": (1319, {"question", "answer"}, "gsm8k/gsm8k.yaml"),
     "zoo_mmlu_anatomy": (135, {"question", "subject", "choices", "answer"}, "mmlu/default/mmlu_anatomy.yaml"),
-    "zoo_mmlu_world_religions": (171, {"question", "subject", "choices", "answer"},
-                                 "mmlu/default/mmlu_world_religions.yaml"),
+    "zoo_mmlu_world_religions": (
+        171,
+        {"question", "subject", "choices", "answer"},
+        "mmlu/default/mmlu_world_religions.yaml",
+    ),
 }
 # Config entries that decide how a task is scored; they must equal lm-eval's.
-SCORING_KEYS = ("output_type", "metric_list", "filter_list", "generation_kwargs", "num_fewshot", "repeats",
-                "description", "target_delimiter", "fewshot_delimiter", "process_results")
+SCORING_KEYS = (
+    "output_type",
+    "metric_list",
+    "filter_list",
+    "generation_kwargs",
+    "num_fewshot",
+    "repeats",
+    "description",
+    "target_delimiter",
+    "fewshot_delimiter",
+    "process_results",
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,18 +70,32 @@ def _reference_task(task):
     ref = load_yaml(LM_EVAL_TASKS / TASKS[task.config.task][2], resolve_func=True)
     ref.pop("tag", None)
     ref.update(
-        task=f"ref_{task.config.task}", dataset_path=None, dataset_name=None,
-        custom_dataset=task.config.custom_dataset, dataset_kwargs=task.config.dataset_kwargs,
-        training_split=task.config.training_split, validation_split=task.config.validation_split,
-        test_split=task.config.test_split, fewshot_split=task.config.fewshot_split,
+        task=f"ref_{task.config.task}",
+        dataset_path=None,
+        dataset_name=None,
+        custom_dataset=task.config.custom_dataset,
+        dataset_kwargs=task.config.dataset_kwargs,
+        training_split=task.config.training_split,
+        validation_split=task.config.validation_split,
+        test_split=task.config.test_split,
+        fewshot_split=task.config.fewshot_split,
     )
     return task_manager().load([ref])["tasks"][ref["task"]]
 
 
 def test_pack_lists_every_task():
     names = set(task_manager().all_tasks)
-    expected = {*TASKS, "zoo_corpus_ppl", "zoo_mmlu", "zoo_mmlu_stem", "zoo_mmlu_humanities", "zoo_mmlu_other",
-                "zoo_mmlu_social_sciences", "zoo_suite", "zoo_lambada"}
+    expected = {
+        *TASKS,
+        "zoo_corpus_ppl",
+        "zoo_mmlu",
+        "zoo_mmlu_stem",
+        "zoo_mmlu_humanities",
+        "zoo_mmlu_other",
+        "zoo_mmlu_social_sciences",
+        "zoo_suite",
+        "zoo_lambada",
+    }
     assert expected <= names
     assert len([n for n in names if n.startswith("zoo_mmlu_") and not n.endswith("_tasks")]) == 57 + 4
     assert (TASKS_DIR / "zoo_arc_easy.yaml").is_file()

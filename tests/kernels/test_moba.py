@@ -56,10 +56,15 @@ def test_gradients_equal_the_naive_definitions(case, backend):
     weights = torch.randn(batch, q_len, heads, 16, generator=torch.Generator().manual_seed(3))
     expected = torch.autograd.grad(
         (naive_moba_attention(q, k, v, block_size=block, top_k=top_k, padding=padding, window=window) * weights).sum(),
-        (q, k, v))
+        (q, k, v),
+    )
     got = torch.autograd.grad(
-        (moba_attention(q, k, v, block_size=block, top_k=top_k, padding=padding, window=window,
-                        backend=backend) * weights).sum(), (q, k, v))
+        (
+            moba_attention(q, k, v, block_size=block, top_k=top_k, padding=padding, window=window, backend=backend)
+            * weights
+        ).sum(),
+        (q, k, v),
+    )
     for name, a, b in zip("qkv", got, expected):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
 

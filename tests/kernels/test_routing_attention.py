@@ -33,7 +33,7 @@ def _loop_reference(query, key, value, qc, kc, routing, window, sinks, real, spa
                     routed = bool(routing[h]) and int(qc[b, h, qi]) == int(kc[b, h // group, j])
                     if local or routed:
                         allowed.append(j)
-                scores = key[b, h // group, allowed] @ query[b, h, qi] / dim ** 0.5
+                scores = key[b, h // group, allowed] @ query[b, h, qi] / dim**0.5
                 out[b, qi, h] = torch.softmax(scores, -1) @ value[b, h // group, allowed]
     return out
 
@@ -56,12 +56,14 @@ def _inputs(batch=2, heads=6, kv_heads=2, total=40, q_len=40, dim=8, clusters=3,
 def test_kernel_matches_the_pairwise_definition(backend, q_len, span):
     query, key, value, qc, kc, real = _inputs(q_len=q_len)
     routing = torch.tensor([False, True, True, False, False, True])
-    out = routing_attention(query, key, value, qc, kc, routing, window=4, sinks=2, scaling=None, padding=real,
-                            span=span, backend=backend)
+    out = routing_attention(
+        query, key, value, qc, kc, routing, window=4, sinks=2, scaling=None, padding=real, span=span, backend=backend
+    )
     expected = _loop_reference(query, key, value, qc, kc, routing, 4, 2, real, span)
     torch.testing.assert_close(out, expected, atol=ATOL_FP32, rtol=1e-5)
-    naive = naive_routing_attention(query, key, value, qc, kc, routing, window=4, sinks=2, scaling=8 ** -0.5,
-                                    padding=real, span=span)
+    naive = naive_routing_attention(
+        query, key, value, qc, kc, routing, window=4, sinks=2, scaling=8**-0.5, padding=real, span=span
+    )
     torch.testing.assert_close(naive, expected, atol=ATOL_FP32, rtol=1e-5)
 
 
@@ -71,8 +73,9 @@ def test_sorted_and_masked_paths_have_the_same_gradients():
     grads = []
     for backend in ("masked", "sorted"):
         q, k, v = (t.clone().requires_grad_() for t in (query, key, value))
-        out = routing_attention(q, k, v, qc, kc, routing, window=5, sinks=1, scaling=None, padding=real,
-                                backend=backend)
+        out = routing_attention(
+            q, k, v, qc, kc, routing, window=5, sinks=1, scaling=None, padding=real, backend=backend
+        )
         (out * torch.arange(out.numel()).reshape(out.shape).sin()).sum().backward()
         grads.append([t.grad for t in (q, k, v)])
         assert all(g.abs().sum() > 0 for g in grads[-1])
@@ -88,8 +91,9 @@ def test_one_cluster_and_a_full_window_is_dense_causal():
     for backend in ("masked", "sorted"):
         # routing alone (window 1: only the query itself is local) with one cluster is dense too
         for window, routing in ((40, torch.zeros(6, dtype=torch.bool)), (1, torch.ones(6, dtype=torch.bool))):
-            out = routing_attention(query, key, value, qc, kc, routing, window=window, sinks=0, scaling=None,
-                                    backend=backend)
+            out = routing_attention(
+                query, key, value, qc, kc, routing, window=window, sinks=0, scaling=None, backend=backend
+            )
             torch.testing.assert_close(out, dense, atol=ATOL_FP32, rtol=1e-5)
 
 

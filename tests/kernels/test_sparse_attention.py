@@ -64,8 +64,12 @@ def _reference(q, k, v, pattern, scaling, padding=None):
     return out
 
 
-PATTERNS = [SinkWindowPattern(40, 4), SinkWindowPattern(7, 0, dilation=3), PowerPattern(16, 2, 1),
-            PerHeadWindow([5, 50, 300, 1])]
+PATTERNS = [
+    SinkWindowPattern(40, 4),
+    SinkWindowPattern(7, 0, dilation=3),
+    PowerPattern(16, 2, 1),
+    PerHeadWindow([5, 50, 300, 1]),
+]
 
 
 @pytest.mark.parametrize("pattern", PATTERNS, ids=lambda p: str(p.cache_key()[0]))
@@ -84,8 +88,9 @@ def test_flex_equals_the_chunked_path(pattern):
     torch.testing.assert_close(flex, blocks, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("pattern", [SinkWindowPattern(20, 3), PerHeadWindow([5, 50, 300, 1])],
-                         ids=["sink_window", "per_head"])
+@pytest.mark.parametrize(
+    "pattern", [SinkWindowPattern(20, 3), PerHeadWindow([5, 50, 300, 1])], ids=["sink_window", "per_head"]
+)
 def test_left_padding_counts_positions_from_the_first_real_token(pattern):
     q, k, v = _qkv(q_len=150, kv_len=150)
     pad = 37
@@ -98,8 +103,7 @@ def test_left_padding_counts_positions_from_the_first_real_token(pattern):
         assert out[:, :pad].abs().max() == 0, f"{backend}: padding queries must output zeros"
 
 
-@pytest.mark.parametrize("pattern", [PowerPattern(32, 2, 1), PerHeadWindow([5, 50, 300, 1])],
-                         ids=["power", "per_head"])
+@pytest.mark.parametrize("pattern", [PowerPattern(32, 2, 1), PerHeadWindow([5, 50, 300, 1])], ids=["power", "per_head"])
 def test_chunked_path_gradients_equal_the_masked_path(pattern):
     grads = []
     for backend in ("masked", "blocks"):

@@ -19,8 +19,18 @@ from hf_attn_zoo.moe.plan import LayerPlan, merge_plans
 from hf_attn_zoo.moe.routing import with_row_override
 from tests.matrix import tiny_model
 
-MOE_FAMILIES = ["deepseek_v3", "dots1", "flex_olmo", "glm4_moe", "gpt_oss", "granitemoe", "mixtral", "olmoe",
-                "qwen2_moe", "qwen3_moe"]
+MOE_FAMILIES = [
+    "deepseek_v3",
+    "dots1",
+    "flex_olmo",
+    "glm4_moe",
+    "gpt_oss",
+    "granitemoe",
+    "mixtral",
+    "olmoe",
+    "qwen2_moe",
+    "qwen3_moe",
+]
 ATOL = 1e-6
 
 
@@ -77,9 +87,11 @@ def _ranking(family, router, logits_row, disabled=(), forced=()) -> list[int]:
     allowed = [e for e in range(len(choice)) if e not in disabled]
     if _rule(family).rule == "grouped_sigmoid":
         per = len(choice) // router.num_group
+
         def group_score(g):
             members = sorted((choice[e] for e in allowed if e // per == g), reverse=True)
             return sum(members[:2]) if members else float("-inf")
+
         forced_groups = {e // per for e in forced}
         groups = sorted(range(router.num_group), key=lambda g: (g in forced_groups, group_score(g)), reverse=True)
         allowed = [e for e in allowed if e // per in groups[: router.topk_group]]
@@ -209,8 +221,9 @@ def test_dropped_experts_leave_fewer_experts(family_model):
     assert hit > 0 and int(decision.counts().sum()) == logits.shape[0] * k - hit
 
 
-@pytest.mark.parametrize("family,norm", [("qwen3_moe", True), ("olmoe", True), ("olmoe", False),
-                                         ("deepseek_v3", False)])
+@pytest.mark.parametrize(
+    "family,norm", [("qwen3_moe", True), ("olmoe", True), ("olmoe", False), ("deepseek_v3", False)]
+)
 def test_dropping_and_disabling_follow_norm_topk_prob(family, norm):
     model = moe_model(family, norm_topk_prob=norm)
     layer = _first_moe_layer(model)
@@ -293,8 +306,9 @@ def test_per_row_overrides_touch_only_their_rows(family_model):
             alone_other = model(ids[:1]).logits
         with routing_override(model, RoutingOverride(rank=2, rows=range(2, 4))):
             mixed = model(ids).logits
-        with routing_override(model, [RoutingOverride(rank=2, rows=[2, 3]),
-                                      RoutingOverride(disabled={"all": [0]}, top_k=1)]):
+        with routing_override(
+            model, [RoutingOverride(rank=2, rows=[2, 3]), RoutingOverride(disabled={"all": [0]}, top_k=1)]
+        ):
             two = model(ids).logits  # rows 0, 1: the rows=None override
     assert not torch.allclose(alone_weak, plain_weak_rows, atol=1e-3)
     torch.testing.assert_close(mixed[:2], plain, atol=1e-5, rtol=1e-5)
@@ -314,8 +328,9 @@ def test_generate_with_cache_and_per_row_routing():
             full = model(weak).logits  # no cache
             cache = DynamicCache(config=model.config)
             incremental = [model(weak[:, :6], cache=cache, use_cache=True).logits]
-            incremental += [model(weak[:, t : t + 1], cache=cache, use_cache=True).logits
-                            for t in range(6, weak.shape[1])]
+            incremental += [
+                model(weak[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(6, weak.shape[1])
+            ]
         with routing_override(model, RoutingOverride(rank=2, rows=[2, 3])):
             both = model.generate(torch.cat([ids, ids]), **kwargs)
     assert not torch.equal(plain, weak)
@@ -408,11 +423,18 @@ def test_gradients_flow_through_overridden_routing():
 
 # --- an override for some rows on top of installed overrides (SCMoE on a MoTE patch) ---
 
+
 def test_merge_plans_unions_the_experts_and_takes_the_added_size():
     base = LayerPlan(disabled=frozenset({0}), forced=frozenset({2}), gain=((1, 0.5), (3, 2.0)), top_k=3)
     merged = merge_plans(base, LayerPlan(disabled=frozenset({1}), dropped=frozenset({4}), gain=((1, 0.25),), rank=2))
-    assert merged == LayerPlan(disabled=frozenset({0, 1}), dropped=frozenset({4}), forced=frozenset({2}),
-                                gain=((1, 0.25), (3, 2.0)), top_k=None, rank=2)
+    assert merged == LayerPlan(
+        disabled=frozenset({0, 1}),
+        dropped=frozenset({4}),
+        forced=frozenset({2}),
+        gain=((1, 0.25), (3, 2.0)),
+        top_k=None,
+        rank=2,
+    )
     # an added plan without a size keeps the installed one
     assert merge_plans(base, LayerPlan(dropped=frozenset({5}))).top_k == 3
     assert merge_plans(LayerPlan(rank=3), LayerPlan(top_k=1)) == LayerPlan(top_k=1)
@@ -478,9 +500,12 @@ def test_row_override_errors_leave_the_installed_overrides_alone():
     handle = set_routing(model, RoutingOverride(forced={1: [3]}, disabled={0: [1, 2]}))
     entries = handle._entries
     try:
-        with pytest.raises(InvalidOptionError, match=r"layer 1: rank=2 .*excludes .*forced.*In layer 1 the routing "
-                                                     r"overrides installed .* forced experts \[3\].*rows 2\.\.3 has "
-                                                     r"rank=2; choose an override"):
+        with pytest.raises(
+            InvalidOptionError,
+            match=r"layer 1: rank=2 .*excludes .*forced.*In layer 1 the routing "
+            r"overrides installed .* forced experts \[3\].*rows 2\.\.3 has "
+            r"rank=2; choose an override",
+        ):
             with with_row_override(model, RoutingOverride(rank=2), rows=[2, 3]):
                 pass
         with pytest.raises(InvalidOptionError, match=r"layer 0: top_k=2 experts per token, but only 1 can be selected"):

@@ -125,10 +125,19 @@ def test_router_starts_random_with_the_initializer_range_and_experts_as_copies()
     assert 0.08 < relative.std().item() < 0.12
     keys = set(model.state_dict())
     prefix = "model.layers.0.self_attn"
-    assert {f"{prefix}.q_proj.weight", f"{prefix}.q_proj_experts.weight", f"{prefix}.o_proj_experts.weight",
-            f"{prefix}.attention_router.weight"} <= keys
-    assert hf_attn_zoo.new_module_names(model) == ["attention_router", "k_proj_experts", "o_proj_experts",
-                                                   "q_proj_experts", "v_proj_experts"]
+    assert {
+        f"{prefix}.q_proj.weight",
+        f"{prefix}.q_proj_experts.weight",
+        f"{prefix}.o_proj_experts.weight",
+        f"{prefix}.attention_router.weight",
+    } <= keys
+    assert hf_attn_zoo.new_module_names(model) == [
+        "attention_router",
+        "k_proj_experts",
+        "o_proj_experts",
+        "q_proj_experts",
+        "v_proj_experts",
+    ]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
@@ -139,8 +148,9 @@ def test_parallel_block_follows_its_formula(family):
     x, position_embeddings = _inputs(model)
     with torch.no_grad():
         y = layer(x, position_embeddings=position_embeddings)
-        attention, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=position_embeddings,
-                                       attention_mask=None)
+        attention, _ = layer.self_attn(
+            hidden_states=layer.input_layernorm(x), position_embeddings=position_embeddings, attention_mask=None
+        )
         expected = x + attention + layer.mlp(layer.post_attention_layernorm(x))
         sequential = x + attention + layer.mlp(layer.post_attention_layernorm(x + attention))
     torch.testing.assert_close(y, expected, atol=ATOL_FP32, rtol=1e-4)
@@ -198,8 +208,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
 
 
-@pytest.mark.parametrize("family,kv", [("llama", "shared"), ("qwen3", "shared"), ("mixtral", "shared"),
-                                       ("gemma3", "experts")])
+@pytest.mark.parametrize(
+    "family,kv", [("llama", "shared"), ("qwen3", "shared"), ("mixtral", "shared"), ("gemma3", "experts")]
+)
 def test_identical_experts_reproduce_the_dense_model(family, kv):
     base = tiny_model(family)
     neutral = get_patch("bam").neutral_config(family_specs()[family], base.config).to_dict()
@@ -226,8 +237,9 @@ def test_mixtral_mixes_attention_experts_and_unpatches():
 
 
 def test_save_and_reload_shared_kv_parallel_block(tmp_path):
-    model = hf_attn_zoo.patch(tiny_model("qwen2"), "bam", num_experts=N, kv="shared", routing="top_k",
-                              parallel_block=True)
+    model = hf_attn_zoo.patch(
+        tiny_model("qwen2"), "bam", num_experts=N, kv="shared", routing="top_k", parallel_block=True
+    )
     _randomize(model)
     ids = torch.randint(3, 128, (2, 8))
     with torch.no_grad():
@@ -243,8 +255,12 @@ def test_save_and_reload_shared_kv_parallel_block(tmp_path):
     "family,options,error,match",
     [
         ("llama", {"num_experts": 1}, InvalidOptionError, "num_experts=1 is out of range: it must be >= 2"),
-        ("llama", {"routing": "top_k", "top_k": 4}, InvalidOptionError,
-         r"top_k=4 is out of range: it must be >= 1 and <= num_experts \(3\)"),
+        (
+            "llama",
+            {"routing": "top_k", "top_k": 4},
+            InvalidOptionError,
+            r"top_k=4 is out of range: it must be >= 1 and <= num_experts \(3\)",
+        ),
         ("llama", {"routing": "top_k", "top_k": 0}, InvalidOptionError, "top_k=0 is out of range: it must be >= 1"),
         ("llama", {"top_k": 2}, InvalidOptionError, "top_k=2 is only used with routing='top_k'"),
         ("llama", {"expert_noise": -0.1}, InvalidOptionError, "expert_noise=-0.1 is out of range: it must be >= 0"),

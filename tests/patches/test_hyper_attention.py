@@ -24,8 +24,11 @@ SMALL = dict(block_size=16, sample_size=16, min_seq_len=32)
 
 
 def _qkv(n=96, heads=4, kv_heads=2, dim=16, batch=2, dv=None):
-    return (torch.randn(batch, heads, n, dim), torch.randn(batch, kv_heads, n, dim),
-            torch.randn(batch, kv_heads, n, dv or dim))
+    return (
+        torch.randn(batch, heads, n, dim),
+        torch.randn(batch, kv_heads, n, dim),
+        torch.randn(batch, kv_heads, n, dv or dim),
+    )
 
 
 def _sdpa(q, k, v, causal=True):
@@ -36,7 +39,7 @@ def test_exact_below_min_seq_len_equals_sdpa():
     q, k, v = _qkv()
     torch.testing.assert_close(hyper_attention(q, k, v, min_seq_len=96), _sdpa(q, k, v), atol=1e-5, rtol=1e-5)
     out, lse = attention_with_lse(q, k, v, causal=True)
-    scores = (q.unflatten(1, (2, 2)) @ k.unsqueeze(2).transpose(-1, -2)).flatten(1, 2) * 16 ** -0.5
+    scores = (q.unflatten(1, (2, 2)) @ k.unsqueeze(2).transpose(-1, -2)).flatten(1, 2) * 16**-0.5
     scores = scores.masked_fill(~torch.ones(96, 96, dtype=torch.bool).tril(), float("-inf"))
     torch.testing.assert_close(lse, scores.logsumexp(-1))
     torch.testing.assert_close(out, _sdpa(q, k, v), atol=1e-5, rtol=1e-5)
@@ -168,11 +171,14 @@ def test_gradients_of_the_exact_limit_match_sdpa():
         torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("causal,options", [
-    (True, SMALL),
-    # one sample: the queries of its block have an empty residual
-    (False, dict(block_size=16, sample_size=1, min_seq_len=8)),
-])
+@pytest.mark.parametrize(
+    "causal,options",
+    [
+        (True, SMALL),
+        # one sample: the queries of its block have an empty residual
+        (False, dict(block_size=16, sample_size=1, min_seq_len=8)),
+    ],
+)
 def test_inference_kernel_and_differentiable_path_agree(causal, options):
     # without gradients the CPU flash kernel runs the exact parts; with them, the PyTorch path
     q, k, v = _qkv(n=200 if causal else 40)
@@ -197,8 +203,16 @@ GRID = dict(min_seq_len=4, block_size=2, sample_size=2)
 
 
 def _llama(layers=2):
-    config = LlamaConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=128, vocab_size=128, max_position_embeddings=256, pad_token_id=0)
+    config = LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=128,
+        max_position_embeddings=256,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -276,15 +290,18 @@ def test_sliding_window_layers_keep_their_attention_and_all_local_models_are_ref
         hf_attn_zoo.patch(tiny_model("gemma3"), "hyper_attention", layers=[0, 1], **GRID)
 
 
-@pytest.mark.parametrize("option,value,match", [
-    ("block_size", 0, "block_size=0"),
-    ("block_size", 257, "max_position_embeddings"),
-    ("sample_size", -1, "sample_size=-1"),
-    ("lsh_num_projs", 0, "lsh_num_projs=0"),
-    ("lsh_num_projs", 17, "<= 16"),
-    ("min_seq_len", 0, "min_seq_len=0"),
-    ("seed", -1, "seed=-1"),
-])
+@pytest.mark.parametrize(
+    "option,value,match",
+    [
+        ("block_size", 0, "block_size=0"),
+        ("block_size", 257, "max_position_embeddings"),
+        ("sample_size", -1, "sample_size=-1"),
+        ("lsh_num_projs", 0, "lsh_num_projs=0"),
+        ("lsh_num_projs", 17, "<= 16"),
+        ("min_seq_len", 0, "min_seq_len=0"),
+        ("seed", -1, "seed=-1"),
+    ],
+)
 def test_bad_options_are_refused_and_the_model_is_untouched(option, value, match):
     model = _llama()
     with pytest.raises(InvalidOptionError, match=match):

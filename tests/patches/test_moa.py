@@ -30,8 +30,7 @@ KV_RULES = [[(2, 6), (1, 1)], [(2, 4), (1, 1)]]
 
 
 def _plan(alphas=KV_ALPHAS, betas=KV_BETAS, granularity="kv_head", **model) -> dict:
-    info = {"model_type": "llama", "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "name_or_path": "tiny",
-            **model}
+    info = {"model_type": "llama", "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "name_or_path": "tiny", **model}
     return MoAPlan(model=info, alphas=alphas, betas=betas, granularity=granularity, length=N, sinks=SINKS).to_dict()
 
 
@@ -48,9 +47,14 @@ def _reference_mask(rules: list[tuple[int, int]], n: int, offset: int = 0) -> to
 def _masked_reference_handler(base, module, query, key, value, attention_mask, *, masks, offsets, **kwargs):
     group = query.shape[1] // key.shape[1]
     mask = torch.stack([masks[module.layer_idx](off) for off in offsets])  # [B, H, Q, K]
-    mask = mask[:, :, -query.shape[2]:, : key.shape[2]]
-    out = F.scaled_dot_product_attention(query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1),
-                                         attn_mask=mask | ~mask.any(-1, keepdim=True), scale=kwargs["scaling"])
+    mask = mask[:, :, -query.shape[2] :, : key.shape[2]]
+    out = F.scaled_dot_product_attention(
+        query,
+        key.repeat_interleave(group, 1),
+        value.repeat_interleave(group, 1),
+        attn_mask=mask | ~mask.any(-1, keepdim=True),
+        scale=kwargs["scaling"],
+    )
     return out.transpose(1, 2), None
 
 
@@ -58,11 +62,16 @@ def _reference_model(base, rules_per_layer, n, offsets=(0,)):
     """The unpatched model with explicit per-head masks (SDPA), the oracle of the patched forward."""
     model = clone(base)
     spec = family_specs()["llama"]
-    masks = {layer: functools.partial(lambda r, off: _reference_mask(r, n, off), rules)
-             for layer, rules in enumerate(rules_per_layer)}
+    masks = {
+        layer: functools.partial(lambda r, off: _reference_mask(r, n, off), rules)
+        for layer, rules in enumerate(rules_per_layer)
+    }
     for layer in range(len(rules_per_layer)):
-        install_handler(model, spec.attention_module(model, layer),
-                        functools.partial(_masked_reference_handler, masks=masks, offsets=offsets))
+        install_handler(
+            model,
+            spec.attention_module(model, layer),
+            functools.partial(_masked_reference_handler, masks=masks, offsets=offsets),
+        )
     return model
 
 
@@ -122,8 +131,9 @@ def test_decode_with_per_head_cache_equals_masked_forward_with_left_padding(gran
     if granularity == "kv_head":
         plan = _plan()
     else:
-        plan = _plan([[4, 0, -2, 0], [0, 4, 0, 0]], [[0.25, 0.125, 0.5, 0.125], [0.125, 0.25, 0.125, 0.125]],
-                     granularity="head")
+        plan = _plan(
+            [[4, 0, -2, 0], [0, 4, 0, 0]], [[0.25, 0.125, 0.5, 0.125], [0.125, 0.25, 0.125, 0.125]], granularity="head"
+        )
     model = hf_attn_zoo.patch(clone(base), "moa", plan=plan)
     ids = torch.randint(3, 128, (2, 20))
     mask = torch.ones_like(ids)
@@ -134,7 +144,7 @@ def test_decode_with_per_head_cache_equals_masked_forward_with_left_padding(gran
         cache = DynamicCache(config=model.config)
         steps = [model(ids[:, :8], attention_mask=mask[:, :8], cache=cache, use_cache=True).logits]
         for t in range(8, 20):
-            steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache, use_cache=True).logits)
+            steps.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True).logits)
         unpadded = model(ids[:1, 3:], use_cache=False).logits
     incremental = torch.cat(steps, 1)
     torch.testing.assert_close(incremental[1], full[1], atol=1e-4, rtol=1e-4)
@@ -176,15 +186,21 @@ def _write(tmp_path, data, name="plan.json"):
     return path
 
 
-@pytest.mark.parametrize("change,error,words", [
-    ({"model": {"num_layers": 3}, "alphas": [[4, 0]] * 3, "betas": [[0.25, 0.125]] * 3}, CheckpointMismatchError,
-     "another model"),
-    ({"model": {"model_type": "qwen2"}}, CheckpointMismatchError, "model_type"),
-    ({"alphas": [[0, 0]]}, InvalidOptionError, "alphas has 1 layers"),
-    ({"betas": [[0.5], [0.5, 0.5]]}, InvalidOptionError, "betas[0] has 1 heads"),
-    ({"betas": [[0.5, 1.5], [0.5, 0.5]]}, InvalidOptionError, "[0, 1]"),
-    ({"alphas": [[-20, 0], [0, 0]]}, InvalidOptionError, "< 1"),
-])
+@pytest.mark.parametrize(
+    "change,error,words",
+    [
+        (
+            {"model": {"num_layers": 3}, "alphas": [[4, 0]] * 3, "betas": [[0.25, 0.125]] * 3},
+            CheckpointMismatchError,
+            "another model",
+        ),
+        ({"model": {"model_type": "qwen2"}}, CheckpointMismatchError, "model_type"),
+        ({"alphas": [[0, 0]]}, InvalidOptionError, "alphas has 1 layers"),
+        ({"betas": [[0.5], [0.5, 0.5]]}, InvalidOptionError, "betas[0] has 1 heads"),
+        ({"betas": [[0.5, 1.5], [0.5, 0.5]]}, InvalidOptionError, "[0, 1]"),
+        ({"alphas": [[-20, 0], [0, 0]]}, InvalidOptionError, "< 1"),
+    ],
+)
 def test_bad_plans_raise_one_clear_error_and_leave_the_model_untouched(tmp_path, change, error, words):
     plan = _plan()
     for key, value in change.items():
@@ -293,9 +309,12 @@ def _synthetic_profile(global_heads: set[tuple[int, int]], lengths=(64, 128), bl
         causal = distance >= 0
         local = torch.exp(-distance.clamp(min=0)) * causal
         spread = causal.float()
-        influence[n] = torch.stack([
-            torch.stack([spread if (layer, h // 2) in global_heads else local for h in range(4)])
-            for layer in range(2)])
+        influence[n] = torch.stack(
+            [
+                torch.stack([spread if (layer, h // 2) in global_heads else local for h in range(4)])
+                for layer in range(2)
+            ]
+        )
     info = {"model_type": "llama", "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "name_or_path": "synthetic"}
     return AttentionProfile(influence, block, info)
 

@@ -35,7 +35,7 @@ def _decode(model, ids, mask, prefix):
     cache = DynamicCache(config=model.config)
     steps = [model(ids[:, :prefix], attention_mask=mask[:, :prefix], cache=cache, use_cache=True).logits]
     for t in range(prefix, ids.shape[1]):
-        steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache, use_cache=True).logits)
+        steps.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True).logits)
     return torch.cat(steps, dim=1)
 
 
@@ -67,16 +67,21 @@ def test_dense_decoding_is_full_attention_over_the_cache():
     assert not torch.allclose(dense_steps[:, 8:], steps[:, 8:], atol=1e-3)  # the prefill's cache differs
 
 
-@pytest.mark.parametrize("options, words", [
-    ({"block_size": 0}, "block_size=0"),
-    ({"block_size": 257}, "block_size=257"),
-    ({"block_size": 64, "top_k": 0}, "top_k=0"),
-    ({"block_size": 64, "top_k": 5},
-     r"top_k=5 is out of range: it must be >= 1 and <= the blocks of block_size .* \(4\)"),
-    ({"block_size": 8, "key_conv": -1}, "key_conv=-1"),
-    ({"block_size": 8, "key_conv": 9}, "key_conv=9"),
-    ({"decode": "never"}, "decode='never'"),
-])
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        ({"block_size": 0}, "block_size=0"),
+        ({"block_size": 257}, "block_size=257"),
+        ({"block_size": 64, "top_k": 0}, "top_k=0"),
+        (
+            {"block_size": 64, "top_k": 5},
+            r"top_k=5 is out of range: it must be >= 1 and <= the blocks of block_size .* \(4\)",
+        ),
+        ({"block_size": 8, "key_conv": -1}, "key_conv=-1"),
+        ({"block_size": 8, "key_conv": 9}, "key_conv=9"),
+        ({"decode": "never"}, "decode='never'"),
+    ],
+)
 def test_bad_options_give_one_clear_error_and_leave_the_model_untouched(options, words):
     base = tiny_model("llama")
     model = clone(base)

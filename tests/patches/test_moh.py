@@ -22,8 +22,15 @@ def _router(**options) -> MoHRouter:
 
 
 def _gqa_model(**overrides) -> torch.nn.Module:
-    options = dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3,
-                   intermediate_size=128, vocab_size=128, pad_token_id=0)
+    options = dict(
+        hidden_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        intermediate_size=128,
+        vocab_size=128,
+        pad_token_id=0,
+    )
     config = LlamaConfig(**{**options, **overrides})
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -189,8 +196,9 @@ def test_decode_skip_computes_only_selected_heads_and_matches_masking(granularit
 
 
 def test_output_projection_skips_unselected_heads_in_single_token_decode():
-    model = hf_attn_zoo.patch(_gqa_model(), "moh", router="qnorm", granularity="group", shared_heads=0, top_k=2,
-                              decode_skip="always")
+    model = hf_attn_zoo.patch(
+        _gqa_model(), "moh", router="qnorm", granularity="group", shared_heads=0, top_k=2, decode_skip="always"
+    )
     o_proj = model.model.layers[0].self_attn.o_proj
     seen = []
     original = torch.Tensor.__matmul__

@@ -46,8 +46,10 @@ def _routers(model) -> dict[int, torch.nn.Module]:
 def recorded(model):
     """What every router returned in the forwards of the block: `{layer: (logits, weights, index)}` (last call)."""
     seen = {}
-    hooks = [router.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, tuple(t.detach() for t in out)))
-             for i, router in _routers(model).items()]
+    hooks = [
+        router.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, tuple(t.detach() for t in out)))
+        for i, router in _routers(model).items()
+    ]
     try:
         yield seen
     finally:
@@ -60,8 +62,10 @@ def _ids(batch: int = 2, length: int = 9, seed: int = 0) -> torch.Tensor:
 
 
 def _untouched(model) -> bool:
-    routers = all("forward" not in r.__dict__ and not any(k.startswith("_zoo") for k in r.__dict__)
-                  for r in _routers(model).values())
+    routers = all(
+        "forward" not in r.__dict__ and not any(k.startswith("_zoo") for k in r.__dict__)
+        for r in _routers(model).values()
+    )
     return routers and not any(k.startswith(("_zoo_switch", "_zoo_routing")) for k in model.__dict__)
 
 
@@ -127,11 +131,16 @@ def test_drop_on_and_gain_on_real_forwards():
 
 
 def test_recorded_options_are_json_stable_and_reload_exactly(tmp_path):
-    model = hf_attn_zoo.patch(moe_model("qwen3_moe"), "mote", off={1: [3, 3], "all": [0]}, on={"0": [1]},
-                              gain={1: {1: 2}})
+    model = hf_attn_zoo.patch(
+        moe_model("qwen3_moe"), "mote", off={1: [3, 3], "all": [0]}, on={"0": [1]}, gain={1: {1: 2}}
+    )
     record = hf_attn_zoo.applied_patches(model)[0]
-    assert record["options"] == {"off": {"all": [0], "1": [3]}, "drop": None, "on": {"0": [1]},
-                                 "gain": {"1": {"1": 2.0}}}
+    assert record["options"] == {
+        "off": {"all": [0], "1": [3]},
+        "drop": None,
+        "on": {"0": [1]},
+        "gain": {"1": {"1": 2.0}},
+    }
     ids = _ids()
     with torch.no_grad():
         expected = model(ids).logits
@@ -192,8 +201,7 @@ def test_switch_experts_combines_with_the_patch_and_restores_it():
             assert torch.equal(model(ids).logits, reference(off={"all": [0], 1: [3]}, gain={1: {2: 0.5}}))
             # nested: the inner block combines with the outer one; its setting of an expert wins (off -> on)
             with switch_experts(model, on={0: [0]}, gain={1: {2: 2.0}}):
-                assert torch.equal(model(ids).logits,
-                                   reference(off={1: [0, 3]}, on={0: [0]}, gain={1: {2: 2.0}}))
+                assert torch.equal(model(ids).logits, reference(off={1: [0, 3]}, on={0: [0]}, gain={1: {2: 2.0}}))
             assert torch.equal(model(ids).logits, reference(off={"all": [0], 1: [3]}, gain={1: {2: 0.5}}))
         with switch_experts(model, drop={0: [1]}, mode="replace"):
             assert torch.equal(model(ids).logits, reference(drop={0: [1]}))
@@ -287,14 +295,23 @@ def test_dense_families_are_refused():
         with switch_experts(tiny_model("llama"), off={0: [0]}):
             pass
     assert get_patch("mote").neutral_config(spec, spec.tiny_config()).to_dict() == {
-        "off": None, "drop": None, "on": None, "gain": None}
+        "off": None,
+        "drop": None,
+        "on": None,
+        "gain": None,
+    }
 
 
 def _profile() -> ExpertProfile:
     # target "code": frequencies code - prose per (layer, expert); layers 3 and 5, 4 experts each
     return ExpertProfile(
-        classes=["code", "prose"], target="code", contrast="mean", layers=[3, 5], num_experts=[4, 4],
-        prompts={"code": 1, "prose": 1}, tokens={"code": 10, "prose": 10},
+        classes=["code", "prose"],
+        target="code",
+        contrast="mean",
+        layers=[3, 5],
+        num_experts=[4, 4],
+        prompts={"code": 1, "prose": 1},
+        tokens={"code": 10, "prose": 10},
         counts={"code": [[9, 1, 5, 5], [8, 7, 0, 5]], "prose": [[1, 1, 5, 2], [2, 9, 4, 5]]},
         weight_sums={"code": [[0.0] * 4, [0.0] * 4], "prose": [[0.0] * 4, [0.0] * 4]},
     )
@@ -344,6 +361,10 @@ def test_cli_patch_takes_json_and_yaml_switches(tmp_path):
     assert patch_main([str(source), "mote", str(out), 'off={"1": [2], "all": [0]}', "gain={0: {3: 0.5}}"]) == 0
     reloaded = hf_attn_zoo.from_pretrained(out)
     assert hf_attn_zoo.applied_patches(reloaded)[0]["options"] == {
-        "off": {"all": [0], "1": [2]}, "drop": None, "on": None, "gain": {"0": {"3": 0.5}}}
+        "off": {"all": [0], "1": [2]},
+        "drop": None,
+        "on": None,
+        "gain": {"0": {"3": 0.5}},
+    }
     _, seen = _routing(reloaded)
     assert not (seen[0][2] == 0).any() and not torch.isin(seen[1][2], torch.tensor([0, 2])).any()

@@ -43,13 +43,16 @@ def test_query_reads_logarithmically_many_blocks():
     assert blocks <= 2 + 1 + (n // b).bit_length()
 
 
-@pytest.mark.parametrize("options,match", [
-    ({"block_size": 0}, "block_size=0"),
-    ({"block_size": 512}, "max_position_embeddings"),
-    ({"block_size": 16, "window_blocks": 0}, "window_blocks=0"),
-    ({"block_size": 16, "window_blocks": 17}, "window_blocks=17"),
-    ({"block_size": 16, "sink_blocks": -1}, "sink_blocks=-1"),
-])
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"block_size": 0}, "block_size=0"),
+        ({"block_size": 512}, "max_position_embeddings"),
+        ({"block_size": 16, "window_blocks": 0}, "window_blocks=0"),
+        ({"block_size": 16, "window_blocks": 17}, "window_blocks=17"),
+        ({"block_size": 16, "sink_blocks": -1}, "sink_blocks=-1"),
+    ],
+)
 def test_bad_options_leave_the_model_untouched(options, match):
     base = tiny_model("mistral")
     model = clone(base)

@@ -101,14 +101,15 @@ def _batches(n=3, seed=0):
     # "real-ish" text: a few repeated motifs, so q/k vectors have structure for the clustering to find
     motifs = torch.randint(3, 128, (4, 8), generator=g)
     rows = [motifs[torch.randint(0, 4, (4,), generator=g)].flatten() for _ in range(2 * n)]
-    return [{"input_ids": torch.stack(rows[2 * i:2 * i + 2])} for i in range(n)]
+    return [{"input_ids": torch.stack(rows[2 * i : 2 * i + 2])} for i in range(n)]
 
 
 @pytest.mark.parametrize("data", ["keys", "queries_and_keys"])
 def test_kmeans_init_reduces_the_within_cluster_distance_and_is_deterministic(data):
     base, first = _patched(num_clusters=4, centroid_data=data)
-    second = hf_attn_zoo.patch(clone(base), "routing_attention",
-                               **{**GRID_OPTIONS, "num_clusters": 4, "centroid_data": data})
+    second = hf_attn_zoo.patch(
+        clone(base), "routing_attention", **{**GRID_OPTIONS, "num_clusters": 4, "centroid_data": data}
+    )
     seeded = {n: m.means.clone() for n, m in routing_centroids(first).items()}
     fit = init_routing_centroids(first, _batches(), iterations=10)
     assert fit["distance_after"] < fit["distance_before"]
@@ -145,10 +146,14 @@ def test_cached_decoding_with_left_padding_equals_the_full_forward():
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
         cache = DynamicCache(config=model.config)
-        steps = [model(ids[:, :6], attention_mask=mask[:, :6], past_key_values=cache, use_cache=True).logits,
-                 model(ids[:, 6:10], attention_mask=mask[:, :10], past_key_values=cache, use_cache=True).logits]
-        steps += [model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache,
-                        use_cache=True).logits for t in range(10, 14)]
+        steps = [
+            model(ids[:, :6], attention_mask=mask[:, :6], past_key_values=cache, use_cache=True).logits,
+            model(ids[:, 6:10], attention_mask=mask[:, :10], past_key_values=cache, use_cache=True).logits,
+        ]
+        steps += [
+            model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True).logits
+            for t in range(10, 14)
+        ]
         alone = model(ids[:1, 4:]).logits
     torch.testing.assert_close(torch.cat(steps, dim=1)[:, 4:], full[:, 4:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(full[:1, 4:], alone, atol=1e-5, rtol=1e-5)
@@ -160,8 +165,9 @@ def test_sorted_backend_gives_the_masked_logits():
     ids = torch.randint(3, 128, (2, 20))
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
-    torch.testing.assert_close(sorted_(ids, attention_mask=mask).logits, masked(ids, attention_mask=mask).logits,
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        sorted_(ids, attention_mask=mask).logits, masked(ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_save_and_reload_keep_the_centroids_in_the_checkpoint(tmp_path):
@@ -186,17 +192,20 @@ def test_from_pretrained_restores_fitted_centroids_bit_exactly(tmp_path):
     assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
 
-@pytest.mark.parametrize("options,needle", [
-    ({"num_clusters": 0}, "num_clusters=0"),
-    ({"window": 0}, "window=0"),
-    ({"window": 257}, "window=257"),
-    ({"sinks": -1}, "sinks=-1"),
-    ({"routing_heads": 5}, "routing_heads=5"),
-    ({"routing_heads": -1}, "routing_heads=-1"),
-    ({"ema_decay": 1.0}, "ema_decay=1.0"),
-    ({"ema_decay": -0.1}, "ema_decay=-0.1"),
-    ({"commitment_weight": -1e-4}, "commitment_weight=-0.0001"),
-])
+@pytest.mark.parametrize(
+    "options,needle",
+    [
+        ({"num_clusters": 0}, "num_clusters=0"),
+        ({"window": 0}, "window=0"),
+        ({"window": 257}, "window=257"),
+        ({"sinks": -1}, "sinks=-1"),
+        ({"routing_heads": 5}, "routing_heads=5"),
+        ({"routing_heads": -1}, "routing_heads=-1"),
+        ({"ema_decay": 1.0}, "ema_decay=1.0"),
+        ({"ema_decay": -0.1}, "ema_decay=-0.1"),
+        ({"commitment_weight": -1e-4}, "commitment_weight=-0.0001"),
+    ],
+)
 def test_bad_options_raise_one_clear_error_and_leave_the_model_untouched(options, needle):
     model = tiny_model("llama")
     keys = set(model.state_dict())

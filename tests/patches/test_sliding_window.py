@@ -61,15 +61,18 @@ def test_generate_with_left_padding_equals_each_row_alone():
         assert torch.equal(together[row, -12:], alone[0, -12:])
 
 
-@pytest.mark.parametrize("options,match", [
-    ({"window": 0}, "window=0"),
-    ({"window": -3}, "window=-3"),
-    ({"window": 257}, "max_position_embeddings"),
-    ({"window": 8, "sinks": -1}, "sinks=-1"),
-    ({"window": 8, "dilation": 0}, "dilation=0"),
-    ({"window": 100, "dilation": 3}, "window x dilation"),
-    ({"backend": "triton"}, "backend"),
-])
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"window": 0}, "window=0"),
+        ({"window": -3}, "window=-3"),
+        ({"window": 257}, "max_position_embeddings"),
+        ({"window": 8, "sinks": -1}, "sinks=-1"),
+        ({"window": 8, "dilation": 0}, "dilation=0"),
+        ({"window": 100, "dilation": 3}, "window x dilation"),
+        ({"backend": "triton"}, "backend"),
+    ],
+)
 def test_bad_options_leave_the_model_untouched(options, match):
     base = tiny_model("llama")
     model = clone(base)
@@ -130,8 +133,12 @@ def test_registered_attention_function_equals_the_patch_with_padding():
     ids = torch.randint(3, 128, (2, 11))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
-    torch.testing.assert_close(plain(ids, attention_mask=mask).logits[mask.bool()],
-                               patched(ids, attention_mask=mask).logits[mask.bool()], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        plain(ids, attention_mask=mask).logits[mask.bool()],
+        patched(ids, attention_mask=mask).logits[mask.bool()],
+        atol=1e-5,
+        rtol=1e-5,
+    )
     with pytest.raises(InvalidOptionError, match="not a static attention pattern"):
         hf_attn_zoo.register_attention_function("moh")
 
@@ -159,7 +166,8 @@ def test_streaming_positions_equal_re_rotating_the_cache_at_cache_positions():
         return apply_rotary_pos_emb(x, x, cos, sin)[0]
 
     out = StreamingPositions(rotary.inv_freq, sinks, window).attend(
-        rope(q_raw, torch.tensor([p])), rope(k_raw, positions), v, positions, torch.tensor([p]), None, 0.25)
+        rope(q_raw, torch.tensor([p])), rope(k_raw, positions), v, positions, torch.tensor([p]), None, 0.25
+    )
     cache_positions = torch.arange(positions.numel())
     q, k = rope(q_raw, cache_positions[-1:]), rope(k_raw, cache_positions)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.25, enable_gqa=True)
@@ -185,10 +193,13 @@ def test_stream_decodes_past_the_position_range_and_equals_plain_decoding_until_
             plain.generate(ids, max_new_tokens=60, **common)
 
 
-@pytest.mark.parametrize("options,message", [
-    ({"stream": True, "bounded_cache": False}, "bounded_cache"),
-    ({"stream": True, "dilation": 2}, "dilation=1"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"stream": True, "bounded_cache": False}, "bounded_cache"),
+        ({"stream": True, "dilation": 2}, "dilation=1"),
+    ],
+)
 def test_stream_needs_the_bounded_cache_without_dilation(options, message):
     model = tiny_model("llama")
     with pytest.raises(InvalidOptionError, match=message):

@@ -12,22 +12,42 @@ from transformers import AutoConfig
 
 import hf_attn_zoo
 from hf_attn_zoo.cli import main
-from hf_attn_zoo.errors import InvalidOptionError, PlanError, UnknownMethodError, UnknownModelError, \
-    UnsupportedArchitectureError
+from hf_attn_zoo.errors import (
+    InvalidOptionError,
+    PlanError,
+    UnknownMethodError,
+    UnknownModelError,
+    UnsupportedArchitectureError,
+)
 from hf_attn_zoo.planning import plan, shipped_models
 from hf_attn_zoo.planning.figures import kv_cache, layer_activations
 from hf_attn_zoo.planning.memory import GiB, ModelFigures, Setup, memory_per_gpu
 from hf_attn_zoo.planning.models import build_plan_models, load_config
 
 # published sizes from the model cards
-PUBLISHED = {"llama3-8b": 8.03e9, "llama3-70b": 70.6e9, "mixtral-8x7b": 46.7e9, "qwen3-30b-a3b": 30.5e9,
-             "deepseek-v3": 671e9}
+PUBLISHED = {
+    "llama3-8b": 8.03e9,
+    "llama3-70b": 70.6e9,
+    "mixtral-8x7b": 46.7e9,
+    "qwen3-30b-a3b": 30.5e9,
+    "deepseek-v3": 671e9,
+}
 
 
 def _tiny_llama(**overrides):
-    return AutoConfig.for_model("llama", **{
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "vocab_size": 128, "max_position_embeddings": 256, **overrides})
+    return AutoConfig.for_model(
+        "llama",
+        **{
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 128,
+            "max_position_embeddings": 256,
+            **overrides,
+        },
+    )
 
 
 def _all_meta(model: torch.nn.Module) -> bool:
@@ -90,8 +110,17 @@ def test_new_parameters_of_bam_and_upcycle():
 
 # --- memory arithmetic, by hand ---
 
-TINY = ModelFigures(params=1000, trainable=1000, num_layers=4, root_params=200, largest_layer_params=200,
-                    hidden_size=8, vocab_size=100, layer_activations=(50, 50, 50, 50), kv_cache_bytes=300)
+TINY = ModelFigures(
+    params=1000,
+    trainable=1000,
+    num_layers=4,
+    root_params=200,
+    largest_layer_params=200,
+    hidden_size=8,
+    vocab_size=100,
+    layer_activations=(50, 50, 50, 50),
+    kv_cache_bytes=300,
+)
 
 
 def test_memory_arithmetic_fsdp_by_hand():
@@ -150,19 +179,27 @@ def test_kv_cache_of_the_methods():
 def test_kernel_choice_follows_the_kernels_auto_rules():
     long = plan("llama3-8b", "sliding_window", seq_len=8192, train="none")
     assert long.kernels[0].layers == tuple(range(32)) and long.kernels[0].train_prefill.startswith("flex")
-    assert plan("llama3-8b", "power_attention", seq_len=8192, device="cpu").kernels[0].train_prefill.startswith(
-        "blocks")
+    assert (
+        plan("llama3-8b", "power_attention", seq_len=8192, device="cpu").kernels[0].train_prefill.startswith("blocks")
+    )
     assert plan("llama3-8b", "power_attention", seq_len=1024).kernels[0].train_prefill.startswith("masked")
-    moh = plan("llama3-8b", "moh", {"granularity": "group", "shared_heads": 8, "routed_heads": 24, "top_k": 8},
-               seq_len=8192, train="none")
+    moh = plan(
+        "llama3-8b",
+        "moh",
+        {"granularity": "group", "shared_heads": 8, "routed_heads": 24, "top_k": 8},
+        seq_len=8192,
+        train="none",
+    )
     assert "head-sparse decode" in moh.kernels[0].decode
     assert "no head skipping" in plan("llama3-8b", "moh", seq_len=8192, train="none").kernels[0].decode
     mixed = plan("llama3-8b", "sliding_window", layers=[0, 1], seq_len=8192)
     assert [k.layers for k in mixed.kernels] == [(0, 1), tuple(range(2, 32))]
     assert mixed.kernels[1].method == "none"
     moba = plan("llama3-8b", "moba", seq_len=8192)
-    assert moba.kernels[0].score_keys == 3 * 512 and moba.memory.activations > plan(
-        "llama3-8b", seq_len=8192).memory.activations
+    assert (
+        moba.kernels[0].score_keys == 3 * 512
+        and moba.memory.activations > plan("llama3-8b", seq_len=8192).memory.activations
+    )
     assert plan("mixtral-8x7b", train="none").experts_kernel.startswith("MoE layers 0-31:")
 
 
@@ -241,8 +278,11 @@ def test_more_gpus_than_fsdp_units_is_refused(capsys):
 def test_memory_that_does_not_fit_exits_2_with_the_figures(capsys):
     result = plan("llama3-70b", gpus=8, sharding="ddp")
     assert not result.fits and result.total_gib > 1000
-    with pytest.raises(PlanError, match=r"needs 11\d\d\.\d GiB per GPU \(weights 131\.4, gradients 131\.4, "
-                                        r"optimizer 788\.5"):
+    with pytest.raises(
+        PlanError,
+        match=r"needs 11\d\d\.\d GiB per GPU \(weights 131\.4, gradients 131\.4, "
+        r"optimizer 788\.5",
+    ):
         result.check()
     assert main(["plan", "mixtral-8x7b", "none", "--gpus", "8"]) == 2
     captured = capsys.readouterr()

@@ -18,9 +18,11 @@ import hf_attn_zoo as zoo
 
 def record(model: torch.nn.Module, train_dataset, out: str, names: str = "new") -> None:
     # looked up by name when the probe fires: FSDP replaces the parameter objects with sharded ones
-    watched = set(zoo.new_parameters(model)) if names == "new" else {
-        name for name, _ in model.named_parameters() if ".mlp." in name
-    }
+    watched = (
+        set(zoo.new_parameters(model))
+        if names == "new"
+        else {name for name, _ in model.named_parameters() if ".mlp." in name}
+    )
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
 
@@ -32,8 +34,12 @@ def record(model: torch.nn.Module, train_dataset, out: str, names: str = "new") 
         for name in sorted(watched):
             parameter = parameters[name]
             local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
-            seen[name] = {"class": type(parameter.data).__name__, "shape": list(parameter.shape),
-                          "local_numel": local.numel(), "requires_grad": parameter.requires_grad}
+            seen[name] = {
+                "class": type(parameter.data).__name__,
+                "shape": list(parameter.shape),
+                "local_numel": local.numel(),
+                "requires_grad": parameter.requires_grad,
+            }
         (folder / f"probe_rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(seen))
 
     model.register_forward_pre_hook(probe, with_kwargs=True)

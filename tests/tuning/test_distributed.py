@@ -11,7 +11,11 @@ from hf_attn_zoo.errors import RecipeError
 from hf_attn_zoo.tuning import load_recipe
 from hf_attn_zoo.tuning.cli import tune_main
 from hf_attn_zoo.tuning.distributed import (
-    SHIPPED_CONFIGS, check_resume, deepspeed_config_problems, distributed_training_args, write_checkpoint_layout,
+    SHIPPED_CONFIGS,
+    check_resume,
+    deepspeed_config_problems,
+    distributed_training_args,
+    write_checkpoint_layout,
 )
 
 from .test_train import tiny_recipe
@@ -21,6 +25,7 @@ from .test_train import tiny_recipe
 def recipe_path(tmp_path: Path, tiny_model_dir: Path):
     def make(**distributed) -> Path:
         return tiny_recipe(tmp_path, tiny_model_dir, train={"distributed": distributed} if distributed else {})
+
     return make
 
 
@@ -34,11 +39,23 @@ def test_shipped_deepspeed_configs_leave_the_recipe_in_charge(stage: int):
 
 def test_a_deepspeed_config_that_fights_the_recipe_is_refused_by_name(tmp_path: Path, recipe_path):
     bad = tmp_path / "ds.json"
-    bad.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 8,
-                               "optimizer": {"type": "AdamW"}, "bf16": {"enabled": True}}))
+    bad.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"stage": 2},
+                "train_micro_batch_size_per_gpu": 8,
+                "optimizer": {"type": "AdamW"},
+                "bf16": {"enabled": True},
+            }
+        )
+    )
     problems = "\n".join(deepspeed_config_problems(bad, 3))
-    for expected in ("stage is 2 but train.distributed.zero_stage is 3", "train_micro_batch_size_per_gpu is 8",
-                     "drop the 'optimizer' section", "bf16.enabled is True"):
+    for expected in (
+        "stage is 2 but train.distributed.zero_stage is 3",
+        "train_micro_batch_size_per_gpu is 8",
+        "drop the 'optimizer' section",
+        "bf16.enabled is True",
+    ):
         assert expected in problems
     with pytest.raises(RecipeError, match=r"train.distributed.deepspeed_config: .*stage is 2"):
         load_recipe(recipe_path(strategy="deepspeed", deepspeed_config=str(bad)))
@@ -64,8 +81,9 @@ def test_fsdp_and_deepspeed_trainer_args_point_to_the_distributed_section(tmp_pa
 
 
 def test_training_arguments_of_each_strategy(recipe_path, monkeypatch):
-    recipe = load_recipe(recipe_path(strategy="fsdp", reshard_after_forward=False),
-                         ["train.gradient_checkpointing=true"])
+    recipe = load_recipe(
+        recipe_path(strategy="fsdp", reshard_after_forward=False), ["train.gradient_checkpointing=true"]
+    )
     assert distributed_training_args(recipe) == {}  # one process: nothing to shard
     monkeypatch.setenv("WORLD_SIZE", "2")
     args = distributed_training_args(recipe)
@@ -83,17 +101,16 @@ def test_training_arguments_of_each_strategy(recipe_path, monkeypatch):
     "written,resumed,refused",
     [
         (("fsdp", 2), ("fsdp", 2), False),
-        (("fsdp", 2), ("fsdp", 4), True),   # shards of 2 processes
+        (("fsdp", 2), ("fsdp", 4), True),  # shards of 2 processes
         (("fsdp", 2), ("ddp", 1), True),
-        (("ddp", 2), ("ddp", 4), False),    # whole checkpoints: any count (global_batch_size keeps the batch)
+        (("ddp", 2), ("ddp", 4), False),  # whole checkpoints: any count (global_batch_size keeps the batch)
         (("ddp", 1), ("ddp", 2), False),
-        (("ddp", 2), ("fsdp", 2), True),    # a whole checkpoint is not FSDP shards
+        (("ddp", 2), ("fsdp", 2), True),  # a whole checkpoint is not FSDP shards
         (("deepspeed", 2), ("deepspeed", 2), False),
         (("deepspeed", 2), ("fsdp", 2), True),
     ],
 )
-def test_a_resume_with_another_layout_is_refused_by_name(recipe_path, monkeypatch, tmp_path, written, resumed,
-                                                          refused):
+def test_a_resume_with_another_layout_is_refused_by_name(recipe_path, monkeypatch, tmp_path, written, resumed, refused):
     checkpoint = tmp_path / "checkpoint-2"
     checkpoint.mkdir()
     monkeypatch.setenv("WORLD_SIZE", str(written[1]))

@@ -225,8 +225,9 @@ def test_peft_lora_with_routers_in_modules_to_save(order: str):
     expected = model_copy(x, labels=x).aux_loss
     reference.remove()
 
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["mlp.gate"],
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["mlp.gate"], task_type="CAUSAL_LM"
+    )
     if order == "install_then_wrap":
         handle = zoo.install_router_losses(model)
         peft_model = get_peft_model(model, config)
@@ -284,13 +285,19 @@ def test_a_moe_section_validates(tmp_path: Path):
     assert without.moe is None and "moe" not in yaml.safe_load(without.to_yaml())
 
 
-@pytest.mark.parametrize(("section", "expected"), [
-    ("moe:\n  load_balance_weight: -0.01\n", "recipe.yaml:5: moe.load_balance_weight: Input should be greater than or"),
-    ("moe:\n  z_loss_weight: lots\n", "recipe.yaml:5: moe.z_loss_weight: Input should be a valid number"),
-    ("moe:\n  router_jitter: 0.1\n", "recipe.yaml:5: moe.router_jitter: unknown key (allowed here: load_balance_"),
-    ("moe:\n  load_balance_weigth: 0.1\n", "did you mean 'load_balance_weight'?"),
-    ("moe:\n", "recipe.yaml:4: moe: the section is empty (null); write `moe: {}`"),
-])
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        (
+            "moe:\n  load_balance_weight: -0.01\n",
+            "recipe.yaml:5: moe.load_balance_weight: Input should be greater than or",
+        ),
+        ("moe:\n  z_loss_weight: lots\n", "recipe.yaml:5: moe.z_loss_weight: Input should be a valid number"),
+        ("moe:\n  router_jitter: 0.1\n", "recipe.yaml:5: moe.router_jitter: unknown key (allowed here: load_balance_"),
+        ("moe:\n  load_balance_weigth: 0.1\n", "did you mean 'load_balance_weight'?"),
+        ("moe:\n", "recipe.yaml:4: moe: the section is empty (null); write `moe: {}`"),
+    ],
+)
 def test_bad_moe_sections_name_the_line(tmp_path: Path, section: str, expected: str):
     with pytest.raises(RecipeError) as info:
         load_recipe(write_recipe(tmp_path, BASE + section))
@@ -302,12 +309,22 @@ def test_an_override_can_turn_the_section_off(tmp_path: Path):
 
 
 def test_a_moe_section_on_a_dense_model_is_a_recipe_error(tmp_path: Path, tiny_model_dir: Path):
-    path = write_recipe(tmp_path, yaml.safe_dump({
-        "model": {"path": str(tiny_model_dir)}, "moe": {"load_balance_weight": 0.01},
-        "train": {"max_steps": 1}, "output_dir": str(tmp_path / "out"),
-    }))
-    with pytest.raises(RecipeError, match=r"recipe.yaml:\d+: moe: the model \(llama, after the patches\) has no MoE "
-                       r"layer.*`moe=null`"):
+    path = write_recipe(
+        tmp_path,
+        yaml.safe_dump(
+            {
+                "model": {"path": str(tiny_model_dir)},
+                "moe": {"load_balance_weight": 0.01},
+                "train": {"max_steps": 1},
+                "output_dir": str(tmp_path / "out"),
+            }
+        ),
+    )
+    with pytest.raises(
+        RecipeError,
+        match=r"recipe.yaml:\d+: moe: the model \(llama, after the patches\) has no MoE "
+        r"layer.*`moe=null`",
+    ):
         run_recipe(path)
     with pytest.raises(RecipeError, match=r"train.what: the model \(llama, after the patches\) has no MoE layer"):
         run_recipe(path, overrides=["moe=null", "train.what=moe"])
@@ -322,22 +339,32 @@ def tiny_moe_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path)
 
     out = tmp_path_factory.mktemp("tiny_mixtral")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = tiny_model("mixtral", vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    model = tiny_model(
+        "mixtral",
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
 
 def moe_recipe(tmp_path: Path, model_dir: Path, train: dict) -> Path:
-    return write_recipe(tmp_path, yaml.safe_dump({
-        "model": {"path": str(model_dir)},
-        "data": {"sources": [{"corpus": "python_stdlib_docs", "max_docs": 4}], "seq_len": 32},
-        "train": {"batch_size": 2, "max_steps": 2, **train},
-        "optim": {"lr": 1e-2, "schedule": "constant"},
-        "moe": {"load_balance_weight": 0.05, "z_loss_weight": 0.01},
-        "output_dir": str(tmp_path / "run"),
-    }))
+    return write_recipe(
+        tmp_path,
+        yaml.safe_dump(
+            {
+                "model": {"path": str(model_dir)},
+                "data": {"sources": [{"corpus": "python_stdlib_docs", "max_docs": 4}], "seq_len": 32},
+                "train": {"batch_size": 2, "max_steps": 2, **train},
+                "optim": {"lr": 1e-2, "schedule": "constant"},
+                "moe": {"load_balance_weight": 0.05, "z_loss_weight": 0.01},
+                "output_dir": str(tmp_path / "run"),
+            }
+        ),
+    )
 
 
 class _Logs(TrainerCallback):
@@ -371,11 +398,18 @@ def test_a_recipe_trains_the_moe_blocks_with_router_losses(tmp_path: Path, tiny_
 
 
 def test_a_lora_recipe_trains_routers_and_expert_adapters(tmp_path: Path, tiny_moe_dir: Path):
-    lora = {"r": 2, "alpha": 4, "target_modules": ["q_proj"],
-            "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]}
+    lora = {
+        "r": 2,
+        "alpha": 4,
+        "target_modules": ["q_proj"],
+        "target_parameters": ["experts.gate_up_proj", "experts.down_proj"],
+    }
     result = run_recipe(moe_recipe(tmp_path, tiny_moe_dir, {"what": "lora", "lora": lora}))
     assert len(result.aux_loss_history) == 2
     changed = changed_parameters(tiny_moe_dir, result.final_dir)
-    assert {"model.layers.0.mlp.gate.weight", "model.layers.0.self_attn.q_proj.weight",
-            "model.layers.0.mlp.experts.down_proj"} <= changed
+    assert {
+        "model.layers.0.mlp.gate.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.mlp.experts.down_proj",
+    } <= changed
     assert "model.layers.0.self_attn.k_proj.weight" not in changed and "lm_head.weight" not in changed

@@ -119,8 +119,10 @@ def test_yaml_floats_without_a_dot_are_accepted(tmp_path: Path):
 
 
 def test_missing_data_file_names_the_file_and_line(tmp_path: Path):
-    path = write(tmp_path, "data:\n  sources:\n    - corpus: python_stdlib_docs\n    - files: [nothere.txt]\n"
-                           "train: {max_steps: 2}\n")
+    path = write(
+        tmp_path,
+        "data:\n  sources:\n    - corpus: python_stdlib_docs\n    - files: [nothere.txt]\ntrain: {max_steps: 2}\n",
+    )
     message = error_of(path)
     assert message.startswith(f"{path}:4: data.sources.1.files.0: data file")
     assert "nothere.txt" in message
@@ -128,8 +130,9 @@ def test_missing_data_file_names_the_file_and_line(tmp_path: Path):
 
 def test_unknown_corpus_names_the_line_and_a_suggestion(tmp_path: Path):
     path = write(tmp_path, "data:\n  sources:\n    - corpus: shakespear\ntrain: {max_steps: 2}\n")
-    assert error_of(path).startswith(f"{path}:3: data.sources.0.corpus: unknown corpus 'shakespear'; did you mean "
-                                     "'shakespeare'?")
+    assert error_of(path).startswith(
+        f"{path}:3: data.sources.0.corpus: unknown corpus 'shakespear'; did you mean 'shakespeare'?"
+    )
 
 
 def test_data_source_without_a_kind_key(tmp_path: Path):
@@ -148,8 +151,13 @@ def test_patch_options_are_checked_against_the_method(tmp_path: Path):
 def test_cross_field_rules(tmp_path: Path):
     path = write(tmp_path, "train: {what: new, eval_steps: 5}\noptim: {lr: 1e-5, min_lr: 1e-4, name: adamw}\n")
     message = error_of(path)
-    for part in ("train.max_steps: give exactly one", "train.what: 'new' trains only", "train.eval_steps: needs",
-                 "optim.min_lr:", "optim.name: unknown optimizer 'adamw'"):
+    for part in (
+        "train.max_steps: give exactly one",
+        "train.what: 'new' trains only",
+        "train.eval_steps: needs",
+        "optim.min_lr:",
+        "optim.name: unknown optimizer 'adamw'",
+    ):
         assert part in message
 
 
@@ -204,8 +212,10 @@ def test_find_recipe_by_name_and_ambiguity():
 
 def test_data_sources_are_typed_by_their_key(tmp_path: Path):
     (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
-    path = write(tmp_path, "data:\n  sources:\n    - corpus: bible_kjv\n    - {files: [a.jsonl], format: jsonl}\n"
-                           "train: {max_steps: 1}\n")
+    path = write(
+        tmp_path,
+        "data:\n  sources:\n    - corpus: bible_kjv\n    - {files: [a.jsonl], format: jsonl}\ntrain: {max_steps: 1}\n",
+    )
     sources = load_recipe(path).data.sources
     assert isinstance(sources[0], CorpusSource) and isinstance(sources[1], FilesSource)
 
@@ -237,8 +247,9 @@ def test_missing_corpus_at_run_time_is_a_missing_asset_error(tmp_path: Path, mon
 
 
 def test_patch_bounds_and_empty_layer_selections_are_checked_before_any_model_loads(tmp_path: Path):
-    path = write(tmp_path, "patches:\n  - method: sliding_window\n    window: 0\n    layers: []\n"
-                           "train: {max_steps: 2}\n")
+    path = write(
+        tmp_path, "patches:\n  - method: sliding_window\n    window: 0\n    layers: []\ntrain: {max_steps: 2}\n"
+    )
     message = error_of(path)
     assert ":3: patches.0.window: sliding_window: window=0 is out of range: it must be >= 1" in message
     assert ":4: patches.0.layers: layers=[] selects no layer" in message

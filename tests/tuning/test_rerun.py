@@ -19,8 +19,7 @@ def _snapshot(path: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(path)): (p.stat().st_mtime_ns, p.stat().st_size) for p in path.rglob("*") if p.is_file()}
 
 
-def test_a_finished_run_is_not_retrained_and_a_changed_recipe_is_refused(tmp_path: Path, tiny_model_dir: Path,
-                                                                         capsys):
+def test_a_finished_run_is_not_retrained_and_a_changed_recipe_is_refused(tmp_path: Path, tiny_model_dir: Path, capsys):
     recipe = tiny_recipe(tmp_path, tiny_model_dir, patches=[], train={"max_steps": 2})
     first = run_recipe(recipe)
     output = first.output_dir

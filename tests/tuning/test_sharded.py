@@ -80,8 +80,13 @@ def _assert_reloads(final: Path, methods: list[str]) -> torch.nn.Module:
 def test_fsdp_trains_moh_routers_like_one_process_and_resumes(tmp_path: Path, tiny_model_dir: Path):
     # `what: new`: only the routers train; balance loss off (it is per process batch by design, as under DDP)
     moh = {**MOH, "balance_loss_weight": 0.0}
-    recipe = tiny_recipe(tmp_path, tiny_model_dir, patches=[moh], init=_probe(tmp_path / "probe"),
-                         train={"what": "new", "max_steps": 4, "save_steps": 2, **FSDP})
+    recipe = tiny_recipe(
+        tmp_path,
+        tiny_model_dir,
+        patches=[moh],
+        init=_probe(tmp_path / "probe"),
+        train={"what": "new", "max_steps": 4, "save_steps": 2, **FSDP},
+    )
     one, two = _one_and_two(recipe, tmp_path)
     _assert_same_training(one, two)
 
@@ -105,28 +110,46 @@ def test_fsdp_trains_moh_routers_like_one_process_and_resumes(tmp_path: Path, ti
     resumed.mkdir()
     shutil.copytree(two / "checkpoint-2", resumed / "checkpoint-2")
     shutil.copy(two / "recipe.yaml", resumed / "recipe.yaml")
-    done = tune(recipe, 1, "train.batch_size=4", f"output_dir={resumed}", f"init.0.options.out={tmp_path / 'p3'}",
-                expect_failure=True)
+    done = tune(
+        recipe,
+        1,
+        "train.batch_size=4",
+        f"output_dir={resumed}",
+        f"init.0.options.out={tmp_path / 'p3'}",
+        expect_failure=True,
+    )
     assert "fsdp with 2 process(es)" in done.stderr and "--nproc 2" in done.stderr
     assert not (resumed / "final").exists()
     tune(recipe, 2, "train.batch_size=2", f"output_dir={resumed}", f"init.0.options.out={tmp_path / 'p4'}")
     assert json.loads((resumed / "result.json").read_text())["resumed_from"] == str(resumed / "checkpoint-2")
     assert loss_history(resumed) == loss_history(two)
-    uninterrupted, again = load_file(str(two / "final" / "model.safetensors")), load_file(
-        str(resumed / "final" / "model.safetensors"))
+    uninterrupted, again = (
+        load_file(str(two / "final" / "model.safetensors")),
+        load_file(str(resumed / "final" / "model.safetensors")),
+    )
     for name in uninterrupted:
         assert torch.equal(uninterrupted[name], again[name]), name
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("patch", [
-    pytest.param({"method": "bam", "num_experts": 3}, id="bam"),
-    # its k-means centroids are buffers updated in the forward: reduced over the processes, they stay equal
-    pytest.param({"method": "routing_attention", "num_clusters": 2, "window": 8, "sinks": 1}, id="routing_attention"),
-])
+@pytest.mark.parametrize(
+    "patch",
+    [
+        pytest.param({"method": "bam", "num_experts": 3}, id="bam"),
+        # its k-means centroids are buffers updated in the forward: reduced over the processes, they stay equal
+        pytest.param(
+            {"method": "routing_attention", "num_clusters": 2, "window": 8, "sinks": 1}, id="routing_attention"
+        ),
+    ],
+)
 def test_fsdp_trains_attention_patches_like_one_process(tmp_path: Path, tiny_model_dir: Path, patch: dict):
-    recipe = tiny_recipe(tmp_path, tiny_model_dir, patches=[patch], init=_probe(tmp_path / "probe"),
-                         train={"what": "all", "max_steps": 4, **FSDP})
+    recipe = tiny_recipe(
+        tmp_path,
+        tiny_model_dir,
+        patches=[patch],
+        init=_probe(tmp_path / "probe"),
+        train={"what": "all", "max_steps": 4, **FSDP},
+    )
     one, two = _one_and_two(recipe, tmp_path)
     _assert_same_training(one, two)
     model = _assert_reloads(two / "final", [patch["method"]])
@@ -136,15 +159,21 @@ def test_fsdp_trains_attention_patches_like_one_process(tmp_path: Path, tiny_mod
 @pytest.mark.slow
 def test_deepspeed_zero3_trains_moh_like_one_process(tmp_path: Path, tiny_model_dir: Path):
     # DeepSpeed's CPU accelerator (gloo); it builds its shared-memory op with ninja on first use
-    recipe = tiny_recipe(tmp_path, tiny_model_dir, patches=[{**MOH, "balance_loss_weight": 0.0}],
-                         init=_probe(tmp_path / "probe"),
-                         train={"what": "all", "max_steps": 4, "save_steps": 2,
-                                "distributed": {"strategy": "deepspeed"}})
+    recipe = tiny_recipe(
+        tmp_path,
+        tiny_model_dir,
+        patches=[{**MOH, "balance_loss_weight": 0.0}],
+        init=_probe(tmp_path / "probe"),
+        train={"what": "all", "max_steps": 4, "save_steps": 2, "distributed": {"strategy": "deepspeed"}},
+    )
     one, two = _one_and_two(recipe, tmp_path)
     _assert_same_training(one, two)
     _assert_reloads(two / "final", ["moh"])
     assert json.loads((two / "checkpoint-2" / "zoo_checkpoint.json").read_text()) == {
-        "strategy": "deepspeed", "world_size": 2, "sharded": True}
+        "strategy": "deepspeed",
+        "world_size": 2,
+        "sharded": True,
+    }
 
 
 @pytest.mark.slow
@@ -152,9 +181,14 @@ def test_fsdp_trains_an_upcycled_moe_like_one_process(tmp_path: Path, tiny_model
     moe_dir = tmp_path / "moe"
     zoo.upcycle(tiny_model_dir, mode="sparse", num_experts=4, noise=0.01, output_dir=moe_dir)
     # z-loss only: a mean over tokens, so the same over 2 x 2 blocks as over 4 (the balance loss is not)
-    recipe = tiny_recipe(tmp_path, moe_dir, patches=[], init=_probe(tmp_path / "probe", names="mlp"),
-                         moe={"load_balance_weight": 0.0, "z_loss_weight": 0.001},
-                         train={"what": "moe", "max_steps": 4, **FSDP})
+    recipe = tiny_recipe(
+        tmp_path,
+        moe_dir,
+        patches=[],
+        init=_probe(tmp_path / "probe", names="mlp"),
+        moe={"load_balance_weight": 0.0, "z_loss_weight": 0.001},
+        train={"what": "moe", "max_steps": 4, **FSDP},
+    )
     one, two = _one_and_two(recipe, tmp_path)
     _assert_same_training(one, two)
     model = _assert_reloads(two / "final", [])

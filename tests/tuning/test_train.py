@@ -51,8 +51,12 @@ def test_three_steps_lower_the_loss_and_save_a_reloadable_model(tmp_path: Path, 
         calls.append((type(model).__name__, len(train_dataset), scale, bool(zoo.new_parameters(model))))
 
     try:
-        path = tiny_recipe(tmp_path, tiny_model_dir, init=[{"name": "test_record", "options": {"scale": 2.0}}],
-                           data={"held_out_fraction": 0.2})
+        path = tiny_recipe(
+            tmp_path,
+            tiny_model_dir,
+            init=[{"name": "test_record", "options": {"scale": 2.0}}],
+            data={"held_out_fraction": 0.2},
+        )
         result = run_recipe(path)
     finally:
         INIT_HOOKS.pop("test_record")
@@ -85,8 +89,9 @@ def test_what_new_trains_only_the_patch_parameters(tmp_path: Path, tiny_model_di
 
 
 def test_what_new_without_new_parameters_is_a_recipe_error(tmp_path: Path, tiny_model_dir: Path):
-    path = tiny_recipe(tmp_path, tiny_model_dir, patches=[{**MOH, "router": "qnorm", "gate": "binary"}],
-                       train={"what": "new"})
+    path = tiny_recipe(
+        tmp_path, tiny_model_dir, patches=[{**MOH, "router": "qnorm", "gate": "binary"}], train={"what": "new"}
+    )
     with pytest.raises(RecipeError, match="train.what: the patches created no parameters"):
         run_recipe(path)
 
@@ -103,8 +108,11 @@ class _Inspect(TrainerCallback):
 
 def test_lora_trains_adapters_and_the_new_modules_then_merges(tmp_path: Path, tiny_model_dir: Path):
     inspect = _Inspect()
-    path = tiny_recipe(tmp_path, tiny_model_dir,
-                       train={"what": "lora", "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}})
+    path = tiny_recipe(
+        tmp_path,
+        tiny_model_dir,
+        train={"what": "lora", "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+    )
     result = run_recipe(path, callbacks=[inspect])
     assert any("lora_A" in n for n in inspect.trainable)
     assert any("head_router.modules_to_save" in n for n in inspect.trainable)
@@ -140,8 +148,9 @@ class _Crash(TrainerCallback):
 @pytest.mark.parametrize("what", ["all", "lora"])
 def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path: Path, tiny_model_dir: Path, what: str):
     schedule = {"lr": 3e-3, "warmup_steps": 1, "schedule": "cosine", "min_lr": 1e-4}
-    crashed = tiny_recipe(tmp_path, tiny_model_dir, "crashed", train={"max_steps": 4, "save_steps": 2, "what": what},
-                          optim=schedule)
+    crashed = tiny_recipe(
+        tmp_path, tiny_model_dir, "crashed", train={"max_steps": 4, "save_steps": 2, "what": what}, optim=schedule
+    )
     with pytest.raises(KeyboardInterrupt):
         run_recipe(crashed, callbacks=[_Crash(at=3)])
     output = tmp_path / "crashed"
@@ -153,16 +162,21 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path: Path, tin
     assert resumed.global_step == 4 and resumed.train_tokens == 2 * 4 * 32
     assert [step for step, _ in resumed.loss_history] == [1, 2, 3, 4]
 
-    straight = run_recipe(tiny_recipe(tmp_path, tiny_model_dir, "straight", train={"max_steps": 4, "what": what},
-                                      optim=schedule))
+    straight = run_recipe(
+        tiny_recipe(tmp_path, tiny_model_dir, "straight", train={"max_steps": 4, "what": what}, optim=schedule)
+    )
     for (_, a), (_, b) in zip(resumed.loss_history, straight.loss_history):
         assert abs(a - b) < LOSS_ATOL
 
 
 def test_token_budget_and_global_batch_size(tmp_path: Path, tiny_model_dir: Path):
     # 2 blocks per device x grad_accum 2 (from the global batch of 4) = 4 x 32 tokens per step -> 2 steps
-    path = tiny_recipe(tmp_path, tiny_model_dir, patches=[],
-                       train={"max_steps": None, "token_budget": 2 * 4 * 32, "batch_size": 2, "global_batch_size": 4})
+    path = tiny_recipe(
+        tmp_path,
+        tiny_model_dir,
+        patches=[],
+        train={"max_steps": None, "token_budget": 2 * 4 * 32, "batch_size": 2, "global_batch_size": 4},
+    )
     result = run_recipe(path)
     assert result.global_step == 2 and result.train_tokens == 2 * 4 * 32
 
@@ -176,9 +190,15 @@ def test_files_sources_are_packed_and_split_by_document(tmp_path: Path, tiny_mod
     (tmp_path / "a.txt").write_text("def f(x):\n    return x + 1\n" * 40)
     rows = [f'{{"body": "document number {i}: ' + "the quick brown fox " * 10 + '"}' for i in range(10)]
     (tmp_path / "rows.jsonl").write_text("\n".join(rows) + "\n")
-    path = tiny_recipe(tmp_path, tiny_model_dir, data={
-        "sources": [{"files": ["a.txt"]}, {"files": ["rows.jsonl"], "format": "jsonl", "text_field": "body"}],
-        "held_out_fraction": 0.2, "seq_len": 16})
+    path = tiny_recipe(
+        tmp_path,
+        tiny_model_dir,
+        data={
+            "sources": [{"files": ["a.txt"]}, {"files": ["rows.jsonl"], "format": "jsonl", "text_field": "body"}],
+            "held_out_fraction": 0.2,
+            "seq_len": 16,
+        },
+    )
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     train, held_out = build_datasets(load_recipe(path), tokenizer)
     assert train.column_names == ["input_ids", "labels"] and held_out is not None

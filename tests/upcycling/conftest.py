@@ -54,8 +54,11 @@ def dense_models(tmp_path_factory) -> dict[str, Path]:
     models["swapped_tokenizer"] = swapped
     for family in ("mistral", "qwen3", "qwen2", "olmo2"):
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(family_specs()[family].tiny_config(sliding_window=None)
-                                                 if family == "mistral" else family_specs()[family].tiny_config())
+        model = AutoModelForCausalLM.from_config(
+            family_specs()[family].tiny_config(sliding_window=None)
+            if family == "mistral"
+            else family_specs()[family].tiny_config()
+        )
         model.save_pretrained(root / family)
         models[family] = root / family
     return models

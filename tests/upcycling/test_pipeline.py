@@ -19,17 +19,21 @@ def test_study_stages_on_tiny_models(dense_models, tmp_path, monkeypatch):
     assert pipeline.build_moes(specialists, tmp_path, modes=["sparse"], seed=seed)["sparse"] == built["sparse"]
     assert (built["sparse"] / "model.safetensors").stat().st_mtime_ns == stamp  # cached, not rebuilt
 
-    overrides = ["train.max_steps=2", "train.batch_size=1", "train.save_steps=2", "train.logging_steps=1",
-                 "data.seq_len=32",
-                 "data.sources=[{corpus: python_stdlib_docs, max_docs: 4}]"]
+    overrides = [
+        "train.max_steps=2",
+        "train.batch_size=1",
+        "train.save_steps=2",
+        "train.logging_steps=1",
+        "data.seq_len=32",
+        "data.sources=[{corpus: python_stdlib_docs, max_docs: 4}]",
+    ]
     tuned = pipeline.tune_on_mixture({"dense": seed, "bam": built["bam"]}, tmp_path, overrides=overrides)
     recipes = {name: (path.parent / "recipe.yaml").read_text() for name, path in tuned.items()}
     assert "moe:" not in recipes["dense"] and "load_balance_weight" in recipes["bam"]
     history = json.loads((tuned["bam"].parent / "result.json").read_text())["aux_loss_history"]
     assert history, "the MoE's router losses were not logged"
 
-    paths = pipeline.evaluate_models({"seed": seed, "bam": tuned["bam"]}, tmp_path / "report", tasks=(),
-                                     ppl_blocks=2)
+    paths = pipeline.evaluate_models({"seed": seed, "bam": tuned["bam"]}, tmp_path / "report", tasks=(), ppl_blocks=2)
     table = paths["md"].read_text()
     assert "held-out ppl: python_stdlib_docs" in table
     rows = json.loads(paths["json"].read_text())

@@ -41,11 +41,14 @@ def test_identical_experts_reproduce_the_dense_model(dense_models, mode, layers,
     torch.testing.assert_close(model(ids).logits, _dense(seed)(ids).logits, atol=ATOL_FP32, rtol=0)
 
 
-@pytest.mark.parametrize("family,expected", [
-    ("qwen3", ("Qwen3MoeForCausalLM", "Qwen3MoeForCausalLM")),
-    ("qwen2", ("Qwen2MoeForCausalLM", "Qwen2MoeForCausalLM")),
-    ("mistral", ("MixtralForCausalLM", "Qwen2MoeForCausalLM")),
-])
+@pytest.mark.parametrize(
+    "family,expected",
+    [
+        ("qwen3", ("Qwen3MoeForCausalLM", "Qwen3MoeForCausalLM")),
+        ("qwen2", ("Qwen2MoeForCausalLM", "Qwen2MoeForCausalLM")),
+        ("mistral", ("MixtralForCausalLM", "Qwen2MoeForCausalLM")),
+    ],
+)
 def test_other_seed_families_upcycle_exactly(dense_models, family, expected):
     seed = dense_models[family]
     for layers, cls in zip(("all", [0]), expected):
@@ -92,12 +95,18 @@ def test_ffn_only_results_load_with_plain_transformers_exactly(dense_models, tmp
         keys = set(f.keys())
     assert "model.layers.0.mlp.experts.gate_up_proj" in keys  # transformers v5 fused layout
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "mixtral"
-    script = ("import sys, torch; from transformers import AutoModelForCausalLM; "
-              "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval(); "
-              "ids = torch.randint(4, 250, (2, 12), generator=torch.Generator().manual_seed(0)); "
-              "torch.save(m(ids).logits, sys.argv[2]); print(type(m).__name__, 'hf_attn_zoo' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(tmp_path / "logits.pt")],
-                         capture_output=True, text=True, check=True).stdout
+    script = (
+        "import sys, torch; from transformers import AutoModelForCausalLM; "
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval(); "
+        "ids = torch.randint(4, 250, (2, 12), generator=torch.Generator().manual_seed(0)); "
+        "torch.save(m(ids).logits, sys.argv[2]); print(type(m).__name__, 'hf_attn_zoo' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path), str(tmp_path / "logits.pt")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.split() == ["MixtralForCausalLM", "False"]
     # the weights round-trip bit for bit; logits across processes only up to the CPU kernels' reduction order
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
@@ -117,8 +126,9 @@ def test_bam_attention_experts_come_from_each_model_and_round_trip(dense_models,
     assert torch.equal(attention.q_proj.weight, _tensor(paths[0], name))
     for e in (1, 2):
         assert torch.equal(attention.q_proj.experts_weight[e - 1], _tensor(paths[e], name))
-        assert torch.equal(attention.o_proj.experts_weight[e - 1],
-                           _tensor(paths[e], "model.layers.1.self_attn.o_proj.weight"))
+        assert torch.equal(
+            attention.o_proj.experts_weight[e - 1], _tensor(paths[e], "model.layers.1.self_attn.o_proj.weight")
+        )
     k_name = "model.layers.1.self_attn.k_proj.weight"
     if kv == "shared":
         torch.testing.assert_close(attention.k_proj.weight, torch.stack([_tensor(p, k_name) for p in paths]).mean(0))
@@ -140,15 +150,18 @@ def test_layer_subset_keeps_other_layers_dense(dense_models):
 
 def test_hidden_router_init_uses_the_normalised_layer_input(dense_models):
     seed = dense_models["seed"]
-    prompts = [["def f(x):\n    return x + 1", "import os\nprint(os.getcwd())"],
-               ["In the beginning was the word.", "Shall I compare thee to a summer's day?"]]
+    prompts = [
+        ["def f(x):\n    return x + 1", "import os\nprint(os.getcwd())"],
+        ["In the beginning was the word.", "Shall I compare thee to a summer's day?"],
+    ]
     model = upcycle(seed, [seed], mode="btx", router_init="hidden", prompts=prompts)
     dense = _dense(seed)
     means = []
     for texts in prompts:
         captured = []
         hook = dense.model.layers[1].post_attention_layernorm.register_forward_hook(
-            lambda m, a, out: captured.append(out[0].mean(0)))
+            lambda m, a, out: captured.append(out[0].mean(0))
+        )
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(seed)
@@ -174,14 +187,14 @@ def test_embed_router_init_is_shared_by_all_layers(dense_models):
 def test_mergekit_yaml_builds_the_equivalent_model(dense_models, tmp_path):
     config = tmp_path / "moe.yaml"
     config.write_text(f"""
-base_model: {dense_models['seed']}
+base_model: {dense_models["seed"]}
 gate_mode: cheap_embed
 dtype: float32
 experts_per_token: 1
 experts:
-  - source_model: {dense_models['code']}
+  - source_model: {dense_models["code"]}
     positive_prompts: ["def main():", "import sys"]
-  - source_model: {dense_models['prose']}
+  - source_model: {dense_models["prose"]}
     positive_prompts: ["Once upon a time"]
     residual_scale: 0.5
 """)
@@ -196,14 +209,19 @@ experts:
     assert torch.equal(model.model.layers[0].mlp.experts.down_proj[1], down * 0.5)
 
 
-@pytest.mark.parametrize("text,match", [
-    ("base_model: x\nexperts: []\nmerge_method: slerp\n", r"unknown mergekit-moe field\(s\) \['merge_method'\]"),
-    ("base_model: x\nexperts:\n  - source_model: a\n    prompt: [x]\n  - source_model: b\n",
-     r"experts\[0\] has unknown field\(s\) \['prompt'\]"),
-    ("experts: []\n", "missing required field 'base_model'"),
-    ("base_model: x\nexperts: [{source_model: a}, {source_model: b}]\ngate_mode: learned\n", "gate_mode='learned'"),
-    ("base_model: [unclosed\n", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("base_model: x\nexperts: []\nmerge_method: slerp\n", r"unknown mergekit-moe field\(s\) \['merge_method'\]"),
+        (
+            "base_model: x\nexperts:\n  - source_model: a\n    prompt: [x]\n  - source_model: b\n",
+            r"experts\[0\] has unknown field\(s\) \['prompt'\]",
+        ),
+        ("experts: []\n", "missing required field 'base_model'"),
+        ("base_model: x\nexperts: [{source_model: a}, {source_model: b}]\ngate_mode: learned\n", "gate_mode='learned'"),
+        ("base_model: [unclosed\n", "not valid YAML"),
+    ],
+)
 def test_bad_mergekit_files_are_refused_by_name(tmp_path, text, match):
     config = tmp_path / "moe.yaml"
     config.write_text(text)
@@ -211,28 +229,34 @@ def test_bad_mergekit_files_are_refused_by_name(tmp_path, text, match):
         mergekit_upcycle_kwargs(config)
 
 
-@pytest.mark.parametrize("other,match", [
-    ("mistral", "is a 'mistral' model but the seed .* is 'llama'"),
-    ("wide", "has hidden_size=96 but the seed .* has hidden_size=64"),
-    ("deep", "has num_hidden_layers=3 but the seed"),
-    ("other_vocab", "vocab_size"),
-    ("swapped_tokenizer", "different tokenizer vocabulary"),
-])
+@pytest.mark.parametrize(
+    "other,match",
+    [
+        ("mistral", "is a 'mistral' model but the seed .* is 'llama'"),
+        ("wide", "has hidden_size=96 but the seed .* has hidden_size=64"),
+        ("deep", "has num_hidden_layers=3 but the seed"),
+        ("other_vocab", "vocab_size"),
+        ("swapped_tokenizer", "different tokenizer vocabulary"),
+    ],
+)
 def test_incompatible_models_are_refused(dense_models, other, match):
     with pytest.raises(IncompatibleModelsError, match=match):
         upcycle(dense_models["seed"], [dense_models[other]], mode="btx")
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    ({"mode": "btx", "top_k": 3}, InvalidOptionError, r"top_k=3 must be between 1 and the number of experts \(2\)"),
-    ({"mode": "sparse"}, InvalidOptionError, "takes no expert models"),
-    ({"mode": "moe"}, InvalidOptionError, "mode='moe' is not one of sparse, btx, bam"),
-    ({"mode": "btx", "layers": [5]}, InvalidOptionError, r"layers \[5\] are out of range"),
-    ({"mode": "btx", "router_init": "hidden"}, InvalidOptionError, "needs example prompts for every expert"),
-    ({"mode": "btx", "num_experts": 5}, InvalidOptionError, "num_experts=5 but 2 expert models"),
-    ({"mode": "btx", "bam_options": {"kv": "shared"}}, InvalidOptionError, "only used with mode='bam'"),
-    ({"mode": "bam", "bam_options": {"kv": "both"}}, InvalidOptionError, "kv"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"mode": "btx", "top_k": 3}, InvalidOptionError, r"top_k=3 must be between 1 and the number of experts \(2\)"),
+        ({"mode": "sparse"}, InvalidOptionError, "takes no expert models"),
+        ({"mode": "moe"}, InvalidOptionError, "mode='moe' is not one of sparse, btx, bam"),
+        ({"mode": "btx", "layers": [5]}, InvalidOptionError, r"layers \[5\] are out of range"),
+        ({"mode": "btx", "router_init": "hidden"}, InvalidOptionError, "needs example prompts for every expert"),
+        ({"mode": "btx", "num_experts": 5}, InvalidOptionError, "num_experts=5 but 2 expert models"),
+        ({"mode": "btx", "bam_options": {"kv": "shared"}}, InvalidOptionError, "only used with mode='bam'"),
+        ({"mode": "bam", "bam_options": {"kv": "both"}}, InvalidOptionError, "kv"),
+    ],
+)
 def test_bad_options_are_refused(dense_models, kwargs, error, match):
     with pytest.raises(error, match=match):
         upcycle(dense_models["seed"], [dense_models["code"]], **kwargs)
@@ -252,8 +276,19 @@ def test_cli_upcycles_and_reports(dense_models, tmp_path):
     from hf_attn_zoo.cli import main
 
     out = tmp_path / "bam"
-    code = main(["upcycle", str(dense_models["seed"]), str(dense_models["code"]), "--mode", "bam", "--out", str(out),
-                 "--bam", "kv=shared"])
+    code = main(
+        [
+            "upcycle",
+            str(dense_models["seed"]),
+            str(dense_models["code"]),
+            "--mode",
+            "bam",
+            "--out",
+            str(out),
+            "--bam",
+            "kv=shared",
+        ]
+    )
     assert code == 0
     model = hf_attn_zoo.from_pretrained(out)
     assert hf_attn_zoo.applied_patches(model)[0]["options"]["kv"] == "shared"
@@ -264,6 +299,11 @@ def test_expert_objects_carry_their_prompts(dense_models):
     seed, code, prose = (str(dense_models[k]) for k in ("seed", "code", "prose"))
     with pytest.raises(InvalidOptionError, match=r"expert\(s\) \[0\] have none"):
         upcycle(seed, [Expert(code, prompts=["import os"])], mode="btx", router_init="embed")
-    model = upcycle(seed, [Expert(code, prompts=["import os"]), Expert(prose, prompts=["Thou art"])], mode="btx",
-                    router_init="embed", include_seed=False)
+    model = upcycle(
+        seed,
+        [Expert(code, prompts=["import os"]), Expert(prose, prompts=["Thou art"])],
+        mode="btx",
+        router_init="embed",
+        include_seed=False,
+    )
     assert model.config.hf_attn_zoo_upcycling["experts"] == [code, prose]

@@ -84,11 +84,13 @@ __all__ = [
     "scmoe_logprobs",
 ]
 
-register_decoding(DecodingMethod(
-    name="scmoe",
-    summary="SCMoE self-contrast decoding (arXiv:2405.14507): the next token maximises (1 + beta) log p_strong - "
-            "beta log p_weak over the alpha-plausible tokens, weak = another routing of the same MoE model.",
-    config_class=SCMoEConfig,
-    usage="hf_attn_zoo.decoding.scmoe_generate(model, ids, mask, beta=0.5), model.generate(..., "
-          "custom_generate=hf_attn_zoo.decoding.scmoe_decode), or lm-eval --model_args pretrained=DIR,scmoe=true",
-))
+register_decoding(
+    DecodingMethod(
+        name="scmoe",
+        summary="SCMoE self-contrast decoding (arXiv:2405.14507): the next token maximises (1 + beta) log p_strong - "
+        "beta log p_weak over the alpha-plausible tokens, weak = another routing of the same MoE model.",
+        config_class=SCMoEConfig,
+        usage="hf_attn_zoo.decoding.scmoe_generate(model, ids, mask, beta=0.5), model.generate(..., "
+        "custom_generate=hf_attn_zoo.decoding.scmoe_decode), or lm-eval --model_args pretrained=DIR,scmoe=true",
+    )
+)

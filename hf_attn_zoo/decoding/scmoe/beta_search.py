@@ -80,20 +80,27 @@ def pick_beta(
     totals = [0.0] * len(betas)
     device = next(model.parameters()).device
     for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
+        chunk = jobs[start : start + batch_size]
         batch = tokenizer([prompts[i] for i, _ in chunk], return_tensors="pt", padding=True, padding_side="left")
         criteria = StoppingCriteriaList([StopStringCriteria(tokenizer, list(stop))]) if stop else None
         out = scmoe_generate(
-            model, batch.input_ids.to(device), batch.attention_mask.to(device), max_new_tokens=max_new_tokens,
-            alpha=alpha, weak=weak, beta=[float(betas[b]) for _, b in chunk], stopping_criteria=criteria,
+            model,
+            batch.input_ids.to(device),
+            batch.attention_mask.to(device),
+            max_new_tokens=max_new_tokens,
+            alpha=alpha,
+            weak=weak,
+            beta=[float(betas[b]) for _, b in chunk],
+            stopping_criteria=criteria,
             pad_token_id=tokenizer.pad_token_id,
         )
-        texts = tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+        texts = tokenizer.batch_decode(out[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
         for (i, b), text in zip(chunk, texts):
             for s in stop:
                 text = text.split(s, 1)[0]
             totals[b] += float(score_fn(examples[i], text))
-    table = [{"beta": float(beta), "score": totals[b] / len(examples), "n": len(examples)}
-             for b, beta in enumerate(betas)]
+    table = [
+        {"beta": float(beta), "score": totals[b] / len(examples), "n": len(examples)} for b, beta in enumerate(betas)
+    ]
     best = max(table, key=lambda row: (row["score"], -row["beta"]))
     return best["beta"], table

@@ -39,8 +39,9 @@ class SCMoEConfig:
     """
 
     # the bounds in the metadata are what `hf-attn-zoo methods` shows; __post_init__ checks them
-    alpha: float = field(default=0.1, metadata={"help": "plausibility cutoff in (0, 1]: keep p_s >= alpha max p_s",
-                                                "gt": 0, "le": 1})
+    alpha: float = field(
+        default=0.1, metadata={"help": "plausibility cutoff in (0, 1]: keep p_s >= alpha max p_s", "gt": 0, "le": 1}
+    )
     beta: float = field(default=0.5, metadata={"help": "contrast strength >= 0; 0 = greedy", "ge": 0})
     weak: WeakKind = field(default="rank", metadata={"help": "weak routing: rank | top1 | top_m"})
     weak_rank: int = field(default=2, metadata={"help": "1-based expert rank of weak='rank'", "ge": 1})
@@ -50,8 +51,12 @@ class SCMoEConfig:
     def __post_init__(self) -> None:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha <= 1:
             raise InvalidOptionError(f"SCMoE alpha must be a number in (0, 1], got {self.alpha!r}")
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not math.isfinite(self.beta) \
-                or self.beta < 0:
+        if (
+            isinstance(self.beta, bool)
+            or not isinstance(self.beta, (int, float))
+            or not math.isfinite(self.beta)
+            or self.beta < 0
+        ):
             raise InvalidOptionError(f"SCMoE beta must be a finite number >= 0, got {self.beta!r}")
         self.alpha, self.beta = float(self.alpha), float(self.beta)
         if self.weak not in _WEAK_KINDS:
@@ -70,8 +75,9 @@ class SCMoEConfig:
             raise InvalidOptionError(f"SCMoE ban_eos must be a bool, got {self.ban_eos!r}")
 
     @classmethod
-    def from_kwargs(cls, alpha: float | None = None, beta: float | None = None, weak: str | None = None,
-                    ban_eos: bool | None = None) -> SCMoEConfig:
+    def from_kwargs(
+        cls, alpha: float | None = None, beta: float | None = None, weak: str | None = None, ban_eos: bool | None = None
+    ) -> SCMoEConfig:
         """A config from loose options; `weak` may be a spec string (`"rank:3"`, `"top1"`, `"top_m:2"`)."""
         options: dict[str, Any] = {}
         if alpha is not None:

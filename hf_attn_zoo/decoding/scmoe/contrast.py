@@ -62,8 +62,9 @@ def check_model(model: torch.nn.Module, config: SCMoEConfig | None = None) -> No
         pass
 
 
-def contrastive_scores(strong_logits: torch.Tensor, weak_logits: torch.Tensor, alpha: float = 0.1,
-                       beta: float | torch.Tensor = 0.5) -> torch.Tensor:
+def contrastive_scores(
+    strong_logits: torch.Tensor, weak_logits: torch.Tensor, alpha: float = 0.1, beta: float | torch.Tensor = 0.5
+) -> torch.Tensor:
     """SCMoE scores (Eq. 5-6) from the two passes' logits, over the last dimension (the vocabulary).
 
     Args:
@@ -104,8 +105,15 @@ class SCMoEOutput:
     weak_logits: torch.Tensor
 
 
-def scmoe_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                  weak: str | None = None, config: SCMoEConfig | None = None, **forward_kwargs: Any) -> SCMoEOutput:
+def scmoe_forward(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    weak: str | None = None,
+    config: SCMoEConfig | None = None,
+    **forward_kwargs: Any,
+) -> SCMoEOutput:
     """Strong and weak logits of `input_ids` from one batched forward of 2B rows (no cache).
 
     Args:
@@ -121,16 +129,25 @@ def scmoe_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     kwargs = dict(forward_kwargs)
     if attention_mask is not None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-        kwargs.update(attention_mask=torch.cat([attention_mask, attention_mask]),
-                      position_ids=torch.cat([position_ids, position_ids]))
+        kwargs.update(
+            attention_mask=torch.cat([attention_mask, attention_mask]),
+            position_ids=torch.cat([position_ids, position_ids]),
+        )
     with torch.no_grad(), _weak_routing(model, config, batch):
         logits = model(input_ids=torch.cat([input_ids, input_ids]), use_cache=False, **kwargs).logits
     return SCMoEOutput(logits[:batch], logits[batch:])
 
 
-def scmoe_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   alpha: float | None = None, beta: float | None = None, weak: str | None = None, *,
-                   config: SCMoEConfig | None = None) -> torch.Tensor:
+def scmoe_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    alpha: float | None = None,
+    beta: float | None = None,
+    weak: str | None = None,
+    *,
+    config: SCMoEConfig | None = None,
+) -> torch.Tensor:
     """Contrastive next-token log-scores for log-likelihood scoring (multiple choice, perplexity).
 
     At each position t the SCMoE score `s_t(i)` (see `contrastive_scores`) is normalised **over the plausible set

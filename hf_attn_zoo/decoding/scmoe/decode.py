@@ -126,11 +126,18 @@ def scmoe_decode(
     step_ids = torch.cat([input_ids, input_ids])
     optimise = getattr(model, "_optimize_model_for_decode", None)
 
-    with _weak_routing(model, config, batch), (optimise() if optimise is not None else contextlib.nullcontext()):
+    with _weak_routing(model, config, batch), optimise() if optimise is not None else contextlib.nullcontext():
         while True:
             length = step_ids.shape[1]
-            outputs = model(input_ids=step_ids, attention_mask=mask2, position_ids=positions2[:, -length:],
-                            cache=cache, use_cache=True, return_dict=True, **forward_kwargs)
+            outputs = model(
+                input_ids=step_ids,
+                attention_mask=mask2,
+                position_ids=positions2[:, -length:],
+                cache=cache,
+                use_cache=True,
+                return_dict=True,
+                **forward_kwargs,
+            )
             logits = outputs.logits[:, -1].to(dtype=torch.float32, device=device)
             del outputs
             if logits_out is not None:
@@ -228,12 +235,15 @@ def scmoe_generate(
     loose_beta, row_beta = _split_beta(beta)
     config = _resolve_config(config, alpha, loose_beta, weak, ban_eos)
     generate_kwargs.setdefault("do_sample", False)
-    for key, value in (("max_new_tokens", max_new_tokens), ("eos_token_id", eos_token_id),
-                       ("pad_token_id", pad_token_id), ("attention_mask", attention_mask)):
+    for key, value in (
+        ("max_new_tokens", max_new_tokens),
+        ("eos_token_id", eos_token_id),
+        ("pad_token_id", pad_token_id),
+        ("attention_mask", attention_mask),
+    ):
         if value is not None:
             generate_kwargs[key] = value
     if row_beta is not None:
         generate_kwargs["beta"] = row_beta
     move_stop_strings(generate_kwargs)
     return model.generate(input_ids, custom_generate=scmoe_decode, scmoe=config, **generate_kwargs)
-

@@ -224,12 +224,22 @@ def _passkey_doc(index: int, length: int, stream: _Stream, tokenizer: Any) -> di
         n_haystack -= n_tokens - budget
         prompt = _passkey_prompt(stream, start, n_haystack, depth, key)
         n_tokens = _count(tokenizer, prompt)
-    return {"prompt": prompt, "key": key, "depth": depth, "length": length, "prompt_tokens": n_tokens,
-            "corpus": stream.corpus}
+    return {
+        "prompt": prompt,
+        "key": key,
+        "depth": depth,
+        "length": length,
+        "prompt_tokens": n_tokens,
+        "corpus": stream.corpus,
+    }
 
 
-def passkey_docs(length: int, n_docs: int = DEFAULT_PASSKEY_DOCS, corpus: str = DEFAULT_CORPUS,
-                 tokenizer: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+def passkey_docs(
+    length: int,
+    n_docs: int = DEFAULT_PASSKEY_DOCS,
+    corpus: str = DEFAULT_CORPUS,
+    tokenizer: str | os.PathLike | None = None,
+) -> list[dict[str, Any]]:
     """Passkey-retrieval documents of `length` tokens.
 
     Each prompt is the instruction, held-out corpus text with the needle "The pass key is NNNNN. Remember it. NNNNN
@@ -282,13 +292,23 @@ def _long_ppl_doc(start: int, length: int, stream: _Stream, tokenizer: Any) -> d
             break
         # re-encoding at the cut can merge differently; drop the excess from the far end of the context
         start += n_context + n_continuation - total
-    return {"context": context, "continuation": continuation, "context_tokens": n_context,
-            "continuation_tokens": n_continuation, "continuation_bytes": len(continuation.encode("utf-8")),
-            "length": length, "corpus": stream.corpus}
+    return {
+        "context": context,
+        "continuation": continuation,
+        "context_tokens": n_context,
+        "continuation_tokens": n_continuation,
+        "continuation_bytes": len(continuation.encode("utf-8")),
+        "length": length,
+        "corpus": stream.corpus,
+    }
 
 
-def long_ppl_docs(length: int, n_docs: int = DEFAULT_LONG_PPL_DOCS, corpus: str = DEFAULT_CORPUS,
-                  tokenizer: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+def long_ppl_docs(
+    length: int,
+    n_docs: int = DEFAULT_LONG_PPL_DOCS,
+    corpus: str = DEFAULT_CORPUS,
+    tokenizer: str | os.PathLike | None = None,
+) -> list[dict[str, Any]]:
     """Long-context perplexity documents: a context of about `length - 1 - 256` tokens and the next 256 tokens.
 
     Windows of `length - 1` tokens start at evenly spaced token offsets of `corpus_stream(corpus)`, from its start

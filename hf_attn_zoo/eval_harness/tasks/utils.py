@@ -146,9 +146,7 @@ def openbookqa(**kwargs: Any) -> datasets.DatasetDict:
 def mmlu(zoo_subject: str, **kwargs: Any) -> datasets.DatasetDict:
     """One MMLU subject (`hails/mmlu_no_train`, same rows as `cais/mmlu`): `dev` (5 shots), `validation`, `test`."""
     root = benchmark_path("mmlu") / zoo_subject
-    return datasets.DatasetDict(
-        {split: _load(root / split) for split in ("dev", "validation", "test")}
-    )
+    return datasets.DatasetDict({split: _load(root / split) for split in ("dev", "validation", "test")})
 
 
 def lambada_openai(**kwargs: Any) -> datasets.DatasetDict:
