@@ -80,7 +80,7 @@ def patch(model: torch.nn.Module, method: str, layers: LayerSelector = "all", **
     wrapper, model = model, inner_model(model)
     impl = get_patch(method)
     family = resolve_family(model.config)
-    reason = impl.check(family, model.config)
+    reason = impl.refusal(family, model.config)
     if reason is not None:
         raise UnsupportedArchitectureError(f"{method} cannot patch a {family.name} model: {reason}")
     config = impl.configure(options, family, model.config)

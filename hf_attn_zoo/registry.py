@@ -158,6 +158,16 @@ class Patch(abc.ABC):
         """The reason this patch cannot be applied to this family, or `None`."""
         return None
 
+    def refusal(self, family: FamilySpec, model_config: PretrainedConfig) -> str | None:
+        """Why this method cannot patch `family`: what its spec rules out for every method of this kind (an attention
+        that bypasses transformers' attention interface cannot take attention-function patches), then `check`."""
+        if "attention_fn" in self.targets and not family.attention.interface:
+            return (
+                "its attention module computes attention itself instead of through transformers' attention "
+                "interface, which attention-function patches take over"
+            )
+        return self.check(family, model_config)
+
     def validate(self, config: PatchConfig, family: FamilySpec, model_config: PretrainedConfig) -> PatchConfig:
         """Check what the declared bounds cannot say (options that constrain each other ...); return the completed
         config. Runs after the bounds are checked."""

@@ -23,7 +23,7 @@ def methods_markdown(infos: list[MethodInfo]) -> str:
 def support_matrix() -> dict[str, dict[str, str | None]]:
     """`{family: {method: None (supported) or the reason the patch refuses it}}` for every shipped family."""
     return {
-        name: {method: PATCHES[method]().check(spec, spec.tiny_config()) for method in sorted(PATCHES)}
+        name: {method: PATCHES[method]().refusal(spec, spec.tiny_config()) for method in sorted(PATCHES)}
         for name, spec in sorted(family_specs().items())
     }
 

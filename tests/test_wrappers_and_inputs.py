@@ -16,7 +16,7 @@ from tests.matrix import FAMILIES, METHOD_CASES, clone, randomize_new_parameters
 def _first_family(method: str) -> str:
     for family in FAMILIES:
         spec = family_specs()[family]
-        if get_patch(method).check(spec, spec.tiny_config()) is None:
+        if get_patch(method).refusal(spec, spec.tiny_config()) is None:
             return family
     raise AssertionError(f"{method} supports no family")
 

@@ -12,6 +12,7 @@ list) gets one error that says what was found.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -63,14 +64,25 @@ def _attention(layer: torch.nn.Module, head_dim: int) -> dict[str, Any]:
             sinks = getattr(module, "sinks", None)
             if isinstance(sinks, torch.nn.Parameter):
                 spec["sinks"] = "sinks"
+            spec["interface"] = _uses_attention_interface(module)
             return spec
         if all(hasattr(module, p) for p in _MLA):
-            return {"module": name, "kind": "mla"}
+            return {"module": name, "kind": "mla", "interface": _uses_attention_interface(module)}
     children = ", ".join(f"{n} ({type(m).__name__})" for n, m in layer.named_children())
     raise UnsupportedArchitectureError(
         f"its decoder layer has no attention module with separate q_proj/k_proj/v_proj/o_proj projections (fused "
         f"q/k/v or another layout); the layer holds: {children}"
     )
+
+
+def _uses_attention_interface(module: torch.nn.Module) -> bool:
+    """Whether the module's forward dispatches through transformers' attention interface (`ALL_ATTENTION_FUNCTIONS`),
+    where attention-function patches take over; one that computes attention itself would silently ignore them."""
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source or "attention_interface" in source
 
 
 def _mlp(layers: torch.nn.ModuleList) -> dict[str, Any]:

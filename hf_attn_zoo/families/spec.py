@@ -37,6 +37,8 @@ class AttentionSpec(BaseModel):
     a learned per-head parameter the family's own attention function uses (GPT-OSS attention sinks), which a patch
     that replaces that function must honour or refuse. `rope` is how RoPE pairs the channels of a head: `half`
     (`rotate_half`: channel c with c + r/2, most families) or `interleaved` (channels 2i and 2i+1: Helium, Cohere, GLM).
+    `interface` says whether the module computes attention through transformers' attention interface (where
+    attention-function patches take over); a module that computes it itself cannot take them.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -50,6 +52,7 @@ class AttentionSpec(BaseModel):
     qk_norm_scope: Literal["head", "projection"] | None = None
     sinks: str | None = None
     rope: Literal["half", "interleaved"] = "half"
+    interface: bool = True
 
     @model_validator(mode="after")
     def _projection_names(self) -> AttentionSpec:

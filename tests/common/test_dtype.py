@@ -16,7 +16,7 @@ from tests.matrix import FAMILIES, METHOD_CASES, randomize_new_parameters, tiny_
 
 def _supported(method: str, family: str) -> bool:
     spec = family_specs()[family]
-    return get_patch(method).check(spec, spec.tiny_config()) is None
+    return get_patch(method).refusal(spec, spec.tiny_config()) is None
 
 
 # state kept in fp32 in any model: routing_attention's EMA centroids (a 0.999 step is below bf16's resolution)

@@ -136,3 +136,14 @@ def test_upcycling_targets_are_family_data():
     config = moe_config(seed, num_experts=4, top_k=2, moe_layers=[1])
     assert config.model_type == "qwen2_moe" and config.mlp_only_layers == [0] and config.qkv_bias
     assert config.num_experts == 4 and config.moe_intermediate_size == seed.intermediate_size
+
+
+def test_an_attention_that_bypasses_the_attention_interface_refuses_attention_function_patches():
+    import hf_attn_zoo
+
+    config = AutoConfig.for_model("kimi_linear")
+    spec = resolve_family(config)
+    assert spec.attention.interface is False  # its first layer runs linear attention of its own
+    reason = hf_attn_zoo.registry.get_patch("sliding_window").refusal(spec, config)
+    assert "computes attention itself instead of through transformers' attention interface" in reason
+    assert hf_attn_zoo.registry.get_patch("mote").refusal(spec, config) != reason  # not an attention-function patch

@@ -56,7 +56,7 @@ def _options(method: str) -> st.SearchStrategy[dict]:
 
 def _families(method: str) -> list[str]:
     specs = family_specs()
-    return [f for f in FAMILIES if get_patch(method).check(specs[f], specs[f].tiny_config()) is None]
+    return [f for f in FAMILIES if get_patch(method).refusal(specs[f], specs[f].tiny_config()) is None]
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_CASES))

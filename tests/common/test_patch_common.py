@@ -14,7 +14,7 @@ from tests.matrix import ATOL_FP32, FAMILIES, METHOD_CASES, clone, randomize_new
 
 def _supported(method: str, family: str) -> bool:
     spec = family_specs()[family]
-    return get_patch(method).check(spec, spec.tiny_config()) is None
+    return get_patch(method).refusal(spec, spec.tiny_config()) is None
 
 
 # pairs a patch declares unsupported (`Patch.check`) are left out of the grid, not skipped
