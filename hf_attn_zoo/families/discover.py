@@ -124,7 +124,11 @@ def discover_layout(config: PretrainedConfig) -> dict[str, Any]:
 
 def _read_layout(config: PretrainedConfig) -> dict[str, Any]:
     text = config.get_text_config()
-    heads = text.num_attention_heads
+    heads, layers_count = getattr(text, "num_attention_heads", None), getattr(text, "num_hidden_layers", None)
+    if not isinstance(heads, int) or not isinstance(layers_count, int):
+        raise UnsupportedArchitectureError(
+            "its config names no num_attention_heads / num_hidden_layers (the names the common decoder shape uses)"
+        )
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     try:
         with torch.device("meta"):
@@ -133,7 +137,12 @@ def _read_layout(config: PretrainedConfig) -> dict[str, Any]:
         raise UnsupportedArchitectureError(
             f"transformers has no causal LM for model_type {config.model_type!r}: {error}"
         ) from error
-    path = _layers_path(model, text.num_hidden_layers)
+    except Exception as error:  # a config transformers itself cannot build a model from
+        raise UnsupportedArchitectureError(
+            f"transformers cannot build a {config.model_type!r} model from this config ({type(error).__name__}: "
+            f"{error})"
+        ) from error
+    path = _layers_path(model, layers_count)
     layers = model.get_submodule(path)
     return {
         "layers": path,

@@ -147,3 +147,11 @@ def test_an_attention_that_bypasses_the_attention_interface_refuses_attention_fu
     reason = hf_attn_zoo.registry.get_patch("sliding_window").refusal(spec, config)
     assert "computes attention itself instead of through transformers' attention interface" in reason
     assert hf_attn_zoo.registry.get_patch("mote").refusal(spec, config) != reason  # not an attention-function patch
+
+
+def test_a_config_of_another_vocabulary_is_refused_with_one_error():
+    from transformers import PretrainedConfig
+
+    config = PretrainedConfig(n_heads=4, n_layers=2)  # not the common shape's num_attention_heads / num_hidden_layers
+    with pytest.raises(UnsupportedArchitectureError, match="is not recognised.*names no num_attention_heads"):
+        resolve_family(config)
