@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import torch
 
@@ -104,7 +104,7 @@ def _by_layer(target: Target, name: str, value: Any) -> list[tuple[list[int], An
     if not isinstance(value, Mapping):
         kind = "an int or a dict {layer: int}" if name in ("top_k", "rank") else "a dict {layer: ...}"
         raise InvalidOptionError(f"RoutingOverride.{name} must be {kind}, got {value!r}")
-    items = []
+    items: list[tuple[list[int], Any]] = []
     for key, entry in value.items():
         if key == "all":
             items.insert(0, (list(target.layers), entry))
@@ -218,7 +218,7 @@ def check_plan(target: Target, layer: int, plan: LayerPlan) -> None:
                 f"select{' once the disabled ones are masked' if plan.disabled else ''})"
             )
         return
-    k = plan.top_k if plan.top_k is not None else int(router.top_k)
+    k = plan.top_k if plan.top_k is not None else cast(int, router.top_k)
     if plan.top_k is not None and not 1 <= plan.top_k <= num_experts:
         raise InvalidOptionError(f"{where}: top_k={plan.top_k} must be between 1 and num_experts={num_experts}")
     if k > capacity:
@@ -248,7 +248,9 @@ def resolve_entries(target: Target, overrides: RoutingOverride | Sequence[Routin
         overrides = [overrides]
     elif not isinstance(overrides, Sequence):
         raise InvalidOptionError(f"overrides must be a RoutingOverride or a list of them, got {overrides!r}")
-    entries, claimed, default = [], set(), False
+    entries: list[Entry] = []
+    claimed: set[int] = set()
+    default = False
     for override in overrides:
         plans = resolve_override(target, override)
         rows = override.rows

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from typing import cast
 
 import torch
 
@@ -44,7 +45,7 @@ class RoutingRule(abc.ABC):
     """
 
     def num_experts(self, router: torch.nn.Module) -> int:
-        return int(router.weight.shape[0])
+        return int(cast(torch.Tensor, router.weight).shape[0])
 
     @abc.abstractmethod
     def scores(
@@ -100,7 +101,7 @@ class RoutingRule(abc.ABC):
             weights = torch.ones(index.shape, dtype=self.weight_dtype(router, logits), device=logits.device)
             active = None
         else:
-            k = plan.top_k if plan.top_k is not None else router.top_k
+            k = plan.top_k if plan.top_k is not None else cast(int, router.top_k)
             index = self.select(router, choice, k, ordered=False, masked=masked)
             active = ~masks["dropped"][index] if plan.dropped else None
             weights = self.weigh(router, weight_scores, logits, index, active)
@@ -238,8 +239,9 @@ def register_routing_rule(kind: str, factory: RuleFactory, overwrite: bool = Fal
 def routing_rule(family: FamilySpec) -> RoutingRule | None:
     """The routing rule of a MoE family, or None where its spec names none (or a kind that is not registered)."""
     spec = family.mlp.routing
-    factory = ROUTING_RULES.get(spec.rule) if spec is not None else None
-    return factory(spec) if factory is not None else None
+    if spec is None or spec.rule not in ROUTING_RULES:
+        return None
+    return ROUTING_RULES[spec.rule](spec)
 
 
 def missing_rule_reason(family: FamilySpec) -> str:

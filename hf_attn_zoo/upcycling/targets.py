@@ -20,7 +20,7 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 
 from ..errors import IncompatibleModelsError, UnsupportedArchitectureError
-from ..families.spec import FamilySpec, family_specs, resolve_family
+from ..families.spec import FamilySpec, UpcycleTargetSpec, family_specs, resolve_family
 
 __all__ = ["moe_config", "seed_families"]
 
@@ -58,8 +58,14 @@ def _uses_sliding_window(seed: PretrainedConfig) -> bool:
     return bool(getattr(seed, "sliding_window", None)) and getattr(seed, "use_sliding_window", True) is not False
 
 
-def _check(seed: PretrainedConfig, family: FamilySpec, target: FamilySpec, head_dim: int) -> None:
-    spec = target.upcycle_target
+def _check(
+    seed: PretrainedConfig,
+    family: FamilySpec,
+    every_layer: str,
+    target: FamilySpec,
+    spec: UpcycleTargetSpec,
+    head_dim: int,
+) -> None:
     if not spec.projection_biases and (getattr(seed, "attention_bias", False) or getattr(seed, "mlp_bias", False)):
         raise IncompatibleModelsError(
             f"{target.name} has no projection biases; this {family.name} seed uses "
@@ -72,7 +78,7 @@ def _check(seed: PretrainedConfig, family: FamilySpec, target: FamilySpec, head_
         )
     if not spec.sliding_window and _uses_sliding_window(seed):
         raise IncompatibleModelsError(
-            f"a sliding-window {family.name} seed can only be upcycled on every layer ({family.upcycle.every_layer})."
+            f"a sliding-window {family.name} seed can only be upcycled on every layer ({every_layer})."
         )
 
 
@@ -82,15 +88,18 @@ def moe_config(seed: PretrainedConfig, num_experts: int, top_k: int, moe_layers:
         family = resolve_family(seed)
     except UnsupportedArchitectureError:
         family = None
-    if family is None or family.upcycle is None:
+    upcycle = family.upcycle if family is not None else None
+    if family is None or upcycle is None:
         raise UnsupportedArchitectureError(
             f"cannot upcycle a {seed.model_type!r} model; supported seed architectures: {', '.join(seed_families())}."
         )
     all_layers = moe_layers == list(range(seed.num_hidden_layers))
-    target = family_specs()[family.upcycle.every_layer if all_layers else family.upcycle.some_layers]
+    target = family_specs()[upcycle.every_layer if all_layers else upcycle.some_layers]
     spec = target.upcycle_target
+    if spec is None:
+        raise UnsupportedArchitectureError(f"family {target.name!r} names no upcycle_target to write its config")
     head_dim = getattr(seed, "head_dim", None) or seed.hidden_size // seed.num_attention_heads
-    _check(seed, family, target, head_dim)
+    _check(seed, family, upcycle.every_layer, target, spec, head_dim)
     values: dict[str, Any] = {
         **_common(seed),
         "intermediate_size": seed.intermediate_size,
@@ -104,5 +113,5 @@ def moe_config(seed: PretrainedConfig, num_experts: int, top_k: int, moe_layers:
     if spec.dense_layers is not None:
         kwargs[spec.dense_layers] = [i for i in range(seed.num_hidden_layers) if i not in moe_layers]
     if spec.qkv_bias is not None:
-        kwargs[spec.qkv_bias] = family.upcycle.qkv_bias or bool(getattr(seed, "attention_bias", False))
+        kwargs[spec.qkv_bias] = upcycle.qkv_bias or bool(getattr(seed, "attention_bias", False))
     return AutoConfig.for_model(target.model_types[0], **_common(seed), **kwargs, num_experts_per_tok=top_k)
