@@ -37,6 +37,8 @@ class AttentionSpec(BaseModel):
     a learned per-head parameter the family's own attention function uses (GPT-OSS attention sinks), which a patch
     that replaces that function must honour or refuse. `rope` is how RoPE pairs the channels of a head: `half`
     (`rotate_half`: channel c with c + r/2, most families) or `interleaved` (channels 2i and 2i+1: Helium, Cohere, GLM).
+    `rope_layers` says which layers rotate at all: `all`, `sliding_only` (the global layers are NoPE: EXAONE 4, Command
+    R7B) or `no_rope_layers` (the config's `no_rope_layers` list, 1 = RoPE: SmolLM3).
     `interface` says whether the module computes attention through transformers' attention interface (where
     attention-function patches take over); a module that computes it itself cannot take them.
     """
@@ -52,6 +54,7 @@ class AttentionSpec(BaseModel):
     qk_norm_scope: Literal["head", "projection"] | None = None
     sinks: str | None = None
     rope: Literal["half", "interleaved"] = "half"
+    rope_layers: Literal["all", "sliding_only", "no_rope_layers"] = "all"
     interface: bool = True
 
     @model_validator(mode="after")
@@ -193,6 +196,15 @@ class FamilySpec(BaseModel):
         assert router is not None  # MLPSpec names a router exactly when its kind is moe
         layers = range(len(self.decoder_layers(model)))
         return [i for i in layers if hasattr(self.mlp_module(model, i), router)]
+
+    def uses_rope(self, config: PretrainedConfig, layer: int) -> bool:
+        """Whether decoder layer `layer` applies RoPE to its queries and keys (`attention.rope_layers`)."""
+        text = config.get_text_config()
+        if self.attention.rope_layers == "no_rope_layers":
+            return bool(text.no_rope_layers[layer])
+        if self.attention.rope_layers == "sliding_only" and getattr(text, "sliding_window", None) is not None:
+            return text.layer_types[layer] == "sliding_attention"
+        return True
 
     def head_layout(self, config: PretrainedConfig) -> HeadLayout:
         num_heads = config.num_attention_heads

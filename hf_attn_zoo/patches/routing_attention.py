@@ -317,15 +317,17 @@ def _routing_handler(
     **kwargs,
 ):
     """Attention handler of a routing layer (see `hf_attn_zoo.kernels.register`)."""
-    cos, sin = module.__dict__.pop(_ROPE_ATTR)
     layer = current_kv_layer(module)
     batch, _, q_len, _ = query.shape
     total = key.shape[2]
     check_length(module, total)
     padding = tracker.padding(attention_mask, batch, total)
     real = padding[:, -q_len:] if padding is not None else None
-    # the family's own rotation with -sin is its inverse: cluster the pre-RoPE (content) vectors
-    q_pre, k_pre = rope(query, key[:, :, -q_len:], cos, -sin)
+    if rope is None:  # a NoPE layer: the vectors are already position-free
+        q_pre, k_pre = query, key[:, :, -q_len:]
+    else:  # the family's own rotation with -sin is its inverse: cluster the pre-RoPE (content) vectors
+        cos, sin = module.__dict__.pop(_ROPE_ATTR)
+        q_pre, k_pre = rope(query, key[:, :, -q_len:], cos, -sin)
     q_clusters, k_clusters = module.routing_centroids(q_pre, k_pre, real)
     if isinstance(layer, RoutingKVLayer):
         k_clusters = layer.add_clusters(k_clusters)
@@ -384,8 +386,9 @@ class RoutingAttentionPatch(Patch):
         tag = uuid.uuid4().hex
         for index in layers:
             attention = family.attention_module(model, index)
-            rope = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
-            if rope is None:
+            rotates = family.uses_rope(model.config, index)
+            rope = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None) if rotates else None
+            if rotates and rope is None:
                 raise UnsupportedArchitectureError(
                     f"routing_attention: {type(attention).__module__} has no apply_rotary_pos_emb to invert; the "
                     "clusters are built on pre-RoPE vectors."
@@ -398,8 +401,9 @@ class RoutingAttentionPatch(Patch):
             centroids.patch_tag = tag
             attention.routing_centroids = centroids
             handle.on_revert(lambda a=attention: delattr(a, "routing_centroids"))
-            hook = attention.register_forward_pre_hook(_capture_rope, with_kwargs=True)
-            handle.on_revert(hook.remove)
+            if rope is not None:
+                hook = attention.register_forward_pre_hook(_capture_rope, with_kwargs=True)
+                handle.on_revert(hook.remove)
             hook = use_kv_layer(attention, RoutingKVLayer)
             handle.on_revert(hook.remove)
             handler = functools.partial(

@@ -124,6 +124,12 @@ class SlidingWindowPatch(Patch):
                 "sliding_window: stream=True re-indexes the positions of the bounded sinks + "
                 "window cache; it needs bounded_cache=True and dilation=1."
             )
+        if config.stream and (family.attention.rope != "half" or family.attention.rope_layers != "all"):
+            raise InvalidOptionError(
+                f"sliding_window: stream=True re-rotates the cached keys with RoPE in the rotate_half layout on every "
+                f"layer; {family.name} has {family.attention.rope} RoPE on {family.attention.rope_layers} layers. "
+                "Use stream=False."
+            )
         if config.stream and limit and config.sinks + config.window > limit:
             raise InvalidOptionError(
                 f"sliding_window: stream=True needs sinks + window <= max_position_embeddings "

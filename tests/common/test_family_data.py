@@ -155,3 +155,26 @@ def test_a_config_of_another_vocabulary_is_refused_with_one_error():
     config = PretrainedConfig(n_heads=4, n_layers=2)  # not the common shape's num_attention_heads / num_hidden_layers
     with pytest.raises(UnsupportedArchitectureError, match="is not recognised.*names no num_attention_heads"):
         resolve_family(config)
+
+
+def test_which_layers_rotate_is_family_data():
+    def rotating(family):
+        spec = family_specs()[family]
+        config = spec.tiny_config()
+        return [spec.uses_rope(config, i) for i in range(config.num_hidden_layers)]
+
+    assert rotating("llama") == [True, True]
+    assert rotating("smollm3") == [True, False]  # no_rope_layers: [1, 0]
+    assert rotating("exaone4") == [True, False]  # RoPE on the sliding layer only
+
+
+def test_streaming_refuses_a_family_whose_layers_do_not_all_rotate_alike():
+    import hf_attn_zoo
+    from hf_attn_zoo.errors import InvalidOptionError
+    from tests.matrix import tiny_model
+
+    for family in ("smollm3", "helium"):
+        model = tiny_model(family)
+        with pytest.raises(InvalidOptionError, match=f"stream=True re-rotates .*; {family} has"):
+            hf_attn_zoo.patch(model, "sliding_window", window=4, sinks=1, stream=True)
+        assert hf_attn_zoo.applied_patches(model) == []
