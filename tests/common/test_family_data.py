@@ -11,7 +11,7 @@ from transformers import AutoConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 from hf_attn_zoo.errors import UnsupportedArchitectureError
-from hf_attn_zoo.families import family_specs, resolve_family
+from hf_attn_zoo.families import family_specs, resolve_family, supported_model_types
 
 PACKAGE = Path(__file__).resolve().parents[2] / "hf_attn_zoo"
 # where a model type is not architecture knowledge about a patched model, but a name another format defines
@@ -52,8 +52,8 @@ def test_no_model_type_literal_outside_the_family_data():
 @pytest.mark.parametrize(
     "model_type,expected",
     [
-        ("helium", {"block": "pre_norm", "mlp": "dense"}),
-        ("olmo3", {"block": "post_norm", "qk_norm_scope": "projection", "mlp": "dense"}),
+        ("olmo", {"block": "pre_norm", "mlp": "dense"}),
+        ("apertus", {"block": "other", "qk_norm_scope": "head", "mlp": "dense"}),
         ("cohere", {"block": "parallel", "mlp": "dense"}),
         ("phimoe", {"block": "pre_norm", "mlp": "moe"}),
     ],
@@ -70,6 +70,7 @@ def test_a_decoder_without_a_family_file_is_read_from_its_modules(model_type, ex
         vocab_size=128,
         pad_token_id=0,
     )
+    assert model_type not in supported_model_types()
     spec = resolve_family(config)
     assert spec.name == model_type and spec.layers == "model.layers" and spec.attention.q == "q_proj"
     assert spec.block == expected["block"] and spec.mlp.kind == expected["mlp"]
@@ -178,3 +179,20 @@ def test_streaming_refuses_a_family_whose_layers_do_not_all_rotate_alike():
         with pytest.raises(InvalidOptionError, match=f"stream=True re-rotates .*; {family} has"):
             hf_attn_zoo.patch(model, "sliding_window", window=4, sinks=1, stream=True)
         assert hf_attn_zoo.applied_patches(model) == []
+
+
+def test_the_modules_say_the_q_k_norm_scope():
+    from hf_attn_zoo.families.discover import discover_layout
+
+    for model_type, scope in (("olmo2", "projection"), ("qwen3", "head")):
+        config = AutoConfig.for_model(
+            model_type,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            head_dim=16,
+            intermediate_size=64,
+            vocab_size=128,
+        )
+        assert discover_layout(config)["attention"]["qk_norm_scope"] == scope
