@@ -13,6 +13,7 @@ list) gets one error that says what was found.
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import Any
 
 import torch
@@ -65,6 +66,7 @@ def _attention(layer: torch.nn.Module, head_dim: int) -> dict[str, Any]:
             if isinstance(sinks, torch.nn.Parameter):
                 spec["sinks"] = "sinks"
             spec["interface"] = _uses_attention_interface(module)
+            spec["rope"] = _rope_layout(module)
             return spec
         if all(hasattr(module, p) for p in _MLA):
             return {"module": name, "kind": "mla", "interface": _uses_attention_interface(module)}
@@ -83,6 +85,17 @@ def _uses_attention_interface(module: torch.nn.Module) -> bool:
     except (OSError, TypeError):
         return False
     return "ALL_ATTENTION_FUNCTIONS" in source or "attention_interface" in source
+
+
+def _rope_layout(module: torch.nn.Module) -> str:
+    """How the family's `rotate_half` pairs a head's channels: `interleaved` (2i with 2i + 1) or `half` (c with
+    c + d/2, the default and what a module without its own `rotate_half` is assumed to use)."""
+    rotate_half = getattr(sys.modules.get(type(module).__module__), "rotate_half", None)
+    try:
+        source = inspect.getsource(rotate_half) if rotate_half is not None else ""
+    except (OSError, TypeError):
+        source = ""
+    return "interleaved" if "0::2]" in source or "..., ::2]" in source else "half"
 
 
 def _mlp(layers: torch.nn.ModuleList) -> dict[str, Any]:

@@ -36,7 +36,8 @@ class AttentionSpec(BaseModel):
     normalise each head (`head`) or the whole projection before the head split (`projection`: OLMo 2); `sinks` names
     a learned per-head parameter the family's own attention function uses (GPT-OSS attention sinks), which a patch
     that replaces that function must honour or refuse. `rope` is how RoPE pairs the channels of a head: `half`
-    (`rotate_half`: channel c with c + r/2, most families) or `interleaved` (channels 2i and 2i+1: Helium, Cohere, GLM).
+    (`rotate_half`: channel c with c + r/2, most families) or `interleaved` (channels 2i and 2i+1: Helium, Cohere, GLM;
+    read from the family's `rotate_half`).
     `rope_layers` says which layers rotate at all: `all`, `sliding_only` (the global layers are NoPE: EXAONE 4, Command
     R7B) or `no_rope_layers` (the config's `no_rope_layers` list, 1 = RoPE: SmolLM3).
     `interface` says whether the module computes attention through transformers' attention interface (where

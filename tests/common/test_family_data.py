@@ -196,3 +196,8 @@ def test_the_modules_say_the_q_k_norm_scope():
             vocab_size=128,
         )
         assert discover_layout(config)["attention"]["qk_norm_scope"] == scope
+
+
+@pytest.mark.parametrize("family,pairing", [("llama", "half"), ("helium", "interleaved"), ("glm4", "interleaved")])
+def test_the_rope_pairing_is_read_from_the_family_code(family, pairing):
+    assert family_specs()[family].attention.rope == pairing
