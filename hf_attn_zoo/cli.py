@@ -13,7 +13,7 @@ from .cli_args import parse_options, read_prompts, resolve_model
 
 __all__ = ["main"]
 
-_USAGE = """hf-attn-zoo <command> [args]
+_USAGE = """hf-attn-zoo <command> [args]    (hf-attn-zoo --version: the installed version)
 
 commands:
   methods   [--markdown]                     list the methods (patches, decoding methods) and their options
@@ -253,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_USAGE)
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from .version import __version__
+
+        print(f"hf-attn-zoo {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -92,3 +92,10 @@ def test_analyze_head_usage_writes_the_plot(tmp_path, capsys):
     )
     assert "mean active fraction 0.750" in capsys.readouterr().out
     assert out.stat().st_size > 1000 and out.with_suffix(".json").exists()
+
+
+def test_version(capsys):
+    from hf_attn_zoo.version import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"hf-attn-zoo {__version__}\n"

@@ -40,6 +40,7 @@ from lm_eval.models.huggingface import HFLM
 
 from hf_attn_zoo.decoding import scmoe as _scmoe
 from hf_attn_zoo.errors import InvalidOptionError
+from hf_attn_zoo.assets.model import resolve_model
 from hf_attn_zoo.loading import from_pretrained as _zoo_from_pretrained
 from hf_attn_zoo.patching import applied_patches
 from hf_attn_zoo.patching import patch as _patch_model
@@ -283,6 +284,8 @@ class ZooLM(HFLM):
         self._zoo_patches = parse_patch_args(patch, patch_options)
         if isinstance(pretrained, os.PathLike):
             pretrained = os.fspath(pretrained)
+        if isinstance(pretrained, str):  # `default` is the embedded SmolLM2, `~/...` a local folder, as elsewhere
+            pretrained = os.fspath(resolve_model(pretrained))
         if not isinstance(pretrained, str):
             for spec in self._zoo_patches or []:
                 spec = dict(spec)

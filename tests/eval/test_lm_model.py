@@ -116,3 +116,21 @@ def test_unpatched_model_reports_no_head_usage(tiny_model_dir):
     lm = ZooLM(pretrained=str(tiny_model_dir), device="cpu")
     info = lm.get_model_info()["hf_attn_zoo"]
     assert info == {"patches": []}
+
+
+def test_pretrained_default_is_the_embedded_model_as_everywhere_else(monkeypatch):
+    from hf_attn_zoo.assets.model import default_model_path
+
+    class Loaded(Exception):
+        pass
+
+    def fake_init(self, pretrained, **kwargs):
+        raise Loaded(pretrained)  # stop where lm-eval would load `pretrained`
+
+    monkeypatch.setattr(HFLM, "__init__", fake_init)
+    with pytest.raises(Loaded) as info:
+        ZooLM(pretrained="default")
+    assert info.value.args[0] == str(default_model_path())
+    with pytest.raises(Loaded) as info:
+        ZooLM(pretrained="some-org/some-model")  # a hub id goes to the hub path unchanged
+    assert info.value.args[0] == "some-org/some-model"
