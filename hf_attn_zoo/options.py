@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidOptionError
+from .kernels.pattern_handler import max_positions
 
 if typing.TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -46,8 +47,10 @@ class Limit:
 
 
 def _max_positions(model_config: PretrainedConfig | None) -> int | None:
-    text = getattr(model_config, "text_config", None) or model_config
-    return int(getattr(text, "max_position_embeddings", 0) or 0) or None
+    """The model's position range, or None where there is no model yet or it defines none."""
+    if model_config is None:
+        return None
+    return max_positions(model_config) or None
 
 
 def _query_heads(family: FamilySpec | None, model_config: PretrainedConfig | None) -> int | None:

@@ -4,7 +4,7 @@ registries and the family data (`scripts/readme_tables.py` writes them into the 
 from __future__ import annotations
 
 from .families.spec import family_specs
-from .registry import PATCHES, MethodInfo
+from .registry import PATCHES, MethodInfo, get_patch
 
 __all__ = ["families_markdown", "methods_markdown", "support_matrix"]
 
@@ -23,7 +23,7 @@ def methods_markdown(infos: list[MethodInfo]) -> str:
 def support_matrix() -> dict[str, dict[str, str | None]]:
     """`{family: {method: None (supported) or the reason the patch refuses it}}` for every shipped family."""
     return {
-        name: {method: PATCHES[method]().refusal(spec, spec.tiny_config()) for method in sorted(PATCHES)}
+        name: {method: get_patch(method).refusal(spec, spec.tiny_config()) for method in sorted(PATCHES)}
         for name, spec in sorted(family_specs().items())
     }
 

@@ -10,7 +10,7 @@ grid runs it on, and only what differs from (or cannot be read from) the modules
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -138,7 +138,7 @@ class UpcycleTargetSpec(BaseModel):
     num_experts: str
     expert_size: str
     dense_layers: str | None = None
-    carry: tuple[str, ...] = ()
+    carry: tuple[Literal["intermediate_size", "head_dim", "sliding_window"], ...] = ()
     fixed: dict[str, Any] = {}
     qkv_bias: str | None = None
     projection_biases: bool = True
@@ -215,9 +215,13 @@ class FamilySpec(BaseModel):
 
     def tiny_config(self, **overrides: Any) -> PretrainedConfig:
         """A tiny random config of this family, for tests."""
-        from transformers import AutoConfig
+        return _tiny_config(self.model_types, {**self.tiny, **overrides})
 
-        return AutoConfig.for_model(self.model_types[0], **{**self.tiny, **overrides})
+
+def _tiny_config(model_types: Sequence[str], tiny: Mapping[str, Any]) -> PretrainedConfig:
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_types[0], **tiny)
 
 
 def _merged(read: Mapping[str, Any], declared: Mapping[str, Any]) -> dict[str, Any]:
@@ -249,8 +253,7 @@ def family_specs() -> dict[str, FamilySpec]:
     """All shipped families, by name (each completed from the modules of its tiny config)."""
     specs = {}
     for name, data in _declared().items():
-        tiny = FamilySpec.model_construct(model_types=tuple(data["model_types"]), tiny=data.get("tiny", {}))
-        specs[name] = _spec(data, tiny.tiny_config())
+        specs[name] = _spec(data, _tiny_config(data["model_types"], data.get("tiny", {})))
     return specs
 
 

@@ -100,13 +100,12 @@ def moe_config(seed: PretrainedConfig, num_experts: int, top_k: int, moe_layers:
         raise UnsupportedArchitectureError(f"family {target.name!r} names no upcycle_target to write its config")
     head_dim = getattr(seed, "head_dim", None) or seed.hidden_size // seed.num_attention_heads
     _check(seed, family, upcycle.every_layer, target, spec, head_dim)
-    values: dict[str, Any] = {
-        **_common(seed),
+    carried = {
         "intermediate_size": seed.intermediate_size,
         "head_dim": head_dim,
         "sliding_window": getattr(seed, "sliding_window", None),
     }
-    kwargs = {key: values[key] for key in spec.carry}
+    kwargs: dict[str, Any] = {key: carried[key] for key in spec.carry}
     kwargs.update(spec.fixed)
     kwargs[spec.num_experts] = num_experts
     kwargs[spec.expert_size] = seed.intermediate_size

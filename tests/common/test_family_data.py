@@ -20,6 +20,21 @@ NOT_FAMILY_KNOWLEDGE = {
 }
 
 
+def _small_config(model_type: str, **overrides):
+    """A small config of `model_type` (transformers' own defaults are billions of parameters)."""
+    small = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=64,
+        vocab_size=128,
+        pad_token_id=0,
+    )
+    return AutoConfig.for_model(model_type, **{**small, **overrides})
+
+
 def _string_constants(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
     docstrings = {
@@ -59,17 +74,7 @@ def test_no_model_type_literal_outside_the_family_data():
     ],
 )
 def test_a_decoder_without_a_family_file_is_read_from_its_modules(model_type, expected):
-    config = AutoConfig.for_model(
-        model_type,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        intermediate_size=64,
-        vocab_size=128,
-        pad_token_id=0,
-    )
+    config = _small_config(model_type)
     assert model_type not in supported_model_types()
     spec = resolve_family(config)
     assert spec.name == model_type and spec.layers == "model.layers" and spec.attention.q == "q_proj"
@@ -80,16 +85,7 @@ def test_a_decoder_without_a_family_file_is_read_from_its_modules(model_type, ex
 
 
 def test_an_unrecognised_layout_names_what_it_found():
-    config = AutoConfig.for_model(
-        "phi3",
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        vocab_size=128,
-        pad_token_id=0,
-    )
+    config = _small_config("phi3")
     with pytest.raises(
         UnsupportedArchitectureError,
         match="model_type 'phi3' is not recognised.*no attention module with separate q_proj/k_proj/"
@@ -101,19 +97,7 @@ def test_an_unrecognised_layout_names_what_it_found():
 def test_a_moe_family_without_a_routing_rule_is_refused_by_the_routing_tools():
     import hf_attn_zoo
 
-    config = AutoConfig.for_model(
-        "phimoe",
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        intermediate_size=64,
-        vocab_size=128,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        pad_token_id=0,
-    )
+    config = _small_config("phimoe", num_local_experts=4, num_experts_per_tok=2)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(config)
@@ -185,16 +169,7 @@ def test_the_modules_say_the_q_k_norm_scope():
     from hf_attn_zoo.families.discover import discover_layout
 
     for model_type, scope in (("olmo2", "projection"), ("qwen3", "head")):
-        config = AutoConfig.for_model(
-            model_type,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            head_dim=16,
-            intermediate_size=64,
-            vocab_size=128,
-        )
+        config = _small_config(model_type, num_key_value_heads=4)
         assert discover_layout(config)["attention"]["qk_norm_scope"] == scope
 
 
