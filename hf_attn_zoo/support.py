@@ -22,10 +22,11 @@ def methods_markdown(infos: list[MethodInfo]) -> str:
 
 def support_matrix() -> dict[str, dict[str, str | None]]:
     """`{family: {method: None (supported) or the reason the patch refuses it}}` for every shipped family."""
-    return {
-        name: {method: get_patch(method).refusal(spec, spec.tiny_config()) for method in sorted(PATCHES)}
-        for name, spec in sorted(family_specs().items())
-    }
+    matrix = {}
+    for name, spec in sorted(family_specs().items()):
+        config = spec.tiny_config()
+        matrix[name] = {method: get_patch(method).refusal(spec, config) for method in sorted(PATCHES)}
+    return matrix
 
 
 def families_markdown() -> str:
