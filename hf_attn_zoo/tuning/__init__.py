@@ -4,7 +4,8 @@
 `_base` includes, overrides), `recipe_checks.py` (`validate_recipe`). `train.py` runs a recipe from `model.py` (load,
 patch, init hooks, trainable parameters, final save), `data.py` (packed blocks), `trainer.py` (TrainingArguments,
 Trainer subclass, callbacks), `lr_schedule.py` and `run_folder.py` (result, checkpoints, rerun policy);
-`distributed.py` holds ddp / fsdp / deepspeed, `init_hooks.py` the registry of `init` steps.
+`distributed.py` holds ddp / fsdp / deepspeed, `init_hooks.py` the registry of `init` steps, `callback_hooks.py` the
+registry of `callbacks` (schedules during training), `distill.py` the `distill` section's teacher and loss.
 
 >>> from hf_attn_zoo.tuning import load_recipe, run_recipe
 >>> result = run_recipe("moh/smollm2_quick", overrides=["train.max_steps=10"])
@@ -19,6 +20,7 @@ from .init_hooks import INIT_HOOKS, get_init_hook, register_init_hook
 from .recipe import Recipe, apply_overrides, find_recipe, load_recipe, recipes_dir, shipped_recipes, validate_recipe
 
 __all__ = [
+    "CALLBACKS",
     "INIT_HOOKS",
     "Recipe",
     "TuneResult",
@@ -27,6 +29,7 @@ __all__ = [
     "get_init_hook",
     "load_recipe",
     "recipes_dir",
+    "register_callback",
     "register_init_hook",
     "run_recipe",
     "shipped_recipes",
@@ -40,4 +43,9 @@ def __getattr__(name: str) -> Any:
         from . import train
 
         return getattr(train, name)
+    if name in ("register_callback", "CALLBACKS"):
+        # callbacks are TrainerCallbacks: importing them imports transformers' trainer modules
+        from . import callback_hooks
+
+        return getattr(callback_hooks, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,12 +19,10 @@ A recipe may also name any importable function directly: `init: [{name: "my_pkg.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Callable
-from typing import Any
 
-from ..errors import RecipeError
+from .named_functions import register_in, resolve_in
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +35,7 @@ INIT_HOOKS: dict[str, InitHook] = {}
 
 def register_init_hook(name: str) -> Callable[[InitHook], InitHook]:
     """Decorator that registers `fn(model, train_dataset, **options)` under `name`."""
-
-    def decorator(fn: InitHook) -> InitHook:
-        if name in INIT_HOOKS and INIT_HOOKS[name] is not fn:
-            raise ValueError(f"an init hook named {name!r} is already registered ({INIT_HOOKS[name].__qualname__})")
-        INIT_HOOKS[name] = fn
-        return fn
-
-    return decorator
+    return register_in(INIT_HOOKS, "init hook", name)
 
 
 def get_init_hook(name: str) -> InitHook:
@@ -53,19 +44,29 @@ def get_init_hook(name: str) -> InitHook:
     Raises:
         `RecipeError`: unknown name, or a `module:function` that cannot be imported.
     """
-    if name in INIT_HOOKS:
-        return INIT_HOOKS[name]
-    if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            fn: Any = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise RecipeError(f"init hook {name!r} cannot be imported: {exc}") from None
-        if not callable(fn):
-            raise RecipeError(f"init hook {name!r} is not callable")
-        return fn
-    known = ", ".join(sorted(INIT_HOOKS)) or "none registered"
-    raise RecipeError(f"unknown init hook {name!r}; known: {known} (or give 'package.module:function')")
+    return resolve_in(INIT_HOOKS, "init hook", name)
+
+
+def _first_blocks(model, train_dataset, tokens: int, batch_size: int) -> list[dict]:
+    """The first `tokens` training tokens (at least one block) as batches of `input_ids` on the model's device."""
+    import torch
+
+    blocks = max(1, min(len(train_dataset), tokens // len(train_dataset[0]["input_ids"])))
+    ids = torch.stack([torch.as_tensor(row) for row in train_dataset[:blocks]["input_ids"]])
+    device = next(model.parameters()).device
+    return [{"input_ids": chunk.to(device)} for chunk in ids.split(batch_size)]
+
+
+@register_init_hook("moh_rank_heads")
+def moh_rank_heads(model, train_dataset, tokens: int = 4096, batch_size: int = 8) -> None:
+    """Order the heads of every MoH layer patched with `head_order="calibrated"` by their mean output norm on the
+    first `tokens` training tokens, so the heads that contribute most are shared (see
+    `hf_attn_zoo.patches.moh.rank_heads`). List it before `moh_distill_router`."""
+    from ..patches.moh import rank_heads
+
+    orders = rank_heads(model, _first_blocks(model, train_dataset, tokens, batch_size))
+    first = next(iter(orders.values()))
+    logger.info("moh_rank_heads: %d layers ranked; the first: %s", len(orders), first)
 
 
 @register_init_hook("moh_distill_router")
@@ -77,13 +78,7 @@ def moh_distill_router(
     See `hf_attn_zoo.patches.moh.distill_router`: a router fitted this way starts continue-tuning from the
     training-free selection that costs almost no perplexity, instead of from an arbitrary one.
     """
-    import torch
-
     from ..patches.moh import distill_router
 
-    blocks = max(1, min(len(train_dataset), tokens // len(train_dataset[0]["input_ids"])))
-    ids = torch.stack([torch.as_tensor(row) for row in train_dataset[:blocks]["input_ids"]])
-    device = next(model.parameters()).device
-    batches = [{"input_ids": chunk.to(device)} for chunk in ids.split(batch_size)]
-    fit = distill_router(model, batches, steps=steps, lr=lr)
+    fit = distill_router(model, _first_blocks(model, train_dataset, tokens, batch_size), steps=steps, lr=lr)
     logger.info("moh_distill_router: top-k agreement %.2f on %d tokens", fit["topk_agreement"], fit["tokens"])

@@ -27,6 +27,7 @@ __all__ = [
     "check_moe",
     "install_moe_losses",
     "load_model_and_tokenizer",
+    "recipe_callbacks",
     "run_init_hooks",
     "save_final",
     "select_trainable",
@@ -76,6 +77,22 @@ def run_init_hooks(model: torch.nn.Module, train_dataset: Any, recipe: Recipe) -
             hook(model, train_dataset, **step.options)
         except (ZooError, TypeError) as exc:
             raise RecipeError(f"{recipe.location(('init', index))}: init hook {step.name!r} failed: {exc}") from None
+
+
+def recipe_callbacks(model: torch.nn.Module, recipe: Recipe) -> list[Any]:
+    """The recipe's `callbacks` (schedules during training), built for the model; a failing one names its line."""
+    from .callback_hooks import get_callback_factory
+
+    built = []
+    for index, step in enumerate(recipe.callbacks):
+        factory = get_callback_factory(step.name)
+        try:
+            built.append(factory(model, recipe, **step.options))
+        except (ZooError, TypeError) as exc:
+            raise RecipeError(
+                f"{recipe.location(('callbacks', index))}: callback {step.name!r} failed: {exc}"
+            ) from None
+    return built
 
 
 def check_moe(model: torch.nn.Module, recipe: Recipe) -> None:

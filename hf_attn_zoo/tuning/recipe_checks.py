@@ -40,7 +40,7 @@ def validate_recipe(data: dict | Recipe, source: SourceMap | None = None) -> Rec
     if recipe is not None:
         recipe._source = source
         problems = _semantic_problems(recipe)
-    problems += _empty_moe_problems(data, source)
+    problems += _empty_section_problems(data, source)
     if problems:
         file = source.file if source is not None else "<recipe>"
         lines = [f"{format_loc(source, loc)}: {message}" for loc, message in _sorted(problems, source)]
@@ -48,12 +48,16 @@ def validate_recipe(data: dict | Recipe, source: SourceMap | None = None) -> Rec
     return recipe
 
 
-def _empty_moe_problems(data: Any, source: SourceMap | None) -> list[tuple[Loc, str]]:
-    """A bare `moe:` in a file is YAML null, which would mean "no router losses": say how to get the defaults."""
-    mark = source.marks.get(("moe",)) if source is not None else None
-    if isinstance(data, dict) and "moe" in data and data["moe"] is None and mark is not None and mark[1] > 0:
-        return [(("moe",), "the section is empty (null); write `moe: {}` for the default weights, or remove it")]
-    return []
+def _empty_section_problems(data: Any, source: SourceMap | None) -> list[tuple[Loc, str]]:
+    """A bare `moe:` or `distill:` in a file is YAML null, which would mean "off": say how to get the defaults."""
+    problems: list[tuple[Loc, str]] = []
+    for section in ("moe", "distill"):
+        mark = source.marks.get((section,)) if source is not None else None
+        if isinstance(data, dict) and section in data and data[section] is None and mark is not None and mark[1] > 0:
+            problems.append(
+                ((section,), f"the section is empty (null); write `{section}: {{}}` for the defaults, or remove it")
+            )
+    return problems
 
 
 def _sorted(problems: list[tuple[Loc, str]], source: SourceMap | None) -> list[tuple[Loc, str]]:
@@ -135,7 +139,11 @@ def _semantic_problems(recipe: Recipe) -> list[tuple[Loc, str]]:
         problems.append((("optim", "min_lr"), f"min_lr={recipe.optim.min_lr} is above lr={recipe.optim.lr}"))
     problems += _optimizer_problems(recipe)
     problems += _trainer_args_problems(recipe)
-    problems += _init_problems(recipe)
+    problems += _named_function_problems(recipe)
+    problems += _distill_problems(recipe)
+    for key, scale in recipe.optim.lr_scale.items():
+        if not key or not scale > 0 or scale == float("inf"):
+            problems.append((("optim", "lr_scale", key), "needs a non-empty name and a finite multiplier > 0"))
     from .distributed import sharding_problems
 
     problems += sharding_problems(recipe)
@@ -260,13 +268,31 @@ def _trainer_args_problems(recipe: Recipe) -> list[tuple[Loc, str]]:
     return problems
 
 
-def _init_problems(recipe: Recipe) -> list[tuple[Loc, str]]:
+def _named_function_problems(recipe: Recipe) -> list[tuple[Loc, str]]:
+    """`init` hooks and `callbacks` that name no registered or importable function."""
+    from .callback_hooks import get_callback_factory
     from .init_hooks import get_init_hook
 
     problems: list[tuple[Loc, str]] = []
-    for index, step in enumerate(recipe.init):
-        try:
-            get_init_hook(step.name)
-        except RecipeError as exc:
-            problems.append((("init", index, "name"), str(exc)))
+    for section, steps, lookup in (
+        ("init", recipe.init, get_init_hook),
+        ("callbacks", recipe.callbacks, get_callback_factory),
+    ):
+        for index, step in enumerate(steps):
+            try:
+                lookup(step.name)
+            except RecipeError as exc:
+                problems.append(((section, index, "name"), str(exc)))
     return problems
+
+
+def _distill_problems(recipe: Recipe) -> list[tuple[Loc, str]]:
+    if recipe.distill is None or recipe.train.distributed.strategy == "ddp":
+        return []
+    return [
+        (
+            ("distill",),
+            f"self-distillation keeps a full teacher copy per process, which train.distributed.strategy="
+            f"{recipe.train.distributed.strategy} is meant to avoid; use strategy ddp, or drop the section",
+        )
+    ]

@@ -2,7 +2,9 @@
 
 Sections (each documented on its class below): `model` (`ModelSection`), `patches` (`PatchSpec`), `init`
 (`InitStep`), `data` (`DataSection`), `train` (`TrainSection`, with `train.lora`: `LoraSection`), `optim`
-(`OptimSection`), `moe` (`MoESection`: router losses for MoE models), `eval` (`EvalSection`), `output_dir`, `seed`.
+(`OptimSection`), `moe` (`MoESection`: router losses for MoE models), `distill` (`DistillSection`: self-distillation
+from the unpatched model), `callbacks` (`CallbackStep`: schedules during training), `eval` (`EvalSection`),
+`output_dir`, `seed`.
 `docs/recipes.md` describes them in prose. The checks that need more than a type (a known corpus, method option or
 optimizer, files that exist) are in `recipe_checks.py`.
 
@@ -281,6 +283,9 @@ class OptimSection(_Section):
         max_grad_norm (`float`, *optional*, defaults to 1.0): gradient clipping (`None` disables it).
         betas (`tuple[float, float]`, *optional*, defaults to `(0.9, 0.999)`).
         eps (`float`, *optional*, defaults to 1e-8).
+        lr_scale (`dict[str, float]`, *optional*): learning-rate multipliers by parameter name: a parameter whose
+            name contains a key trains at `lr x value` (the first key that matches counts), e.g.
+            `{head_router: 10}` for MoH's routers. Its schedule is the same, scaled.
     """
 
     name: str = "adamw_torch"
@@ -292,6 +297,7 @@ class OptimSection(_Section):
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(default=1e-8, gt=0)
+    lr_scale: dict[str, float] = Field(default_factory=dict)
 
 
 class MoESection(_Section):
@@ -314,6 +320,29 @@ class MoESection(_Section):
 
     load_balance_weight: float = Field(default=0.01, ge=0.0)
     z_loss_weight: float = Field(default=0.001, ge=0.0)
+
+
+class DistillSection(_Section):
+    """Self-distillation: the unpatched model (the recipe's `model`, loaded again without `patches`, frozen) is the
+    teacher, and `weight * T^2 * KL(teacher_T || student_T)` over every token's next-token distribution (both
+    softened by the temperature `T`) is added to the loss.
+
+    A patched model then learns to reproduce what the original model predicted, not only the next token of the
+    text: a far denser signal per token, which is what a retrofit (MoH dropping heads, a sparse pattern dropping
+    keys) needs to recover the original model's behaviour. Logged as `distill_loss` (the unweighted KL). A dense
+    baseline with the same section gets the same extra signal (its teacher is its own starting point).
+    The teacher is a full copy per process: single-process and `ddp` runs only.
+
+    Args:
+        weight (`float`, *optional*, defaults to 1.0): weight of the KL term (the LM loss keeps weight 1).
+        temperature (`float`, *optional*, defaults to 1.0): softening temperature `T` of both distributions.
+        teacher (`str`, *optional*): the teacher's path (folder, hub id or `default`), when the recipe's `model` is
+            not the unpatched model (e.g. a patched checkpoint being tuned further).
+    """
+
+    weight: float = Field(default=1.0, ge=0.0)
+    temperature: float = Field(default=1.0, gt=0.0)
+    teacher: str | None = None
 
 
 class EvalSection(_Section):
@@ -340,6 +369,19 @@ class InitStep(_Section):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class CallbackStep(_Section):
+    """A schedule run during training (a `transformers.TrainerCallback`), e.g. annealing MoH's head dropping.
+
+    Args:
+        name (`str`): a name registered in `hf_attn_zoo.tuning.callback_hooks`, or `"package.module:function"`
+            (a function `(model, recipe, **options) -> TrainerCallback`).
+        options (`dict`, *optional*): keyword arguments of the factory.
+    """
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
 class Recipe(_Section):
     """A continue-tuning recipe. See the module docstring and `hf_attn_zoo/recipes/` for examples."""
 
@@ -352,6 +394,8 @@ class Recipe(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     optim: OptimSection = Field(default_factory=OptimSection)
     moe: MoESection | None = None
+    distill: DistillSection | None = None
+    callbacks: list[CallbackStep] = Field(default_factory=list)
     eval: EvalSection | None = None
     output_dir: str | None = None
     seed: int = 0
@@ -375,6 +419,9 @@ class Recipe(_Section):
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json")
-        if data.get("moe") is None:
-            data.pop("moe", None)  # `moe: null` in a file asks for `moe: {}` (see `recipe_checks._empty_moe_problems`)
+        for section in ("moe", "distill"):
+            if data.get(section) is None:
+                data.pop(
+                    section, None
+                )  # `moe: null` in a file asks for `moe: {}` (see `recipe_checks._empty_moe_problems`)
         return yaml.safe_dump(data, sort_keys=False)

@@ -1,7 +1,8 @@
 """Run a continue-tuning recipe with `transformers.Trainer` (so `torchrun` / `accelerate launch` scale it).
 
 `run_recipe` loads the model and tokenizer, applies the recipe's patches, runs its `init` hooks, packs the text into
-`seq_len` blocks, picks the trainable parameters (`train.what`), adds the MoE router losses (`moe`), trains with
+`seq_len` blocks, picks the trainable parameters (`train.what`), adds the MoE router losses (`moe`), the teacher
+(`distill`) and the schedules (`callbacks`), trains with
 checkpoints every `train.save_steps`, resumes from the last checkpoint of an interrupted run, and saves the final
 (LoRA-merged) model into `output_dir/final`, loadable with `hf_attn_zoo.from_pretrained`.
 
@@ -27,11 +28,13 @@ from transformers import TrainingArguments, default_data_collator, set_seed
 
 from . import distributed
 from .data import build_datasets
+from .distill import load_teacher
 from .model import (
     apply_patches,
     check_moe,
     install_moe_losses,
     load_model_and_tokenizer,
+    recipe_callbacks,
     run_init_hooks,
     save_final,
     select_trainable,
@@ -125,6 +128,8 @@ def run_recipe(
         logger.info("resuming from %s: skipping the init hooks (the checkpoint holds their result)", resume_from)
     model = select_trainable(model, recipe)
     router_losses = install_moe_losses(model, recipe)
+    schedules = recipe_callbacks(model, recipe)
+    teacher = load_teacher(recipe) if recipe.distill is not None else None
     if args.process_index == 0:
         write_recipe(recipe, output_dir)
 
@@ -132,13 +137,14 @@ def run_recipe(
     trainer = ZooTrainer(
         recipe=recipe,
         router_losses=router_losses,
+        teacher=teacher,
         model=model,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=default_data_collator,
         processing_class=tokenizer,
-        callbacks=[throughput, CheckpointLayout(recipe), *callbacks],
+        callbacks=[throughput, CheckpointLayout(recipe), *schedules, *callbacks],
     )
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

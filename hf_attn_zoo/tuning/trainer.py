@@ -1,7 +1,9 @@
 """The Trainer side of a tuning run: its `TrainingArguments`, the Trainer subclass and the callbacks.
 
-`ZooTrainer` installs the recipe's learning-rate schedule (`lr_schedule.py`) and logs the auxiliary losses apart from
-the LM loss; `Throughput` measures train tokens per second; `CheckpointLayout` marks each checkpoint complete, with the
+`ZooTrainer` installs the recipe's learning-rate schedule (`lr_schedule.py`) and per-parameter learning-rate
+multipliers (`optim.lr_scale`), adds the self-distillation loss (`distill:`, `distill.py`) and logs the auxiliary
+losses apart from the LM loss;
+`Throughput` measures train tokens per second; `CheckpointLayout` marks each checkpoint complete, with the
 layout (processes, sharding) it was written in.
 """
 
@@ -16,9 +18,17 @@ from transformers import Trainer, TrainerCallback
 
 from ..errors import RecipeError
 from . import distributed, lr_schedule
+from .distill import distillation_loss, teacher_logits
 from .recipe import Recipe
 
-__all__ = ["CheckpointLayout", "Throughput", "ZooTrainer", "grad_accum_steps", "training_args"]
+__all__ = [
+    "CheckpointLayout",
+    "Throughput",
+    "ZooTrainer",
+    "grad_accum_steps",
+    "scale_learning_rates",
+    "training_args",
+]
 
 
 def grad_accum_steps(recipe: Recipe, world_size: int) -> int:
@@ -80,20 +90,30 @@ def training_args(recipe: Recipe, output_dir: Path, max_steps: int, grad_accum: 
 
 
 # logged next to `loss` (means over the micro-steps since the last log, over every process)
-_AUX_LOGS = ("aux_loss", "moe_load_balance_loss", "moe_z_loss")
+_AUX_LOGS = ("aux_loss", "moe_load_balance_loss", "moe_z_loss", "distill_loss")
 
 
 class ZooTrainer(Trainer):
-    """Trainer with the recipe's LR schedule and separate logging of the auxiliary losses.
+    """Trainer with the recipe's LR schedule and multipliers, self-distillation, and separate logging of the
+    auxiliary losses.
 
-    Logs `aux_loss` (the weighted sum of the patches' losses and the MoE router losses) and `lm_loss` (`loss` minus
-    it), and with router losses their unweighted values `moe_load_balance_loss` and `moe_z_loss`.
+    Logs `aux_loss` (the weighted sum of the patches' losses and the MoE router losses), with router losses their
+    unweighted values `moe_load_balance_loss` and `moe_z_loss`, with a teacher `distill_loss` (`T^2 KL`, unweighted),
+    and `lm_loss` (`loss` minus the weighted auxiliary and distillation terms).
     """
 
-    def __init__(self, *args: Any, recipe: Recipe, router_losses: Any = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        recipe: Recipe,
+        router_losses: Any = None,
+        teacher: torch.nn.Module | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.recipe = recipe
         self.router_losses = router_losses
+        self.teacher = teacher.to(self.args.device) if teacher is not None else None
         # `outputs.loss` is a per-block mean that already includes the patches' auxiliary losses (core
         # contract). With loss kwargs the Trainer would normalise by token counts and multiply by the number of
         # processes, which also scales the aux loss by that factor; every packed block has the same number of
@@ -120,8 +140,21 @@ class ZooTrainer(Trainer):
             self._created_lr_scheduler = True
         return self.lr_scheduler
 
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.recipe.optim.lr_scale:
+            scale_learning_rates(optimizer, self.model if model is None else model, self.recipe)
+        return optimizer
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if self.teacher is not None and model.training:
+            distill = self.recipe.distill
+            kl = distillation_loss(
+                outputs.logits, teacher_logits(self.teacher, inputs), distill.temperature, inputs.get("attention_mask")
+            )
+            loss = loss + distill.weight * kl
+            self._accumulate("distill_loss", kl)
         if model.training:
             aux = outputs.get("aux_loss") if hasattr(outputs, "get") else None
             self._accumulate("aux_loss", aux)
@@ -150,10 +183,37 @@ class ZooTrainer(Trainer):
             for index, key in enumerate(_AUX_LOGS):
                 if total[size + index] > 0:
                     logs[key] = float(total[index] / total[size + index])
-            if "aux_loss" in logs:
-                logs["lm_loss"] = logs["loss"] - logs["aux_loss"]
+            if "aux_loss" in logs or "distill_loss" in logs:
+                distill = self.recipe.distill
+                weighted = distill.weight * logs["distill_loss"] if "distill_loss" in logs and distill else 0.0
+                logs["lm_loss"] = logs["loss"] - logs.get("aux_loss", 0.0) - weighted
             self._aux_sums, self._aux_counts = dict.fromkeys(_AUX_LOGS, 0.0), dict.fromkeys(_AUX_LOGS, 0)
         super().log(logs, start_time)
+
+
+def scale_learning_rates(optimizer: torch.optim.Optimizer, model: torch.nn.Module, recipe: Recipe) -> None:
+    """Split the optimizer's parameter groups by `optim.lr_scale` (name substring -> multiplier; the first key that
+    matches a parameter's name counts), each new group at its multiple of the group's learning rate. Runs before the
+    first step and before the schedule is built, so the schedule scales each group's peak."""
+    scales = recipe.optim.lr_scale
+    names = {id(p): name for name, p in model.named_parameters()}
+    matched: set[str] = set()
+    groups = []
+    for group in optimizer.param_groups:
+        buckets: dict[float, list[torch.nn.Parameter]] = {}
+        for param in group["params"]:
+            key = next((k for k in scales if k in names.get(id(param), "")), None)
+            if key is not None:
+                matched.add(key)
+            buckets.setdefault(scales[key] if key is not None else 1.0, []).append(param)
+        groups += [{**group, "params": params, "lr": group["lr"] * scale} for scale, params in buckets.items()]
+    missing = [k for k in scales if k not in matched]
+    if missing:
+        raise RecipeError(
+            f"{recipe.location(('optim', 'lr_scale', missing[0]))}: no trainable parameter's name contains "
+            f"{missing[0]!r} (look the names up with `model.named_parameters()`)"
+        )
+    optimizer.param_groups = groups
 
 
 class Throughput(TrainerCallback):

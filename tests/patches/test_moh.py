@@ -10,7 +10,7 @@ import hf_attn_zoo
 from hf_attn_zoo.errors import InvalidOptionError
 from hf_attn_zoo.families import HeadLayout
 from hf_attn_zoo.kernels import head_sparse
-from hf_attn_zoo.patches.moh import MoHConfig, MoHRouter, distill_router, moh_routers
+from hf_attn_zoo.patches.moh import MoHConfig, MoHRouter, distill_router, moh_routers, rank_heads
 from tests.matrix import clone, randomize_new_parameters
 
 LAYOUT = HeadLayout(num_heads=6, num_kv_heads=3, head_dim=8)
@@ -271,3 +271,62 @@ def test_a_compiled_moh_model_does_not_recompile_per_call():
             out = compiled(ids).logits
         torch.testing.assert_close(out, model(ids).logits)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def _ranked(model, **options):
+    hf_attn_zoo.patch(model, "moh", router="learned", gate="binary", head_order="calibrated", **options)
+    return list(moh_routers(model).values())
+
+
+def test_calibrated_order_before_ranking_is_the_index_order():
+    ids = torch.randint(1, 128, (2, 10))
+    by_index, calibrated = _gqa_model(num_key_value_heads=6), _gqa_model(num_key_value_heads=6)
+    calibrated.load_state_dict(by_index.state_dict())
+    hf_attn_zoo.patch(by_index, "moh", router="learned", gate="binary", shared_heads=2, routed_heads=4, top_k=2)
+    routers = _ranked(calibrated, shared_heads=2, routed_heads=4, top_k=2)
+    randomize_new_parameters(by_index)
+    for a, b in zip(moh_routers(by_index).values(), routers):
+        b.proj.weight.data.copy_(a.proj.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(calibrated(ids).logits, by_index(ids).logits)
+
+
+def test_rank_heads_shares_the_heads_with_the_largest_outputs_and_saves_the_order(tmp_path):
+    model = _gqa_model(num_key_value_heads=6)  # MHA: every head has its own values
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.v_proj.weight.view(6, 16, -1)[4] *= 50  # head 4's outputs dominate
+    routers = _ranked(model, shared_heads=1, routed_heads=5, top_k=2)
+    ids = torch.randint(1, 128, (2, 12))
+    with torch.no_grad():
+        before = model(ids).logits
+    orders = rank_heads(model, [{"input_ids": ids}])
+    assert all(order[0] == 4 and sorted(order) == list(range(6)) for order in orders.values())
+    assert routers[0].head_order.tolist() == orders["model.layers.0.self_attn.head_router"]
+    gates = routers[0](torch.randn(1, 3, 96))
+    assert (gates[..., 4] == 1).all()  # the shared head is now head 4
+    with torch.no_grad():
+        after = model(ids).logits
+    assert not torch.allclose(before, after)
+    model.save_pretrained(tmp_path)
+    reloaded = hf_attn_zoo.from_pretrained(tmp_path).eval()
+    assert list(moh_routers(reloaded).values())[0].head_order.tolist() == orders["model.layers.0.self_attn.head_router"]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, after)
+
+
+def test_rank_heads_keeps_kv_groups_whole_in_group_mode():
+    model = _gqa_model()  # 6 heads, 3 KV groups of 2
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.v_proj.weight.view(3, 16, -1)[2] *= 50  # the last KV group dominates
+    _ranked(model, granularity="group", shared_heads=2, routed_heads=4, top_k=2)
+    orders = rank_heads(model, [{"input_ids": torch.randint(1, 128, (1, 8))}])
+    assert all(order[:2] == [4, 5] and sorted(order) == list(range(6)) for order in orders.values())
+
+
+def test_rank_heads_needs_calibrated_layers():
+    model = _gqa_model()
+    hf_attn_zoo.patch(model, "moh", router="learned")
+    with pytest.raises(InvalidOptionError, match="head_order='calibrated'"):
+        rank_heads(model, [{"input_ids": torch.randint(1, 128, (1, 8))}])

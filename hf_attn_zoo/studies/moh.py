@@ -1,0 +1,423 @@
+"""`hf-attn-zoo moh-study`: MoH against dense, continue-tuned on the same tokens, at several token budgets.
+
+MoH's paper reports that a pretrained model converted to Mixture-of-Head attention with 75% of its heads active and
+continue-tuned matches the dense model. This study measures it on SmolLM2-135M: every variant is a recipe of
+`recipes/moh_study/` (the dense baseline, the paper's Eq. 5 router, the MoH-LLaMA3 query-norm rule, our output-norm
+rule, KV-group routing, and the retrofit steps: router distillation, gradual head dropping, self-distillation from the
+unpatched model, a separate router learning rate), all sharing `_base/moh_study.yaml`: the same token stream (the
+Python documentation), batch, optimizer and schedule. Each (variant, budget) is one run of its recipe with
+`train.token_budget` set (a full cosine schedule per budget, so every budget is evaluated after a complete decay).
+The default plan (`PLAN`) runs every variant at the smallest budget and the dense model, the retrofit before the study
+and the best one at the larger budgets; `--variants` / `--budgets` ask for a grid instead.
+
+Evaluation (`evaluate_run`): the mean token NLL of each of `--ppl-blocks` blocks of held-out Python documentation (text
+no run trains on), so that every variant's gap to dense at the same budget is a *paired* difference over the same
+blocks, `gap = exp(mean_b (nll_variant - nll_dense)) - 1`, with its standard error; and, for the largest budget,
+lm-eval tasks of the offline pack (`--tasks`, `--limit` documents each; lm-eval's standard errors).
+
+Everything is cached under `<cache>/moh_study` (or `--out`): a finished run is never retrained, an evaluated one never
+re-evaluated, so a rerun (or a run with more budgets or variants) only does what is missing. The checkpoints of runs
+below the largest budget are deleted once evaluated (`--keep-models` keeps them). Output: `report.md` (tables),
+`report.json`, `gap.png` (gap to dense against training tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..assets.model import cache_dir
+
+__all__ = [
+    "PLAN",
+    "VARIANTS",
+    "Variant",
+    "cached_results",
+    "evaluate_run",
+    "gap_to_dense",
+    "moh_study_main",
+    "run_study",
+    "study_markdown",
+    "study_root",
+    "study_rows",
+    "tune_variant",
+    "write_study_report",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A row of the study: the recipe `moh_study/<name>`, what it is, and the dense run it is compared with (the
+    self-distilled MoH variants against the dense model with the same self-distillation)."""
+
+    description: str
+    baseline: str | None = "dense"
+
+
+VARIANTS = {
+    "dense": Variant("dense, continue-tuned (the baseline)", None),
+    "dense_kd": Variant("dense + self-distillation (baseline of the *_kd rows)"),
+    "eq5": Variant("Eq. 5 learned router, weighted gates, zero init"),
+    "qnorm": Variant("query-norm router (MoH-LLaMA3 release)"),
+    "onorm": Variant("output-norm router (every head computed)"),
+    "group": Variant("KV-group routing, learned, 6 of 9 heads"),
+    "learned": Variant("learned binary router distilled from output norms"),
+    "learned_anneal": Variant("learned + gradual head dropping"),
+    "learned_kd": Variant("learned + self-distillation", "dense_kd"),
+    "learned_anneal_kd": Variant("learned + head dropping annealed + self-distillation", "dense_kd"),
+    "learned_anneal_kd_router_lr": Variant("learned_anneal_kd + router LR x10", "dense_kd"),
+    "learned_anneal_kd_56": Variant("learned_anneal_kd, 5 of 9 heads", "dense_kd"),
+    "ranked": Variant("learned, shared heads ranked by the dense model's output norms"),
+    "ranked_kd": Variant("ranked + self-distillation", "dense_kd"),
+}
+# what `hf-attn-zoo moh-study` runs by default (about 2 hours on 2 CPU cores from scratch): where each router starts
+# (0 tokens: patched and initialised; the *_kd and *_anneal variants start as their plain twin); every variant at 16k
+# tokens; the dense models, the retrofit before the study and the ranked ones at 64k; dense and ranked at 128k
+PLAN: dict[int, tuple[str, ...]] = {
+    0: ("dense", "eq5", "qnorm", "onorm", "group", "learned", "ranked"),
+    16384: tuple(VARIANTS),
+    65536: ("dense", "dense_kd", "learned", "ranked", "ranked_kd"),
+    131072: ("dense", "ranked"),
+}
+DEFAULT_TASKS = ("zoo_arc_easy", "zoo_piqa", "zoo_lambada_openai")
+HELD_OUT_CORPUS = "python_docs"
+
+
+def study_root(root: str | Path | None = None) -> Path:
+    return Path(root) if root is not None else cache_dir() / "moh_study"
+
+
+def _run_dir(root: Path, variant: str, budget: int) -> Path:
+    return root / "runs" / variant / str(budget)
+
+
+def tune_variant(root: Path, variant: str, budget: int, overrides: Sequence[str] = ()) -> Path:
+    """Continue-tune `moh_study/<variant>` on `budget` tokens (cached); returns its `final/` folder. Budget 0 is the
+    variant as its recipe prepares it (patched, init steps run), untuned: where each retrofit starts."""
+    from ..tuning.train import run_recipe
+
+    run_dir = _run_dir(root, variant, budget)
+    if budget == 0:
+        return _untuned(run_dir / "final", variant, overrides)
+    result = run_recipe(
+        f"moh_study/{variant}",
+        overrides=[f"output_dir={run_dir}", f"train.token_budget={budget}", *overrides],
+    )
+    return result.final_dir
+
+
+def _untuned(final: Path, variant: str, overrides: Sequence[str]) -> Path:
+    from transformers import set_seed
+
+    from ..outputs import atomic_output
+    from ..tuning.recipe import load_recipe
+    from ..tuning.train import apply_patches, build_datasets, load_model_and_tokenizer, run_init_hooks
+
+    if (final / "config.json").is_file():
+        return final
+    recipe = load_recipe(f"moh_study/{variant}", list(overrides))
+    set_seed(recipe.seed)
+    model, tokenizer = load_model_and_tokenizer(recipe)
+    apply_patches(model, recipe)
+    if recipe.init:
+        train_dataset, _ = build_datasets(recipe, tokenizer)
+        run_init_hooks(model, train_dataset, recipe)
+    # a folder without config.json is what an interrupted save of this study left: ours to replace
+    with atomic_output(final, overwrite=True) as tmp:
+        model.save_pretrained(tmp)  # type: ignore[operator]  (a PreTrainedModel, typed as nn.Module)
+        tokenizer.save_pretrained(tmp)
+    return final
+
+
+def evaluate_run(
+    model_dir: Path, out: Path, ppl_blocks: int, tasks: Sequence[str] = (), limit: int | None = None
+) -> dict[str, Any]:
+    """Held-out NLL per block (and lm-eval `tasks`) of a tuned model, cached in `out` (a JSON file)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from ..analysis.perplexity import held_out_nll
+    from ..loading import from_pretrained
+
+    cached = json.loads(out.read_text()) if out.is_file() else {}
+    if "nll" in cached and cached.get("ppl_blocks") == ppl_blocks and set(tasks) <= set(cached.get("tasks", {})):
+        return cached
+    model = from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if cached.get("ppl_blocks") != ppl_blocks or "nll" not in cached:
+        nll = held_out_nll(model, tokenizer, HELD_OUT_CORPUS, seq_len=256, max_blocks=ppl_blocks)
+        cached.update(nll=nll.tolist(), ppl_blocks=ppl_blocks, ppl=math.exp(nll.mean().item()))
+    missing = [t for t in tasks if t not in cached.get("tasks", {})]
+    if missing:
+        from ..eval_harness.runner import evaluate
+
+        results = evaluate(model, missing, limit=limit, tokenizer=tokenizer, batch_size=8)
+        scores = cached.setdefault("tasks", {})
+        for task in missing:
+            metrics = results["results"][task]
+            metric = "acc_norm,none" if "acc_norm,none" in metrics else "acc,none"
+            scores[task] = {
+                "metric": metric.split(",")[0],
+                "value": metrics[metric],
+                "stderr": metrics.get(metric.replace(",", "_stderr,"), None),
+                "documents": results.get("n-samples", {}).get(task, {}).get("effective"),
+            }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(cached, indent=1))
+    return cached
+
+
+def gap_to_dense(variant_nll: Sequence[float], dense_nll: Sequence[float]) -> tuple[float, float]:
+    """Relative perplexity gap `exp(mean d) - 1` and its standard error, from the paired per-block NLL differences
+    `d` (the same held-out blocks for both models)."""
+    diffs = [v - d for v, d in zip(variant_nll, dense_nll, strict=True)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / (n - 1)) if n > 1 else 0.0
+    return math.expm1(mean), math.exp(mean) * sd / math.sqrt(n)
+
+
+def run_study(
+    root: Path,
+    plan: Mapping[int, Sequence[str]],
+    ppl_blocks: int = 32,
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    limit: int | None = 700,
+    keep_models: bool = False,
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Tune and evaluate every (variant, budget) of `plan` (`{budget: variants}`) that is not cached, smallest budgets
+    first; lm-eval `tasks` run on the models of the largest budget. Returns the collected results."""
+    from tqdm.auto import tqdm
+
+    results: dict[str, Any] = {"budgets": sorted(plan), "ppl_blocks": ppl_blocks, "runs": {}}
+    largest = max(plan)
+    order = list(VARIANTS)
+    jobs = [(v, b) for b in sorted(plan) for v in sorted(plan[b], key=order.index)]
+    for variant, budget in tqdm(jobs, desc="moh-study", unit="run"):
+        evaluation = root / "eval" / variant / f"{budget}.json"
+        final = None
+        run_tasks = list(tasks) if budget == largest else []
+        cached = json.loads(evaluation.read_text()) if evaluation.is_file() else {}
+        if not (
+            "nll" in cached
+            and cached.get("ppl_blocks") == ppl_blocks
+            and set(run_tasks) <= set(cached.get("tasks", {}))
+        ):
+            final = tune_variant(root, variant, budget, overrides)
+            cached = evaluate_run(final, evaluation, ppl_blocks, run_tasks, limit)
+        run_json = _run_dir(root, variant, budget) / "result.json"
+        if run_json.is_file() and "train_tokens" not in cached:
+            tuned = json.loads(run_json.read_text())
+            cached.update(train_tokens=tuned.get("train_tokens"), steps=tuned.get("global_step"))
+            cached["tokens_per_second"] = tuned.get("train_tokens_per_second")
+            evaluation.write_text(json.dumps(cached, indent=1))
+        results["runs"].setdefault(variant, {})[str(budget)] = cached
+        if final is not None and budget != largest and not keep_models:
+            # the evaluation is what the study keeps; run_recipe's own cache (final/) is not needed again
+            shutil.rmtree(_run_dir(root, variant, budget), ignore_errors=True)
+    return results
+
+
+def cached_results(root: Path, ppl_blocks: int) -> dict[str, Any]:
+    """Every (variant, budget) evaluated under `root` with `ppl_blocks` held-out blocks, in the table's order."""
+    runs: dict[str, dict[str, Any]] = {}
+    budgets: set[int] = set()
+    for variant in VARIANTS:
+        for path in sorted((root / "eval" / variant).glob("*.json"), key=lambda p: int(p.stem)):
+            evaluation = json.loads(path.read_text())
+            if evaluation.get("ppl_blocks") == ppl_blocks:
+                runs.setdefault(variant, {})[path.stem] = evaluation
+                budgets.add(int(path.stem))
+    if "dense" not in runs:
+        raise FileNotFoundError(f"{root}: no evaluated dense run with {ppl_blocks} held-out blocks to report on")
+    return {"budgets": sorted(budgets), "ppl_blocks": ppl_blocks, "runs": runs}
+
+
+def _base_scores(root: Path, ppl_blocks: int, tasks: Sequence[str], limit: int | None) -> dict[str, Any]:
+    from ..assets.model import default_model_path
+
+    return evaluate_run(default_model_path(), root / "eval" / "base.json", ppl_blocks, tasks, limit)
+
+
+def study_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per evaluated (variant, budget): perplexity, the baseline it is compared with, and the paired gap
+    `(gap, stderr)` (`None` for a baseline, or when its baseline was not run at that budget)."""
+    runs = results["runs"]
+    rows = []
+    for variant, by_budget in runs.items():
+        spec = VARIANTS.get(variant, Variant(variant))
+        baseline = spec.baseline if spec.baseline in runs else "dense"
+        for budget in results["budgets"]:
+            run = by_budget.get(str(budget))
+            if run is None:
+                continue
+            dense = runs.get(baseline, {}).get(str(budget))
+            gap = gap_to_dense(run["nll"], dense["nll"]) if dense is not None and spec.baseline else None
+            rows.append({"variant": variant, "budget": budget, "ppl": run["ppl"], "baseline": baseline, "gap": gap})
+    return rows
+
+
+def study_markdown(report: dict[str, Any]) -> str:
+    """The report's tables (markdown) from `report.json`'s content: perplexity and gap per budget, lm-eval at the
+    largest budget."""
+    budgets, runs, base = report["budgets"], report["runs"], report.get("base")
+    rows = study_rows(report)
+    lines = [
+        f"Token perplexity on {report['ppl_blocks']} held-out blocks of 256 tokens of the Python documentation (pages "
+        "no run trains on); gap: perplexity ratio to the dense model tuned on the same tokens, minus 1, from the "
+        "paired per-block differences, ± one standard error.",
+        "",
+        "| variant | "
+        + " | ".join(f"ppl, {_tokens(b)} tokens | gap" if b else "ppl, untuned | gap" for b in budgets)
+        + " |",
+        "|---|" + "---:|---:|" * len(budgets),
+    ]
+    if base is not None and 0 not in budgets:
+        lines.append("| SmolLM2-135M, untuned | " + " | ".join(f"{base['ppl']:.2f} | " for _ in budgets) + " |")
+    for variant in runs:
+        cells = []
+        for budget in budgets:
+            row = next((r for r in rows if r["variant"] == variant and r["budget"] == budget), None)
+            if row is None:
+                cells.append(" | ")
+            elif row["gap"] is None:
+                cells.append(f"{row['ppl']:.2f} | baseline")
+            else:
+                gap, se = row["gap"]
+                vs = "" if row["baseline"] == "dense" else f" (vs {row['baseline']})"
+                cells.append(f"{row['ppl']:.2f} | {gap:+.1%} ± {se:.1%}{vs}")
+        description = VARIANTS[variant].description if variant in VARIANTS else variant
+        lines.append(f"| `{variant}`: {description} | " + " | ".join(cells) + " |")
+    largest = str(max(budgets))
+    task_names = sorted({t for v in runs.values() for t in v.get(largest, {}).get("tasks", {})})
+    if task_names:
+        lines += ["", f"lm-eval after {_tokens(int(largest))} tokens (± standard error; n: documents per task):", ""]
+        lines.append("| variant | " + " | ".join(task_names) + " |")
+        lines.append("|---|" + "---:|" * len(task_names))
+        scored = [("SmolLM2-135M, untuned", base)] if base is not None else []
+        scored += [(f"`{v}`", by_budget.get(largest)) for v, by_budget in runs.items()]
+        for name, run in scored:
+            if run is None or not run.get("tasks"):
+                continue
+            cells = []
+            for task in task_names:
+                score = run["tasks"].get(task)
+                cells.append(
+                    f"{score['metric']} {score['value']:.3f} ± {score['stderr']:.3f} (n={score['documents']})"
+                    if score
+                    else ""
+                )
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_study_report(results: dict[str, Any], root: Path, base: dict[str, Any] | None = None) -> dict[str, Path]:
+    """`report.md` (`study_markdown`), `report.json` (everything it is made from) and `gap.png`."""
+    report = {**results, "base": base}
+    root.mkdir(parents=True, exist_ok=True)
+    md = root / "report.md"
+    md.write_text("## MoH against dense, continue-tuned on the same tokens\n\n" + study_markdown(report) + "\n")
+    (root / "report.json").write_text(json.dumps(report, indent=1))
+    return {"md": md, "json": root / "report.json", "png": _plot_gap(study_rows(report), root / "gap.png")}
+
+
+def _tokens(count: int) -> str:
+    return f"{count / 1024:g}k" if count >= 1024 else str(count)
+
+
+def _plot_gap(rows: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        points = [r for r in rows if r["variant"] == variant and r["gap"] is not None]
+        if not points:
+            continue
+        x = [r["budget"] for r in points]
+        y = [100 * r["gap"][0] for r in points]
+        err = [100 * r["gap"][1] for r in points]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=variant)
+    ax.axhline(2.0, color="grey", linestyle="--", linewidth=1, label="2% target")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xscale("symlog", base=2, linthresh=8192)  # 0 tokens (untuned) on the linear part near the origin
+    ax.set_xlabel("continue-tuning tokens (0: patched and initialised, untuned)")
+    ax.set_ylabel("held-out perplexity gap to dense (%)")
+    ax.set_title("MoH on SmolLM2-135M: gap to the dense model tuned on the same tokens")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def moh_study_main(argv: list[str]) -> int:
+    plan_text = "; ".join(f"{_tokens(b)} tokens: {', '.join(v)}" for b, v in PLAN.items())
+    parser = argparse.ArgumentParser(
+        prog="hf-attn-zoo moh-study",
+        description=__doc__,
+        epilog=f"The default plan: {plan_text}.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", type=Path, help="cache/work folder (default: <cache>/moh_study)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        metavar="NAME",
+        help=f"run these at every budget (default: the plan below): {', '.join(VARIANTS)}",
+    )
+    parser.add_argument("--budgets", nargs="+", type=int, help="training tokens per run (default: the plan below)")
+    parser.add_argument("--ppl-blocks", type=int, default=32, help="held-out blocks of 256 tokens")
+    parser.add_argument("--tasks", nargs="*", default=list(DEFAULT_TASKS), help="lm-eval tasks at the largest budget")
+    parser.add_argument("--limit", type=int, default=700, help="lm-eval documents per task (700: stderr <= 0.019)")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe overrides for every run, e.g. train.batch_size=64 train.mixed_precision=bf16 on a GPU (they "
+        "change what is trained: use another --out)",
+    )
+    parser.add_argument("--keep-models", action="store_true", help="keep the checkpoints of every budget")
+    parser.add_argument(
+        "--report-only", action="store_true", help="train nothing: report every run evaluated in --out so far"
+    )
+    parser.add_argument("--smoke", action="store_true", help="a check of the pipeline: 2 variants, 2 tiny budgets")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="start over: empty --out first (the study's own cache is reused)"
+    )
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.variants, args.budgets, args.ppl_blocks, args.limit = ["dense", "ranked_kd"], [2048, 4096], 4, 8
+    if args.variants or args.budgets:
+        budgets = args.budgets or sorted(PLAN)
+        plan = {b: tuple(args.variants or PLAN.get(b, ("dense",))) for b in budgets}
+    else:
+        plan = dict(PLAN)
+    if any("dense" not in variants for variants in plan.values()):
+        parser.error("the study needs the dense baseline at every budget: include `dense` in --variants")
+    from ..outputs import claim_folder
+
+    root = claim_folder(study_root(args.out), "moh-study", args.overwrite)
+    if args.report_only:
+        results = cached_results(root, args.ppl_blocks)
+    else:
+        results = run_study(root, plan, args.ppl_blocks, args.tasks, args.limit, args.keep_models, args.set)
+    base = _base_scores(root, args.ppl_blocks, args.tasks, args.limit)
+    paths = write_study_report(results, root, base)
+    print(paths["md"].read_text())
+    print(f"wrote {paths['md']}, {paths['json']}, {paths['png']}")
+    return 0
