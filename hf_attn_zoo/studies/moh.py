@@ -133,7 +133,7 @@ def _untuned(final: Path, variant: str, overrides: Sequence[str]) -> Path:
         run_init_hooks(model, train_dataset, recipe)
     # a folder without config.json is what an interrupted save of this study left: ours to replace
     with atomic_output(final, overwrite=True) as tmp:
-        model.save_pretrained(tmp)  # type: ignore[operator]  (a PreTrainedModel, typed as nn.Module)
+        model.save_pretrained(tmp)  # type: ignore[operator]
         tokenizer.save_pretrained(tmp)
     return final
 
