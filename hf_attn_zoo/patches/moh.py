@@ -312,7 +312,6 @@ class MoHRouter(nn.Module):
             gates = gates.repeat_interleave(u.size, dim=-1)
         if self.order is not None:
             gates = gates.index_select(-1, torch.argsort(self.order))  # from unit order back to head order
-
         self._record_usage(gates)
         if self.teacher is not None:
             # distill_router only runs on routers with routed heads, so `scores` holds the teacher's norms
