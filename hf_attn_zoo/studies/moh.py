@@ -358,7 +358,7 @@ def _plot_gap(rows: list[dict[str, Any]], path: Path) -> Path:
         bars.set_xlabel(f"held-out perplexity gap to dense after {_tokens(common)} tokens (%)")
         bars.tick_params(axis="y", labelsize=7)
         bars.legend(fontsize=7)
-    colors = plt.get_cmap("tab10").colors
+    colors = [f"C{i}" for i in range(10)]  # the default cycle; past it the lines turn dashed
     several = [v for v in dict.fromkeys(r["variant"] for r in rows) if sum(r["variant"] == v for r in rows) > 1]
     for index, variant in enumerate(several):
         points = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["budget"])
