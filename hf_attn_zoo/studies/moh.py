@@ -345,7 +345,7 @@ def _plot_gap(rows: list[dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if r["gap"] is not None]
-    fig, (bars, trend) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1, 1.2]})
+    fig, (bars, trend) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.2]})
     budgets = [r["budget"] for r in rows if r["budget"] > 0]
     if budgets:
         common = max(set(budgets), key=lambda b: (budgets.count(b), -b))
@@ -380,9 +380,11 @@ def _plot_gap(rows: list[dict[str, Any]], path: Path) -> Path:
     trend.set_yticks([t for t in (0, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if t <= 2 * top])
     trend.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     trend.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    lowest = min([100 * (r["gap"][0] - r["gap"][1]) for r in rows if r["variant"] in several] + [0.0])
+    trend.set_ylim(bottom=min(0.0, lowest))
     trend.set_xlabel("continue-tuning tokens (0: patched and initialised, untuned)")
     trend.set_ylabel("gap to dense (%)")
-    trend.legend(fontsize=7)
+    trend.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle("MoH on SmolLM2-135M: held-out perplexity gap to the dense model tuned on the same tokens")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
