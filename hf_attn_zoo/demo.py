@@ -68,7 +68,7 @@ def demo_main(argv: list[str] | None = None) -> int:
     from .assets import default_model_path
     from .eval_harness import evaluate, merge_results, write_report
     from .tuning import load_recipe, run_recipe
-    from .tuning.train import apply_patches, build_datasets, load_model_and_tokenizer, run_init_hooks
+    from .tuning.train import prepared_model
 
     _step(1, "Locating the embedded SmolLM2-135M (Llama, 30 layers, 9 query / 3 KV heads)")
     base_path = default_model_path()
@@ -81,10 +81,7 @@ def demo_main(argv: list[str] | None = None) -> int:
         f"Patching as {RECIPE} says: {[dict(method=p.method, **p.options) for p in recipe.patches]}, then "
         f"{[step.name for step in recipe.init]}",
     )
-    model, tokenizer = load_model_and_tokenizer(recipe)
-    apply_patches(model, recipe)
-    train_dataset, _ = build_datasets(recipe, tokenizer)
-    run_init_hooks(model, train_dataset, recipe)
+    model, tokenizer = prepared_model(recipe)
     usage = head_usage(model)
     print(f"      {usage['mean_active_fraction']:.0%} of heads active per token")
     patched_dir = out / "moh_patched"

@@ -116,21 +116,13 @@ def tune_variant(root: Path, variant: str, budget: int, overrides: Sequence[str]
 
 
 def _untuned(final: Path, variant: str, overrides: Sequence[str]) -> Path:
-    from transformers import set_seed
-
     from ..outputs import atomic_output
     from ..tuning.recipe import load_recipe
-    from ..tuning.train import apply_patches, build_datasets, load_model_and_tokenizer, run_init_hooks
+    from ..tuning.train import prepared_model
 
     if (final / "config.json").is_file():
         return final
-    recipe = load_recipe(f"moh_study/{variant}", list(overrides))
-    set_seed(recipe.seed)
-    model, tokenizer = load_model_and_tokenizer(recipe)
-    apply_patches(model, recipe)
-    if recipe.init:
-        train_dataset, _ = build_datasets(recipe, tokenizer)
-        run_init_hooks(model, train_dataset, recipe)
+    model, tokenizer = prepared_model(load_recipe(f"moh_study/{variant}", list(overrides)))
     # a folder without config.json is what an interrupted save of this study left: ours to replace
     with atomic_output(final, overwrite=True) as tmp:
         model.save_pretrained(tmp)  # type: ignore[operator]
@@ -149,7 +141,7 @@ def evaluate_run(
     from ..loading import from_pretrained
 
     cached = json.loads(out.read_text()) if out.is_file() else {}
-    if "nll" in cached and cached.get("ppl_blocks") == ppl_blocks and set(tasks) <= set(cached.get("tasks", {})):
+    if _evaluated(cached, ppl_blocks, tasks):
         return cached
     model = from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -174,6 +166,11 @@ def evaluate_run(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(cached, indent=1))
     return cached
+
+
+def _evaluated(cached: dict[str, Any], ppl_blocks: int, tasks: Sequence[str]) -> bool:
+    """Whether a cached evaluation has the held-out NLL of `ppl_blocks` blocks and a score for every task."""
+    return "nll" in cached and cached.get("ppl_blocks") == ppl_blocks and set(tasks) <= set(cached.get("tasks", {}))
 
 
 def gap_to_dense(variant_nll: Sequence[float], dense_nll: Sequence[float]) -> tuple[float, float]:
@@ -208,11 +205,7 @@ def run_study(
         final = None
         run_tasks = list(tasks) if budget == largest else []
         cached = json.loads(evaluation.read_text()) if evaluation.is_file() else {}
-        if not (
-            "nll" in cached
-            and cached.get("ppl_blocks") == ppl_blocks
-            and set(run_tasks) <= set(cached.get("tasks", {}))
-        ):
+        if not _evaluated(cached, ppl_blocks, run_tasks):
             final = tune_variant(root, variant, budget, overrides)
             cached = evaluate_run(final, evaluation, ppl_blocks, run_tasks, limit)
         run_json = _run_dir(root, variant, budget) / "result.json"

@@ -72,27 +72,25 @@ def apply_patches(model: torch.nn.Module, recipe: Recipe) -> None:
 def run_init_hooks(model: torch.nn.Module, train_dataset: Any, recipe: Recipe) -> None:
     """Run the recipe's `init` steps on the patched model, in order; a failing hook names its recipe line."""
     for index, step in enumerate(recipe.init):
-        hook = get_init_hook(step.name)
-        try:
-            hook(model, train_dataset, **step.options)
-        except (ZooError, TypeError) as exc:
-            raise RecipeError(f"{recipe.location(('init', index))}: init hook {step.name!r} failed: {exc}") from None
+        _call_step(recipe, ("init", index), "init hook", step, get_init_hook(step.name), model, train_dataset)
 
 
 def recipe_callbacks(model: torch.nn.Module, recipe: Recipe) -> list[Any]:
     """The recipe's `callbacks` (schedules during training), built for the model; a failing one names its line."""
     from .callback_hooks import get_callback_factory
 
-    built = []
-    for index, step in enumerate(recipe.callbacks):
-        factory = get_callback_factory(step.name)
-        try:
-            built.append(factory(model, recipe, **step.options))
-        except (ZooError, TypeError) as exc:
-            raise RecipeError(
-                f"{recipe.location(('callbacks', index))}: callback {step.name!r} failed: {exc}"
-            ) from None
-    return built
+    return [
+        _call_step(recipe, ("callbacks", index), "callback", step, get_callback_factory(step.name), model, recipe)
+        for index, step in enumerate(recipe.callbacks)
+    ]
+
+
+def _call_step(recipe: Recipe, loc: tuple, kind: str, step: Any, fn: Any, *args: Any) -> Any:
+    """`fn(*args, **step.options)`; bad options (`ZooError`, `TypeError`) become a `RecipeError` at the step's line."""
+    try:
+        return fn(*args, **step.options)
+    except (ZooError, TypeError) as exc:
+        raise RecipeError(f"{recipe.location(loc)}: {kind} {step.name!r} failed: {exc}") from None
 
 
 def check_moe(model: torch.nn.Module, recipe: Recipe) -> None:

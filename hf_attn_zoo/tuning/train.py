@@ -49,6 +49,7 @@ __all__ = [
     "build_datasets",
     "last_checkpoint",
     "load_model_and_tokenizer",
+    "prepared_model",
     "run_init_hooks",
     "run_recipe",
 ]
@@ -187,6 +188,18 @@ def run_recipe(
         )
     trainer.accelerator.wait_for_everyone()
     return result
+
+
+def prepared_model(recipe: Recipe) -> tuple[torch.nn.Module, Any]:
+    """The recipe's model as its training would start (seeded as `run_recipe` seeds): loaded, patched, its `init`
+    steps run on the training text; with the tokenizer. For evaluating the patched model before any tuning."""
+    set_seed(recipe.seed)
+    model, tokenizer = load_model_and_tokenizer(recipe)
+    apply_patches(model, recipe)
+    if recipe.init:
+        train_dataset, _ = build_datasets(recipe, tokenizer)
+        run_init_hooks(model, train_dataset, recipe)
+    return model, tokenizer
 
 
 def _resolve(recipe_or_path: Recipe | str | Path, overrides: Iterable[str]) -> Recipe:
