@@ -19,7 +19,7 @@ def register_in(table: dict[str, Any], kind: str, name: str) -> Callable[[F], F]
 
     def decorator(fn: F) -> F:
         if name in table and table[name] is not fn:
-            raise ValueError(f"{name!r} is already registered as a {kind} ({table[name].__qualname__})")
+            raise ValueError(f"{name!r} is already registered ({kind}: {table[name].__qualname__})")
         table[name] = fn
         return fn
 
