@@ -36,6 +36,9 @@ DEFAULT_METHODS = [
     "moba",
     'moa={"alpha": 0, "beta": 0.125, "sinks": 64}',
     'hyper_attention={"min_seq_len": 1024}',
+    # untrained linear retrofits (identity projections): a floor, what the two-stage recipe starts from
+    'linearize={"feature_map": "hedgehog", "window": 64}',
+    "nalaformer",
 ]
 
 MethodSpec = tuple[str, str, dict[str, Any]]

@@ -3,9 +3,10 @@
 For each method the model is patched on every layer and run on the same prompt of `--length - --decode` tokens (real
 held-out text, tiled if needed; the decoded tokens fill the context to `--length`): one prefill forward
 (`logits_to_keep=1`, cache on), then `--decode` greedy steps from that cache. Ratios are against the unpatched model
-(SDPA) in the same run. KV bytes are what the cache holds after the prefill (a method with a bounded cache, sliding
-window or MoA, keeps less). The MoA paper reports 1.2-1.4x less memory and 5.5-6.7x decode throughput at 7B on a
-GPU.
+(SDPA) in the same run. KV bytes are what the cache holds after the prefill (a method with a bounded cache keeps
+less: sliding window, MoA, and linearize / nalaformer, whose layers hold a fixed-size state plus the window's recent
+keys). The linear patches run untrained (identity projections): their speed and memory are those of a trained model,
+their outputs are not. The MoA paper reports 1.2-1.4x less memory and 5.5-6.7x decode throughput at 7B on a GPU.
 
 Usage: python benchmarks/long_context_speed.py [--length 8192] [--decode 32] [--methods sliding_window,moa]
 """
@@ -30,6 +31,8 @@ METHODS: dict[str, dict] = {
     "moa": {"alpha": 0, "beta": 0.125, "sinks": 64},
     "hyper_attention": {},
     "routing_attention": {},
+    "linearize": {"feature_map": "hedgehog", "window": 64},  # LoLCATs' hybrid: state + 63 recent keys
+    "nalaformer": {},  # nala map, window 0: a fixed-size state only
 }
 
 
@@ -42,6 +45,7 @@ def _prompt(tokenizer, length: int) -> torch.Tensor:
 
 
 def run(model, ids: torch.Tensor, decode: int) -> dict[str, float]:
+    """Prefill `ids` into a fresh cache (`logits_to_keep=1`), then `decode` greedy steps: times and cache bytes."""
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
         start = time.perf_counter()
@@ -53,7 +57,14 @@ def run(model, ids: torch.Tensor, decode: int) -> dict[str, float]:
         for _ in range(decode):
             token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
         steps = time.perf_counter() - start
-    return {"prefill_tok_s": ids.shape[1] / prefill, "kv_mib": kv / 2**20, "decode_tok_s": decode / steps}
+    return {
+        "prefill_s": prefill,
+        "prefill_tok_s": ids.shape[1] / prefill,
+        "cache_bytes": kv,
+        "kv_mib": kv / 2**20,
+        "cache_bytes_after_decode": kv_cache_bytes(cache),
+        "decode_tok_s": decode / steps,
+    }
 
 
 def main() -> None:

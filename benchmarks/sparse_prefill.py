@@ -5,10 +5,20 @@ tokens, forward only (`torch.no_grad`), each method through the kernel its patch
 on CPU the gathered-blocks kernel for the static patterns), and the static patterns also through compiled
 FlexAttention (`(flex)`). Compilation, BlockMask and gather-plan building happen in an untimed warm-up call (they are
 cached per shape and reused by every layer); the table reports the median of the timed calls and
-`speedup = SDPA time / method time`. Targets (issue 5, CPU, 16k): sliding window 1024 + sinks >= 4.5x,
-PowerAttention >= 4x, MoBA > 1x.
+`speedup = SDPA time / method time`.
+
+The linear-attention rows (`nalaformer`: nala map, pure linear, window 0; `linearize hedgehog w64`: hedgehog map with
+an exact softmax window over the 64 most recent keys, LoLCATs' hybrid) time what a patched layer runs in inference
+with its defaults (`rope="features"`, learned projection, `chunk=64`): undoing RoPE on the (rotated) q and k, the
+per-head projection (identity at patch time, still an einsum), the feature map, RoPE on each feature block for the
+numerator (the un-rotated features are the normaliser's, a second tensor), then `hybrid_attention(..., chunk=64)`.
+The RoPE cos/sin tables are built once per length, untimed (the model builds them once per forward for all layers).
+
+Targets (CPU, 16k): issue 5: sliding window 1024 + sinks >= 4.5x, PowerAttention >= 4x, MoBA > 1x; issue 16
+(linear attention retrofits): prefill >= 3x SDPA for both linear rows.
 
 Usage: python benchmarks/sparse_prefill.py [--lengths 4096,8192,16384] [--repeats 3] [--threads N]
+       [--methods "sliding_window,nalaformer,linearize hedgehog w64"]
 """
 
 from __future__ import annotations
@@ -27,7 +37,14 @@ from hf_attn_zoo.patches.sliding_window import SinkWindowPattern
 
 HEADS, KV_HEADS, DIM = 9, 3, 64
 SCALE = DIM**-0.5
-TARGETS = {"sliding_window": 4.5, "power_attention": 4.0, "moba": 1.0}
+ROPE_THETA = 100000.0  # SmolLM2-135M's
+TARGETS = {
+    "sliding_window": 4.5,
+    "power_attention": 4.0,
+    "moba": 1.0,
+    "nalaformer": 3.0,
+    "linearize hedgehog w64": 3.0,
+}
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -38,6 +55,41 @@ def dense(q, k, v):
 
 def _pattern(pattern, backend: str = "auto") -> Attention:
     return lambda q, k, v: sparse_attention(q, k, v, pattern, scaling=SCALE, backend=backend)
+
+
+def _linear(feature_map: str, window: int) -> Attention:
+    """One linearized layer's inference path (see the module docstring): the patch's own `_features`, then the
+    chunked kernel."""
+    from types import SimpleNamespace
+
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from hf_attn_zoo.kernels.feature_maps import FEATURE_MAPS
+    from hf_attn_zoo.kernels.linear_attention import hybrid_attention
+    from hf_attn_zoo.patches.linearize import _ROPE_ATTR, LinearizeConfig, LinearMaps, _features
+
+    config = LinearizeConfig(feature_map=feature_map, window=window)
+    maps = LinearMaps(FEATURE_MAPS[feature_map], HEADS, KV_HEADS, DIM, config, device="cpu", dtype=torch.float32)
+    maps.eval()
+    module = SimpleNamespace()  # stands in for the attention module: `_features` pops the captured (cos, sin)
+    tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rope_tables(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if n not in tables:
+            inv_freq = ROPE_THETA ** -(torch.arange(0, DIM, 2, dtype=torch.float) / DIM)
+            angles = torch.outer(torch.arange(n, dtype=torch.float), inv_freq)
+            angles = torch.cat([angles, angles], dim=-1)[None]  # [1, n, DIM]
+            tables[n] = (angles.cos(), angles.sin())
+        return tables[n]
+
+    def attention(q, k, v):
+        module.__dict__[_ROPE_ATTR] = rope_tables(q.shape[2])
+        features = _features(maps, q, k, module, apply_rotary_pos_emb)
+        return hybrid_attention(
+            q, k, v, features, window=window, window_weight=maps.window_weight, scaling=SCALE, chunk=config.chunk
+        )
+
+    return attention
 
 
 def _methods() -> dict[str, Callable[[], Attention]]:
@@ -78,6 +130,8 @@ def _methods() -> dict[str, Callable[[], Attention]]:
         "moa (flex)": lambda: moa("flex"),
         "hyper_attention": hyper,
         "routing_attention": routing,
+        "nalaformer": lambda: _linear("nala", 0),
+        "linearize hedgehog w64": lambda: _linear("hedgehog", 64),
     }
 
 
@@ -110,7 +164,8 @@ def main() -> None:
         except ImportError as error:
             print(f"skip {name}: {error}")
     print(f"threads={torch.get_num_threads()} heads={HEADS}/{KV_HEADS} dim={DIM} fp32, median of {args.repeats}")
-    print(f"| method | {' | '.join(f'{n // 1024}k' for n in lengths)} | target at 16k |")
+    labels = [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths]
+    print(f"| method | {' | '.join(labels)} | target at 16k |")
     print(f"|---|{'---|' * len(lengths)}---|")
     rows = {name: [] for name in ["sdpa (s)", *methods]}
     generator = torch.Generator().manual_seed(0)

@@ -15,10 +15,12 @@ FAMILIES = sorted(family_specs())
 METHOD_CASES: dict[str, dict] = {
     "bam": {"num_experts": 3},
     "hyper_attention": {"min_seq_len": 4, "block_size": 2, "sample_size": 2},
+    "linearize": {"feature_map": "hedgehog", "window": 3, "chunk": 4},
     "moa": {"alpha": 2, "beta": 0.125, "sinks": 1, "length": 16},
     "moba": {"block_size": 3, "top_k": 2, "key_conv": 3, "decode": "sparse"},
     "moh": {"router": "learned"},
     "mote": {"off": {"all": [0]}},
+    "nalaformer": {"window": 2, "chunk": 4},
     "power_attention": {"block_size": 2, "window_blocks": 1, "sink_blocks": 1},
     "routing_attention": {"num_clusters": 2, "window": 3, "sinks": 1},
     "sliding_window": {"window": 3, "sinks": 1},

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import sys
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -56,6 +55,7 @@ import torch.nn.functional as F
 from transformers import PretrainedConfig
 
 from ..errors import InvalidOptionError, UnsupportedArchitectureError
+from ..families.rope import capture_position_embeddings, pre_rope_refusal, rotary_function
 from ..families.spec import FamilySpec, HeadLayout
 from ..kernels.kv_cache import RetainingLayer, current_kv_layer, use_kv_layer
 from ..kernels.pattern_handler import check_length, max_positions, model_window, unsupported_attention_reason
@@ -292,16 +292,6 @@ class RoutingKVLayer(RetainingLayer):
             self.clusters = self.clusters[indices]
 
 
-def _capture_rope(module, args, kwargs):
-    rope = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
-    if rope is None:
-        raise UnsupportedArchitectureError(
-            "routing_attention needs the rotary embeddings (position_embeddings) that "
-            f"{type(module).__name__} receives; this call passed none."
-        )
-    module.__dict__[_ROPE_ATTR] = rope
-
-
 def _routing_handler(
     base,
     module,
@@ -363,12 +353,7 @@ class RoutingAttentionPatch(Patch):
     targets = ("attention_fn",)
 
     def check(self, family: FamilySpec, model_config: PretrainedConfig) -> str | None:
-        if family.attention.kind != "standard":
-            return (
-                f"its {family.attention.kind} attention rotates only part of each key, so the pre-RoPE vectors "
-                "the clusters are built on cannot be recovered"
-            )
-        return unsupported_attention_reason(family)
+        return pre_rope_refusal(family, "the clusters are built on") or unsupported_attention_reason(family)
 
     def validate(
         self, config: RoutingAttentionConfig, family: FamilySpec, model_config: PretrainedConfig
@@ -386,13 +371,7 @@ class RoutingAttentionPatch(Patch):
         tag = uuid.uuid4().hex
         for index in layers:
             attention = family.attention_module(model, index)
-            rotates = family.uses_rope(model.config, index)
-            rope = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None) if rotates else None
-            if rotates and rope is None:
-                raise UnsupportedArchitectureError(
-                    f"routing_attention: {type(attention).__module__} has no apply_rotary_pos_emb to invert; the "
-                    "clusters are built on pre-RoPE vectors."
-                )
+            rope = rotary_function(attention, self.name) if family.uses_rope(model.config, index) else None
             # built in place next to q_proj: no real memory on a meta-device model
             device = getattr(attention, family.attention.q).weight.device
             centroids = RoutingCentroids(layout, config, seed=config.seed * 65537 + index, device=device)
@@ -402,7 +381,7 @@ class RoutingAttentionPatch(Patch):
             attention.routing_centroids = centroids
             handle.on_revert(lambda a=attention: delattr(a, "routing_centroids"))
             if rope is not None:
-                hook = attention.register_forward_pre_hook(_capture_rope, with_kwargs=True)
+                hook = capture_position_embeddings(attention, _ROPE_ATTR, self.name)
                 handle.on_revert(hook.remove)
             hook = use_kv_layer(attention, RoutingKVLayer)
             handle.on_revert(hook.remove)
