@@ -153,6 +153,14 @@ class LinearMaps(nn.Module):
             x = torch.einsum("bnld,ndf->bnlf", x.float(), weight.float())
         return self.feature_map(x, is_query)
 
+    def record_transfer(self, out: torch.Tensor, teacher: torch.Tensor, real: torch.Tensor | None) -> None:
+        """Keep the attention-transfer loss of this call: the MSE of `out` to the softmax output `teacher` (both
+        `[B, Q, H, D]`) over the real query rows (`real` `[B, Q]`). A method, so that it sets the loss on this module
+        even when PEFT wraps it (`modules_to_save`)."""
+        error = (out.float() - teacher.float()).pow(2).mean(-1).mean(-1)  # [B, Q]
+        rows = real.float() if real is not None else torch.ones_like(error)
+        self.last_aux_loss = (error * rows).sum() / rows.sum().clamp_min(1)
+
     @property
     def window_weight(self) -> torch.Tensor | None:
         logit = getattr(self, "window_logit", None)
@@ -233,9 +241,7 @@ def _linear_handler(
         cache.fold(real)
     if maps.transfer_weight is not None:  # attention transfer: learn to match the softmax output, pass that on
         teacher, _ = base(module, query, key, value, attention_mask, **kwargs)
-        error = (out.float() - teacher.float()).pow(2).mean(-1).mean(-1)  # [B, Q]
-        rows = padding[:, -q_len:].float() if padding is not None else torch.ones_like(error)
-        maps.last_aux_loss = (error * rows).sum() / rows.sum().clamp_min(1)
+        maps.record_transfer(out, teacher, padding[:, -q_len:] if padding is not None else None)
         return teacher, None
     return out, None
 
@@ -325,6 +331,14 @@ class LinearizePatch(Patch):
         self, model, config: LinearizeConfig, family: FamilySpec, layers: list[int], handle: PatchHandle
     ) -> None:
         layout = family.head_layout(model.config)
+        windows = [model_window(model.config, index) or max_positions(model.config) for index in layers]
+        if config.window < max_positions(model.config) and all(w <= config.window for w in windows):
+            raise InvalidOptionError(
+                f"{self.name}: no selected layer has a linear part: their own sliding windows ({sorted(set(windows))}) "
+                f"are no longer than window={config.window}, so every key stays in the exact softmax. Use a smaller "
+                "window, or select global layers.",
+                option="window",
+            )
         tracker = PaddingTracker()
         for hook in tracker.install(model):
             handle.on_revert(hook.remove)

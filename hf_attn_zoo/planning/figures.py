@@ -177,6 +177,22 @@ def _kv_bytes_per_position(family: FamilySpec, attention: nn.Module, config, dty
     return heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim) * dtype_bytes
 
 
+def _linear_layer_bytes(
+    family: FamilySpec, config, options: dict[str, Any], position: int, window: int | None, seq_len: int
+) -> int:
+    """Bytes a linearized layer's cache keeps (`kernels/linear_cache.py`): the raw keys and values of its recent
+    positions with two fp32 feature vectors each per KV head, plus, on a global layer, the fp32 state."""
+    from ..kernels.feature_maps import FEATURE_MAPS
+
+    layout = family.head_layout(config)
+    features = FEATURE_MAPS[options["feature_map"]].blocks * (options.get("feature_dim") or layout.head_dim)
+    recent = (window - 1) if window else max(options["window"] - 1, 0)
+    recent = min(recent, seq_len)
+    per_recent = position + layout.num_kv_heads * 2 * features * 4
+    state = 0 if window else layout.num_kv_heads * features * (layout.head_dim + 1) * 4
+    return recent * per_recent + state
+
+
 def _moa_layer_bytes(record: dict[str, Any], config, index: int, position: int, latent: bool, kept: int) -> int:
     """Bytes MoA's cache keeps for layer `index`: per KV-head bucket its sinks + window; a latent (MLA) cache keeps
     the union of the layer's heads (the largest sinks and window), as `patches/moa.py` builds it."""
@@ -222,6 +238,8 @@ def kv_cache(
                 position += family.head_layout(config).num_kv_heads * 8  # int64 cluster id per KV head
             elif method == "moa" and options.get("bounded_cache", True):
                 layer_bytes = _moa_layer_bytes(record, config, index, position, family.attention.kind == "mla", kept)
+            elif method in ("linearize", "nalaformer"):
+                layer_bytes = _linear_layer_bytes(family, config, options, position, window, seq_len)
         if layer_bytes is None:
             layer_bytes = position * kept
         per_token += position

@@ -201,6 +201,17 @@ def _layer_choice(
             train += "; explicit PyTorch ops with gradients"
             keys = options["window"] + options["sinks"] + seq_len // max(1, options["num_clusters"])
         return KernelChoice((index,), method, train, "masked SDPA over the full cache (+ the keys' cluster ids)", keys)
+    if method in ("linearize", "nalaformer"):
+        softmax = f"exact softmax over the last {options['window']} keys + " if options["window"] else ""
+        train = (
+            f"chunked {softmax}{options['feature_map']} linear attention (chunks of {options['chunk']}, PyTorch ops)"
+        )
+        decode = (
+            "the layer's own window: softmax + linear over its kept keys"
+            if window
+            else f"fixed-size state + the last {max(options['window'] - 1, 0)} keys"
+        )
+        return KernelChoice((index,), method, train, decode)
     if method == "hyper_attention":
         exact = _base(config, device, window)
         if seq_len <= options["min_seq_len"]:

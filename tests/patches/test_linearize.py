@@ -192,3 +192,29 @@ def test_bfloat16_runs_and_stays_close_to_float32():
         low = model.to(torch.bfloat16)(ids).logits.float()
     assert torch.isfinite(low).all()
     assert (low - expected).abs().max() < 0.1 * expected.abs().max()
+
+
+def test_attention_transfer_reaches_the_maps_peft_trains():
+    from peft import LoraConfig, get_peft_model
+
+    model = _linearized()
+    names = hf_attn_zoo.new_module_names(model)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=names))
+    peft_model.train()
+    ids = torch.randint(3, 128, (1, 10))
+    with attention_transfer(peft_model, weight=1.0):
+        out = peft_model(input_ids=ids, labels=ids)
+    assert out.aux_loss is not None and out.aux_loss > 0
+    out.loss.backward()
+    trained = [n for n, p in peft_model.named_parameters() if p.grad is not None and "modules_to_save" in n]
+    assert trained and all("linear_maps" in n for n in trained)
+
+
+def test_a_plan_without_any_linear_part_is_refused():
+    """Mistral's tiny layers attend 6 keys each: a softmax window of 6 or more leaves nothing linear anywhere."""
+    base = tiny_model("mistral")
+    model = clone(base)
+    with pytest.raises(InvalidOptionError, match=r"no selected layer has a linear part.*\[6\].*window=6"):
+        hf_attn_zoo.patch(model, "linearize", window=6)
+    assert hf_attn_zoo.applied_patches(model) == []
+    hf_attn_zoo.patch(model, "linearize", window=5)  # one linear key per query: accepted

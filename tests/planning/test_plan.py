@@ -322,3 +322,17 @@ def test_bad_upcycle_and_setup_options():
         plan("llama3-8b", seq_len=0)
     with pytest.raises(InvalidOptionError, match="sharding='tp' is not one of"):
         plan("llama3-8b", sharding="tp")
+
+
+def test_kv_cache_of_a_linearized_model_stops_growing():
+    """State (KV heads x 2d features x (d + 1) fp32) + the last window - 1 keys with their two fp32 feature vectors."""
+    per_token = 32 * 2 * 8 * 128 * 2
+    short, long = (
+        plan("llama3-8b", "linearize", {"feature_map": "hedgehog", "window": 64}, seq_len=n, train="none")
+        for n in (4096, 32768)
+    )
+    assert short.kv_after.bytes_at_seq_len == long.kv_after.bytes_at_seq_len and long.kv_after.bounded_layers == 32
+    recent = per_token // 32 + 8 * 2 * 256 * 4  # one position: bf16 K and V of 8 KV heads + 2 x 256 fp32 features
+    state = 8 * 256 * 129 * 4
+    assert long.kv_after.bytes_at_seq_len == 32 * (63 * recent + state)
+    assert long.kernels[0].decode == "fixed-size state + the last 63 keys"
