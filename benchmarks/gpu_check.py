@@ -8,7 +8,8 @@ row and the run goes on) and each with a time budget (cases left when it runs ou
 - correctness: every method's neutral setting equals the unpatched logits; cached greedy generation equals the full
   forward's argmax for every method with a KV cache (and SCMoE with beta 0); each static sparse pattern's flex and
   blocks paths equal the masked reference in forward and in the gradients of q, k, v;
-- speed: sparse prefill (sliding_window, power_attention, moba, moa) vs SDPA's flash kernel at 16k / 32k / 64k;
+- speed: sparse prefill (sliding_window, power_attention, moba, moa) and linear attention (nalaformer, linearize) vs
+  SDPA's flash kernel at 16k / 32k / 64k;
   MoH group-routing decode vs dense at 8k context (batch 1 and 16); SCMoE decode vs greedy (target >= 0.85x);
   MoH training steps/s vs dense in bf16 (target >= 0.95x); torch.compile'd patched models vs eager; the peak memory
   (`torch.cuda.max_memory_allocated`) of every row.
@@ -30,7 +31,10 @@ Fetch the wheels once, here (pydantic and what it needs, for CPython 3.12 on x86
 
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux2014_x86_64 -d .cache/gpu_wheels pydantic==2.14.4 pydantic_core==2.50.5 \
-        annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0
+        annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0 fla-core==0.6.0 einops==0.8.2
+
+(fla-core: flash-linear-attention's Triton kernels, which `linearize` / `nalaformer` use on CUDA when installed; the
+linear rows of the prefill table then time them, and the neutral / cached-decoding checks run through them.)
 
 Smoke test (CPU): python benchmarks/gpu_check.py --smoke [--out /tmp/gpu_check.md]
 """
@@ -63,6 +67,8 @@ import torch.nn.functional as F
 
 import hf_attn_zoo
 from hf_attn_zoo.families import resolve_family
+from hf_attn_zoo.kernels.feature_maps import FEATURE_MAPS
+from hf_attn_zoo.kernels.linear_attention import LinearFeatures, fla_available, hybrid_attention
 from hf_attn_zoo.kernels.moba import moba_attention
 from hf_attn_zoo.kernels.sparse_attention import AttentionPattern, choose_backend, sparse_attention
 from hf_attn_zoo.moa.cache import MoAPattern
@@ -764,8 +770,27 @@ def _flash(setup: Setup) -> tuple[str, Callable[..., torch.Tensor]]:
         return "sdpa flash (KV repeated)", expanded
 
 
+def _linear(feature_map: str, window: int, scaling: float) -> Callable[..., torch.Tensor]:
+    """One linearized attention call as `linearize` runs it in inference (RoPE-free here: the map of q and k, the same
+    features for numerator and normaliser), on fla's kernels when installed and on CUDA."""
+    fmap = FEATURE_MAPS[feature_map]
+
+    def attend(q, k, v):
+        fq, fk = fmap(q, True), fmap(k, False)
+        backend = "fla" if q.is_cuda and fla_available() else "torch"
+        weight = torch.full((q.shape[1],), 0.1, device=q.device)
+        features = LinearFeatures(fq, fk, fq, fk)
+        return hybrid_attention(
+            q, k, v, features, window=window, window_weight=weight, scaling=scaling, backend=backend
+        )
+
+    return attend
+
+
 def _auto_backend(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
     """What `backend="auto"` runs for these inputs (the patches' default)."""
+    if method.startswith(("linearize", "nalaformer")):
+        return "auto: fla" if q.is_cuda and fla_available() else "auto: torch (chunked)"
     if method == "moba":
         from hf_attn_zoo.kernels.moba import MASKED_MAX_PAIRS
 
@@ -787,7 +812,8 @@ def speed_prefill(setup: Setup, budget: Budget) -> list[Table]:
         "(compilation, BlockMask). sliding_window: window "
         f"{setup.unit} + 4 sinks; power_attention: {setup.unit // 4}-token blocks, window 5, 1 sink "
         f"block; moba: {setup.unit // 2}-token blocks, top-3; moa: per-KV-head spans of "
-        f"{setup.unit // 2}..{16 * setup.unit} tokens.",
+        f"{setup.unit // 2}..{16 * setup.unit} tokens; nalaformer: nala map, pure linear; linearize: hedgehog "
+        "map + 64-token softmax window (the feature maps included in the time).",
     )
     scaling = dim**-0.5
     patterns = static_patterns(setup)
@@ -796,6 +822,8 @@ def speed_prefill(setup: Setup, budget: Budget) -> list[Table]:
         "power_attention": functools.partial(sparse_attention, pattern=patterns["power_attention"], scaling=scaling),
         "moba": functools.partial(moba_attention, block_size=setup.unit // 2, top_k=3, scaling=scaling),
         "moa": functools.partial(sparse_attention, pattern=patterns["moa"], scaling=scaling),
+        "nalaformer": _linear("nala", 0, scaling),
+        "linearize hedgehog w64": _linear("hedgehog", 64, scaling),
     }
     for length in setup.prefill_lengths:
         q, k, v = _qkv(setup, length, dtype)

@@ -16,7 +16,9 @@ bounds the linear part for a layer with its own sliding window (None = every old
 training: the window part in blocks of `chunk` queries against their `chunk + W - 1` keys, the linear part as a causal
 linear attention over keys shifted by `W` positions (intra-chunk products plus an exclusive prefix sum of per-chunk
 states), so its cost grows linearly with the length. A `LinearState` (`sum phi_k v^T`, `sum psi_k` over keys older
-than every query's window) carries the prefix when decoding; `absorb` folds keys into it.
+than every query's window) carries the prefix when decoding; `absorb` folds keys into it. With `backend="fla"` the
+linear part's numerator runs on flash-linear-attention's `chunk_linear_attn` (Triton, GPU; optional dependency) and
+the normaliser on a prefix sum; the window part stays as here.
 
 Shapes: query `[B, H, Q, D]`, key `[B, KV, K, D]`, value `[B, KV, K, Dv]` (GQA not repeated: `H = KV * g`), the query
 rows are the last `Q` of the `K` key positions; features `[B, H, Q, F]` / `[B, KV, K, F]`. Everything runs in fp32
@@ -25,12 +27,26 @@ and the output `[B, Q, H, Dv]` is cast to the value dtype.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+import importlib
+import importlib.util
+import inspect
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LinearFeatures", "LinearState", "absorb", "hybrid_attention", "naive_hybrid_attention"]
+__all__ = [
+    "LinearBackend",
+    "LinearFeatures",
+    "LinearState",
+    "absorb",
+    "fla_available",
+    "hybrid_attention",
+    "naive_hybrid_attention",
+]
+
+LinearBackend = Literal["torch", "fla"]
 
 
 def _safe(den: torch.Tensor) -> torch.Tensor:
@@ -209,6 +225,52 @@ def _shifted_causal(
     return num, den
 
 
+@functools.cache
+def fla_available() -> bool:
+    """Whether flash-linear-attention's linear-attention kernels (`fla.ops.linear_attn`) import here."""
+    if importlib.util.find_spec("fla") is None:
+        return False
+    try:
+        importlib.import_module("fla.ops.linear_attn")
+    except Exception:  # a broken install (Triton missing or mismatched): the PyTorch path stays available
+        return False
+    return True
+
+
+def _fla_shifted_causal(
+    q: torch.Tensor,
+    q_norm: torch.Tensor,
+    k: torch.Tensor,
+    k_norm: torch.Tensor,
+    value: torch.Tensor,
+    shift: int,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`_shifted_causal` with the numerator on fla's `chunk_linear_attn` (keys before the first query as its initial
+    state) and the normaliser as a prefix sum of the key features."""
+    from fla.ops.linear_attn import chunk_linear_attn
+
+    q_len, k_len = q.shape[3], k.shape[2]
+    if shift >= k_len:
+        return None
+    start, group = k_len - q_len, q.shape[2]
+    k, k_norm, value = (F.pad(x[:, :, : k_len - shift], (0, 0, shift, 0)) for x in (k, k_norm, value))
+    initial = None
+    if start:
+        initial = absorb(None, k[:, :, :start], k_norm[:, :, :start], value[:, :, :start]).kv
+        initial = initial.repeat_interleave(group, 1).contiguous()  # [B, H, F, Dv]
+    # fla's layout: [B, T, H, F]
+    queries = q.flatten(1, 2).transpose(1, 2).contiguous()
+    keys, values = (x[:, :, start:].repeat_interleave(group, 1).transpose(1, 2).contiguous() for x in (k, value))
+    options: dict = {"scale": 1.0, "initial_state": initial, "output_final_state": False, "normalize": False}
+    if "head_first" in inspect.signature(chunk_linear_attn).parameters:
+        options["head_first"] = False
+    out, _ = chunk_linear_attn(queries, keys, values, **options)
+    num = out.float().transpose(1, 2).unflatten(1, (k.shape[1], group))  # [B, KV, g, Q, Dv]
+    den = torch.einsum("bkgqf,bkqf->bkgq", q_norm, k_norm.cumsum(2)[:, :, start:])
+    return num, den
+
+
 def hybrid_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -222,10 +284,11 @@ def hybrid_attention(
     key_real: torch.Tensor | None = None,
     state: LinearState | None = None,
     chunk: int = 64,
+    backend: LinearBackend = "torch",
 ) -> torch.Tensor:
     """Hybrid softmax-window + linear attention, chunked (see the module docstring). `state` holds keys older than
-    every query's window (they precede `key`); `key_real` `[B, K]` marks real (non-padding) keys. Returns
-    `[B, Q, H, Dv]`."""
+    every query's window (they precede `key`); `key_real` `[B, K]` marks real (non-padding) keys; `backend` runs the
+    linear part in PyTorch or on flash-linear-attention. Returns `[B, Q, H, Dv]`."""
     batch, heads, q_len, _ = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
     if span is not None and state is not None:
@@ -244,8 +307,9 @@ def hybrid_attention(
     fk, fkn = features.k.float() * mask, features.k_norm.float() * mask
     v = value.float()
     shifts = [(window, 1.0)] if span is None else [(window, 1.0), (span, -1.0)] if span > window else []
+    causal = _fla_shifted_causal if backend == "fla" else _shifted_causal
     for shift, sign in shifts:
-        part = _shifted_causal(fq, fqn, fk, fkn, v, shift, chunk)
+        part = causal(fq, fqn, fk, fkn, v, shift, chunk)
         if part is not None:
             num, den = num + sign * part[0], den + sign * part[1]
     if state is not None:

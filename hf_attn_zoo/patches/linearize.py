@@ -17,7 +17,8 @@ depend on absolute positions (a left-padded row shifts them). `W = 0` is pure li
 attention. On a layer with its own sliding window (Mistral, Gemma's local layers) the softmax window is at most that
 window and the linear part covers the rest of it: a local layer stays local.
 
-Prefill and training run the chunked form (`hf_attn_zoo.kernels.linear_attention`, linear in the length); decoding
+Prefill and training run the chunked form (`hf_attn_zoo.kernels.linear_attention`, linear in the length; its
+linear part on flash-linear-attention's Triton kernels for CUDA tensors when that is installed); decoding
 keeps the last `W - 1` keys for the window and a fixed-size state for everything older (`LinearStateLayer`), so the
 memory stops growing with the context.
 
@@ -48,7 +49,7 @@ from ..families.rope import capture_position_embeddings, pre_rope_refusal, rotar
 from ..families.spec import FamilySpec
 from ..kernels.feature_maps import FEATURE_MAPS, FeatureMap
 from ..kernels.kv_cache import current_kv_layer, use_kv_layer
-from ..kernels.linear_attention import LinearFeatures, hybrid_attention
+from ..kernels.linear_attention import LinearFeatures, fla_available, hybrid_attention
 from ..kernels.linear_cache import LinearStateLayer
 from ..kernels.pattern_handler import max_positions, model_window, unsupported_attention_reason
 from ..kernels.register import install_handler, remove_handler
@@ -67,6 +68,7 @@ __all__ = [
 ]
 
 _ROPE_ATTR = "_zoo_linear_rope"
+_FLA = fla_available()
 
 
 @dataclass
@@ -108,6 +110,13 @@ class LinearizeConfig(PatchConfig):
         metadata={"help": "initial softmax-window weight sigmoid(gamma) per head (LoLCATs: 0.1).", "gt": 0, "lt": 1},
     )
     chunk: int = field(default=64, metadata={"help": "query block of the chunked prefill.", "ge": 1})
+    backend: Literal["auto", "torch", "fla"] = field(
+        default="auto",
+        metadata={
+            "help": "linear part in PyTorch (torch) or on flash-linear-attention's Triton kernels (fla, GPU); auto: "
+            "fla for CUDA tensors when it is installed."
+        },
+    )
 
 
 class LinearMaps(nn.Module):
@@ -204,6 +213,7 @@ def _linear_handler(
     span: int | None,
     rope: Callable | None,
     chunk: int,
+    backend: str,
     **kwargs,
 ):
     """Attention handler of a linearized layer (see `hf_attn_zoo.kernels.register`)."""
@@ -236,6 +246,7 @@ def _linear_handler(
         key_real=real,
         state=cache.state if cache is not None else None,
         chunk=chunk,
+        backend="fla" if backend == "fla" or (backend == "auto" and query.is_cuda and _FLA) else "torch",
     )
     if cache is not None:
         cache.fold(real)
@@ -311,6 +322,12 @@ class LinearizePatch(Patch):
                 "(or register one with hf_attn_zoo.kernels.feature_maps.register_feature_map).",
                 option="feature_map",
             )
+        if config.backend == "fla" and not _FLA:
+            raise InvalidOptionError(
+                f"{self.name}: backend='fla' needs flash-linear-attention (pip install flash-linear-attention, GPU); "
+                "or use backend='auto'.",
+                option="backend",
+            )
         layout = family.head_layout(model_config)
         if config.feature_dim is not None and not config.learned and config.feature_dim != layout.head_dim:
             raise InvalidOptionError(
@@ -372,7 +389,13 @@ class LinearizePatch(Patch):
             hook = use_kv_layer(attention, functools.partial(LinearStateLayer, recent, own is None))
             handle.on_revert(hook.remove)
             handler = functools.partial(
-                _linear_handler, tracker=tracker, window=window, span=own, rope=rope, chunk=config.chunk
+                _linear_handler,
+                tracker=tracker,
+                window=window,
+                span=own,
+                rope=rope,
+                chunk=config.chunk,
+                backend=config.backend,
             )
             install_handler(model, attention, handler)
             handle.on_revert(functools.partial(remove_handler, model, attention))

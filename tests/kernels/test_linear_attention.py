@@ -174,3 +174,38 @@ def test_nala_sharpens_with_the_query_norm():
 def test_register_feature_map_refuses_a_taken_name():
     with pytest.raises(ValueError, match="already registered"):
         register_feature_map("nala", blocks=1, summary="again")(lambda x, is_query: x)
+
+
+def _reference_chunk_linear_attn(
+    q, k, v, scale=None, initial_state=None, output_final_state=False, normalize=True, head_first=False
+):
+    """flash-linear-attention's `chunk_linear_attn` as its docstring defines it ([B, T, H, K] layout), for the test
+    of our integration on machines without fla's Triton kernels: o_t = scale * q_t (S_0 + sum_{j<=t} k_j v_j^T)."""
+    assert not head_first and not normalize
+    scores = torch.einsum("bthf,bshf->bhts", q, k).tril()
+    out = torch.einsum("bhts,bshd->bthd", scores, v)
+    if initial_state is not None:
+        out = out + torch.einsum("bthf,bhfd->bthd", q, initial_state)
+    return out * scale, None
+
+
+@pytest.mark.parametrize("q_len,k_len,window,span,chunk", CASES + [(37, 50, 6, None, 8)])
+def test_the_fla_backend_computes_the_same_attention(q_len, k_len, window, span, chunk, monkeypatch):
+    """Our use of fla (shifted keys, GQA, initial state, the separate normaliser) against the torch path; fla itself
+    needs a GPU (benchmarks/gpu_check.py compares the real kernels there)."""
+    import sys
+    import types
+
+    module = types.ModuleType("fla.ops.linear_attn")
+    module.chunk_linear_attn = _reference_chunk_linear_attn
+    for name in ("fla", "fla.ops"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "fla.ops.linear_attn", module)
+    query, key, value, features, real, weight = _inputs(q_len, k_len)
+    options = dict(window=window, window_weight=weight, scaling=0.3, span=span, key_real=real, chunk=chunk)
+    torch.testing.assert_close(
+        hybrid_attention(query, key, value, features, backend="fla", **options),
+        hybrid_attention(query, key, value, features, **options),
+        atol=1e-5,
+        rtol=1e-5,
+    )

@@ -154,6 +154,7 @@ def test_transfer_callback_switches_on_for_the_run_only():
         ({"feature_dim": 4, "learned": False, "rope": "inputs"}, "needs learned=True"),
         ({"window_init": 1.0}, "window_init=1.0"),
         ({"rope": "both"}, "rope"),
+        ({"backend": "fla"}, "needs flash-linear-attention"),
     ],
 )
 def test_bad_options_leave_the_model_untouched(options, match):
