@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -43,6 +44,13 @@ def ratio_to(nll: torch.Tensor, dense: torch.Tensor) -> tuple[float, float]:
     mean = diff.mean().item()
     se = diff.std().item() / math.sqrt(diff.numel()) if diff.numel() > 1 else 0.0
     return math.exp(mean), math.exp(mean) * se
+
+
+def _finished(result):
+    """A finished run keeps only its `final/` model (its checkpoints would take about 1 GB each)."""
+    for checkpoint in result.output_dir.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    return result
 
 
 def _score(path: Path, tokenizer, blocks: int) -> torch.Tensor:
@@ -68,7 +76,7 @@ def main() -> None:
     cache = Path(args.cache)
     _, tokenizer = load_default_model()
 
-    dense_run = run_recipe(DENSE, [*overrides, f"output_dir={cache / 'dense'}"])
+    dense_run = _finished(run_recipe(DENSE, [*overrides, f"output_dir={cache / 'dense'}"]))
     scores = {"dense tuned": _score(dense_run.final_dir, tokenizer, blocks)}
     base, _ = load_default_model()
     scores["base (untuned)"] = held_out_nll(base.eval(), tokenizer, CORPUS, seq_len=256, max_blocks=blocks)
@@ -77,9 +85,11 @@ def main() -> None:
         label = f"{name} / {layers} / rope on {rope}"
         folder = cache / f"{name}_{layers}_{rope}_w{args.window}"
         patch = [f"patches.0.{k}={v}" for k, v in (("feature_map", name), ("layers", layers), ("rope", rope))]
-        first = run_recipe(STAGE1, [*overrides, *patch, f"patches.0.window={args.window}", f"output_dir={folder}/s1"])
+        first = _finished(
+            run_recipe(STAGE1, [*overrides, *patch, f"patches.0.window={args.window}", f"output_dir={folder}/s1"])
+        )
         stage1_scores[label] = _score(first.final_dir, tokenizer, blocks)
-        second = run_recipe(STAGE2, [*overrides, f"model.path={first.final_dir}", f"output_dir={folder}/s2"])
+        second = _finished(run_recipe(STAGE2, [*overrides, f"model.path={first.final_dir}", f"output_dir={folder}/s2"]))
         scores[label] = _score(second.final_dir, tokenizer, blocks)
 
     dense = scores["dense tuned"]

@@ -13,14 +13,14 @@ vectors *before* RoPE (the rotation is undone with the family's own `apply_rotar
 feature block with the query's or key's RoPE for the numerator, and keeps the un-rotated features `psi` for the
 normaliser (NaLaFormer): scores then depend on relative positions only, as softmax's do, and the normaliser stays
 positive. `inputs` maps the vectors as the model rotated them and uses them for both (LoLCATs): the scores then
-depend on absolute positions (a left-padded row shifts them). `W = 0` is pure linear
-attention. On a layer with its own sliding window (Mistral, Gemma's local layers) the softmax window is at most that
-window and the linear part covers the rest of it: a local layer stays local.
+depend on absolute positions (a left-padded row shifts them). `W = 0` is pure linear attention. On a layer with its
+own sliding window (Mistral, Gemma's local layers) the softmax window is at most that window and the linear part
+covers the rest of it: a local layer stays local.
 
-Prefill and training run the chunked form (`hf_attn_zoo.kernels.linear_attention`, linear in the length; its
-linear part on flash-linear-attention's Triton kernels for CUDA tensors when that is installed); decoding
-keeps the last `W - 1` keys for the window and a fixed-size state for everything older (`LinearStateLayer`), so the
-memory stops growing with the context.
+Prefill and training run the chunked form (`hf_attn_zoo.kernels.linear_attention`, linear in the length; its linear
+part on flash-linear-attention's Triton kernels for CUDA tensors when that is installed); decoding keeps the last
+`W - 1` keys for the window and a fixed-size state for everything older (`LinearStateLayer`), so the memory stops
+growing with the context.
 
 Two-stage linearizing (LoLCATs): `attention_transfer(model)` (the `linear_attention_transfer` recipe callback) makes
 every patched layer also run its original softmax attention, pass *that* output on, and add `weight * MSE(hybrid,
