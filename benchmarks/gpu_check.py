@@ -7,7 +7,8 @@ row and the run goes on) and each with a time budget (cases left when it runs ou
 
 - correctness: every method's neutral setting equals the unpatched logits; cached greedy generation equals the full
   forward's argmax for every method with a KV cache (and SCMoE with beta 0); each static sparse pattern's flex and
-  blocks paths equal the masked reference in forward and in the gradients of q, k, v;
+  blocks paths equal the masked reference in forward and in the gradients of q, k, v; the linear-attention fla
+  backend equals the PyTorch path (forward and gradients; skipped without fla-core);
 - speed: sparse prefill (sliding_window, power_attention, moba, moa) and linear attention (nalaformer, linearize) vs
   SDPA's flash kernel at 16k / 32k / 64k;
   MoH group-routing decode vs dense at 8k context (batch 1 and 16); SCMoE decode vs greedy (target >= 0.85x);
@@ -198,6 +199,7 @@ def gpu_setup() -> Setup:
             "scmoe": 30,
             "train": 30,
             "flex": 110,
+            "linear_fla": 15,
             "prefill": 90,
             "compile": 60,
         },
@@ -260,6 +262,7 @@ def smoke_setup() -> Setup:
             "neutral": 60,
             "cache": 60,
             "flex": 60,
+            "linear_fla": 60,
             "prefill": 60,
             "moh_decode": 60,
             "scmoe": 60,
@@ -736,6 +739,46 @@ def check_flex(setup: Setup, budget: Budget) -> list[Table]:
     return [table]
 
 
+def check_linear_fla(setup: Setup, budget: Budget) -> list[Table]:
+    """flash-linear-attention's kernels (the `fla` backend of `linearize` / `nalaformer`) against the PyTorch path."""
+    table = Table(
+        "Linear attention: the fla backend equals the PyTorch path",
+        "correctness",
+        ["map", "window", "dtype", "forward error", "grad error (q,k,v)", "tol"],
+        note=f"heads {setup.flex_heads[0]}/{setup.flex_heads[1]}, head dim {setup.flex_heads[2]}, {setup.flex_len} "
+        "tokens; the map of q and k as features; error = max |fla - torch| / max |torch|.",
+    )
+    scaling = setup.flex_heads[2] ** -0.5
+    for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        tol = TOL_FP32 if dtype == torch.float32 else TOL_BF16
+        for feature_map, window in (("nala", 0), ("hedgehog", 64)):
+            fmap = FEATURE_MAPS[feature_map]
+
+            def measure(fmap=fmap, window=window) -> dict[str, Any]:
+                if not (setup.cuda and fla_available()):
+                    return {"status": "skipped: needs CUDA and flash-linear-attention (fla-core)"}
+                q, k, v = _qkv(setup, setup.flex_len, dtype, requires_grad=True)
+                weight = torch.full((q.shape[1],), 0.1, device=q.device)
+                outs, grads = [], []
+                for backend in ("torch", "fla"):
+                    features = LinearFeatures(fmap(q, True), fmap(k, False), fmap(q, True), fmap(k, False))
+                    out = hybrid_attention(
+                        q, k, v, features, window=window, window_weight=weight, scaling=scaling, backend=backend
+                    )
+                    outs.append(out)
+                    grads.append(torch.autograd.grad(out.float().square().sum(), (q, k, v)))
+                errors = [_rel_error(outs[1], outs[0])] + [_rel_error(a, b) for a, b in zip(grads[1], grads[0])]
+                return {
+                    "forward error": errors[0],
+                    "grad error (q,k,v)": " / ".join(f"{e:.2g}" for e in errors[1:]),
+                    "tol": tol,
+                    "status": "ok" if max(errors) <= tol else "FAIL",
+                }
+
+            add_row(table, budget, setup, {"map": feature_map, "window": window, "dtype": dtype_name}, measure)
+    return [table]
+
+
 def _flash(setup: Setup) -> tuple[str, Callable[..., torch.Tensor]]:
     """SDPA's flash kernel on CUDA (GQA folded in by SDPA, else the KV heads repeated beforehand), SDPA's default
     choice on CPU."""
@@ -1173,6 +1216,7 @@ SECTIONS: dict[str, Callable[[Setup, Budget], list[Table]]] = {
     "scmoe": speed_scmoe,
     "train": speed_train,
     "flex": check_flex,
+    "linear_fla": check_linear_fla,
     "prefill": speed_prefill,
     "compile": speed_compile,
 }

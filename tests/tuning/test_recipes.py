@@ -203,7 +203,7 @@ def test_base_includes_merge_and_report_lines_in_the_base_file(tmp_path: Path):
 
 def test_find_recipe_by_name_and_ambiguity():
     assert find_recipe("moh/smollm2_quick") == recipes_dir() / "moh" / "smollm2_quick.yaml"
-    assert find_recipe("llama3-8b_stage2").name == "llama3-8b_stage2.yaml"
+    assert find_recipe("mixture_quick") == recipes_dir() / "upcycling" / "mixture_quick.yaml"  # a unique bare name
     with pytest.raises(RecipeError, match="ambiguous"):
         find_recipe("smollm2_quick")
     with pytest.raises(RecipeError, match="Did you mean"):
