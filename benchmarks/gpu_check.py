@@ -8,7 +8,8 @@ row and the run goes on) and each with a time budget (cases left when it runs ou
 - correctness: every method's neutral setting equals the unpatched logits; cached greedy generation equals the full
   forward's argmax for every method with a KV cache (and SCMoE with beta 0); each static sparse pattern's flex and
   blocks paths equal the masked reference in forward and in the gradients of q, k, v; the linear-attention fla
-  backend equals the PyTorch path (forward and gradients; skipped without fla-core);
+  kernel equals its reference (fla's kernels vs the PyTorch path where fla-core is installed, else the chunked path vs
+  the naive one; forward and gradients);
 - speed: sparse prefill (sliding_window, power_attention, moba, moa) and linear attention (nalaformer, linearize) vs
   SDPA's flash kernel at 16k / 32k / 64k;
   MoH group-routing decode vs dense at 8k context (batch 1 and 16); SCMoE decode vs greedy (target >= 0.85x);
@@ -69,7 +70,12 @@ import torch.nn.functional as F
 import hf_attn_zoo
 from hf_attn_zoo.families import resolve_family
 from hf_attn_zoo.kernels.feature_maps import FEATURE_MAPS
-from hf_attn_zoo.kernels.linear_attention import LinearFeatures, fla_available, hybrid_attention
+from hf_attn_zoo.kernels.linear_attention import (
+    LinearFeatures,
+    fla_available,
+    hybrid_attention,
+    naive_hybrid_attention,
+)
 from hf_attn_zoo.kernels.moba import moba_attention
 from hf_attn_zoo.kernels.sparse_attention import AttentionPattern, choose_backend, sparse_attention
 from hf_attn_zoo.moa.cache import MoAPattern
@@ -199,7 +205,7 @@ def gpu_setup() -> Setup:
             "scmoe": 30,
             "train": 30,
             "flex": 110,
-            "linear_fla": 15,
+            "linear": 15,
             "prefill": 90,
             "compile": 60,
         },
@@ -262,7 +268,7 @@ def smoke_setup() -> Setup:
             "neutral": 60,
             "cache": 60,
             "flex": 60,
-            "linear_fla": 60,
+            "linear": 60,
             "prefill": 60,
             "moh_decode": 60,
             "scmoe": 60,
@@ -739,14 +745,23 @@ def check_flex(setup: Setup, budget: Budget) -> list[Table]:
     return [table]
 
 
-def check_linear_fla(setup: Setup, budget: Budget) -> list[Table]:
-    """flash-linear-attention's kernels (the `fla` backend of `linearize` / `nalaformer`) against the PyTorch path."""
+def check_linear(setup: Setup, budget: Budget) -> list[Table]:
+    """The linear-attention kernel `linearize` / `nalaformer` run here against its reference: flash-linear-attention's
+    kernels (the `fla` backend, CUDA with fla-core installed) against the PyTorch chunked path, else the chunked path
+    against the naive quadratic one."""
+    fla = setup.cuda and fla_available()
     table = Table(
-        "Linear attention: the fla backend equals the PyTorch path",
+        "Linear attention: the kernel equals its reference",
         "correctness",
-        ["map", "window", "dtype", "forward error", "grad error (q,k,v)", "tol"],
+        ["map", "window", "backend", "dtype", "forward error", "grad error (q,k,v)", "tol"],
         note=f"heads {setup.flex_heads[0]}/{setup.flex_heads[1]}, head dim {setup.flex_heads[2]}, {setup.flex_len} "
-        "tokens; the map of q and k as features; error = max |fla - torch| / max |torch|.",
+        "tokens; the map of q and k as features; reference: "
+        + (
+            "the PyTorch chunked path (fla is installed)"
+            if fla
+            else "the naive quadratic form (fla needs CUDA + fla-core)"
+        )
+        + "; error = max |x - ref| / max |ref|.",
     )
     scaling = setup.flex_heads[2] ** -0.5
     for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
@@ -755,19 +770,18 @@ def check_linear_fla(setup: Setup, budget: Budget) -> list[Table]:
             fmap = FEATURE_MAPS[feature_map]
 
             def measure(fmap=fmap, window=window) -> dict[str, Any]:
-                if not (setup.cuda and fla_available()):
-                    return {"status": "skipped: needs CUDA and flash-linear-attention (fla-core)"}
                 q, k, v = _qkv(setup, setup.flex_len, dtype, requires_grad=True)
                 weight = torch.full((q.shape[1],), 0.1, device=q.device)
                 outs, grads = [], []
-                for backend in ("torch", "fla"):
+                for kernel in (
+                    functools.partial(hybrid_attention, backend="fla") if fla else hybrid_attention,
+                    functools.partial(hybrid_attention, backend="torch") if fla else naive_hybrid_attention,
+                ):
                     features = LinearFeatures(fmap(q, True), fmap(k, False), fmap(q, True), fmap(k, False))
-                    out = hybrid_attention(
-                        q, k, v, features, window=window, window_weight=weight, scaling=scaling, backend=backend
-                    )
+                    out = kernel(q, k, v, features, window=window, window_weight=weight, scaling=scaling)
                     outs.append(out)
                     grads.append(torch.autograd.grad(out.float().square().sum(), (q, k, v)))
-                errors = [_rel_error(outs[1], outs[0])] + [_rel_error(a, b) for a, b in zip(grads[1], grads[0])]
+                errors = [_rel_error(outs[0], outs[1])] + [_rel_error(a, b) for a, b in zip(grads[0], grads[1])]
                 return {
                     "forward error": errors[0],
                     "grad error (q,k,v)": " / ".join(f"{e:.2g}" for e in errors[1:]),
@@ -775,7 +789,8 @@ def check_linear_fla(setup: Setup, budget: Budget) -> list[Table]:
                     "status": "ok" if max(errors) <= tol else "FAIL",
                 }
 
-            add_row(table, budget, setup, {"map": feature_map, "window": window, "dtype": dtype_name}, measure)
+            cells = {"map": feature_map, "window": window, "backend": "fla" if fla else "torch", "dtype": dtype_name}
+            add_row(table, budget, setup, cells, measure)
     return [table]
 
 
@@ -1216,7 +1231,7 @@ SECTIONS: dict[str, Callable[[Setup, Budget], list[Table]]] = {
     "scmoe": speed_scmoe,
     "train": speed_train,
     "flex": check_flex,
-    "linear_fla": check_linear_fla,
+    "linear": check_linear,
     "prefill": speed_prefill,
     "compile": speed_compile,
 }
