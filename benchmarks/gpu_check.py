@@ -777,7 +777,8 @@ def check_linear(setup: Setup, budget: Budget) -> list[Table]:
                     functools.partial(hybrid_attention, backend="fla") if fla else hybrid_attention,
                     functools.partial(hybrid_attention, backend="torch") if fla else naive_hybrid_attention,
                 ):
-                    features = LinearFeatures(fmap(q, True), fmap(k, False), fmap(q, True), fmap(k, False))
+                    fq, fk = fmap(q, True), fmap(k, False)
+                    features = LinearFeatures(fq, fk, fq, fk)
                     out = kernel(q, k, v, features, window=window, window_weight=weight, scaling=scaling)
                     outs.append(out)
                     grads.append(torch.autograd.grad(out.float().square().sum(), (q, k, v)))

@@ -29,6 +29,7 @@ import torch
 import hf_attn_zoo
 from hf_attn_zoo.analysis.perplexity import held_out_nll
 from hf_attn_zoo.assets import load_default_model
+from hf_attn_zoo.studies.moh import gap_to_dense
 from hf_attn_zoo.tuning import run_recipe
 
 CORPUS = "python_stdlib_docs"  # the quick recipes' corpus (its held-out documents are never trained on)
@@ -36,14 +37,6 @@ STAGE1, STAGE2, DENSE = "linearize/smollm2_stage1_quick", "linearize/smollm2_sta
 # every map on every layer and on every other layer, RoPE on the features; and each map with LoLCATs' placement
 VARIANTS = [f"{m}:{layers}:features" for layers in ("all", "every_2nd") for m in ("nala", "hedgehog", "elu", "relu")]
 VARIANTS += [f"{m}:all:inputs" for m in ("nala", "hedgehog")]
-
-
-def ratio_to(nll: torch.Tensor, dense: torch.Tensor) -> tuple[float, float]:
-    """Perplexity ratio `exp(mean d)` of paired per-block NLLs and its standard error."""
-    diff = nll - dense
-    mean = diff.mean().item()
-    se = diff.std().item() / math.sqrt(diff.numel()) if diff.numel() > 1 else 0.0
-    return math.exp(mean), math.exp(mean) * se
 
 
 def _finished(result):
@@ -97,7 +90,8 @@ def main() -> None:
     print(f"\nHeld-out perplexity, {CORPUS}, {blocks} x 256 tokens; ratio to the dense model tuned on the same tokens")
     print("\n| model | after stage 1 | after stage 2 | ratio to dense (± SE) |\n|---|---:|---:|---:|")
     for label, nll in scores.items():
-        ratio, se = ratio_to(nll, dense)
+        gap, se = gap_to_dense(nll.tolist(), dense.tolist())  # the paired per-block estimate moh-study reports
+        ratio = 1 + gap
         stage1 = stage1_scores.get(label)
         first = f"{math.exp(stage1.mean().item()):.2f}" if stage1 is not None else ""
         print(f"| {label} | {first} | {math.exp(nll.mean().item()):.2f} | {ratio:.3f} ± {se:.3f} |")

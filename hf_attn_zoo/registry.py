@@ -34,6 +34,7 @@ __all__ = [
     "method_info",
     "option_infos",
     "register_patch",
+    "take_module_losses",
 ]
 
 
@@ -133,6 +134,17 @@ class PatchHandle:
 
     def aux_loss(self, model: torch.nn.Module) -> torch.Tensor | None:
         return self.aux_loss_fn(model) if self.aux_loss_fn is not None else None
+
+
+def take_module_losses(model: torch.nn.Module, kind: type, tag: str) -> list[tuple[Any, torch.Tensor]]:
+    """`(module, loss)` for every `kind` module of `model` tagged `tag` (its `patch_tag`: the patch call that made it)
+    whose `last_aux_loss` the last forward set; every tagged module's loss is cleared. Looked up in `model` as it is
+    now: under PEFT the modules that ran are `modules_to_save` copies, which keep the tag."""
+    mine = [m for m in model.modules() if isinstance(m, kind) and getattr(m, "patch_tag", None) == tag]
+    losses = [(m, m.last_aux_loss) for m in mine if m.last_aux_loss is not None]
+    for m in mine:
+        m.last_aux_loss = None
+    return losses
 
 
 class Patch(abc.ABC):

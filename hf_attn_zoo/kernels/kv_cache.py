@@ -61,8 +61,12 @@ class RetainingLayer(DynamicLayer):
         if self.positions.numel():
             keep = self.keep(self.seen)
             if not bool(keep.all()):
-                self.keys, self.values = self.keys[:, :, keep], self.values[:, :, keep]
-                self.positions = self.positions[keep]
+                self._select(keep)
+
+    def _select(self, keep: torch.Tensor) -> None:
+        """Keep the stored positions `keep` `[S]` (bool) marks; a subclass with more per-position data extends it."""
+        self.keys, self.values = self.keys[:, :, keep], self.values[:, :, keep]
+        self.positions = self.positions[keep]
 
     @property
     def contiguous(self) -> bool:

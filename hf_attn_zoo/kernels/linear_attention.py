@@ -179,6 +179,13 @@ def _window_part(
     return num * weight[..., None], den * weight
 
 
+def _shifted(shift: int, *keys: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Key-side tensors `[B, KV, K, .]` with key `j` moved to position `j + shift` (zeros before): a query at `p` then
+    reads the keys at distance >= `shift` as the shifted keys at positions <= `p`, a plain causal linear attention."""
+    k_len = keys[0].shape[2]
+    return tuple(F.pad(x[:, :, : k_len - shift], (0, 0, shift, 0)) for x in keys)
+
+
 def _shifted_causal(
     q: torch.Tensor,
     q_norm: torch.Tensor,
@@ -194,8 +201,7 @@ def _shifted_causal(
     if shift >= k_len:
         return None
     start = k_len - q_len
-    # key j moves to position j + shift: then a query at p sees the shifted keys at positions <= p (inclusive)
-    k, k_norm, value = (F.pad(x[:, :, : k_len - shift], (0, 0, shift, 0)) for x in (k, k_norm, value))
+    k, k_norm, value = _shifted(shift, k, k_norm, value)
     num = q.new_zeros(*q.shape[:-1], value.shape[-1])
     den = q.new_zeros(q.shape[:-1])
     if start:  # keys before the first query: one state every query reads
@@ -254,7 +260,7 @@ def _fla_shifted_causal(
     if shift >= k_len:
         return None
     start, group = k_len - q_len, q.shape[2]
-    k, k_norm, value = (F.pad(x[:, :, : k_len - shift], (0, 0, shift, 0)) for x in (k, k_norm, value))
+    k, k_norm, value = _shifted(shift, k, k_norm, value)
     initial = None
     if start:
         initial = absorb(None, k[:, :, :start], k_norm[:, :, :start], value[:, :, :start]).kv
@@ -303,8 +309,10 @@ def hybrid_attention(
         w_num, w_den = _window_part(q, key.float(), value.float(), window, weight, scaling, real, chunk)
         num, den = num + w_num, den + w_den
     fq, fqn = _grouped(features.q.float(), kv_heads), _grouped(features.q_norm.float(), kv_heads)
-    mask = real[:, None, :, None].float()
-    fk, fkn = features.k.float() * mask, features.k_norm.float() * mask
+    fk, fkn = features.k.float(), features.k_norm.float()
+    if key_real is not None:  # padding keys take no part in the linear sums
+        mask = real[:, None, :, None].float()
+        fk, fkn = fk * mask, fkn * mask
     v = value.float()
     shifts = [(window, 1.0)] if span is None else [(window, 1.0), (span, -1.0)] if span > window else []
     causal = _fla_shifted_causal if backend == "fla" else _shifted_causal

@@ -58,14 +58,10 @@ class LinearStateLayer(RetainingLayer):
             self.state = absorb(self.state, k, k_norm, self.values[:, :, :leaving])
         self.evict()
 
-    def _drop(self) -> None:
-        if self.positions.numel():
-            keep = self.keep(self.seen)
-            if not bool(keep.all()) and self.keys is not None and self.values is not None:
-                self.keys, self.values = self.keys[:, :, keep], self.values[:, :, keep]
-                self.positions = self.positions[keep]
-                if self.features is not None:
-                    self.features = (self.features[0][:, :, keep], self.features[1][:, :, keep])
+    def _select(self, keep: torch.Tensor) -> None:
+        super()._select(keep)
+        if self.features is not None:
+            self.features = (self.features[0][:, :, keep], self.features[1][:, :, keep])
 
     @property
     def nbytes(self) -> int:

@@ -55,7 +55,7 @@ from ..kernels.pattern_handler import max_positions, model_window, unsupported_a
 from ..kernels.register import install_handler, remove_handler
 from ..kernels.sparse_attention import PaddingTracker
 from ..options import POSITIONS
-from ..registry import Capabilities, Patch, PatchConfig, PatchHandle, register_patch
+from ..registry import Capabilities, Patch, PatchConfig, PatchHandle, register_patch, take_module_losses
 from ..tuning.callback_hooks import register_callback
 
 __all__ = [
@@ -68,7 +68,6 @@ __all__ = [
 ]
 
 _ROPE_ATTR = "_zoo_linear_rope"
-_FLA = fla_available()
 
 
 @dataclass
@@ -246,7 +245,7 @@ def _linear_handler(
         key_real=real,
         state=cache.state if cache is not None else None,
         chunk=chunk,
-        backend="fla" if backend == "fla" or (backend == "auto" and query.is_cuda and _FLA) else "torch",
+        backend="fla" if backend == "fla" or (backend == "auto" and query.is_cuda and fla_available()) else "torch",
     )
     if cache is not None:
         cache.fold(real)
@@ -322,7 +321,7 @@ class LinearizePatch(Patch):
                 "(or register one with hf_attn_zoo.kernels.feature_maps.register_feature_map).",
                 option="feature_map",
             )
-        if config.backend == "fla" and not _FLA:
+        if config.backend == "fla" and not fla_available():
             raise InvalidOptionError(
                 f"{self.name}: backend='fla' needs flash-linear-attention (pip install flash-linear-attention, GPU); "
                 "or use backend='auto'.",
@@ -401,14 +400,8 @@ class LinearizePatch(Patch):
             handle.on_revert(functools.partial(remove_handler, model, attention))
 
         def transfer_loss(model: nn.Module) -> torch.Tensor | None:
-            mine = [m for m in model.modules() if isinstance(m, LinearMaps) and getattr(m, "patch_tag", None) == tag]
-            losses = [
-                m.transfer_weight * m.last_aux_loss
-                for m in mine
-                if m.last_aux_loss is not None and m.transfer_weight is not None
-            ]
-            for m in mine:
-                m.last_aux_loss = None
+            taken = take_module_losses(model, LinearMaps, tag)
+            losses = [m.transfer_weight * loss for m, loss in taken if m.transfer_weight is not None]
             return torch.stack(losses).mean() if losses else None
 
         handle.aux_loss_fn = transfer_loss

@@ -45,7 +45,7 @@ from ..families.spec import FamilySpec, HeadLayout
 from ..kernels.head_sparse import active_runs, head_sparse_decode_attention
 from ..kernels.register import install_handler, remove_handler
 from ..options import QUERY_HEADS
-from ..registry import Capabilities, Patch, PatchConfig, PatchHandle, register_patch
+from ..registry import Capabilities, Patch, PatchConfig, PatchHandle, register_patch, take_module_losses
 
 __all__ = ["MoHConfig", "MoHPatch", "MoHRouter", "distill_router", "moh_routers", "rank_heads"]
 
@@ -508,10 +508,7 @@ class MoHPatch(Patch):
 
         def layer_mean_balance_loss(model: nn.Module) -> torch.Tensor | None:
             # the routers that ran: under PEFT those are modules_to_save copies, so look them up in the model now
-            mine = [m for m in model.modules() if isinstance(m, MoHRouter) and getattr(m, "patch_tag", None) == tag]
-            losses = [r.last_aux_loss for r in mine if r.last_aux_loss is not None]
-            for r in mine:
-                r.last_aux_loss = None
+            losses = [loss for _, loss in take_module_losses(model, MoHRouter, tag)]
             if not losses or config.balance_loss_weight == 0:
                 return None
             return config.balance_loss_weight * torch.stack(losses).mean()

@@ -63,7 +63,7 @@ from ..kernels.register import install_handler, remove_handler
 from ..kernels.routing_attention import routing_attention
 from ..kernels.sparse_attention import PaddingTracker
 from ..options import POSITIONS, QUERY_HEADS
-from ..registry import Capabilities, Patch, PatchConfig, PatchHandle, register_patch
+from ..registry import Capabilities, Patch, PatchConfig, PatchHandle, register_patch, take_module_losses
 from ..tuning.init_hooks import register_init_hook
 
 __all__ = [
@@ -392,12 +392,7 @@ class RoutingAttentionPatch(Patch):
             handle.on_revert(lambda a=attention: remove_handler(model, a))
 
         def commitment_loss(model: nn.Module) -> torch.Tensor | None:
-            mine = [
-                m for m in model.modules() if isinstance(m, RoutingCentroids) and getattr(m, "patch_tag", None) == tag
-            ]
-            losses = [m.last_aux_loss for m in mine if m.last_aux_loss is not None]
-            for m in mine:
-                m.last_aux_loss = None
+            losses = [loss for _, loss in take_module_losses(model, RoutingCentroids, tag)]
             if not losses or config.commitment_weight == 0:
                 return None
             return config.commitment_weight * torch.stack(losses).mean()
