@@ -65,9 +65,11 @@ def tune_main(argv: Sequence[str] | None = None) -> int:
             if world_size() > 1:
                 parser.error("--nproc starts the processes itself; do not combine it with torchrun / accelerate")
             return launch(args.nproc, [args.recipe, *args.overrides, *(["--overwrite"] if args.overwrite else [])])
+        from .distributed import finish
         from .train import run_recipe
 
         result = run_recipe(recipe, overwrite=args.overwrite)
+        finish()
     except ZooError as exc:
         print(f"hf-attn-zoo tune: error: {exc}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ __all__ = [
     "deepspeed_config_problems",
     "distributed_training_args",
     "enable_fsdp_without_gpus",
+    "finish",
     "full_state_dict",
     "launch",
     "sharding_problems",
@@ -220,6 +221,17 @@ def full_state_dict(trainer: Any) -> dict[str, torch.Tensor]:
     if trainer.is_fsdp_enabled:
         return trainer.accelerator.get_state_dict(trainer.model)
     return trainer.accelerator.unwrap_model(trainer.model).state_dict()
+
+
+def finish() -> None:
+    """End this process's part of a multi-process run: wait for the others, then close the process group.
+
+    A process that exits with its group still open leaves gloo's worker threads to static destruction, which
+    aborts now and then ("terminate called without an active exception") after the run has finished.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def free_port() -> int:
