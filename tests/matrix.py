@@ -16,6 +16,7 @@ METHOD_CASES: dict[str, dict] = {
     "bam": {"num_experts": 3},
     "hyper_attention": {"min_seq_len": 4, "block_size": 2, "sample_size": 2},
     "linearize": {"feature_map": "hedgehog", "window": 3, "chunk": 4},
+    "mla": {"rank": 8, "rope_pairs": 2},
     "moa": {"alpha": 2, "beta": 0.125, "sinks": 1, "length": 16},
     "moba": {"block_size": 3, "top_k": 2, "key_conv": 3, "decode": "sparse"},
     "moh": {"router": "learned"},

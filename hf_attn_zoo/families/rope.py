@@ -17,7 +17,7 @@ import torch
 from ..errors import UnsupportedArchitectureError
 from .spec import FamilySpec
 
-__all__ = ["capture_position_embeddings", "pre_rope_refusal", "rotary_function"]
+__all__ = ["capture_position_embeddings", "channel_pairs", "pre_rope_refusal", "rotary_function"]
 
 RotaryFunction = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (q, k, cos, sin) -> (q, k) rotated
 
@@ -30,6 +30,27 @@ def pre_rope_refusal(family: FamilySpec, what: str) -> str | None:
             "cannot be recovered"
         )
     return None
+
+
+def channel_pairs(family: FamilySpec, config: Any) -> tuple[int, list[int]]:
+    """How RoPE pairs the channels of a standard attention head: `(rotary pairs, pair of each channel)`.
+
+    Pair `i` of the `r` rotated channels turns at the `i`-th frequency: channels `c` and `c + r/2` in the
+    `rotate_half` layout, `2i` and `2i + 1` in the interleaved one (`attention.rope`). Channels past the rotary share
+    (partial rotary) are never rotated; each gets an id of its own after the rotary pairs.
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layout = family.head_layout(text)
+    rope = getattr(text, "rope_parameters", None) or {}  # transformers v5 keeps the factor there, older configs not
+    factor = getattr(text, "partial_rotary_factor", None) or rope.get("partial_rotary_factor") or 1.0
+    rotary = int(layout.head_dim * factor)
+    free = [rotary // 2 + c for c in range(layout.head_dim - rotary)]
+    pairs = (
+        [c // 2 for c in range(rotary)]
+        if family.attention.rope == "interleaved"
+        else [c % (rotary // 2) for c in range(rotary)]
+    )
+    return rotary // 2, pairs + free
 
 
 def rotary_function(attention: torch.nn.Module, method: str) -> RotaryFunction:

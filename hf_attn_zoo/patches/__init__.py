@@ -3,6 +3,7 @@
 from . import bam, moh  # noqa: F401
 from . import hyper_attention  # noqa: F401
 from . import linearize, nalaformer  # noqa: F401
+from . import mla  # noqa: F401
 from . import moa  # noqa: F401
 from . import moba  # noqa: F401
 from . import mote  # noqa: F401

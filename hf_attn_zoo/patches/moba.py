@@ -34,6 +34,7 @@ import torch.nn as nn
 from transformers import PretrainedConfig
 
 from ..families.spec import FamilySpec
+from ..families.rope import channel_pairs
 from ..kernels.kv_cache import RetainingLayer, use_kv_layer
 from ..kernels.masks import left_padding
 from ..kernels.moba import causal_key_conv, moba_attention
@@ -184,17 +185,8 @@ def _key_channels(family: FamilySpec, model_config: PretrainedConfig) -> tuple[i
         rotary = text.qk_rope_head_dim
         free = [rotary // 2 + c for c in range(text.qk_nope_head_dim)]
         return text.num_attention_heads, free + [c % (rotary // 2) for c in range(rotary)]
-    layout = family.head_layout(text)  # keys are [rotated, pass-through] (partial rotary)
-    rope = getattr(text, "rope_parameters", None) or {}  # transformers v5 keeps the factor there, older configs not
-    factor = getattr(text, "partial_rotary_factor", None) or rope.get("partial_rotary_factor") or 1.0
-    rotary = int(layout.head_dim * factor)
-    free = [rotary // 2 + c for c in range(layout.head_dim - rotary)]
-    pairs = (
-        [c // 2 for c in range(rotary)]
-        if family.attention.rope == "interleaved"
-        else [c % (rotary // 2) for c in range(rotary)]
-    )
-    return layout.num_kv_heads, pairs + free
+    _, pairs = channel_pairs(family, text)  # keys are [rotated, pass-through] (partial rotary)
+    return family.head_layout(text).num_kv_heads, pairs
 
 
 def _key_weight(attention: nn.Module, family: FamilySpec) -> torch.Tensor:

@@ -82,3 +82,13 @@ def moh_distill_router(
 
     fit = distill_router(model, _first_blocks(model, train_dataset, tokens, batch_size), steps=steps, lr=lr)
     logger.info("moh_distill_router: top-k agreement %.2f on %d tokens", fit["topk_agreement"], fit["tokens"])
+
+
+@register_init_hook("mla_calibrate")
+def mla_calibrate(model, train_dataset, tokens: int = 8192, batch_size: int = 8) -> None:
+    """Refit every MLA layer (which pairs keep RoPE, the latent) on the first `tokens` training tokens (see
+    `hf_attn_zoo.patches.mla.calibrate`): the actual keys and values instead of the weights alone."""
+    from ..patches.mla import calibrate
+
+    fit = calibrate(model, _first_blocks(model, train_dataset, tokens, batch_size))
+    logger.info("mla_calibrate: %d layers refitted on %d tokens", fit["layers"], fit["tokens"])
