@@ -36,8 +36,9 @@ METHODS: dict[str, tuple[str | None, dict]] = {  # label: (patch, options)
     DENSE: (None, {}),
     "linearize hedgehog w64": ("linearize", {"feature_map": "hedgehog", "window": 64}),
     "nalaformer": ("nalaformer", {}),
+    "mla r128 p4": ("mla", {"rank": 128, "rope_pairs": 4}),  # latent attention (issue 17): not in the defaults
 }
-LINEAR = [label for label, (patch, _) in METHODS.items() if patch is not None]
+LINEAR = ["linearize hedgehog w64", "nalaformer"]
 FLAT_TOLERANCE = 0.05  # the linear caches' growth from the smallest to the largest length
 
 
@@ -45,7 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", default="1024,2048,4096,8192", help="comma-separated context lengths")
     parser.add_argument("--decode", type=int, default=16, help="greedy decode steps timed after each prefill")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}")
+    parser.add_argument("--methods", default=",".join([DENSE, *LINEAR]), help=f"comma-separated subset of {list(METHODS)}")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON to this path")
     parser.add_argument("--smoke", action="store_true", help="tiny run to check the script: lengths 256,512, decode 4")
