@@ -46,7 +46,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", default="1024,2048,4096,8192", help="comma-separated context lengths")
     parser.add_argument("--decode", type=int, default=16, help="greedy decode steps timed after each prefill")
-    parser.add_argument("--methods", default=",".join([DENSE, *LINEAR]), help=f"comma-separated subset of {list(METHODS)}")
+    parser.add_argument(
+        "--methods", default=",".join([DENSE, *LINEAR]), help=f"comma-separated subset of {list(METHODS)}"
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON to this path")
     parser.add_argument("--smoke", action="store_true", help="tiny run to check the script: lengths 256,512, decode 4")

@@ -1,17 +1,20 @@
 """MLA conversion of the real SmolLM2: KV-cache bytes and held-out perplexity at several latent ranks, before and
 after the quick continue-tuning recipe, against the original model and the dense model tuned on the same tokens.
 
-For each rank (each KV head keeps RoPE on `--rope-pairs` of its 32 frequency pairs): the model converted from the
-weights alone, then calibrated on the recipe's first 8192 training tokens (`mla_calibrate`: MHA2MLA's 2-norm pair
-ranking, TransMLA's PCA of the actual keys and values), then (for `--tune-ranks`) continue-tuned by
-`mla/smollm2_quick` (30 steps of 4 x 128 tokens) beside `dense/smollm2_quick` on the same tokens. Held-out perplexity
+For each RoPE selection (`norm`: each KV head keeps its `--rope-pairs` pairs with the largest query x key norm,
+MHA2MLA; `rorope`: the same budget of principal components of the KV heads' pairs per frequency, TransMLA) and each
+rank: the model converted from the weights alone, then calibrated on the recipe's first 8192 training tokens
+(`mla_calibrate`: the pairs and the latent refitted on the actual queries, keys and values), then (for
+`--tune-ranks`) continue-tuned by `mla/smollm2_quick` (30 steps of 4 x 128 tokens) beside `dense/smollm2_quick` on
+the same tokens. Held-out perplexity
 on the Python documentation topics tuning never sees (32 blocks of 256 tokens); KV bytes per token from the cache
 after a prefill (the latent + the kept RoPE keys, against 2 x KV heads x head_dim). Decode speed at 8k:
 `python benchmarks/linear_decode.py --methods "dense (sdpa),mla r128 p4" --lengths 8192`.
 
 Target (issue 17): KV bytes <= 0.4x of the original, perplexity within 5% of the original after the quick recipe.
 
-Usage: python benchmarks/mla_conversion.py [--ranks 64,128,192] [--rope-pairs 4] [--tune-ranks 128] [--json PATH]
+Usage: python benchmarks/mla_conversion.py [--ranks 64,128,192] [--selections norm,rorope] [--rope-pairs 4]
+                                           [--tune-ranks 128] [--json PATH]
        python benchmarks/mla_conversion.py --smoke   (one rank, 2 blocks, 2 tuning steps: checks the script)
 """
 
@@ -61,6 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", default="64,128,192", help="comma-separated latent ranks")
     parser.add_argument("--rope-pairs", type=int, default=4, help="RoPE pairs each KV head keeps")
+    parser.add_argument("--selections", default="norm,rorope", help="comma-separated rope_selection values")
     parser.add_argument("--tune-ranks", default="128", help="ranks also continue-tuned by the quick recipe")
     parser.add_argument("--blocks", type=int, default=32, help="held-out blocks of 256 tokens")
     parser.add_argument("--cache", default="runs/mla_conversion", help="tuning run folders (reused by a rerun)")
@@ -82,20 +86,28 @@ def main() -> None:
     rows[0]["kv_bytes_per_token"] = original_bytes
     train, _ = build_datasets(load_recipe(RECIPE), tokenizer)
     batches = _first_blocks(base, train, calibration_tokens, 8)
-    for rank in ranks:
-        model, _ = load_default_model()
-        hf_attn_zoo.patch(model, "mla", rank=rank, rope_pairs=args.rope_pairs)
-        kv = _kv_bytes_per_token(model, tokenizer)
-        label = f"mla r{rank} p{args.rope_pairs}"
-        rows.append({"model": f"{label}, weights only", "ppl": _ppl(model, tokenizer, blocks), "kv_bytes_per_token": kv})
-        calibrate(model, batches)
-        rows.append({"model": f"{label}, calibrated", "ppl": _ppl(model, tokenizer, blocks), "kv_bytes_per_token": kv})
-        del model
-        if rank in tune:
-            recipe = [*overrides, *calibration_overrides, f"patches.0.rank={rank}", f"patches.0.rope_pairs={args.rope_pairs}"]
-            final = _tuned(RECIPE, recipe, cache / f"r{rank}_p{args.rope_pairs}")
-            tuned = hf_attn_zoo.from_pretrained(final)
-            rows.append({"model": f"{label}, tuned", "ppl": _ppl(tuned, tokenizer, blocks), "kv_bytes_per_token": kv})
+    for selection in args.selections.split(","):
+        for rank in ranks:
+            model, _ = load_default_model()
+            hf_attn_zoo.patch(model, "mla", rank=rank, rope_pairs=args.rope_pairs, rope_selection=selection)
+            kv = _kv_bytes_per_token(model, tokenizer)
+            label = f"mla {selection} r{rank} p{args.rope_pairs}"
+            row = {"kv_bytes_per_token": kv, "selection": selection, "rank": rank}
+            rows.append({"model": f"{label}, weights only", "ppl": _ppl(model, tokenizer, blocks), **row})
+            calibrate(model, batches)
+            rows.append({"model": f"{label}, calibrated", "ppl": _ppl(model, tokenizer, blocks), **row})
+            del model
+            if rank in tune:
+                recipe = [
+                    *overrides,
+                    *calibration_overrides,
+                    f"patches.0.rank={rank}",
+                    f"patches.0.rope_pairs={args.rope_pairs}",
+                    f"patches.0.rope_selection={selection}",
+                ]
+                final = _tuned(RECIPE, recipe, cache / f"{selection}_r{rank}_p{args.rope_pairs}")
+                tuned = hf_attn_zoo.from_pretrained(final)
+                rows.append({"model": f"{label}, tuned", "ppl": _ppl(tuned, tokenizer, blocks), **row})
     if tune:
         dense = hf_attn_zoo.from_pretrained(_tuned(DENSE, overrides, cache / "dense"))
         rows.append({"model": "dense, tuned (same tokens)", "ppl": _ppl(dense, tokenizer, blocks)})

@@ -25,6 +25,7 @@ commands:
   eval      [lm-eval flags]                  lm-eval with the 'hf-attn-zoo' model and the offline task pack
   report    RESULTS... --names ... --out DIR side-by-side table (md, json) and chart (png)
   upcycle   SEED [EXPERT ...] --out DIR      dense -> MoE: --mode sparse|btx|bam, or --mergekit FILE
+  mla-export MODEL OUT                       an mla-converted model as a stock DeepSeek-V3 checkpoint
   upcycle-study [--out DIR] [--stage ...]    SmolLM2 specialists -> sparse/BTX/BAM -> mixture tuning -> report
   moh-study [--variants ...] [--budgets ...] MoH variants vs dense on the same tokens, gap per budget -> report
   plan      MODEL METHOD [k=v ...] --gpus N  plan before you rent: memory per GPU, KV cache, attention kernels
@@ -115,6 +116,37 @@ def patch_main(argv: list[str]) -> int:
     record = hf_attn_zoo.applied_patches(model)[-1]
     print(f"patched {path} with {args.method} on {len(record['layers'])} layers -> {args.out}")
     print(f"options: {record['options']}")
+    return 0
+
+
+def mla_export_main(argv: list[str]) -> int:
+    import hf_attn_zoo
+
+    parser = argparse.ArgumentParser(
+        prog="hf-attn-zoo mla-export",
+        description="Write a model converted with the mla patch (every layer) as a stock DeepSeek-V3 checkpoint that "
+        "plain transformers loads; the written checkpoint is loaded back and its logits compared first.",
+    )
+    parser.add_argument("model", help="an mla-patched checkpoint folder, e.g. runs/mla/smollm2_quick/final")
+    parser.add_argument("out", type=Path, help="where the DeepSeek-V3 checkpoint is written")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it already holds something")
+    args = parser.parse_intermixed_args(argv)
+    from transformers import AutoTokenizer
+
+    from .mla_export import export_deepseek_v3
+    from .outputs import check_output
+
+    check_output(args.out, args.overwrite, "output folder")  # before the (slow) load
+    path = resolve_model(args.model)
+    model = hf_attn_zoo.from_pretrained(path).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):  # a bare model folder: the checkpoint gets no tokenizer either
+        tokenizer = None
+    export_deepseek_v3(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
+    print(f"wrote {args.out}: model_type deepseek_v3, loads with AutoModelForCausalLM.from_pretrained (no hf_attn_zoo)")
+    if tokenizer is None:
+        print(f"note: {args.model} has no tokenizer, so {args.out} has none; copy it there")
     return 0
 
 
@@ -238,6 +270,7 @@ _COMMANDS = {
     "families": ("hf_attn_zoo.cli", "families_main"),
     "patch": ("hf_attn_zoo.cli", "patch_main"),
     "upcycle": ("hf_attn_zoo.upcycling.cli", "upcycle_main"),
+    "mla-export": ("hf_attn_zoo.cli", "mla_export_main"),
     "upcycle-study": ("hf_attn_zoo.upcycling.pipeline", "pipeline_main"),
     "moh-study": ("hf_attn_zoo.studies.moh", "moh_study_main"),
     "plan": ("hf_attn_zoo.planning.cli", "plan_main"),

@@ -1,13 +1,14 @@
 """A model converted with the `mla` patch, written as a stock DeepSeek-V3 checkpoint (`model_type: deepseek_v3`, dense
 MLP layers): plain transformers loads it without this package and without remote code, with the same logits.
 
-The patch's layers map onto DeepSeek-V3's attention weight for weight (`kv_a_proj_with_mqa` = the latent and the
-kept RoPE rows, `kv_b_proj` = `B` repeated for each query head of a KV head). Three things need care:
+The patch's layers map onto DeepSeek-V3's attention weight for weight (`q_proj` = the query map folded into the
+query rows, `kv_a_proj_with_mqa` = the latent and RoPE-key rows, `kv_b_proj` = `B` repeated for each query head of a
+KV head). Three things need care:
 
-- **The shared RoPE key.** DeepSeek rotates one `qk_rope_head_dim`-wide key shared by every head in the
-  `rotate_half` layout. The kept pairs of every KV head become slots of that key (`[firsts | seconds]`); a query head
-  has its own pairs in its KV head's slots and zeros elsewhere. Each slot turns at its pair's original frequency:
-  the rotary is written as `longrope` with one factor per slot (no length switch, attention factor = the source's).
+- **The shared RoPE key.** The patch already has DeepSeek's layout (`[no-RoPE; RoPE]` queries through its query map,
+  one shared RoPE key in the `rotate_half` slot layout), but each slot turns at the frequency of the pair it came
+  from: the rotary is written as `longrope` with one factor per slot (no length switch, attention factor = the
+  source's), so every layer must keep the same frequencies.
 - **The latent norm.** DeepSeek normalises the latent (`kv_a_layernorm`, RMSNorm, eps 1e-6); the patch does not.
   The latent rows are scaled by a tiny `s` so that `mean(c^2)` stays ~1e-8 of eps, where the norm is linear to fp32
   rounding, and the norm weight `sqrt(eps) / s` undoes the scale. (bf16 and fp32 hold these exponents; fp16 would
@@ -97,20 +98,9 @@ def _rotary(model: Any) -> Any:
     return rotary
 
 
-def _slots(latent_kv: LatentKV, pair_of: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Where each kept pair goes in the shared RoPE key: per KV head `[p]` first and second channels (the lower
-    channel of a pair turns first in both RoPE layouts) and the pair ids, in slot order."""
-    firsts, seconds, ids = [], [], []
-    pairs = torch.tensor(pair_of)
-    for channels in latent_kv.rope_channels.cpu():
-        by_pair: dict[int, list[int]] = {}
-        for c in channels.tolist():
-            by_pair.setdefault(int(pairs[c]), []).append(c)
-        order = sorted(by_pair)
-        firsts.append([min(by_pair[i]) for i in order])
-        seconds.append([max(by_pair[i]) for i in order])
-        ids.append(order)
-    return torch.tensor(firsts), torch.tensor(seconds), torch.tensor(ids)
+def _slot_pairs(latent_kv: LatentKV, pair_of: list[int]) -> list[int]:
+    """The RoPE frequency (pair id) that turns each slot of a layer's shared key."""
+    return [pair_of[int(c)] for c in latent_kv.slot_pairs[:, 0]]
 
 
 def _config(model: Any, latent_kv: LatentKV, rotary: Any, slot_freq: torch.Tensor, bias: bool) -> Any:
@@ -118,7 +108,7 @@ def _config(model: Any, latent_kv: LatentKV, rotary: Any, slot_freq: torch.Tenso
 
     text = model.config.get_text_config()
     heads = text.num_attention_heads
-    rope_dim = latent_kv.kv_heads * latent_kv.rope_width
+    rope_dim = latent_kv.rope_width
     base = 10000.0
     standard = base ** (torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim)
     factors = (1.0 / (slot_freq.double() * standard)).tolist()
@@ -167,10 +157,8 @@ def _config(model: Any, latent_kv: LatentKV, rotary: Any, slot_freq: torch.Tenso
 def _state_dict(model: Any, family: Any, latents: list[LatentKV], bias: bool) -> dict[str, torch.Tensor]:
     text = model.config.get_text_config()
     heads, d = text.num_attention_heads, latents[0].head_dim
-    kv_heads, width, nope = latents[0].kv_heads, latents[0].rope_width, latents[0].nope_width
-    group, pairs = heads // kv_heads, width // 2
-    rope_dim = kv_heads * width
-    _, pair_of = channel_pairs(family, model.config)
+    kv_heads, nope = latents[0].kv_heads, latents[0].nope_width
+    group = heads // kv_heads
     out: dict[str, torch.Tensor] = {
         "model.embed_tokens.weight": model.get_input_embeddings().weight,
         "model.norm.weight": _final_norm(model).weight,
@@ -181,18 +169,15 @@ def _state_dict(model: Any, family: Any, latents: list[LatentKV], bias: bool) ->
         prefix = f"model.layers.{index}."
         attention = family.attention_module(model, index)
         layer = family.decoder_layers(model)[index]
-        firsts, seconds, _ = _slots(latent_kv, pair_of)
-        # the latent rows, scaled into the linear range of kv_a_layernorm
         down = latent_kv.kv_down
         weight = down.weight.double()
-        bias_rows = down.bias.double() if down.bias is not None else weight.new_zeros(weight.shape[0])
-        latent_rows = torch.cat([weight, bias_rows[:, None]], 1)[: latent_kv.rank]
-        scale = 1e-4 * math.sqrt(_LATENT_EPS) / max(latent_rows.norm().item(), 1e-30) / math.sqrt(text.hidden_size)
-        rope_rows = []
-        for which in (firsts, seconds):
-            for j in range(kv_heads):
-                rope_rows += [latent_kv.rank + j * width + _index_in(latent_kv, j, int(c)) for c in which[j]]
-        rows = torch.cat([latent_rows * scale, torch.cat([weight, bias_rows[:, None]], 1)[rope_rows]])
+        bias_column = down.bias.double() if down.bias is not None else weight.new_zeros(weight.shape[0])
+        rows = torch.cat([weight, bias_column[:, None]], 1)
+        # the latent rows scaled into the linear range of kv_a_layernorm: mean(c^2) <= 1e-8 eps for inputs of rms <= 1e4
+        latent_rows = rows[: latent_kv.rank]
+        bound = torch.linalg.matrix_norm(latent_rows, ord=2).item() * 1e4 * math.sqrt(text.hidden_size + 1)
+        scale = 1e-4 * math.sqrt(_LATENT_EPS * latent_kv.rank) / max(bound, 1e-30)
+        rows = torch.cat([latent_rows * scale, rows[latent_kv.rank :]])
         out[prefix + "self_attn.kv_a_proj_with_mqa.weight"] = rows[:, :-1]
         if bias:
             out[prefix + "self_attn.kv_a_proj_with_mqa.bias"] = rows[:, -1]
@@ -201,16 +186,10 @@ def _state_dict(model: Any, family: Any, latents: list[LatentKV], bias: bool) ->
         )
         up = latent_kv.kv_up.weight.view(kv_heads, nope + d, latent_kv.rank)
         out[prefix + "self_attn.kv_b_proj.weight"] = up.repeat_interleave(group, 0).reshape(-1, latent_kv.rank)
-        # queries: [own no-RoPE channels | the shared RoPE key's slots, own KV head's filled], scale folded in
+        # queries: the query map folded into the query rows; DeepSeek's 1/sqrt(qk_head_dim) made the source's scale
         q_weight = getattr(attention, family.attention.q).weight.double().view(heads, d, -1)
-        q_rows = q_weight.new_zeros(heads, nope + rope_dim, q_weight.shape[-1])
-        for h in range(heads):
-            j = h // group
-            q_rows[h, :nope] = q_weight[h, latent_kv.nope_channels[j]]
-            q_rows[h, nope + j * pairs : nope + (j + 1) * pairs] = q_weight[h, firsts[j]]
-            half = rope_dim // 2
-            q_rows[h, nope + half + j * pairs : nope + half + (j + 1) * pairs] = q_weight[h, seconds[j]]
-        q_rows *= attention.scaling * math.sqrt(nope + rope_dim)
+        q_rows = torch.einsum("hed,hdi->hei", latent_kv.query_map.double(), q_weight)
+        q_rows = q_rows * attention.scaling * math.sqrt(nope + latent_kv.rope_width)
         out[prefix + "self_attn.q_proj.weight"] = q_rows.reshape(-1, q_rows.shape[-1])
         o_proj = getattr(attention, family.attention.o)
         out[prefix + "self_attn.o_proj.weight"] = o_proj.weight
@@ -225,11 +204,6 @@ def _state_dict(model: Any, family: Any, latents: list[LatentKV], bias: bool) ->
         out[prefix + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
     dtype = model.get_input_embeddings().weight.dtype
     return {k: v.detach().to(dtype).contiguous().cpu() for k, v in out.items()}
-
-
-def _index_in(latent_kv: LatentKV, head: int, channel: int) -> int:
-    """Position of `channel` among KV head `head`'s kept RoPE channels (its row in `kv_down`'s RoPE block)."""
-    return latent_kv.rope_channels[head].tolist().index(channel)
 
 
 def _final_norm(model: Any) -> Any:
@@ -265,9 +239,9 @@ def export_deepseek_v3(
         getattr(getattr(attention, getattr(family.attention, p)), "bias", None) is not None for p in "kvo"
     ) or any(m.kv_down.bias is not None for m in latents)
     _, pair_of = channel_pairs(family, model.config)
-    _, _, ids = _slots(latents[0], pair_of)
-    slot_freq = rotary.inv_freq.detach().double().cpu()[ids.flatten()]
-    if any(not torch.equal(_slots(m, pair_of)[2], ids) for m in latents[1:]):
+    ids = _slot_pairs(latents[0], pair_of)
+    slot_freq = rotary.inv_freq.detach().double().cpu()[ids]
+    if any(_slot_pairs(m, pair_of) != ids for m in latents[1:]):
         # one rotary for all layers: the slots must turn at the same frequencies in every layer
         raise _refuse(
             "the layers keep different RoPE frequency pairs; DeepSeek-V3 has one rotary for all layers. Convert with "

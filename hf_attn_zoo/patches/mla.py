@@ -1,28 +1,28 @@
 """Multi-head latent attention (MLA, DeepSeek-V2 arXiv:2405.04434) retrofitted into a GQA / MHA model: partial RoPE
-(MHA2MLA, arXiv:2502.14837) and one low-rank latent for the no-RoPE keys and the values (TransMLA, arXiv:2502.07864).
+(MHA2MLA, arXiv:2502.14837; TransMLA's RoRoPE, arXiv:2502.07864) and one low-rank latent for the no-RoPE keys and the
+values, in DeepSeek-V3's layout:
 
-Each patched layer keeps its query and output projections. KV head `j` keeps RoPE on `p` of its frequency pairs, the
-channels `R_j`; its other channels `N_j` lose RoPE and, with its values, come out of one latent shared by all heads:
+    q_h = M_h W_q x = [q_h^nope (n); q_h^rope (D)]      per query head (M_h: `query_map`, from the original W_q)
+    [c; k^rope] = A x + a                               the latent (rank r) and one RoPE key shared by all heads
+    [k_j^nope; v_j] = B_j c                             per KV head j
+    score(h, t, s) = q_h^nope . k_j^nope + RoPE_t(q_h^rope) . RoPE_s(k^rope)
 
-    c_t = A x_t + a                                    latent, rank r (cached)
-    [k_{t,j}[N_j]; v_{t,j}] = B_j c_t                  no-RoPE keys and values of KV head j
-    k_{t,j}[R_j] = RoPE_t(W_k[R_j] x_t + b_k[R_j])     the kept pairs, as the model computed them (cached)
-    score(h, t, s) = q_{t,h}[R_j] . k_{s,j}[R_j] + q_{t,h}[N_j] . k_{s,j}[N_j]      (query h in group j; q_h[N_j]
-                                                                                     not rotated)
+The cache holds `c` and `k^rope`: `r + D` numbers per token and layer instead of `2 d KV`. Decode steps attend in the
+latent without expanding the cache (`absorb`): `q_h^nope B^k_j` is a query against `c` itself and the output is
+`B^v_j` times the attention-weighted latent.
 
-The cache holds `c` and the kept RoPE keys: `r + 2 p KV` numbers per token and layer instead of `2 d KV`. In the
-decode step the absorbed form never expands the cache: `q_h[N_j] B^k_j` is a query against the latent itself and
-the output is `B^v_j` times the attention-weighted latent (`absorb`).
+Which RoPE components stay (`rope_selection`, `rope_pairs` x KV heads slots of the shared key, see
+`patches/mla_layout.py`): each KV head's own pairs with the largest query x key norm (`norm`, MHA2MLA's 2-norm) or by
+frequency (`high`, `low`, `uniform`); or principal components of the KV heads' pairs per frequency (`rorope`, TransMLA:
+a unitary mix of the heads' pairs commutes with RoPE and concentrates the positional information). What the kept
+components leave of the keys loses RoPE and goes into the latent with the values: `A`, `B` are the principal
+directions of the stacked rows, keys and values balanced to equal power first (TransMLA). At patch time from the
+weights alone; `calibrate(model, batches)` (recipe init step `mla_calibrate`) redoes both on real text.
+`hf_attn_zoo.mla_export.export_deepseek_v3` writes the result as a stock DeepSeek-V3 checkpoint.
 
-Initialisation (at patch time, from the weights alone): the kept pairs rank by `rope_selection` (`norm`: MHA2MLA's
-2-norm criterion, the product of the query and key norms of each pair, here of the projection rows; `high` / `low` /
-`uniform` frequencies); `A`, `B` from the principal directions of the stacked no-RoPE key and value projections,
-keys and values balanced to equal norm first (TransMLA). `calibrate(model, batches)` (recipe init step
-`mla_calibrate`) redoes both on real text: the pair norms and the principal components of the actual keys and values.
-`hf_attn_zoo.mla.export_deepseek_v3` writes the result as a stock DeepSeek-V3 checkpoint.
-
-The original k/v projections stay in the module, unused, so that `unpatch` is exact. Not training-free. Neutral
-setting: every pair keeps RoPE and the full rank (`A` = the stacked projections, `B` = identity): the model exactly.
+The original k/v projections stay in the module, unused, so that `unpatch` is exact; the query projection is still
+the model's (LoRA on it keeps working). Not training-free. Neutral setting: every pair and the full rank (`A` the
+stacked projections, `B` the identity): the model exactly.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from ..errors import InvalidOptionError
 from ..families.rope import channel_pairs, rotary_function
 from ..families.spec import FamilySpec
 from ..registry import Capabilities, Patch, PatchConfig, PatchHandle, register_patch
+from .mla_layout import factorise, nope_width, plan_layout
 
 __all__ = ["LatentKV", "MLAConfig", "MLAPatch", "calibrate", "latent_layers"]
 
@@ -63,11 +64,12 @@ class MLAConfig(PatchConfig):
             "ge": 0,
         },
     )
-    rope_selection: Literal["norm", "high", "low", "uniform"] = field(
+    rope_selection: Literal["norm", "high", "low", "uniform", "rorope"] = field(
         default="norm",
         metadata={
-            "help": "which pairs keep RoPE: norm (largest query x key norm, MHA2MLA's 2-norm), high / low "
-            "(frequencies), uniform (evenly spaced)."
+            "help": "which RoPE components stay: each KV head its pairs with the largest query x key norm (norm, "
+            "MHA2MLA's 2-norm), or by frequency (high / low / uniform); rorope: the principal components of the KV "
+            "heads' pairs per frequency (TransMLA's RoRoPE), the same budget of rope_pairs x KV heads."
         },
     )
     balance: bool = field(
@@ -84,20 +86,23 @@ class MLAConfig(PatchConfig):
 
 
 class LatentKV(nn.Module):
-    """One layer's latent key/value projections, laid out as DeepSeek-V3's: `kv_down` `hidden -> r + 2 p KV` (the
-    latent, then the kept RoPE channels of every KV head) and `kv_up` `r -> KV (n + d)` (per KV head its `n` no-RoPE
-    key channels, then its `d` value channels). `rope_channels` `[KV, 2p]` and `nope_channels` `[KV, n]` say which
-    channels of each key head are which (buffers, saved with the model)."""
+    """One layer's latent attention in DeepSeek-V3's layout: `query_map` `[H, n + D, d]` turns each query head into
+    `[no-RoPE part (n); RoPE slots (D)]` (a buffer: a selection, or a mix of pairs under `rorope`); `kv_down`
+    `hidden -> r + D` (the latent, then the shared RoPE key); `kv_up` `r -> KV (n + d)` (per KV head its no-RoPE keys,
+    then its values); `slot_pairs` `[D / 2, 2]` the head channels (first, second) of the RoPE pair whose frequency
+    turns each slot."""
 
-    rope_channels: torch.Tensor
-    nope_channels: torch.Tensor
+    query_map: torch.Tensor
+    slot_pairs: torch.Tensor
 
     def __init__(
         self,
         hidden: int,
         rank: int,
+        heads: int,
         kv_heads: int,
         head_dim: int,
+        nope_width: int,
         rope_width: int,
         bias: bool,
         *,
@@ -105,21 +110,18 @@ class LatentKV(nn.Module):
         dtype: torch.dtype,
     ):
         super().__init__()
-        self.rank, self.kv_heads, self.head_dim, self.rope_width = rank, kv_heads, head_dim, rope_width
-        self.nope_width = head_dim - rope_width
-        self.kv_down = nn.Linear(hidden, rank + kv_heads * rope_width, bias=bias, device=device, dtype=dtype)
-        self.kv_up = nn.Linear(rank, kv_heads * (self.nope_width + head_dim), bias=False, device=device, dtype=dtype)
-        self.register_buffer("rope_channels", torch.zeros(kv_heads, rope_width, dtype=torch.long, device=device))
-        self.register_buffer("nope_channels", torch.zeros(kv_heads, self.nope_width, dtype=torch.long, device=device))
+        self.rank, self.kv_heads, self.head_dim = rank, kv_heads, head_dim
+        self.nope_width, self.rope_width = nope_width, rope_width
+        self.kv_down = nn.Linear(hidden, rank + rope_width, bias=bias, device=device, dtype=dtype)
+        self.kv_up = nn.Linear(rank, kv_heads * (nope_width + head_dim), bias=False, device=device, dtype=dtype)
+        self.register_buffer(
+            "query_map", torch.zeros(heads, nope_width + rope_width, head_dim, device=device, dtype=dtype)
+        )
+        self.register_buffer("slot_pairs", torch.zeros(rope_width // 2, 2, dtype=torch.long, device=device))
         self.selection, self.balance = "norm", True  # how `calibrate` refits it (the patch's options)
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, kv_heads={self.kv_heads}, rope_channels={self.rope_width}/{self.head_dim}"
-
-    def rope_mask(self) -> torch.Tensor:
-        """`[KV, d]`: True on the channels that keep RoPE."""
-        mask = torch.zeros(self.kv_heads, self.head_dim, dtype=torch.bool, device=self.rope_channels.device)
-        return mask.scatter(1, self.rope_channels, True)
+        return f"rank={self.rank}, nope={self.nope_width}, rope={self.rope_width}, head_dim={self.head_dim}"
 
 
 @dataclass(frozen=True)
@@ -136,16 +138,28 @@ class _Layer:
     absorb: str
 
 
-def _spread(x: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
-    """`x` `[B, KV, T, w]` placed in the channels `index` `[KV, w]` of a zero `[B, KV, T, width]`."""
-    batch, heads, length, _ = x.shape
-    where = index[None, :, None, :].expand(batch, heads, length, -1)
-    return x.new_zeros(batch, heads, length, width).scatter(-1, where, x)
+def _slot_angles(
+    rope: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    pairs: torch.Tensor,
+    head_dim: int,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin `[B, 1, L, D/2]` of each slot's pair at each position, read off the family's own RoPE turning a unit
+    vector on the pair's first channel (whatever its channel layout, partial rotary or scaling)."""
+    cos, sin = position_embeddings
+    probe = torch.nn.functional.one_hot(pairs[:, 0], head_dim).to(dtype)[None, :, None]
+    probe = probe.expand(cos.shape[0], -1, cos.shape[1], -1)  # [B, S, L, d]
+    turned, _ = rope(probe, probe[:, :1], cos, sin)
+    first = turned.gather(-1, pairs[None, :, None, :1].expand(turned.shape[0], -1, turned.shape[2], -1))
+    second = turned.gather(-1, pairs[None, :, None, 1:].expand(turned.shape[0], -1, turned.shape[2], -1))
+    return first.squeeze(-1).transpose(1, 2)[:, None], second.squeeze(-1).transpose(1, 2)[:, None]
 
 
-def _pick(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """The channels `index` `[n, w]` of `x` `[B, n, T, d]` (per head)."""
-    return x.gather(-1, index[None, :, None, :].expand(x.shape[0], -1, x.shape[2], -1))
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on the slots of `x` `[B, n, L, D]` (slot `s`: channels `s` and `s + D/2`); `cos`, `sin` `[B, 1, L, D/2]`."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
 
 
 def _mla_forward(
@@ -164,20 +178,16 @@ def _mla_forward(
     latent_kv: LatentKV = self.mla
     batch, length = hidden_states.shape[:-1]
     heads, kv_heads, d = layer.heads, layer.kv_heads, layer.head_dim
-    group, width = heads // kv_heads, latent_kv.rope_width
+    nope, width = latent_kv.nope_width, latent_kv.rope_width
     query = getattr(self, layer.q)(hidden_states).view(batch, length, heads, d).transpose(1, 2)
-    latent, rope_key = latent_kv.kv_down(hidden_states).split([latent_kv.rank, kv_heads * width], dim=-1)
-    rope_key = rope_key.view(batch, length, kv_heads, width).transpose(1, 2)  # [B, KV, L, 2p]
-    if layer.rope is not None:
-        cos, sin = position_embeddings  # type: ignore[misc]
-        rotated, _ = layer.rope(query, query[:, :1], cos, sin)
-        keep = latent_kv.rope_mask().repeat_interleave(group, 0)[None, :, None, :]
-        query = torch.where(keep, rotated, query)
-        if width:
-            _, full = layer.rope(query[:, :1], _spread(rope_key, latent_kv.rope_channels, d), cos, sin)
-            rope_key = _pick(full, latent_kv.rope_channels)
+    query = torch.einsum("bhld,hed->bhle", query, latent_kv.query_map)  # [B, H, L, n + D]
+    latent, rope_key = latent_kv.kv_down(hidden_states).split([latent_kv.rank, width], dim=-1)
+    rope_key = rope_key[:, None]  # [B, 1, L, D]: one key shared by every head
+    if layer.rope is not None and width:
+        cos, sin = _slot_angles(layer.rope, latent_kv.slot_pairs, d, position_embeddings, query.dtype)  # type: ignore[arg-type]
+        query = torch.cat([query[..., :nope], _rotate(query[..., nope:], cos, sin)], dim=-1)
+        rope_key = _rotate(rope_key, cos, sin)
     latent = latent[:, None]  # [B, 1, L, r]: one "head" for every cache layer type
-    rope_key = rope_key.transpose(1, 2).reshape(batch, 1, length, kv_heads * width)
     if cache is not None:
         latent, rope_key = cache.update(latent, rope_key, self.layer_idx, kwargs=kwargs)
     total = latent.shape[2]
@@ -185,10 +195,8 @@ def _mla_forward(
         out = _absorbed(self, latent_kv, layer, query, latent, rope_key, attention_mask)
         return getattr(self, layer.o)(out.transpose(1, 2).reshape(batch, length, -1)), None
     expanded = latent_kv.kv_up(latent[:, 0]).view(batch, total, kv_heads, -1).transpose(1, 2)
-    nope, value = expanded.split([latent_kv.nope_width, d], dim=-1)
-    key = _spread(nope, latent_kv.nope_channels, d) + _spread(
-        rope_key.view(batch, total, kv_heads, width).transpose(1, 2), latent_kv.rope_channels, d
-    )
+    nope_key, value = expanded.split([nope, d], dim=-1)
+    key = torch.cat([nope_key, rope_key.expand(-1, kv_heads, -1, -1)], dim=-1)
     extra = {}
     for name, argument in (("sliding_window", "sliding_window"), ("attn_logit_softcapping", "softcap")):
         if getattr(self, name, None) is not None:  # what the families' own forwards pass on
@@ -228,26 +236,22 @@ def _absorbed(
     rope_key: torch.Tensor,
     mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Attention in the latent: scores `(q[N] B^k) . c + q[R] . k[R]`, output `B^v (sum_s p_s c_s)`; `[B, H, L, d]`."""
-    batch, heads, length, d = query.shape
-    kv_heads, width, group = layer.kv_heads, latent_kv.rope_width, heads // layer.kv_heads
-    up = latent_kv.kv_up.weight.view(kv_heads, latent_kv.nope_width + d, latent_kv.rank)
-    up_key, up_value = up.split([latent_kv.nope_width, d], dim=1)  # [KV, n, r], [KV, d, r]
-    nope_q = _pick(query, latent_kv.nope_channels.repeat_interleave(group, 0))  # [B, H, L, n]
-    absorbed = torch.einsum("bhln,hnr->bhlr", nope_q, up_key.repeat_interleave(group, 0))
+    """Attention in the latent: scores `(q_nope B^k) . c + q_rope . k_rope`, output `B^v (sum_s p_s c_s)`;
+    `[B, H, L, d]`."""
+    heads, d, nope = layer.heads, layer.head_dim, latent_kv.nope_width
+    group = heads // layer.kv_heads
+    up = latent_kv.kv_up.weight.view(layer.kv_heads, nope + d, latent_kv.rank).repeat_interleave(group, 0)
+    up_key, up_value = up.split([nope, d], dim=1)  # [H, n, r], [H, d, r]
+    absorbed = torch.einsum("bhln,hnr->bhlr", query[..., :nope], up_key)
     scores = absorbed.float() @ latent.float().transpose(-1, -2)  # [B, H, L, T]
-    if width:
-        rope_q = _pick(query, latent_kv.rope_channels.repeat_interleave(group, 0))  # [B, H, L, 2p]
-        keys = rope_key.view(batch, -1, kv_heads, width).permute(0, 2, 3, 1)  # [B, KV, 2p, T]
-        grouped = rope_q.float().reshape(batch, kv_heads, group * length, width) @ keys.float()
-        scores = scores + grouped.view(batch, heads, length, -1)
+    if latent_kv.rope_width:
+        scores = scores + query[..., nope:].float() @ rope_key.float().transpose(-1, -2)
     scores = scores * module.scaling
     if mask is not None:
         mask = mask[..., : scores.shape[-1]]
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a fully masked (padding) row attends nothing
-    mixed = probs @ latent.float()  # [B, H, L, r]
-    out = torch.einsum("bhlr,hdr->bhld", mixed, up_value.float().repeat_interleave(group, 0))
+    out = torch.einsum("bhlr,hdr->bhld", probs @ latent.float(), up_value.float())
     return out.to(query.dtype)
 
 
@@ -264,123 +268,35 @@ def latent_layers(model: nn.Module) -> dict[str, LatentKV]:
 # --- initialisation: which pairs keep RoPE, and the low-rank factorisation ---------------------------------------
 
 
-def _second_moment(hidden: int, covariance: torch.Tensor | None) -> torch.Tensor:
-    """`E[x~ x~^T]` of the inputs extended by a constant 1 (for the biases): the identity without data."""
-    if covariance is not None:
-        return covariance
-    return torch.eye(hidden + 1, dtype=torch.float64)
-
-
 def _rows(linear: nn.Linear) -> torch.Tensor:
-    """`[W b]` of a linear layer in float64 (`b = 0` without a bias)."""
-    weight = linear.weight.detach().double()
-    bias = linear.bias.detach().double() if linear.bias is not None else weight.new_zeros(weight.shape[0])
-    return torch.cat([weight, bias[:, None]], dim=1).cpu()
+    """`[W b]` of a linear layer in float64 on the CPU (`b = 0` without a bias)."""
+    weight = linear.weight.detach().double().cpu()
+    bias = linear.bias.detach().double().cpu() if linear.bias is not None else weight.new_zeros(weight.shape[0])
+    return torch.cat([weight, bias[:, None]], dim=1)
 
 
-def _pair_scores(
-    q_rows: torch.Tensor, k_rows: torch.Tensor, moment: torch.Tensor, layout: Any, pairs: list[int], rotary: int
-) -> torch.Tensor:
-    """`[KV, rotary]`: per KV head and RoPE frequency pair, the mean over its query heads of `rms(q_pair) rms(k_pair)`
-    (MHA2MLA's 2-norm criterion; `moment` the second moment of the inputs, the identity for the weights alone)."""
-    heads, kv_heads, d = layout.num_heads, layout.num_kv_heads, layout.head_dim
-    pair_of = torch.tensor(pairs)
-    rotated = pair_of < rotary
-
-    def pair_rms(rows: torch.Tensor, n: int) -> torch.Tensor:  # [n, rotary]
-        energy = ((rows @ moment) * rows).sum(-1).clamp_min(0).view(n, d)  # E[(row . x~)^2] per channel
-        summed = energy.new_zeros(n, rotary).index_add_(1, pair_of[rotated], energy[:, rotated])
-        return summed.sqrt()
-
-    q, k = pair_rms(q_rows, heads), pair_rms(k_rows, kv_heads)
-    return (q.view(kv_heads, heads // kv_heads, rotary) * k[:, None]).mean(1)
-
-
-def _kept_pairs(selection: str, keep: int, rotary: int, scores: torch.Tensor) -> torch.Tensor:
-    """`[KV, keep]` pair ids (frequency index, 0 = fastest) that keep RoPE, per KV head."""
-    kv_heads = scores.shape[0]
-    if selection == "norm":
-        return scores.topk(keep, dim=1).indices.sort(dim=1).values
-    if selection == "high":
-        chosen = torch.arange(keep)
-    elif selection == "low":
-        chosen = torch.arange(rotary - keep, rotary)
-    else:
-        chosen = torch.linspace(0, rotary - 1, keep).round().long() if keep else torch.arange(0)
-    return chosen.expand(kv_heads, -1)
-
-
-def _fit(
-    latent_kv: LatentKV,
-    k_rows: torch.Tensor,
-    v_rows: torch.Tensor,
-    rope_channels: torch.Tensor,
-    moment: torch.Tensor,
-    balance: bool,
-) -> None:
-    """Set `latent_kv`'s weights: the kept RoPE rows of the keys, and `A`, `B` of the no-RoPE keys and the values.
-
-    The stacked rows `Y = [K[N_j]; V_j]_j` (`[W b]`, inputs extended by 1) are reproduced by `B A` with `B`'s columns
-    the top principal directions of `D Y M Y^T D` (`M`: the inputs' second moment, `D`: the key/value balance):
-    the rank-r fit of the outputs in the balanced norm. At full rank `A` is `Y` itself and `B` the identity.
-    """
-    kv_heads, d = latent_kv.kv_heads, latent_kv.head_dim
-    hidden = k_rows.shape[1] - 1
-    keys = k_rows.view(kv_heads, d, hidden + 1)
-    values = v_rows.view(kv_heads, d, hidden + 1)
-    everything = torch.arange(d).expand(kv_heads, -1)
-    kept = torch.zeros(kv_heads, d, dtype=torch.bool).scatter(1, rope_channels, True)
-    nope_channels = everything[~kept].view(kv_heads, -1)
-    nope_rows = keys.gather(1, nope_channels[:, :, None].expand(-1, -1, hidden + 1))
-    stacked = torch.cat([nope_rows, values], dim=1).reshape(-1, hidden + 1)  # [KV (n + d), hidden + 1]
-    rope_rows = keys.gather(1, rope_channels[:, :, None].expand(-1, -1, hidden + 1)).reshape(-1, hidden + 1)
-    rank = latent_kv.rank
-    if rank >= stacked.shape[0]:
-        down, up = stacked, torch.eye(stacked.shape[0], dtype=torch.float64)
-    else:
-        scale = torch.ones(kv_heads, latent_kv.nope_width + d, dtype=torch.float64)
-        if balance and latent_kv.nope_width:
-            power = ((stacked @ moment) * stacked).sum(-1).view(kv_heads, -1)
-            key_power, value_power = power[:, : latent_kv.nope_width].sum(), power[:, latent_kv.nope_width :].sum()
-            scale[:, : latent_kv.nope_width] = (value_power / key_power.clamp_min(1e-30)).sqrt()
-        scale = scale.flatten()
-        balanced = stacked * scale[:, None]
-        _, vectors = torch.linalg.eigh(balanced @ moment @ balanced.T)
-        top = vectors[:, -rank:].flip(1)  # [KV (n + d), r], largest first
-        down, up = top.T @ balanced, top / scale[:, None]
-    target = latent_kv.kv_down
-    with torch.no_grad():
-        rows = torch.cat([down, rope_rows])
-        target.weight.copy_(rows[:, :hidden])
-        if target.bias is not None:
-            target.bias.copy_(rows[:, hidden])
-        latent_kv.kv_up.weight.copy_(up)
-        latent_kv.rope_channels.copy_(rope_channels)
-        latent_kv.nope_channels.copy_(nope_channels)
-
-
-def _initialise(
-    attention: Any,
-    family: FamilySpec,
-    model_config: PretrainedConfig,
-    keep: int,
-    selection: str,
-    balance: bool,
-    moment: torch.Tensor | None,
-) -> None:
-    """Choose the kept pairs of one layer and fit its latent (weights only without `moment`, else calibrated)."""
+@torch.no_grad()
+def _initialise(attention: Any, family: FamilySpec, model_config: Any, moment: torch.Tensor | None) -> None:
+    """Lay out one layer (`plan_layout`) and fit its latent (`factorise`): from the weights alone without `moment`
+    (the identity), else from the second moment of real inputs extended by 1 (for the biases)."""
     latent_kv: LatentKV = attention.mla
-    layout = family.head_layout(model_config.get_text_config())
     rotary, pairs = channel_pairs(family, model_config)
-    projections = [getattr(attention, getattr(family.attention, p)) for p in "qkv"]
-    q_rows, k_rows, v_rows = (_rows(p) for p in projections)
+    q_rows, k_rows, v_rows = (_rows(getattr(attention, str(getattr(family.attention, p)))) for p in "qkv")
     hidden = q_rows.shape[1] - 1
-    moment = _second_moment(hidden, moment)
-    scores = _pair_scores(q_rows, k_rows, moment, layout, pairs, rotary)
-    chosen = _kept_pairs(selection, keep, rotary, scores)  # [KV, keep]
-    pair_of = torch.tensor(pairs)
-    channels = [torch.nonzero(torch.isin(pair_of, chosen[j])).flatten() for j in range(layout.num_kv_heads)]
-    _fit(latent_kv, k_rows, v_rows, torch.stack(channels), moment, balance)
+    moment = torch.eye(hidden + 1, dtype=torch.float64) if moment is None else moment
+    keep = latent_kv.rope_width // (2 * latent_kv.kv_heads)
+    heads = latent_kv.query_map.shape[0]
+    layout = plan_layout(q_rows, k_rows, v_rows, moment, heads, pairs, rotary, keep, latent_kv.selection)
+    down, up = factorise(
+        layout.stacked, moment, latent_kv.rank, latent_kv.nope_width, latent_kv.kv_heads, latent_kv.balance
+    )
+    rows = torch.cat([down, layout.rope_rows])
+    latent_kv.kv_down.weight.copy_(rows[:, :hidden])
+    if latent_kv.kv_down.bias is not None:
+        latent_kv.kv_down.bias.copy_(rows[:, hidden])
+    latent_kv.kv_up.weight.copy_(up)
+    latent_kv.query_map.copy_(layout.query_map)
+    latent_kv.slot_pairs.copy_(layout.slot_pairs)
 
 
 @torch.no_grad()
@@ -425,24 +341,19 @@ def calibrate(model: Any, batches: Iterable[dict[str, torch.Tensor]]) -> dict[st
     if tokens == 0:
         raise InvalidOptionError("mla calibrate: the batches hold no tokens")
     family = resolve_family(model.config)
-    for name, latent_kv in layers.items():
-        _initialise(
-            attentions[name],
-            family,
-            model.config,
-            latent_kv.rope_width // 2,
-            latent_kv.selection,
-            latent_kv.balance,
-            moments[name] / tokens,
-        )
+    for name in layers:
+        _initialise(attentions[name], family, model.config, moments[name] / tokens)
     return {"tokens": tokens, "layers": len(layers)}
 
 
 # --- the patch -----------------------------------------------------------------------------------------------------
 
 
-def _full_rank(kv_heads: int, head_dim: int, rope_width: int) -> int:
-    return kv_heads * (2 * head_dim - rope_width)
+def _widths(config: MLAConfig, head_dim: int, kv_heads: int, rotary: int, uses_rope: bool) -> tuple[int, int, int]:
+    """`(pairs kept per KV head, no-RoPE key channels per KV head, full rank)` of a layer."""
+    keep = (rotary if config.rope_pairs is None else config.rope_pairs) if uses_rope else 0
+    nope = nope_width(config.rope_selection, head_dim, keep)
+    return keep, nope, kv_heads * (nope + head_dim)
 
 
 @register_patch
@@ -477,13 +388,12 @@ class MLAPatch(Patch):
                 f"(head_dim {layout.head_dim}); use at most {rotary}.",
                 option="rope_pairs",
             )
-        keep = rotary if config.rope_pairs is None else config.rope_pairs
-        full = _full_rank(layout.num_kv_heads, layout.head_dim, 2 * keep)
+        keep, nope, full = _widths(config, layout.head_dim, layout.num_kv_heads, rotary, True)
         if config.rank is not None and config.rank > full:
             raise InvalidOptionError(
                 f"{self.name}: rank={config.rank} is more than the {full} rows it factorises ({layout.num_kv_heads} KV "
-                f"heads x ({layout.head_dim - 2 * keep} no-RoPE key + {layout.head_dim} value channels) with "
-                f"rope_pairs={keep}); use at most {full} (omit rank for the exact full rank).",
+                f"heads x ({nope} no-RoPE key + {layout.head_dim} value channels) with rope_pairs={keep}); use at "
+                f"most {full} (omit rank for the exact full rank).",
                 option="rank",
             )
         return config
@@ -496,17 +406,18 @@ class MLAPatch(Patch):
         for index in layers:
             attention = family.attention_module(model, index)
             uses_rope = family.uses_rope(model.config, index)
-            keep = (rotary if config.rope_pairs is None else config.rope_pairs) if uses_rope else 0
-            full = _full_rank(layout.num_kv_heads, layout.head_dim, 2 * keep)
+            keep, nope, full = _widths(config, layout.head_dim, layout.num_kv_heads, rotary, uses_rope)
             k_proj = getattr(attention, str(family.attention.k))
             v_proj = getattr(attention, str(family.attention.v))
             weight = k_proj.weight
             latent_kv = LatentKV(
                 k_proj.in_features,
                 min(config.rank or full, full),
+                layout.num_heads,
                 layout.num_kv_heads,
                 layout.head_dim,
-                2 * keep,
+                nope,
+                2 * keep * layout.num_kv_heads,
                 k_proj.bias is not None or v_proj.bias is not None,
                 device=weight.device,
                 dtype=weight.dtype,
@@ -516,10 +427,10 @@ class MLAPatch(Patch):
             handle.on_revert(functools.partial(delattr, attention, "mla"))
             handle.modules.append(latent_kv)
             if weight.device.type != "meta":
-                _initialise(attention, family, model.config, keep, config.rope_selection, config.balance, None)
+                _initialise(attention, family, model.config, None)
             layer = _Layer(
-                q=family.attention.q,  # type: ignore[arg-type]  # a standard attention names all four
-                o=family.attention.o,  # type: ignore[arg-type]
+                q=str(family.attention.q),
+                o=str(family.attention.o),
                 heads=layout.num_heads,
                 kv_heads=layout.num_kv_heads,
                 head_dim=layout.head_dim,

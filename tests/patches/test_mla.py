@@ -61,15 +61,18 @@ def test_the_cache_holds_only_the_latent_and_the_rope_key():
     assert kv_cache_bytes(cache) / kv_cache_bytes(dense) == pytest.approx((6 + 8) / (2 * 2 * 16))
 
 
-def test_selection_rules_pick_the_documented_channels():
-    base = tiny_model("llama")  # rotate_half: pair i is channels i and i + 8
+def _slot_pairs(model, layer: int = 0) -> list[list[int]]:
+    return model.model.layers[layer].self_attn.mla.slot_pairs.tolist()
+
+
+def test_selection_rules_pick_the_documented_pairs():
+    base = tiny_model("llama")  # rotate_half: pair i is channels i and i + 8; 2 KV heads keep 2 pairs each
     high = hf_attn_zoo.patch(clone(base), "mla", rope_pairs=2, rope_selection="high")
+    assert _slot_pairs(high) == [[0, 8], [0, 8], [1, 9], [1, 9]]
     low = hf_attn_zoo.patch(clone(base), "mla", rope_pairs=2, rope_selection="low")
-    first = next(iter(latent_layers(high).values()))
-    assert first.rope_channels.tolist() == [[0, 1, 8, 9]] * 2
-    assert next(iter(latent_layers(low).values())).rope_channels.tolist() == [[6, 7, 14, 15]] * 2
+    assert _slot_pairs(low) == [[6, 14], [6, 14], [7, 15], [7, 15]]
     interleaved = hf_attn_zoo.patch(clone(tiny_model("helium")), "mla", rope_pairs=2, rope_selection="high")
-    assert next(iter(latent_layers(interleaved).values())).rope_channels.tolist() == [[0, 1, 2, 3]] * 2
+    assert _slot_pairs(interleaved) == [[0, 1], [0, 1], [2, 3], [2, 3]]
     # norm: the pairs whose query and key rows are largest; make pair 5 of every head dominate
     boosted = clone(base)
     attention = boosted.model.layers[0].self_attn
@@ -77,7 +80,35 @@ def test_selection_rules_pick_the_documented_channels():
         for proj in (attention.q_proj, attention.k_proj):
             proj.weight.view(-1, 16, proj.in_features)[:, [5, 13]] *= 50
     by_norm = hf_attn_zoo.patch(boosted, "mla", rope_pairs=1, rope_selection="norm")
-    assert by_norm.model.layers[0].self_attn.mla.rope_channels.tolist() == [[5, 13]] * 2
+    assert _slot_pairs(by_norm) == [[5, 13], [5, 13]]
+
+
+def _correlated_kv_heads():
+    """A tiny Llama whose second KV head's keys are twice the first's: positional information of rank 1 across the
+    KV heads, which RoRoPE can concentrate and per-head pair dropping cannot."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            keys = layer.self_attn.k_proj.weight.view(2, 16, -1)
+            keys[1] = 2 * keys[0]
+    return model
+
+
+def test_rorope_concentrates_the_positional_information_of_the_kv_heads(tmp_path):
+    base = _correlated_kv_heads()
+    ids = torch.randint(3, 100, (2, 12))
+    expected = base(ids).logits
+    # half the RoPE budget (4 of 8 pairs per KV head): the principal component of every frequency holds it all
+    rorope = hf_attn_zoo.patch(clone(base), "mla", rope_pairs=4, rope_selection="rorope")
+    torch.testing.assert_close(rorope(ids).logits, expected, atol=1e-4, rtol=1e-4)
+    assert [pair for pair, _ in _slot_pairs(rorope)] == list(range(8))  # one slot per frequency
+    per_head = hf_attn_zoo.patch(clone(base), "mla", rope_pairs=4, rope_selection="norm")
+    dropped = (per_head(ids).logits - expected).abs().max().item()  # MHA2MLA drops half of each head's pairs
+    assert dropped > 1e-3 and dropped > 100 * (rorope(ids).logits - expected).abs().max().item()
+    # the mixed slots export like any other: every layer turns the same frequencies
+    export_deepseek_v3(rorope, tmp_path / "stock")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "stock").eval()
+    torch.testing.assert_close(stock(ids).logits, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_calibration_fits_the_keys_and_values_better_than_the_weights_alone():
@@ -96,9 +127,10 @@ def test_calibration_fits_the_keys_and_values_better_than_the_weights_alone():
     def error(model) -> float:
         attention = model.model.layers[1].self_attn
         latent_kv = attention.mla
+        nope = latent_kv.query_map[::2, : latent_kv.nope_width].argmax(-1)  # [KV, n]: each KV head's no-RoPE channels
         with torch.no_grad():
             up = latent_kv.kv_up(latent_kv.kv_down(x)[:, : latent_kv.rank]).view(len(x), 2, -1)
-            keys = attention.k_proj(x).view(len(x), 2, 16).gather(-1, latent_kv.nope_channels.expand(len(x), -1, -1))
+            keys = attention.k_proj(x).view(len(x), 2, 16).gather(-1, nope.expand(len(x), -1, -1))
             values = attention.v_proj(x).view(len(x), 2, 16)
             return (up - torch.cat([keys, values], -1)).pow(2).sum().item()
 
@@ -151,8 +183,30 @@ def test_export_refuses_a_partly_converted_model(tmp_path):
     model = hf_attn_zoo.patch(tiny_model("llama"), "mla", layers=[0], rank=8, rope_pairs=2)
     with pytest.raises(UnsupportedArchitectureError, match="layer 1 is not converted"):
         export_deepseek_v3(model, tmp_path / "out")
-    norm = hf_attn_zoo.patch(tiny_model("llama"), "mla", rank=8, rope_pairs=2, rope_selection="norm")
-    layers = list(latent_layers(norm).values())
-    if not torch.equal(layers[0].rope_channels, layers[1].rope_channels):
-        with pytest.raises(UnsupportedArchitectureError, match="different RoPE frequency pairs"):
-            export_deepseek_v3(norm, tmp_path / "norm")
+    boosted = tiny_model("llama")
+    with torch.no_grad():  # layer 0 favours pair 5, layer 1 pair 2
+        for layer, pair in zip(boosted.model.layers, (5, 2), strict=True):
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                proj.weight.view(-1, 16, proj.in_features)[:, [pair, pair + 8]] *= 50
+    norm = hf_attn_zoo.patch(boosted, "mla", rank=8, rope_pairs=1, rope_selection="norm")
+    assert [m.slot_pairs[0, 0].item() for m in latent_layers(norm).values()] == [5, 2]
+    with pytest.raises(UnsupportedArchitectureError, match="different RoPE frequency pairs"):
+        export_deepseek_v3(norm, tmp_path / "norm")
+    assert not (tmp_path / "norm").exists()
+
+
+def test_the_cli_exports_a_saved_conversion(tmp_path, capsys):
+    from hf_attn_zoo.cli import main
+
+    model = hf_attn_zoo.patch(tiny_model("llama"), "mla", rank=8, rope_pairs=2, rope_selection="high")
+    model.save_pretrained(tmp_path / "patched")
+    assert main(["mla-export", str(tmp_path / "patched"), str(tmp_path / "stock")]) == 0
+    assert "deepseek_v3" in capsys.readouterr().out
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "stock").eval()
+    ids = torch.randint(3, 100, (1, 8))
+    torch.testing.assert_close(stock(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+    assert main(["mla-export", str(tmp_path / "patched"), str(tmp_path / "stock")]) == 2  # finished work stays
+    unpatched = tiny_model("llama")
+    unpatched.save_pretrained(tmp_path / "plain")
+    assert main(["mla-export", str(tmp_path / "plain"), str(tmp_path / "nothing")]) == 2
+    assert "layer 0 is not converted" in capsys.readouterr().err

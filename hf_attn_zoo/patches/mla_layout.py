@@ -1,0 +1,176 @@
+"""The latent layout of one layer, computed from its q/k/v projections: which rotary components keep RoPE (as slots
+of one shared RoPE key), the map from each query head to its DeepSeek-style query, and the factorisation of the
+no-RoPE keys and the values into a latent. Pure tensor math on `[W b]` rows in float64 (see `patches/mla.py`).
+
+A RoPE pair is a complex number `z = x_first + i x_second` that RoPE multiplies by `e^{i theta t}`. For frequency `i`,
+any unitary mix of the KV heads' pairs, `z'_m = sum_j conj(V[j, m]) z_j`, commutes with RoPE, and a query head of KV
+head `j` sees `z_j = sum_m V[j, m] z'_m` through the query `conj(V[j, m]) q`. A kept component `(i, m)` becomes a slot
+of the shared RoPE key; what the kept components leave of each head's keys, `(I - V_K V_K^H) z`, loses RoPE and goes
+into the latent with the values.
+
+- `norm` / `high` / `low` / `uniform` (MHA2MLA): `V = I`, each KV head keeps `p` of its own pairs (by the 2-norm
+  product of the query and key pair norms, or by frequency).
+- `rorope` (TransMLA's RoRoPE): `V_i` the principal components of the keys' pairs across KV heads (complex PCA of
+  `E[z z^H]`), which concentrates the positional information in few components; the `p x KV` components with the
+  largest key x query norm keep RoPE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["LatentLayout", "factorise", "nope_width", "plan_layout"]
+
+
+@dataclass
+class LatentLayout:
+    """One layer's layout. `query_map` `[H, n + D, d]` maps a query head to `[no-RoPE part; RoPE slots]`;
+    `rope_rows` `[D, hidden + 1]` are the shared RoPE key (slot firsts, then seconds: the `rotate_half` layout);
+    `slot_pairs` `[D / 2, 2]` the channels (first, second) of the pair whose frequency turns each slot; `stacked`
+    `[KV (n + d), hidden + 1]` the rows the latent reproduces (per KV head its `n` no-RoPE key rows, then its `d`
+    value rows)."""
+
+    query_map: torch.Tensor
+    rope_rows: torch.Tensor
+    slot_pairs: torch.Tensor
+    stacked: torch.Tensor
+
+
+def nope_width(selection: str, head_dim: int, keep: int) -> int:
+    """No-RoPE key channels per KV head: what is left of its own channels, or all of them after a mix (`rorope`)."""
+    return head_dim if selection == "rorope" and keep else head_dim - 2 * keep
+
+
+def _energy(a: torch.Tensor, b: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
+    """`E[(a . x~)(b . x~)]` for row batches `a`, `b` `[..., hidden + 1]`."""
+    return ((a @ moment) * b).sum(-1)
+
+
+def _kept_pairs(selection: str, keep: int, rotary: int, scores: torch.Tensor) -> torch.Tensor:
+    """`[KV, keep]` pair ids (frequency index, 0 = fastest) each KV head keeps (MHA2MLA's rules)."""
+    if selection == "norm":
+        return scores.topk(keep, dim=1).indices.sort(dim=1).values
+    if selection == "high":
+        chosen = torch.arange(keep)
+    elif selection == "low":
+        chosen = torch.arange(rotary - keep, rotary)
+    else:
+        chosen = torch.linspace(0, rotary - 1, keep).round().long() if keep else torch.arange(0)
+    return chosen.expand(scores.shape[0], -1)
+
+
+def plan_layout(
+    q_rows: torch.Tensor,
+    k_rows: torch.Tensor,
+    v_rows: torch.Tensor,
+    moment: torch.Tensor,
+    heads: int,
+    pairs: list[int],
+    rotary: int,
+    keep: int,
+    selection: str,
+) -> LatentLayout:
+    """The layout of a layer whose projections have the rows `q_rows` `[H d, hidden + 1]`, `k_rows`, `v_rows`
+    `[KV d, hidden + 1]`, inputs of second moment `moment`, RoPE pairing `pairs` (pair id per channel, `rotary`
+    rotated pairs), keeping `keep` pairs' worth of RoPE per KV head (`selection`)."""
+    d = len(pairs)
+    kv_heads, group = k_rows.shape[0] // d, heads // (k_rows.shape[0] // d)
+    pair_of = torch.tensor(pairs)
+    firsts = torch.tensor([int(torch.nonzero(pair_of == i)[0]) for i in range(rotary)], dtype=torch.long)
+    seconds = torch.tensor([int(torch.nonzero(pair_of == i)[-1]) for i in range(rotary)], dtype=torch.long)
+    keys, queries = k_rows.view(kv_heads, d, -1), q_rows.view(heads, d, -1)
+    kf, ks = keys[:, firsts], keys[:, seconds]  # [KV, P, hidden + 1]
+    qf, qs = queries[:, firsts], queries[:, seconds]  # [H, P, hidden + 1]
+    q_power = (_energy(qf, qf, moment) + _energy(qs, qs, moment)).clamp_min(0)  # [H, P]
+    eye = torch.eye(kv_heads, dtype=torch.complex128)
+    if selection == "rorope":
+        # complex covariance of the KV heads' pairs per frequency: E[z_j conj(z_j')]
+        real = _energy(kf[:, None], kf[None], moment) + _energy(ks[:, None], ks[None], moment)  # [KV, KV, P]
+        imag = _energy(ks[:, None], kf[None], moment) - _energy(kf[:, None], ks[None], moment)
+        covariance = torch.complex(real, imag).permute(2, 0, 1)  # [P, KV, KV]
+        values, mixes = torch.linalg.eigh(covariance)  # ascending
+        mixes = mixes.flip(-1)  # [P, KV (j), KV (m)], the largest component first
+        values = values.flip(-1).clamp_min(0)
+        seen = (mixes.abs() ** 2)[:, torch.arange(heads) // group]  # [P, H, m]: query head h's share of component m
+        q_seen = (seen * q_power.T[:, :, None]).mean(1)  # [P, m]
+        score = (values * q_seen).sqrt()
+        top = score.flatten().topk(keep * kv_heads).indices.sort().values
+        kept = [(int(t) // kv_heads, int(t) % kv_heads) for t in top]  # (pair, component)
+    else:
+        mixes = eye.expand(rotary, -1, -1)
+        k_power = (_energy(kf, kf, moment) + _energy(ks, ks, moment)).clamp_min(0)  # [KV, P]
+        scores = (q_power.sqrt().view(kv_heads, group, rotary) * k_power.sqrt()[:, None]).mean(1)
+        chosen = _kept_pairs(selection, keep, rotary, scores)
+        kept = sorted((int(i), j) for j in range(kv_heads) for i in chosen[j])
+
+    def mix(coefficient: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pair `coefficient * (first + i second)` (coefficients over the leading dim, summed)."""
+        a, b = coefficient.real[:, None], coefficient.imag[:, None]
+        return (a * first - b * second).sum(0), (b * first + a * second).sum(0)
+
+    slots = len(kept)
+    query_map_rope = torch.zeros(heads, 2 * slots, d, dtype=torch.float64)
+    rope_first, rope_second = [], []
+    for slot, (i, m) in enumerate(kept):
+        first, second = mix(mixes[i, :, m].conj(), kf[:, i], ks[:, i])
+        rope_first.append(first)
+        rope_second.append(second)
+        w = mixes[i, torch.arange(heads) // group, m].conj()  # [H]
+        query_map_rope[:, slot, firsts[i]], query_map_rope[:, slot, seconds[i]] = w.real, -w.imag
+        query_map_rope[:, slots + slot, firsts[i]], query_map_rope[:, slots + slot, seconds[i]] = w.imag, w.real
+    # what the kept components leave of each KV head's keys: (I - V_K V_K^H) z per pair; other channels as they are
+    residual = keys.clone()
+    for i in range(rotary):
+        components = [m for (pair, m) in kept if pair == i]
+        if not components:
+            continue
+        chosen_mix = mixes[i][:, components]
+        project = eye - chosen_mix @ chosen_mix.conj().T  # [KV, KV]
+        for j in range(kv_heads):
+            residual[j, firsts[i]], residual[j, seconds[i]] = mix(project[j], kf[:, i], ks[:, i])
+    width = nope_width(selection, d, keep)
+    if selection == "rorope" and keep:
+        nope = torch.arange(d).expand(kv_heads, -1)
+    else:
+        own = torch.zeros(kv_heads, d, dtype=torch.bool)
+        for i, j in kept:
+            own[j, firsts[i]] = own[j, seconds[i]] = True
+        nope = torch.arange(d).expand(kv_heads, -1)[~own].view(kv_heads, width)
+    query_map = torch.zeros(heads, width + 2 * slots, d, dtype=torch.float64)
+    query_map[:, :width] = torch.nn.functional.one_hot(nope[torch.arange(heads) // group], d).double()
+    query_map[:, width:] = query_map_rope
+    values = v_rows.view(kv_heads, d, -1)
+    nope_rows = residual.gather(1, nope[:, :, None].expand(-1, -1, keys.shape[-1]))
+    hidden1 = keys.shape[-1]
+    return LatentLayout(
+        query_map=query_map,
+        rope_rows=torch.cat([torch.stack(rope_first), torch.stack(rope_second)])
+        if slots
+        else keys.new_zeros(0, hidden1),
+        slot_pairs=torch.stack([firsts, seconds], dim=1)[[i for i, _ in kept]]
+        if slots
+        else torch.zeros(0, 2, dtype=torch.long),
+        stacked=torch.cat([nope_rows, values], dim=1).reshape(-1, hidden1),
+    )
+
+
+def factorise(
+    stacked: torch.Tensor, moment: torch.Tensor, rank: int, nope: int, kv_heads: int, balance: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(A, B)` with `B A` the rank-`rank` fit of `stacked` `[KV (n + d), hidden + 1]` on inputs of second moment
+    `moment`: `B`'s columns the top principal directions of `D Y M Y^T D` (`D` scales keys and values to equal power
+    when `balance`, TransMLA's balance). At full rank `A = Y` and `B = I`, exactly."""
+    if rank >= stacked.shape[0]:
+        return stacked, torch.eye(stacked.shape[0], dtype=torch.float64)
+    scale = torch.ones(kv_heads, stacked.shape[0] // kv_heads, dtype=torch.float64)
+    if balance and nope:
+        power = _energy(stacked, stacked, moment).clamp_min(0).view(kv_heads, -1)
+        key_power, value_power = power[:, :nope].sum(), power[:, nope:].sum()
+        scale[:, :nope] = (value_power / key_power.clamp_min(1e-30)).sqrt()
+    scale = scale.flatten()
+    balanced = stacked * scale[:, None]
+    _, vectors = torch.linalg.eigh(balanced @ moment @ balanced.T)
+    top = vectors[:, -rank:].flip(1)  # largest first
+    return top.T @ balanced, top / scale[:, None]
