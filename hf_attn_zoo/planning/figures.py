@@ -17,9 +17,10 @@ estimate is 3-8% below the measurement for Llama, MoH, BAM and Mixtral layers (R
 
 KV cache (bytes per cached position and layer): K and V of every KV head (`2 x kv_heads x head_dim`), or the
 compressed latent of multi-head latent attention when transformers caches it (DeepSeek-V3 in transformers >= 5.2x:
-`kv_lora_rank + qk_rope_head_dim`). How many positions a layer keeps at `seq_len`: all of them, or the model's own
-sliding window; a `sliding_window` patch keeps `sinks + window x dilation`, MoA keeps per KV head its sinks + window,
-BAM with `kv="experts"` caches N x the KV heads (its k/v projections' width), routing attention adds each key's
+`kv_lora_rank + qk_rope_head_dim`; the `mla` patch: its rank + shared RoPE key). How many positions a layer keeps at
+`seq_len`: all of them, or the model's own sliding window; a `sliding_window` patch keeps `sinks + window x
+dilation`, MoA keeps per KV head its sinks + window, BAM with `kv="experts"` caches N x the KV heads (its k/v
+projections' width), routing attention adds each key's
 cluster id (int64 per KV head).
 """
 
@@ -33,6 +34,7 @@ from torch import nn
 
 from ..families.spec import FamilySpec
 from ..kernels.pattern_handler import model_window
+from ..patches.mla import LatentKV
 
 __all__ = [
     "KVFigures",
@@ -168,6 +170,9 @@ class KVFigures:
 
 
 def _kv_bytes_per_position(family: FamilySpec, attention: nn.Module, config, dtype_bytes: int) -> int:
+    latent = getattr(attention, "mla", None)
+    if isinstance(latent, LatentKV):  # the mla patch caches its latent and the shared RoPE key
+        return (latent.rank + latent.rope_width) * dtype_bytes
     if family.attention.kind == "standard":  # BAM's kv="experts" k/v projections report N x the KV heads
         names = family.attention
         return (getattr(attention, names.k).out_features + getattr(attention, names.v).out_features) * dtype_bytes
