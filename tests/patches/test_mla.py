@@ -210,3 +210,12 @@ def test_the_cli_exports_a_saved_conversion(tmp_path, capsys):
     unpatched.save_pretrained(tmp_path / "plain")
     assert main(["mla-export", str(tmp_path / "plain"), str(tmp_path / "nothing")]) == 2
     assert "layer 0 is not converted" in capsys.readouterr().err
+
+
+def test_the_planner_counts_the_latent_cache():
+    from hf_attn_zoo.families import resolve_family
+    from hf_attn_zoo.planning.figures import kv_cache
+
+    model = hf_attn_zoo.patch(tiny_model("llama"), "mla", rank=6, rope_pairs=2)
+    figures = kv_cache(model, resolve_family(model.config), hf_attn_zoo.applied_patches(model), 10, 4)
+    assert figures.bytes_per_token == 2 * (6 + 2 * 2 * 2) * 4  # 2 layers x (latent + shared RoPE key) x fp32
