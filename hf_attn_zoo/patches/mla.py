@@ -380,8 +380,15 @@ class MLAPatch(Patch):
     def validate(  # type: ignore[override]  # each patch receives its own config class
         self, config: MLAConfig, family: FamilySpec, model_config: PretrainedConfig
     ) -> MLAConfig:
-        layout = family.head_layout(model_config.get_text_config())
+        text = model_config.get_text_config()
+        layout = family.head_layout(text)
         rotary, _ = channel_pairs(family, model_config)
+        if rotary == 0 or not any(family.uses_rope(model_config, i) for i in range(text.num_hidden_layers)):
+            raise InvalidOptionError(
+                f"{self.name}: this {family.name} model rotates no query or key (no RoPE on any layer), so there is "
+                "no positional part to keep; a plain low-rank factorisation of the keys and values is all that "
+                "is left (not what this conversion is for)."
+            )
         if config.rope_pairs is not None and config.rope_pairs > rotary:
             raise InvalidOptionError(
                 f"{self.name}: rope_pairs={config.rope_pairs}, but a head has {rotary} RoPE frequency pairs "

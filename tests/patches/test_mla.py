@@ -219,3 +219,10 @@ def test_the_planner_counts_the_latent_cache():
     model = hf_attn_zoo.patch(tiny_model("llama"), "mla", rank=6, rope_pairs=2)
     figures = kv_cache(model, resolve_family(model.config), hf_attn_zoo.applied_patches(model), 10, 4)
     assert figures.bytes_per_token == 2 * (6 + 2 * 2 * 2) * 4  # 2 layers x (latent + shared RoPE key) x fp32
+
+
+def test_a_model_without_rope_is_refused():
+    model = tiny_model("smollm3", no_rope_layers=[0, 0])  # SmolLM3's NoPE layers, here all of them
+    with pytest.raises(InvalidOptionError, match="no RoPE on any layer"):
+        hf_attn_zoo.patch(model, "mla")
+    assert hf_attn_zoo.applied_patches(model) == []
