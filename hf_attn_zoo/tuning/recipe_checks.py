@@ -3,8 +3,9 @@
 `validate_recipe` runs the schema (`recipe_schema.py`), turns pydantic's errors into `file:line: key.path: message`
 lines (an unknown key names the allowed ones and the closest), then checks what a type cannot say: known corpora,
 data files that exist, patch methods, their options and bounds (`hf_attn_zoo.options.check_bounds`, without a model),
-optimizer names, `train.trainer_args` that are TrainingArguments fields not owned by a recipe key, init hooks, and
-`train.distributed` (`distributed.sharding_problems`).
+optimizer names (Muon's keys only with `optim.name: muon`, which needs unsharded matrices), `train.trainer_args` that
+are TrainingArguments fields not owned by a recipe key, init hooks, and `train.distributed`
+(`distributed.sharding_problems`).
 """
 
 from __future__ import annotations
@@ -210,15 +211,37 @@ def _patch_problems(recipe: Recipe) -> list[tuple[Loc, str]]:
     return problems
 
 
+# `optim` keys only Muon reads, with their defaults: set to anything else with another optimizer, they would be ignored
+_MUON_KEYS = {"adamw_lr": None, "momentum": 0.95, "ns_steps": 5, "muon_adjust_lr": "match_rms_adamw"}
+
+
 def _optimizer_problems(recipe: Recipe) -> list[tuple[Loc, str]]:
     from transformers.training_args import OptimizerNames
 
+    optim = recipe.optim
+    if optim.name == "muon":
+        strategy = recipe.train.distributed.strategy
+        if strategy == "ddp":
+            return []
+        return [
+            (
+                ("optim", "name"),
+                f"muon orthogonalises whole weight matrices, but train.distributed.strategy={strategy} gives each "
+                "process a shard of them; use strategy ddp",
+            )
+        ]
+    problems: list[tuple[Loc, str]] = [
+        (("optim", key), f"only optim.name: muon uses it, but the optimizer is {optim.name!r}")
+        for key, default in _MUON_KEYS.items()
+        if getattr(optim, key) != default
+    ]
     names = [o.value for o in OptimizerNames]
-    if recipe.optim.name in names:
-        return []
-    close = difflib.get_close_matches(recipe.optim.name, names, n=3)
+    if optim.name in names:
+        return problems
+    names.append("muon")
+    close = difflib.get_close_matches(optim.name, names, n=3)
     hint = f"did you mean {', '.join(close)}?" if close else "see transformers.training_args.OptimizerNames"
-    return [(("optim", "name"), f"unknown optimizer {recipe.optim.name!r}; {hint}")]
+    return [*problems, (("optim", "name"), f"unknown optimizer {optim.name!r}; {hint}")]
 
 
 # TrainingArguments fields that recipe keys already set: one place to write each setting.

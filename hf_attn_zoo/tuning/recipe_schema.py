@@ -274,8 +274,11 @@ class OptimSection(_Section):
     """Optimizer and learning-rate schedule.
 
     Args:
-        name (`str`, *optional*, defaults to `"adamw_torch"`): a `transformers` optimizer name (`OptimizerNames`).
-        lr (`float`, *optional*, defaults to 1e-4): peak learning rate.
+        name (`str`, *optional*, defaults to `"adamw_torch"`): a `transformers` optimizer name (`OptimizerNames`), or
+            `muon`: Muon on the hidden weight matrices (and per expert on fused MoE experts), AdamW on embeddings,
+            LM head, norms, biases and routers (`hf_attn_zoo/tuning/muon.py` has the rule).
+        lr (`float`, *optional*, defaults to 1e-4): peak learning rate (`muon`: of the Muon matrices, before their
+            `muon_adjust_lr` shape adjustment).
         min_lr (`float`, *optional*, defaults to 0.0): final learning rate of the `cosine` / `linear` decay.
         schedule (`str`, *optional*, defaults to `"cosine"`): `cosine`, `linear` or `constant`, after the warm-up.
         warmup_steps (`int`, *optional*, defaults to 0): linear warm-up from 0 to `lr`.
@@ -286,6 +289,14 @@ class OptimSection(_Section):
         lr_scale (`dict[str, float]`, *optional*): learning-rate multipliers by parameter name: a parameter whose
             name contains a key trains at `lr x value` (the first key that matches counts), e.g.
             `{head_router: 10}` for MoH's routers. Its schedule is the same, scaled.
+        adamw_lr (`float`, *optional*): `muon`: peak learning rate of the AdamW parameters (defaults to `lr`); the
+            schedule is the same, scaled.
+        momentum (`float`, *optional*, defaults to 0.95): `muon`: Muon's (Nesterov) momentum.
+        ns_steps (`int`, *optional*, defaults to 5): `muon`: Newton-Schulz steps per update.
+        muon_adjust_lr (`str`, *optional*, defaults to `"match_rms_adamw"`): `muon`: learning rate of a matrix
+            `[A, B]`: `match_rms_adamw` (`lr x 0.2 sqrt(max(A, B))`, update RMS like AdamW's, so AdamW's `lr` and
+            `weight_decay` carry over) or `original` (`lr x sqrt(max(1, A / B))`, Keller Jordan's, for Muon-sized
+            `lr` such as 0.02).
     """
 
     name: str = "adamw_torch"
@@ -298,6 +309,10 @@ class OptimSection(_Section):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(default=1e-8, gt=0)
     lr_scale: dict[str, float] = Field(default_factory=dict)
+    adamw_lr: float | None = Field(default=None, gt=0)
+    momentum: float = Field(default=0.95, ge=0.0, lt=1.0)
+    ns_steps: int = Field(default=5, ge=1, le=20)
+    muon_adjust_lr: Literal["match_rms_adamw", "original"] = "match_rms_adamw"
 
 
 class MoESection(_Section):

@@ -1,8 +1,8 @@
 """The Trainer side of a tuning run: its `TrainingArguments`, the Trainer subclass and the callbacks.
 
-`ZooTrainer` installs the recipe's learning-rate schedule (`lr_schedule.py`) and per-parameter learning-rate
-multipliers (`optim.lr_scale`), adds the self-distillation loss (`distill:`, `distill.py`) and logs the auxiliary
-losses apart from the LM loss;
+`ZooTrainer` installs the recipe's learning-rate schedule (`lr_schedule.py`), its optimizer (`optim.name: muon`:
+`muon.py`'s Muon + AdamW) and per-parameter learning-rate multipliers (`optim.lr_scale`), adds the
+self-distillation loss (`distill:`, `distill.py`) and logs the auxiliary losses apart from the LM loss;
 `Throughput` measures train tokens per second; `CheckpointLayout` marks each checkpoint complete, with the
 layout (processes, sharding) it was written in.
 """
@@ -19,6 +19,7 @@ from transformers import Trainer, TrainerCallback
 from ..errors import RecipeError
 from . import distributed, lr_schedule
 from .distill import distillation_loss, teacher_logits
+from .muon import MuonWithAdamW, muon_param_groups
 from .recipe import Recipe
 
 __all__ = [
@@ -59,7 +60,8 @@ def training_args(recipe: Recipe, output_dir: Path, max_steps: int, grad_accum: 
         learning_rate=optim.lr,
         # the schedule (warm-up included) is `lr_schedule.lr_scheduler`, installed by `ZooTrainer.create_scheduler`
         lr_scheduler_type="constant",
-        optim=optim.name,
+        # Muon is not a transformers optimizer: `ZooTrainer.create_optimizer` builds it, the name only has to be valid
+        optim="adamw_torch" if optim.name == "muon" else optim.name,
         weight_decay=optim.weight_decay,
         adam_beta1=optim.betas[0],
         adam_beta2=optim.betas[1],
@@ -141,8 +143,28 @@ class ZooTrainer(Trainer):
         return self.lr_scheduler
 
     def create_optimizer(self, model=None):
+        optim = self.recipe.optim
+        if optim.name == "muon" and self.optimizer is None:
+            target = self.model if model is None else model
+            groups = muon_param_groups(
+                target,
+                lr=optim.lr,
+                adamw_lr=optim.adamw_lr or optim.lr,
+                weight_decay=optim.weight_decay,
+                decay_names=self.get_decay_parameter_names(target),
+            )
+            self.optimizer = MuonWithAdamW(
+                groups,
+                lr=optim.lr,
+                weight_decay=optim.weight_decay,
+                momentum=optim.momentum,
+                ns_steps=optim.ns_steps,
+                adjust_lr=optim.muon_adjust_lr,
+                betas=optim.betas,
+                eps=optim.eps,
+            )
         optimizer = super().create_optimizer(model)
-        if self.recipe.optim.lr_scale:
+        if optim.lr_scale:
             scale_learning_rates(optimizer, self.model if model is None else model, self.recipe)
         return optimizer
 
