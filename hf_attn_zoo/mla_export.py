@@ -245,7 +245,7 @@ def export_deepseek_v3(
         # one rotary for all layers: the slots must turn at the same frequencies in every layer
         raise _refuse(
             "the layers keep different RoPE frequency pairs; DeepSeek-V3 has one rotary for all layers. Convert with "
-            "rope_selection high, low or uniform (the same pairs everywhere)."
+            "rope_scope='model' (one choice of frequencies for every layer), or rope_selection high, low or uniform."
         )
     config = _config(model, latents[0], rotary, slot_freq, bias)
     state = _state_dict(model, family, latents, bias)

@@ -42,7 +42,7 @@ from ..errors import InvalidOptionError
 from ..families.rope import channel_pairs, rotary_function
 from ..families.spec import FamilySpec
 from ..registry import Capabilities, Patch, PatchConfig, PatchHandle, register_patch
-from .mla_layout import factorise, nope_width, plan_layout
+from .mla_layout import choose_components, factorise, nope_width, plan_layout, selection_scores
 
 __all__ = ["LatentKV", "MLAConfig", "MLAPatch", "calibrate", "latent_layers"]
 
@@ -70,6 +70,13 @@ class MLAConfig(PatchConfig):
             "help": "which RoPE components stay: each KV head its pairs with the largest query x key norm (norm, "
             "MHA2MLA's 2-norm), or by frequency (high / low / uniform); rorope: the principal components of the KV "
             "heads' pairs per frequency (TransMLA's RoRoPE), the same budget of rope_pairs x KV heads."
+        },
+    )
+    rope_scope: Literal["layer", "model"] = field(
+        default="layer",
+        metadata={
+            "help": "layer: each layer keeps its own best RoPE components (as the papers); model: every layer keeps "
+            "the same frequencies, chosen by the scores summed over the layers (what a DeepSeek-V3 export needs)."
         },
     )
     balance: bool = field(
@@ -118,7 +125,7 @@ class LatentKV(nn.Module):
             "query_map", torch.zeros(heads, nope_width + rope_width, head_dim, device=device, dtype=dtype)
         )
         self.register_buffer("slot_pairs", torch.zeros(rope_width // 2, 2, dtype=torch.long, device=device))
-        self.selection, self.balance = "norm", True  # how `calibrate` refits it (the patch's options)
+        self.selection, self.scope, self.balance = "norm", "layer", True  # how `calibrate` refits it (the options)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, nope={self.nope_width}, rope={self.rope_width}, head_dim={self.head_dim}"
@@ -275,28 +282,57 @@ def _rows(linear: nn.Linear) -> torch.Tensor:
     return torch.cat([weight, bias[:, None]], dim=1)
 
 
+def _projection_rows(attention: Any, family: FamilySpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(_rows(getattr(attention, str(getattr(family.attention, p)))) for p in "qkv")  # type: ignore[return-value]
+
+
 @torch.no_grad()
-def _initialise(attention: Any, family: FamilySpec, model_config: Any, moment: torch.Tensor | None) -> None:
-    """Lay out one layer (`plan_layout`) and fit its latent (`factorise`): from the weights alone without `moment`
-    (the identity), else from the second moment of real inputs extended by 1 (for the biases)."""
-    latent_kv: LatentKV = attention.mla
+def _fit_layers(
+    attentions: list[Any], family: FamilySpec, model_config: Any, moments: list[torch.Tensor | None]
+) -> None:
+    """Lay out the given layers (`plan_layout`) and fit their latents (`factorise`): from the weights alone where a
+    moment is None (the identity), else from the second moment of real inputs extended by 1 (for the biases). Layers
+    patched with `rope_scope="model"` (and the same options) share one choice of RoPE slots: the sum of their scores."""
     rotary, pairs = channel_pairs(family, model_config)
-    q_rows, k_rows, v_rows = (_rows(getattr(attention, str(getattr(family.attention, p)))) for p in "qkv")
-    hidden = q_rows.shape[1] - 1
-    moment = torch.eye(hidden + 1, dtype=torch.float64) if moment is None else moment
-    keep = latent_kv.rope_width // (2 * latent_kv.kv_heads)
-    heads = latent_kv.query_map.shape[0]
-    layout = plan_layout(q_rows, k_rows, v_rows, moment, heads, pairs, rotary, keep, latent_kv.selection)
-    down, up = factorise(
-        layout.stacked, moment, latent_kv.rank, latent_kv.nope_width, latent_kv.kv_heads, latent_kv.balance
-    )
-    rows = torch.cat([down, layout.rope_rows])
-    latent_kv.kv_down.weight.copy_(rows[:, :hidden])
-    if latent_kv.kv_down.bias is not None:
-        latent_kv.kv_down.bias.copy_(rows[:, hidden])
-    latent_kv.kv_up.weight.copy_(up)
-    latent_kv.query_map.copy_(layout.query_map)
-    latent_kv.slot_pairs.copy_(layout.slot_pairs)
+    settings: dict[tuple, list[int]] = {}
+    rows, filled = [], []
+    for index, (attention, moment) in enumerate(zip(attentions, moments, strict=True)):
+        latent_kv: LatentKV = attention.mla
+        q_rows, k_rows, v_rows = _projection_rows(attention, family)
+        rows.append((q_rows, k_rows, v_rows))
+        filled.append(torch.eye(q_rows.shape[1], dtype=torch.float64) if moment is None else moment)
+        key = (latent_kv.selection, latent_kv.scope, latent_kv.rope_width, latent_kv.kv_heads)
+        settings.setdefault(key, []).append(index)
+    shared: dict[int, list[tuple[int, int]]] = {}
+    for (selection, scope, width, kv_heads), members in settings.items():
+        if scope != "model" or not width:
+            continue
+        heads = attentions[members[0]].mla.query_map.shape[0]
+        total = torch.stack(
+            [selection_scores(rows[i][0], rows[i][1], filled[i], heads, pairs, rotary, selection) for i in members]
+        ).sum(0)
+        kept = choose_components(total, width // (2 * kv_heads), selection)
+        shared.update({i: kept for i in members})
+    for index, attention in enumerate(attentions):
+        latent_kv = attention.mla
+        q_rows, k_rows, v_rows = rows[index]
+        moment = filled[index]
+        hidden = q_rows.shape[1] - 1
+        keep = latent_kv.rope_width // (2 * latent_kv.kv_heads)
+        heads = latent_kv.query_map.shape[0]
+        layout = plan_layout(
+            q_rows, k_rows, v_rows, moment, heads, pairs, rotary, keep, latent_kv.selection, shared.get(index)
+        )
+        down, up = factorise(
+            layout.stacked, moment, latent_kv.rank, latent_kv.nope_width, latent_kv.kv_heads, latent_kv.balance
+        )
+        fitted = torch.cat([down, layout.rope_rows])
+        latent_kv.kv_down.weight.copy_(fitted[:, :hidden])
+        if latent_kv.kv_down.bias is not None:
+            latent_kv.kv_down.bias.copy_(fitted[:, hidden])
+        latent_kv.kv_up.weight.copy_(up)
+        latent_kv.query_map.copy_(layout.query_map)
+        latent_kv.slot_pairs.copy_(layout.slot_pairs)
 
 
 @torch.no_grad()
@@ -341,8 +377,8 @@ def calibrate(model: Any, batches: Iterable[dict[str, torch.Tensor]]) -> dict[st
     if tokens == 0:
         raise InvalidOptionError("mla calibrate: the batches hold no tokens")
     family = resolve_family(model.config)
-    for name in layers:
-        _initialise(attentions[name], family, model.config, moments[name] / tokens)
+    names = list(layers)
+    _fit_layers([attentions[n] for n in names], family, model.config, [moments[n] / tokens for n in names])
     return {"tokens": tokens, "layers": len(layers)}
 
 
@@ -410,6 +446,7 @@ class MLAPatch(Patch):
     ) -> None:
         layout = family.head_layout(model.config.get_text_config())
         rotary, _ = channel_pairs(family, model.config)
+        patched: list[Any] = []
         for index in layers:
             attention = family.attention_module(model, index)
             uses_rope = family.uses_rope(model.config, index)
@@ -429,12 +466,15 @@ class MLAPatch(Patch):
                 device=weight.device,
                 dtype=weight.dtype,
             )
-            latent_kv.selection, latent_kv.balance = config.rope_selection, config.balance
+            latent_kv.selection, latent_kv.scope, latent_kv.balance = (
+                config.rope_selection,
+                config.rope_scope,
+                config.balance,
+            )
             attention.mla = latent_kv
             handle.on_revert(functools.partial(delattr, attention, "mla"))
             handle.modules.append(latent_kv)
-            if weight.device.type != "meta":
-                _initialise(attention, family, model.config, None)
+            patched.append(attention)
             layer = _Layer(
                 q=str(family.attention.q),
                 o=str(family.attention.o),
@@ -447,6 +487,8 @@ class MLAPatch(Patch):
             )
             attention.forward = functools.partial(_mla_forward, attention, layer=layer)
             handle.on_revert(functools.partial(attention.__dict__.pop, "forward"))
+        if patched and next(patched[0].mla.parameters()).device.type != "meta":  # a meta model only plans
+            _fit_layers(patched, family, model.config, [None] * len(patched))
 
     def neutral_config(self, family: FamilySpec, model_config: PretrainedConfig) -> MLAConfig:
         return MLAConfig(rank=None, rope_pairs=None)

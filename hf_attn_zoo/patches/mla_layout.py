@@ -61,6 +61,78 @@ def _kept_pairs(selection: str, keep: int, rotary: int, scores: torch.Tensor) ->
     return chosen.expand(scores.shape[0], -1)
 
 
+@dataclass
+class _Pairs:
+    """A layer's RoPE pairs as complex numbers: channel indices, key and query rows, and the KV-head mixes."""
+
+    firsts: torch.Tensor
+    seconds: torch.Tensor
+    kf: torch.Tensor  # [KV, P, hidden + 1]: first / second channel rows of each KV head's pairs
+    ks: torch.Tensor
+    mixes: torch.Tensor  # [P, KV (j), KV (m)] complex: component m of frequency i is sum_j conj(V[j, m]) z_j
+    scores: torch.Tensor  # [P, KV]: how much each (frequency, component) matters
+
+
+def _pairs(
+    q_rows: torch.Tensor,
+    k_rows: torch.Tensor,
+    moment: torch.Tensor,
+    heads: int,
+    pairs: list[int],
+    rotary: int,
+    selection: str,
+) -> _Pairs:
+    d = len(pairs)
+    kv_heads = k_rows.shape[0] // d
+    group = heads // kv_heads
+    pair_of = torch.tensor(pairs)
+    firsts = torch.tensor([int(torch.nonzero(pair_of == i)[0]) for i in range(rotary)], dtype=torch.long)
+    seconds = torch.tensor([int(torch.nonzero(pair_of == i)[-1]) for i in range(rotary)], dtype=torch.long)
+    keys, queries = k_rows.view(kv_heads, d, -1), q_rows.view(heads, d, -1)
+    kf, ks = keys[:, firsts], keys[:, seconds]
+    qf, qs = queries[:, firsts], queries[:, seconds]
+    q_power = (_energy(qf, qf, moment) + _energy(qs, qs, moment)).clamp_min(0)  # [H, P]
+    if selection == "rorope":
+        # complex covariance of the KV heads' pairs per frequency: E[z_j conj(z_j')]
+        real = _energy(kf[:, None], kf[None], moment) + _energy(ks[:, None], ks[None], moment)  # [KV, KV, P]
+        imag = _energy(ks[:, None], kf[None], moment) - _energy(kf[:, None], ks[None], moment)
+        values, mixes = torch.linalg.eigh(torch.complex(real, imag).permute(2, 0, 1))  # ascending
+        mixes, values = mixes.flip(-1), values.flip(-1).clamp_min(0)  # the largest component first
+        seen = (mixes.abs() ** 2)[:, torch.arange(heads) // group]  # [P, H, m]: query head h's share of component m
+        scores = (values * (seen * q_power.T[:, :, None]).mean(1)).sqrt()
+    else:  # MHA2MLA: each KV head's own pairs, the 2-norm product of query and key
+        mixes = torch.eye(kv_heads, dtype=torch.complex128).expand(rotary, -1, -1)
+        k_power = (_energy(kf, kf, moment) + _energy(ks, ks, moment)).clamp_min(0)  # [KV, P]
+        scores = (q_power.sqrt().view(kv_heads, group, rotary) * k_power.sqrt()[:, None]).mean(1).T
+    return _Pairs(firsts, seconds, kf, ks, mixes, scores)
+
+
+def selection_scores(
+    q_rows: torch.Tensor,
+    k_rows: torch.Tensor,
+    moment: torch.Tensor,
+    heads: int,
+    pairs: list[int],
+    rotary: int,
+    selection: str,
+) -> torch.Tensor:
+    """`[P, KV]`: the score of each (frequency, component) of a layer, normalised to sum 1 (layers weigh the same
+    when a model-wide choice adds them up)."""
+    scores = _pairs(q_rows, k_rows, moment, heads, pairs, rotary, selection).scores
+    return scores / scores.sum().clamp_min(1e-30)
+
+
+def choose_components(scores: torch.Tensor, keep: int, selection: str) -> list[tuple[int, int]]:
+    """The `(frequency, component)` slots that keep RoPE, `keep` per KV head's worth, by `selection` over `scores`
+    `[P, KV]` (one layer's, or the sum over the model's layers for one choice shared by all)."""
+    rotary, kv_heads = scores.shape
+    if selection == "rorope":
+        top = scores.flatten().topk(keep * kv_heads).indices.sort().values
+        return [(int(t) // kv_heads, int(t) % kv_heads) for t in top]
+    chosen = _kept_pairs(selection, keep, rotary, scores.T)
+    return sorted((int(i), j) for j in range(kv_heads) for i in chosen[j])
+
+
 def plan_layout(
     q_rows: torch.Tensor,
     k_rows: torch.Tensor,
@@ -71,39 +143,20 @@ def plan_layout(
     rotary: int,
     keep: int,
     selection: str,
+    kept: list[tuple[int, int]] | None = None,
 ) -> LatentLayout:
     """The layout of a layer whose projections have the rows `q_rows` `[H d, hidden + 1]`, `k_rows`, `v_rows`
     `[KV d, hidden + 1]`, inputs of second moment `moment`, RoPE pairing `pairs` (pair id per channel, `rotary`
-    rotated pairs), keeping `keep` pairs' worth of RoPE per KV head (`selection`)."""
+    rotated pairs), keeping `keep` pairs' worth of RoPE per KV head (`selection`): the layer's own best
+    `(frequency, component)` slots, or `kept` (a model-wide choice)."""
     d = len(pairs)
     kv_heads, group = k_rows.shape[0] // d, heads // (k_rows.shape[0] // d)
-    pair_of = torch.tensor(pairs)
-    firsts = torch.tensor([int(torch.nonzero(pair_of == i)[0]) for i in range(rotary)], dtype=torch.long)
-    seconds = torch.tensor([int(torch.nonzero(pair_of == i)[-1]) for i in range(rotary)], dtype=torch.long)
-    keys, queries = k_rows.view(kv_heads, d, -1), q_rows.view(heads, d, -1)
-    kf, ks = keys[:, firsts], keys[:, seconds]  # [KV, P, hidden + 1]
-    qf, qs = queries[:, firsts], queries[:, seconds]  # [H, P, hidden + 1]
-    q_power = (_energy(qf, qf, moment) + _energy(qs, qs, moment)).clamp_min(0)  # [H, P]
+    found = _pairs(q_rows, k_rows, moment, heads, pairs, rotary, selection)
+    firsts, seconds, kf, ks, mixes = found.firsts, found.seconds, found.kf, found.ks, found.mixes
+    keys = k_rows.view(kv_heads, d, -1)
     eye = torch.eye(kv_heads, dtype=torch.complex128)
-    if selection == "rorope":
-        # complex covariance of the KV heads' pairs per frequency: E[z_j conj(z_j')]
-        real = _energy(kf[:, None], kf[None], moment) + _energy(ks[:, None], ks[None], moment)  # [KV, KV, P]
-        imag = _energy(ks[:, None], kf[None], moment) - _energy(kf[:, None], ks[None], moment)
-        covariance = torch.complex(real, imag).permute(2, 0, 1)  # [P, KV, KV]
-        values, mixes = torch.linalg.eigh(covariance)  # ascending
-        mixes = mixes.flip(-1)  # [P, KV (j), KV (m)], the largest component first
-        values = values.flip(-1).clamp_min(0)
-        seen = (mixes.abs() ** 2)[:, torch.arange(heads) // group]  # [P, H, m]: query head h's share of component m
-        q_seen = (seen * q_power.T[:, :, None]).mean(1)  # [P, m]
-        score = (values * q_seen).sqrt()
-        top = score.flatten().topk(keep * kv_heads).indices.sort().values
-        kept = [(int(t) // kv_heads, int(t) % kv_heads) for t in top]  # (pair, component)
-    else:
-        mixes = eye.expand(rotary, -1, -1)
-        k_power = (_energy(kf, kf, moment) + _energy(ks, ks, moment)).clamp_min(0)  # [KV, P]
-        scores = (q_power.sqrt().view(kv_heads, group, rotary) * k_power.sqrt()[:, None]).mean(1)
-        chosen = _kept_pairs(selection, keep, rotary, scores)
-        kept = sorted((int(i), j) for j in range(kv_heads) for i in chosen[j])
+    if kept is None:
+        kept = choose_components(found.scores, keep, selection)
 
     def mix(coefficient: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The pair `coefficient * (first + i second)` (coefficients over the leading dim, summed)."""

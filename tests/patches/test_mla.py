@@ -188,11 +188,19 @@ def test_export_refuses_a_partly_converted_model(tmp_path):
         for layer, pair in zip(boosted.model.layers, (5, 2), strict=True):
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
                 proj.weight.view(-1, 16, proj.in_features)[:, [pair, pair + 8]] *= 50
-    norm = hf_attn_zoo.patch(boosted, "mla", rank=8, rope_pairs=1, rope_selection="norm")
+    norm = hf_attn_zoo.patch(clone(boosted), "mla", rank=8, rope_pairs=1, rope_selection="norm")
     assert [m.slot_pairs[0, 0].item() for m in latent_layers(norm).values()] == [5, 2]
     with pytest.raises(UnsupportedArchitectureError, match="different RoPE frequency pairs"):
         export_deepseek_v3(norm, tmp_path / "norm")
     assert not (tmp_path / "norm").exists()
+    # one choice for the whole model: both layers keep the same pair (layer 0's boost is the larger), and it exports
+    shared = hf_attn_zoo.patch(clone(boosted), "mla", rank=8, rope_pairs=1, rope_selection="norm", rope_scope="model")
+    pairs = [m.slot_pairs.tolist() for m in latent_layers(shared).values()]
+    assert pairs[0] == pairs[1]
+    export_deepseek_v3(shared, tmp_path / "shared")
+    ids = torch.randint(3, 100, (1, 8))
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "shared").eval()
+    torch.testing.assert_close(stock(ids).logits, shared(ids).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_the_cli_exports_a_saved_conversion(tmp_path, capsys):
