@@ -230,8 +230,13 @@ def _absorbs(layer: _Layer, latent_kv: LatentKV, mask: Any, length: int, total: 
         return False
     if layer.absorb == "always":
         return True
-    extra = max(latent_kv.rank - layer.head_dim, 0)  # per query head and query, over the expanded form's head dim
-    return length * layer.heads * extra < total * layer.kv_heads * layer.head_dim
+    r, n, rope, d = latent_kv.rank, latent_kv.nope_width, latent_kv.rope_width, layer.head_dim
+    queries = length * layer.heads
+    # multiply-adds: expanding the cache (kv_up over every position) + attention at head dims n + D and d, against
+    # absorbing kv_up into the queries and outputs + attention at head dims r + D and r
+    expanded = total * layer.kv_heads * r * (n + d) + queries * total * (n + rope + d)
+    absorbed = queries * r * (n + d) + queries * total * (2 * r + rope)
+    return absorbed < expanded
 
 
 def _absorbed(

@@ -3,7 +3,8 @@
 `recipe.py` re-exports its parts: `recipe_schema.py` (pydantic sections), `recipe_yaml.py` (YAML with line marks,
 `_base` includes, overrides), `recipe_checks.py` (`validate_recipe`). `train.py` runs a recipe from `model.py` (load,
 patch, init hooks, trainable parameters, final save), `data.py` (packed blocks), `trainer.py` (TrainingArguments,
-Trainer subclass, callbacks), `lr_schedule.py` and `run_folder.py` (result, checkpoints, rerun policy);
+Trainer subclass, callbacks), `lr_schedule.py`, `muon.py` (`optim.name: muon`) and `run_folder.py` (result,
+checkpoints, rerun policy);
 `distributed.py` holds ddp / fsdp / deepspeed, `init_hooks.py` the registry of `init` steps, `callback_hooks.py` the
 registry of `callbacks` (schedules during training), `distill.py` the `distill` section's teacher and loss.
 

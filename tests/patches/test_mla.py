@@ -234,3 +234,15 @@ def test_a_model_without_rope_is_refused():
     with pytest.raises(InvalidOptionError, match="no RoPE on any layer"):
         hf_attn_zoo.patch(model, "mla")
     assert hf_attn_zoo.applied_patches(model) == []
+
+
+def test_auto_absorbs_the_decode_steps_and_expands_the_prefill(monkeypatch):
+    import hf_attn_zoo.patches.mla as mla
+
+    calls = []
+    original = mla._absorbed
+    monkeypatch.setattr(mla, "_absorbed", lambda *a, **k: calls.append(a[3].shape[2]) or original(*a, **k))
+    model = hf_attn_zoo.patch(tiny_model("llama"), "mla", rank=6, rope_pairs=2)
+    ids = torch.randint(3, 100, (1, 40))
+    model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert calls == [1] * 6  # 3 decode steps x 2 layers, each one query; the 40-token prefill is expanded
