@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--moe-every", type=int, default=5, help="MoE on every n-th layer (0, n, 2n ...)")
     parser.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of both optimizers")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--models", default="dense,moe,mla", help="comma-separated subset of dense, moe, mla")
     args = parser.parse_args(argv)
     if args.smoke:
         args.steps, args.layers = 2, 1
@@ -108,13 +109,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         root = Path(tmp)
         dense = truncated_smollm2(root / "dense", args.layers)
         moe_layers = list(range(0, args.layers, args.moe_every))
-        moe = sparse_moe(dense, root / "moe", args.experts, moe_layers)
+        wanted = args.models.split(",")
+        moe = sparse_moe(dense, root / "moe", args.experts, moe_layers) if "moe" in wanted else dense
         models = {
-            "dense": (dense, []),
-            f"MoE: {args.experts} experts top-2 on {len(moe_layers)} of {args.layers} layers": (moe, []),
-            "MLA: rank 128, 4 RoPE pairs per KV head (calibrated)": (dense, MLA),
+            "dense": ("dense", dense, []),
+            "moe": (f"MoE: {args.experts} experts top-2 on {len(moe_layers)} of {args.layers} layers", moe, []),
+            "mla": ("MLA: rank 128, 4 RoPE pairs per KV head (calibrated)", dense, MLA),
         }
-        for index, (label, (model, extra)) in enumerate(models.items()):
+        chosen = [models[key] for key in wanted]
+        for index, (label, model, extra) in enumerate(chosen):
             for optimizer, recipe in RECIPES.items():
                 metrics = train(recipe, model, root / "runs" / f"{index}-{optimizer}", args, extra)
                 rows.append({"model": label, "optimizer": optimizer, **metrics})
