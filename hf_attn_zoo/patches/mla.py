@@ -143,6 +143,7 @@ class _Layer:
     rope: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None
     eager: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
     absorb: str
+    softcap: bool
 
 
 def _slot_angles(
@@ -225,8 +226,10 @@ def _mla_forward(
 
 def _absorbs(layer: _Layer, latent_kv: LatentKV, mask: Any, length: int, total: int, training: bool) -> bool:
     """Whether this call attends in the latent: inference only, with a mask it can read (a tensor, or none for a
-    single query), and under `auto` where expanding the cache would cost more than absorbing into the queries."""
+    single query), no logit softcap, and under `auto` where it costs fewer multiply-adds than expanding the cache."""
     if layer.absorb == "never" or training or not (isinstance(mask, torch.Tensor) or (mask is None and length == 1)):
+        return False
+    if layer.softcap:  # logit softcapping (Gemma 2) is the attention interface's business: it may or may not apply it
         return False
     if layer.absorb == "always":
         return True
@@ -489,6 +492,7 @@ class MLAPatch(Patch):
                 rope=rotary_function(attention, self.name) if uses_rope else None,
                 eager=getattr(sys.modules[type(attention).__module__], "eager_attention_forward", _sdpa),
                 absorb=config.absorb,
+                softcap=getattr(attention, "attn_logit_softcapping", None) is not None,
             )
             attention.forward = functools.partial(_mla_forward, attention, layer=layer)
             handle.on_revert(functools.partial(attention.__dict__.pop, "forward"))

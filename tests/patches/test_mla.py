@@ -48,6 +48,17 @@ def test_absorbed_decoding_equals_the_expanded_form(family):
         torch.testing.assert_close(absorbed, expanded, atol=1e-4, rtol=1e-4)
 
 
+def test_a_softcapped_attention_is_never_absorbed(monkeypatch):
+    """Gemma 2's logit softcap is applied by some attention interfaces (eager) and not others (SDPA): the layer
+    always goes through the model's own interface, so decoding equals the full forward whichever it is."""
+    import hf_attn_zoo.patches.mla as mla
+
+    monkeypatch.setattr(mla, "_absorbed", lambda *a, **k: pytest.fail("a softcapped layer was absorbed"))
+    model = hf_attn_zoo.patch(tiny_model("gemma2"), "mla", rank=6, rope_pairs=2, absorb="always")
+    ids = torch.randint(3, 100, (1, 6))
+    model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+
 def test_the_cache_holds_only_the_latent_and_the_rope_key():
     base = tiny_model("llama")  # 2 KV heads of 16 channels
     model = hf_attn_zoo.patch(clone(base), "mla", rank=6, rope_pairs=2)
