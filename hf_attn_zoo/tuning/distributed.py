@@ -224,11 +224,8 @@ def full_state_dict(trainer: Any) -> dict[str, torch.Tensor]:
 
 
 def finish() -> None:
-    """End this process's part of a multi-process run: wait for the others, then close the process group.
-
-    A process that exits with its group still open leaves gloo's worker threads to static destruction, which
-    aborts now and then ("terminate called without an active exception") after the run has finished.
-    """
+    """End this process's part of a multi-process run: wait for the others, then close the process group (the
+    process then leaves without the interpreter's teardown: `tuning/__main__.py`)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
