@@ -42,7 +42,14 @@ from ..errors import InvalidOptionError
 from ..families.rope import channel_pairs, rotary_function
 from ..families.spec import FamilySpec
 from ..registry import Capabilities, Patch, PatchConfig, PatchHandle, register_patch
-from .mla_layout import choose_components, factorise, nope_width, plan_layout, selection_scores
+from .mla_layout import (
+    attention_metric,
+    choose_components,
+    factorise,
+    nope_width,
+    plan_layout,
+    selection_scores,
+)
 
 __all__ = ["LatentKV", "MLAConfig", "MLAPatch", "calibrate", "latent_layers"]
 
@@ -79,9 +86,13 @@ class MLAConfig(PatchConfig):
             "the same frequencies, chosen by the scores summed over the layers (what a DeepSeek-V3 export needs)."
         },
     )
-    balance: bool = field(
-        default=True,
-        metadata={"help": "scale keys and values to equal norm before the low-rank fit (TransMLA's balance)."},
+    latent_fit: Literal["kv", "balanced", "attention"] = field(
+        default="balanced",
+        metadata={
+            "help": "what the low-rank latent keeps best: kv (the keys and values as they are), balanced (keys and "
+            "values scaled to equal power, TransMLA), attention (key errors weighted by the queries, value errors "
+            "by the output projection)."
+        },
     )
     absorb: Literal["auto", "always", "never"] = field(
         default="auto",
@@ -125,7 +136,7 @@ class LatentKV(nn.Module):
             "query_map", torch.zeros(heads, nope_width + rope_width, head_dim, device=device, dtype=dtype)
         )
         self.register_buffer("slot_pairs", torch.zeros(rope_width // 2, 2, dtype=torch.long, device=device))
-        self.selection, self.scope, self.balance = "norm", "layer", True  # how `calibrate` refits it (the options)
+        self.selection, self.scope, self.fit = "norm", "layer", "balanced"  # how `calibrate` refits it (the options)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, nope={self.nope_width}, rope={self.rope_width}, head_dim={self.head_dim}"
@@ -331,8 +342,14 @@ def _fit_layers(
         layout = plan_layout(
             q_rows, k_rows, v_rows, moment, heads, pairs, rotary, keep, latent_kv.selection, shared.get(index)
         )
+        metric = None
+        if latent_kv.fit == "attention":
+            n, d = latent_kv.nope_width, latent_kv.head_dim
+            query_rows = torch.einsum("hnd,hdi->hni", layout.query_map[:, :n], q_rows.view(heads, d, -1))
+            out = getattr(attentions[index], str(family.attention.o)).weight.detach().double().cpu()
+            metric = attention_metric(layout.stacked, moment, query_rows, out.view(out.shape[0], heads, d), n)
         down, up = factorise(
-            layout.stacked, moment, latent_kv.rank, latent_kv.nope_width, latent_kv.kv_heads, latent_kv.balance
+            layout.stacked, moment, latent_kv.rank, latent_kv.nope_width, latent_kv.kv_heads, latent_kv.fit, metric
         )
         fitted = torch.cat([down, layout.rope_rows])
         latent_kv.kv_down.weight.copy_(fitted[:, :hidden])
@@ -474,10 +491,10 @@ class MLAPatch(Patch):
                 device=weight.device,
                 dtype=weight.dtype,
             )
-            latent_kv.selection, latent_kv.scope, latent_kv.balance = (
+            latent_kv.selection, latent_kv.scope, latent_kv.fit = (
                 config.rope_selection,
                 config.rope_scope,
-                config.balance,
+                config.latent_fit,
             )
             attention.mla = latent_kv
             handle.on_revert(functools.partial(delattr, attention, "mla"))

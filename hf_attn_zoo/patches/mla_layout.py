@@ -21,7 +21,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LatentLayout", "factorise", "nope_width", "plan_layout"]
+__all__ = [
+    "LatentLayout",
+    "attention_metric",
+    "choose_components",
+    "factorise",
+    "nope_width",
+    "plan_layout",
+    "selection_scores",
+]
 
 
 @dataclass
@@ -209,21 +217,67 @@ def plan_layout(
     )
 
 
+def _sqrt_and_inverse(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`S`, `S^-1` with `S S = block` (symmetric positive semi-definite; tiny eigenvalues floored)."""
+    values, vectors = torch.linalg.eigh(block)
+    values = values.clamp_min(values.max().clamp_min(1e-300) * 1e-10)
+    return (vectors * values.sqrt()) @ vectors.T, (vectors * values.rsqrt()) @ vectors.T
+
+
+def attention_metric(
+    stacked: torch.Tensor, moment: torch.Tensor, query_rows: torch.Tensor, out_weight: torch.Tensor, nope: int
+) -> torch.Tensor:
+    """`[KV, n + d, n + d]`: what an error in each KV head's no-RoPE keys and values costs the attention. A key error
+    `e` moves the scores of the group's queries by `q . e`, so keys weigh by the queries' second moment
+    (`query_rows` `[H, n, hidden + 1]`: each head's no-RoPE query rows); a value error reaches the output through
+    `o_proj`, so values weigh by its Gram matrix (`out_weight` `[hidden, H, d]`). Each half is scaled to unit
+    relative power, as the key/value balance does."""
+    heads = query_rows.shape[0]
+    d = out_weight.shape[-1]
+    kv_heads = stacked.shape[0] // (nope + d)
+    group = heads // kv_heads
+    rows = stacked.view(kv_heads, nope + d, -1)
+    blocks = []
+    for j in range(kv_heads):
+        members = slice(j * group, (j + 1) * group)
+        keys, values = rows[j, :nope], rows[j, nope:]
+        queries, outs = query_rows[members], out_weight[:, members]  # [G, n, hidden + 1], [hidden, G, d]
+        on_keys = torch.einsum("gni,ik,gmk->nm", queries, moment, queries)
+        on_values = torch.einsum("ogd,oge->de", outs, outs)
+        if nope:
+            on_keys = on_keys / torch.trace(on_keys @ keys @ moment @ keys.T).clamp_min(1e-300)
+        on_values = on_values / torch.trace(on_values @ values @ moment @ values.T).clamp_min(1e-300)
+        blocks.append(torch.block_diag(on_keys, on_values))
+    return torch.stack(blocks)
+
+
 def factorise(
-    stacked: torch.Tensor, moment: torch.Tensor, rank: int, nope: int, kv_heads: int, balance: bool
+    stacked: torch.Tensor,
+    moment: torch.Tensor,
+    rank: int,
+    nope: int,
+    kv_heads: int,
+    fit: str,
+    metric: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(A, B)` with `B A` the rank-`rank` fit of `stacked` `[KV (n + d), hidden + 1]` on inputs of second moment
-    `moment`: `B`'s columns the top principal directions of `D Y M Y^T D` (`D` scales keys and values to equal power
-    when `balance`, TransMLA's balance). At full rank `A = Y` and `B = I`, exactly."""
+    `moment`, minimising `E |S (Y - B A) x~|^2`: `B = S^-1 U`, `A = U^T S Y` with `U` the top principal directions of
+    `S Y M Y^T S`. `S` is the identity (`fit="kv"`), keys and values scaled to equal power (`balanced`, TransMLA), or
+    the square root of `metric` (`attention`, see `attention_metric`). At full rank `A = Y` and `B = I`, exactly."""
     if rank >= stacked.shape[0]:
         return stacked, torch.eye(stacked.shape[0], dtype=torch.float64)
-    scale = torch.ones(kv_heads, stacked.shape[0] // kv_heads, dtype=torch.float64)
-    if balance and nope:
-        power = _energy(stacked, stacked, moment).clamp_min(0).view(kv_heads, -1)
-        key_power, value_power = power[:, :nope].sum(), power[:, nope:].sum()
-        scale[:, :nope] = (value_power / key_power.clamp_min(1e-30)).sqrt()
-    scale = scale.flatten()
-    balanced = stacked * scale[:, None]
-    _, vectors = torch.linalg.eigh(balanced @ moment @ balanced.T)
+    size = stacked.shape[0] // kv_heads
+    if fit == "attention" and metric is not None:
+        roots = [_sqrt_and_inverse(block) for block in metric]
+        root, inverse = torch.block_diag(*[r for r, _ in roots]), torch.block_diag(*[i for _, i in roots])
+    else:
+        scale = torch.ones(kv_heads, size, dtype=torch.float64)
+        if fit == "balanced" and nope:
+            power = _energy(stacked, stacked, moment).clamp_min(0).view(kv_heads, -1)
+            key_power, value_power = power[:, :nope].sum(), power[:, nope:].sum()
+            scale[:, :nope] = (value_power / key_power.clamp_min(1e-30)).sqrt()
+        root, inverse = torch.diag(scale.flatten()), torch.diag(1 / scale.flatten())
+    weighted = root @ stacked
+    _, vectors = torch.linalg.eigh(weighted @ moment @ weighted.T)
     top = vectors[:, -rank:].flip(1)  # largest first
-    return top.T @ balanced, top / scale[:, None]
+    return top.T @ weighted, inverse @ top

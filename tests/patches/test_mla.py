@@ -145,8 +145,8 @@ def test_calibration_fits_the_keys_and_values_better_than_the_weights_alone():
             values = attention.v_proj(x).view(len(x), 2, 16)
             return (up - torch.cat([keys, values], -1)).pow(2).sum().item()
 
-    weights_only = hf_attn_zoo.patch(clone(base), "mla", rank=5, rope_pairs=2, rope_selection="high", balance=False)
-    calibrated = hf_attn_zoo.patch(clone(base), "mla", rank=5, rope_pairs=2, rope_selection="high", balance=False)
+    weights_only = hf_attn_zoo.patch(clone(base), "mla", rank=5, rope_pairs=2, rope_selection="high", latent_fit="kv")
+    calibrated = hf_attn_zoo.patch(clone(base), "mla", rank=5, rope_pairs=2, rope_selection="high", latent_fit="kv")
     assert calibrate(calibrated, batches) == {"tokens": 96, "layers": 2}
     assert error(calibrated) < 0.95 * error(weights_only)
 
@@ -257,3 +257,31 @@ def test_auto_absorbs_the_decode_steps_and_expands_the_prefill(monkeypatch):
     ids = torch.randint(3, 100, (1, 40))
     model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert calls == [1] * 6  # 3 decode steps x 2 layers, each one query; the 40-token prefill is expanded
+
+
+def test_the_attention_fit_minimises_the_weighted_error_it_is_named_for():
+    """`latent_fit="attention"` is the best rank-r fit in its metric (keys by the queries, values by o_proj): never
+    worse there than the plain or balanced fits of the same layer."""
+    from hf_attn_zoo.families import resolve_family
+    from hf_attn_zoo.families.rope import channel_pairs
+    from hf_attn_zoo.patches.mla import _rows
+    from hf_attn_zoo.patches.mla_layout import attention_metric, factorise, plan_layout
+
+    base = tiny_model("llama")
+    attention = base.model.layers[0].self_attn
+    q_rows, k_rows, v_rows = (_rows(getattr(attention, p)) for p in ("q_proj", "k_proj", "v_proj"))
+    rotary, pairs = channel_pairs(resolve_family(base.config), base.config)
+    moment = torch.eye(q_rows.shape[1], dtype=torch.float64)
+    layout = plan_layout(q_rows, k_rows, v_rows, moment, 4, pairs, rotary, 2, "norm")
+    n = 16 - 4
+    query_rows = torch.einsum("hnd,hdi->hni", layout.query_map[:, :n], q_rows.view(4, 16, -1))
+    out = attention.o_proj.weight.detach().double().view(64, 4, 16)
+    metric = attention_metric(layout.stacked, moment, query_rows, out, n)
+
+    def weighted_error(fit: str) -> float:
+        down, up = factorise(layout.stacked, moment, 6, n, 2, fit, metric)
+        error = (layout.stacked - up @ down).view(2, n + 16, -1)
+        return sum(torch.trace(metric[j] @ error[j] @ moment @ error[j].T).item() for j in range(2))
+
+    best = weighted_error("attention")
+    assert best < weighted_error("balanced") and best < weighted_error("kv")
