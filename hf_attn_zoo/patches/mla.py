@@ -47,8 +47,8 @@ from .mla_layout import (
     choose_components,
     factorise,
     nope_width,
+    pair_statistics,
     plan_layout,
-    selection_scores,
 )
 
 __all__ = ["LatentKV", "MLAConfig", "MLAPatch", "calibrate", "latent_layers"]
@@ -154,7 +154,7 @@ class _Layer:
     rope: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None
     eager: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
     absorb: str
-    softcap: bool
+    extra: dict[str, Any]  # the attention function's arguments the family's own forward passes (window, softcap)
 
 
 def _slot_angles(
@@ -216,10 +216,6 @@ def _mla_forward(
     expanded = latent_kv.kv_up(latent[:, 0]).view(batch, total, kv_heads, -1).transpose(1, 2)
     nope_key, value = expanded.split([nope, d], dim=-1)
     key = torch.cat([nope_key, rope_key.expand(-1, kv_heads, -1, -1)], dim=-1)
-    extra = {}
-    for name, argument in (("sliding_window", "sliding_window"), ("attn_logit_softcapping", "softcap")):
-        if getattr(self, name, None) is not None:  # what the families' own forwards pass on
-            extra[argument] = getattr(self, name)
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, layer.eager)
     out, weights = interface(
         self,
@@ -229,7 +225,7 @@ def _mla_forward(
         attention_mask,
         dropout=0.0 if not self.training else getattr(self, "attention_dropout", 0.0),
         scaling=self.scaling,
-        **extra,
+        **layer.extra,
         **kwargs,
     )
     return getattr(self, layer.o)(out.reshape(batch, length, -1).contiguous()), weights
@@ -240,7 +236,7 @@ def _absorbs(layer: _Layer, latent_kv: LatentKV, mask: Any, length: int, total: 
     single query), no logit softcap, and under `auto` where it costs fewer multiply-adds than expanding the cache."""
     if layer.absorb == "never" or training or not (isinstance(mask, torch.Tensor) or (mask is None and length == 1)):
         return False
-    if layer.softcap:  # logit softcapping (Gemma 2) is the attention interface's business: it may or may not apply it
+    if "softcap" in layer.extra:  # logit softcapping (Gemma 2) is the attention interface's business: it may not apply
         return False
     if layer.absorb == "always":
         return True
@@ -314,22 +310,22 @@ def _fit_layers(
     patched with `rope_scope="model"` (and the same options) share one choice of RoPE slots: the sum of their scores."""
     rotary, pairs = channel_pairs(family, model_config)
     settings: dict[tuple, list[int]] = {}
-    rows, filled = [], []
+    rows, filled, stats = [], [], []
     for index, (attention, moment) in enumerate(zip(attentions, moments, strict=True)):
         latent_kv: LatentKV = attention.mla
         q_rows, k_rows, v_rows = _projection_rows(attention, family)
         rows.append((q_rows, k_rows, v_rows))
         filled.append(torch.eye(q_rows.shape[1], dtype=torch.float64) if moment is None else moment)
+        heads = latent_kv.query_map.shape[0]
+        stats.append(pair_statistics(q_rows, k_rows, filled[-1], heads, pairs, rotary, latent_kv.selection))
         key = (latent_kv.selection, latent_kv.scope, latent_kv.rope_width, latent_kv.kv_heads)
         settings.setdefault(key, []).append(index)
     shared: dict[int, list[tuple[int, int]]] = {}
     for (selection, scope, width, kv_heads), members in settings.items():
         if scope != "model" or not width:
             continue
-        heads = attentions[members[0]].mla.query_map.shape[0]
-        total = torch.stack(
-            [selection_scores(rows[i][0], rows[i][1], filled[i], heads, pairs, rotary, selection) for i in members]
-        ).sum(0)
+        # each layer's scores normalised to sum 1, so that every layer weighs the same in the shared choice
+        total = torch.stack([stats[i].scores / stats[i].scores.sum().clamp_min(1e-30) for i in members]).sum(0)
         kept = choose_components(total, width // (2 * kv_heads), selection)
         shared.update({i: kept for i in members})
     for index, attention in enumerate(attentions):
@@ -339,9 +335,7 @@ def _fit_layers(
         hidden = q_rows.shape[1] - 1
         keep = latent_kv.rope_width // (2 * latent_kv.kv_heads)
         heads = latent_kv.query_map.shape[0]
-        layout = plan_layout(
-            q_rows, k_rows, v_rows, moment, heads, pairs, rotary, keep, latent_kv.selection, shared.get(index)
-        )
+        layout = plan_layout(stats[index], k_rows, v_rows, heads, keep, latent_kv.selection, shared.get(index))
         metric = None
         if latent_kv.fit == "attention":
             n, d = latent_kv.nope_width, latent_kv.head_dim
@@ -509,7 +503,11 @@ class MLAPatch(Patch):
                 rope=rotary_function(attention, self.name) if uses_rope else None,
                 eager=getattr(sys.modules[type(attention).__module__], "eager_attention_forward", _sdpa),
                 absorb=config.absorb,
-                softcap=getattr(attention, "attn_logit_softcapping", None) is not None,
+                extra={
+                    argument: getattr(attention, name)
+                    for name, argument in (("sliding_window", "sliding_window"), ("attn_logit_softcapping", "softcap"))
+                    if getattr(attention, name, None) is not None
+                },
             )
             attention.forward = functools.partial(_mla_forward, attention, layer=layer)
             handle.on_revert(functools.partial(attention.__dict__.pop, "forward"))

@@ -23,12 +23,13 @@ import torch
 
 __all__ = [
     "LatentLayout",
+    "PairStatistics",
     "attention_metric",
     "choose_components",
     "factorise",
     "nope_width",
+    "pair_statistics",
     "plan_layout",
-    "selection_scores",
 ]
 
 
@@ -70,8 +71,9 @@ def _kept_pairs(selection: str, keep: int, rotary: int, scores: torch.Tensor) ->
 
 
 @dataclass
-class _Pairs:
-    """A layer's RoPE pairs as complex numbers: channel indices, key and query rows, and the KV-head mixes."""
+class PairStatistics:
+    """A layer's RoPE pairs as complex numbers: channel indices, key rows, the KV-head mixes and their scores
+    (`pair_statistics`; computed once per layer, for the choice of slots and for the layout)."""
 
     firsts: torch.Tensor
     seconds: torch.Tensor
@@ -81,7 +83,7 @@ class _Pairs:
     scores: torch.Tensor  # [P, KV]: how much each (frequency, component) matters
 
 
-def _pairs(
+def pair_statistics(
     q_rows: torch.Tensor,
     k_rows: torch.Tensor,
     moment: torch.Tensor,
@@ -89,7 +91,10 @@ def _pairs(
     pairs: list[int],
     rotary: int,
     selection: str,
-) -> _Pairs:
+) -> PairStatistics:
+    """The RoPE pairs of a layer whose projections have the rows `q_rows` `[H d, hidden + 1]` and `k_rows`
+    `[KV d, hidden + 1]`, on inputs of second moment `moment`, paired as `pairs` (pair id per channel, `rotary`
+    rotated pairs), scored for `selection`."""
     d = len(pairs)
     kv_heads = k_rows.shape[0] // d
     group = heads // kv_heads
@@ -102,8 +107,9 @@ def _pairs(
     q_power = (_energy(qf, qf, moment) + _energy(qs, qs, moment)).clamp_min(0)  # [H, P]
     if selection == "rorope":
         # complex covariance of the KV heads' pairs per frequency: E[z_j conj(z_j')]
-        real = _energy(kf[:, None], kf[None], moment) + _energy(ks[:, None], ks[None], moment)  # [KV, KV, P]
-        imag = _energy(ks[:, None], kf[None], moment) - _energy(kf[:, None], ks[None], moment)
+        kf_moment, ks_moment = kf @ moment, ks @ moment  # once per row, not once per pair of KV heads
+        real = torch.einsum("jpi,kpi->jkp", kf_moment, kf) + torch.einsum("jpi,kpi->jkp", ks_moment, ks)  # [KV, KV, P]
+        imag = torch.einsum("jpi,kpi->jkp", ks_moment, kf) - torch.einsum("jpi,kpi->jkp", kf_moment, ks)
         values, mixes = torch.linalg.eigh(torch.complex(real, imag).permute(2, 0, 1))  # ascending
         mixes, values = mixes.flip(-1), values.flip(-1).clamp_min(0)  # the largest component first
         seen = (mixes.abs() ** 2)[:, torch.arange(heads) // group]  # [P, H, m]: query head h's share of component m
@@ -112,22 +118,7 @@ def _pairs(
         mixes = torch.eye(kv_heads, dtype=torch.complex128).expand(rotary, -1, -1)
         k_power = (_energy(kf, kf, moment) + _energy(ks, ks, moment)).clamp_min(0)  # [KV, P]
         scores = (q_power.sqrt().view(kv_heads, group, rotary) * k_power.sqrt()[:, None]).mean(1).T
-    return _Pairs(firsts, seconds, kf, ks, mixes, scores)
-
-
-def selection_scores(
-    q_rows: torch.Tensor,
-    k_rows: torch.Tensor,
-    moment: torch.Tensor,
-    heads: int,
-    pairs: list[int],
-    rotary: int,
-    selection: str,
-) -> torch.Tensor:
-    """`[P, KV]`: the score of each (frequency, component) of a layer, normalised to sum 1 (layers weigh the same
-    when a model-wide choice adds them up)."""
-    scores = _pairs(q_rows, k_rows, moment, heads, pairs, rotary, selection).scores
-    return scores / scores.sum().clamp_min(1e-30)
+    return PairStatistics(firsts, seconds, kf, ks, mixes, scores)
 
 
 def choose_components(scores: torch.Tensor, keep: int, selection: str) -> list[tuple[int, int]]:
@@ -142,29 +133,24 @@ def choose_components(scores: torch.Tensor, keep: int, selection: str) -> list[t
 
 
 def plan_layout(
-    q_rows: torch.Tensor,
+    stats: PairStatistics,
     k_rows: torch.Tensor,
     v_rows: torch.Tensor,
-    moment: torch.Tensor,
     heads: int,
-    pairs: list[int],
-    rotary: int,
     keep: int,
     selection: str,
     kept: list[tuple[int, int]] | None = None,
 ) -> LatentLayout:
-    """The layout of a layer whose projections have the rows `q_rows` `[H d, hidden + 1]`, `k_rows`, `v_rows`
-    `[KV d, hidden + 1]`, inputs of second moment `moment`, RoPE pairing `pairs` (pair id per channel, `rotary`
-    rotated pairs), keeping `keep` pairs' worth of RoPE per KV head (`selection`): the layer's own best
+    """The layout of a layer with RoPE pairs `stats` (`pair_statistics`) and key and value rows `k_rows`, `v_rows`
+    `[KV d, hidden + 1]`, keeping `keep` pairs' worth of RoPE per KV head (`selection`): the layer's own best
     `(frequency, component)` slots, or `kept` (a model-wide choice)."""
-    d = len(pairs)
-    kv_heads, group = k_rows.shape[0] // d, heads // (k_rows.shape[0] // d)
-    found = _pairs(q_rows, k_rows, moment, heads, pairs, rotary, selection)
-    firsts, seconds, kf, ks, mixes = found.firsts, found.seconds, found.kf, found.ks, found.mixes
+    firsts, seconds, kf, ks, mixes = stats.firsts, stats.seconds, stats.kf, stats.ks, stats.mixes
+    kv_heads, rotary = kf.shape[0], kf.shape[1]
+    d, group = k_rows.shape[0] // kv_heads, heads // kv_heads
     keys = k_rows.view(kv_heads, d, -1)
     eye = torch.eye(kv_heads, dtype=torch.complex128)
     if kept is None:
-        kept = choose_components(found.scores, keep, selection)
+        kept = choose_components(stats.scores, keep, selection)
 
     def mix(coefficient: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The pair `coefficient * (first + i second)` (coefficients over the leading dim, summed)."""

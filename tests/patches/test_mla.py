@@ -265,14 +265,15 @@ def test_the_attention_fit_minimises_the_weighted_error_it_is_named_for():
     from hf_attn_zoo.families import resolve_family
     from hf_attn_zoo.families.rope import channel_pairs
     from hf_attn_zoo.patches.mla import _rows
-    from hf_attn_zoo.patches.mla_layout import attention_metric, factorise, plan_layout
+    from hf_attn_zoo.patches.mla_layout import attention_metric, factorise, pair_statistics, plan_layout
 
     base = tiny_model("llama")
     attention = base.model.layers[0].self_attn
     q_rows, k_rows, v_rows = (_rows(getattr(attention, p)) for p in ("q_proj", "k_proj", "v_proj"))
     rotary, pairs = channel_pairs(resolve_family(base.config), base.config)
     moment = torch.eye(q_rows.shape[1], dtype=torch.float64)
-    layout = plan_layout(q_rows, k_rows, v_rows, moment, 4, pairs, rotary, 2, "norm")
+    stats = pair_statistics(q_rows, k_rows, moment, 4, pairs, rotary, "norm")
+    layout = plan_layout(stats, k_rows, v_rows, 4, 2, "norm")
     n = 16 - 4
     query_rows = torch.einsum("hnd,hdi->hni", layout.query_map[:, :n], q_rows.view(4, 16, -1))
     out = attention.o_proj.weight.detach().double().view(64, 4, 16)
