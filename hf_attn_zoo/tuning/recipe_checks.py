@@ -211,8 +211,8 @@ def _patch_problems(recipe: Recipe) -> list[tuple[Loc, str]]:
     return problems
 
 
-# `optim` keys only Muon reads, with their defaults: set to anything else with another optimizer, they would be ignored
-_MUON_KEYS = {"adamw_lr": None, "momentum": 0.95, "ns_steps": 5, "muon_adjust_lr": "match_rms_adamw"}
+# `optim` keys only Muon reads: set away from their defaults with another optimizer, they would be ignored
+_MUON_KEYS = ("adamw_lr", "momentum", "ns_steps", "muon_adjust_lr")
 
 
 def _optimizer_problems(recipe: Recipe) -> list[tuple[Loc, str]]:
@@ -232,8 +232,8 @@ def _optimizer_problems(recipe: Recipe) -> list[tuple[Loc, str]]:
         ]
     problems: list[tuple[Loc, str]] = [
         (("optim", key), f"only optim.name: muon uses it, but the optimizer is {optim.name!r}")
-        for key, default in _MUON_KEYS.items()
-        if getattr(optim, key) != default
+        for key in _MUON_KEYS
+        if getattr(optim, key) != type(optim).model_fields[key].default
     ]
     names = [o.value for o in OptimizerNames]
     if optim.name in names:
