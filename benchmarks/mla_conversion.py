@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 from pathlib import Path
 
 import torch
@@ -37,6 +36,7 @@ from hf_attn_zoo.patches.mla import calibrate
 from hf_attn_zoo.tuning import load_recipe, run_recipe
 from hf_attn_zoo.tuning.data import build_datasets
 from hf_attn_zoo.tuning.init_hooks import _first_blocks
+from linearize_ppl import _finished  # benchmarks/ is on the path of a script run from it
 
 CORPUS, RECIPE, DENSE = "python_stdlib_docs", "mla/smollm2_quick", "dense/smollm2_quick"
 
@@ -54,10 +54,8 @@ def _kv_bytes_per_token(model, tokenizer) -> float:
 
 
 def _tuned(recipe: str, overrides: list[str], folder: Path) -> Path:
-    result = run_recipe(recipe, [*overrides, f"output_dir={folder}"])
-    for checkpoint in result.output_dir.glob("checkpoint-*"):  # keep only final/ (about 0.5 GB per checkpoint)
-        shutil.rmtree(checkpoint)
-    return result.final_dir
+    """The final model of `recipe` run into `folder` (its checkpoints removed, as linearize_ppl does)."""
+    return _finished(run_recipe(recipe, [*overrides, f"output_dir={folder}"])).final_dir
 
 
 def main() -> None:
