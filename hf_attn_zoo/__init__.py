@@ -14,7 +14,7 @@ from .errors import ZooError
 from .attention_functions import register_attention_function
 from .loading import from_pretrained
 from .moe_losses import install_router_losses
-from .patching import applied_patches, aux_loss, new_module_names, new_parameters, patch, unpatch
+from .patching import applied_patches, aux_loss, new_module_names, new_parameters, patch, patch_plan, unpatch
 from .planning import plan
 from .registry import PATCHES, MethodInfo, method_info, register_patch
 from .upcycling import Expert, upcycle
@@ -35,6 +35,7 @@ __all__ = [
     "new_module_names",
     "new_parameters",
     "patch",
+    "patch_plan",
     "plan",
     "register_attention_function",
     "register_patch",

@@ -13,6 +13,7 @@ LayerSelector = str | int | Sequence[int]
 
 _EVERY_NTH = re.compile(r"^every_(\d+)(?:st|nd|rd|th)?$")
 _NAMED = ("all", "first_half", "second_half")
+_EXCEPT = "except_"
 
 
 def resolve_layers(selector: LayerSelector, num_layers: int) -> list[int]:
@@ -21,9 +22,20 @@ def resolve_layers(selector: LayerSelector, num_layers: int) -> list[int]:
     Args:
         selector (`str | int | list[int]`):
             `"all"`, `"first_half"`, `"second_half"`, `"every_2nd"` / `"every_3rd"` / `"every_N"` (layers
-            N-1, 2N-1, ...), a single index, or a list of indices (negative indices count from the end).
+            N-1, 2N-1, ...), `"except_<one of these>"` (the other layers: a hybrid model patches
+            `"except_every_4th"` with one method and keeps, or patches differently, `"every_4th"`), a single index,
+            or a list of indices (negative indices count from the end).
         num_layers (`int`): number of decoder layers of the model.
     """
+    if isinstance(selector, str) and selector.startswith(_EXCEPT):
+        inner = selector[len(_EXCEPT) :]
+        if inner.startswith(_EXCEPT) or inner == "all":
+            raise InvalidOptionError(
+                f"layers={selector!r}: 'except_' takes one of {list(_NAMED[1:])} or 'every_N' (e.g. "
+                f"'except_every_4th'), not {inner!r}."
+            )
+        excluded = set(resolve_layers(inner, num_layers))
+        return [index for index in range(num_layers) if index not in excluded]
     if isinstance(selector, str):
         if selector == "all":
             return list(range(num_layers))
@@ -37,7 +49,7 @@ def resolve_layers(selector: LayerSelector, num_layers: int) -> list[int]:
             return list(range(step - 1, num_layers, step))
         raise InvalidOptionError(
             f"layers={selector!r} is not a layer selector; use one of {list(_NAMED)}, 'every_N' (e.g. 'every_3rd'), "
-            "an index or a list of indices."
+            "'except_every_N' / 'except_first_half' ..., an index or a list of indices."
         )
     if isinstance(selector, bool):
         raise InvalidOptionError(f"layers={selector!r} is not a layer selector; use 'all' or a list of indices.")

@@ -34,7 +34,7 @@ from .errors import (
     UnsupportedCheckpointError,
     ZooError,
 )
-from .patching import PATCHED_ATTENTION, RECORD_KEY, VERSION_KEY, new_parameters, package_version, patch
+from .patching import PATCHED_ATTENTION, RECORD_KEY, VERSION_KEY, new_parameters, package_version, patch, patch_plan
 
 __all__ = ["from_pretrained"]
 
@@ -102,11 +102,8 @@ def from_pretrained(
                 f"{package_version()}; it loaded, but upgrade hf-attn-zoo if it behaves unexpectedly.",
                 stacklevel=2,
             )
-    for spec in patches or []:
-        spec = dict(spec)
-        method = spec.pop("method")
-        layers = spec.pop("layers", "all")
-        patch(model, method, layers=layers, **spec)
+    if patches:
+        patch_plan(model, patches)
     return model
 
 

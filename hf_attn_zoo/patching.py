@@ -13,13 +13,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from transformers.utils import ModelOutput
 
-from .errors import InvalidInputError, InvalidOptionError, PatchConflictError, UnsupportedArchitectureError
+from .errors import (
+    InvalidInputError,
+    InvalidOptionError,
+    PatchConflictError,
+    UnsupportedArchitectureError,
+    ZooError,
+)
 from .families.spec import resolve_family
 from .layers import LayerSelector, resolve_layers
 from .registry import PatchHandle, get_patch
@@ -28,6 +34,7 @@ from .wrappers import inner_model
 
 __all__ = [
     "patch",
+    "patch_plan",
     "unpatch",
     "applied_patches",
     "aux_loss",
@@ -116,6 +123,61 @@ def patch(model: torch.nn.Module, method: str, layers: LayerSelector = "all", **
     _ensure_aux_loss_hook(model)
     _ensure_input_check(model)
     return wrapper
+
+
+def patch_plan(model: torch.nn.Module, plan: Sequence[Mapping[str, Any]]) -> torch.nn.Module:
+    """Apply several patches as one, in order: a hybrid model runs different methods on disjoint layer sets.
+
+    All or nothing: when an entry is refused, the entries of this plan applied before it are reverted, so the model is
+    left as it was. Each entry is what `patch` takes, as a mapping; `save_pretrained` records every entry and
+    `from_pretrained` re-applies them in the same order.
+
+    Args:
+        model (`PreTrainedModel`): as for `patch`.
+        plan (`list[dict]`): entries `{"method": str, "layers": selector (default "all"), **options}`.
+
+    Example (linear attention everywhere but every 4th layer, which keeps softmax attention):
+        >>> hf_attn_zoo.patch_plan(model, [
+        ...     {"method": "linearize", "layers": "except_every_4th", "feature_map": "hedgehog"},
+        ...     {"method": "sliding_window", "layers": "every_4th", "window": 2048},
+        ... ])
+    """
+    if isinstance(plan, Mapping) or not isinstance(plan, Sequence):
+        raise InvalidOptionError(
+            "a patch plan is a list of entries such as {'method': 'moh', 'layers': 'all'}, "
+            f"not a {type(plan).__name__}."
+        )
+    for index, entry in enumerate(plan):
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("method"), str):
+            raise InvalidOptionError(
+                f"patch plan entry {index} is {entry!r}; each entry is a mapping with a 'method' name, 'layers' and "
+                "the method's options."
+            )
+    inner = inner_model(model)
+    start = len(_handles(inner))
+    try:
+        for index, entry in enumerate(plan):
+            options = dict(entry)
+            method, layers = options.pop("method"), options.pop("layers", "all")
+            try:
+                patch(inner, method, layers=layers, **options)
+            except ZooError as exc:
+                raise type(exc)(f"patch plan entry {index} ({method}): {exc}") from None
+    except BaseException:
+        _revert_since(inner, start)
+        raise
+    return model
+
+
+def _revert_since(model: torch.nn.Module, start: int) -> None:
+    """Revert the patches applied after the first `start` ones (newest first) and drop their records."""
+    if start == 0:
+        unpatch(model)
+        return
+    handles = _handles(model)
+    while len(handles) > start:
+        handles.pop().revert()
+    setattr(model.config, RECORD_KEY, applied_patches(model)[:start])
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
