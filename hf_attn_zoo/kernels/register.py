@@ -11,6 +11,7 @@ passes `attention_mask=None` and padding is silently ignored.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -36,13 +37,25 @@ def _base_name(config: Any) -> str:
     return getattr(config, _BASE_ATTR, None) or "sdpa"
 
 
-def base_attention_function(config: Any) -> AttentionFunction:
-    """The attention function the model used before the `zoo` dispatcher took over."""
-    return ALL_ATTENTION_FUNCTIONS.get_interface(_base_name(config), eager_attention_forward)
+def base_attention_function(config: Any, module: torch.nn.Module | None = None) -> AttentionFunction:
+    """The attention function the model used before the `zoo` dispatcher took over.
+
+    `eager` is not in transformers' registry: each family's attention module calls the `eager_attention_forward` of
+    its own modeling file (Gemma 2's applies the logit softcap, GPT-OSS's adds the sink logits), so that one is used
+    when `module` is given; Llama's otherwise.
+    """
+    name = _base_name(config)
+    if name in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[name]
+    for cls in type(module).__mro__ if module is not None else ():
+        own = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+        if callable(own):
+            return own
+    return eager_attention_forward
 
 
 def zoo_attention_forward(module, query, key, value, attention_mask, **kwargs):
-    base = base_attention_function(module.config)
+    base = base_attention_function(module.config, module)
     handler = getattr(module, _HANDLER_ATTR, None)
     if handler is None:
         return base(module, query, key, value, attention_mask, **kwargs)

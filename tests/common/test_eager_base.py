@@ -1,0 +1,46 @@
+"""The `zoo` dispatcher keeps the family's own attention function when the model runs `eager`.
+
+`eager` is not in transformers' attention registry: each family's attention module calls its own modeling file's
+`eager_attention_forward` (Gemma 2's applies the logit softcap). The dispatcher must call that one, for layers without a
+handler and for handlers that wrap the model's function (MoH), not Llama's. MoH's neutral setting on layer 0 exercises
+both.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_attn_zoo
+from hf_attn_zoo.families import family_specs
+from hf_attn_zoo.registry import get_patch
+from tests.matrix import FAMILIES, clone, tiny_model
+
+
+def _neutral_moh(family: str):
+    spec = family_specs()[family]
+    patch = get_patch("moh")
+    if patch.refusal(spec, spec.tiny_config()) is not None:
+        return None
+    return patch.neutral_config(spec, spec.tiny_config()).to_dict()
+
+
+CASES = [f for f in FAMILIES if _neutral_moh(f) is not None]
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_the_dispatcher_keeps_the_familys_eager_attention(family):
+    base = tiny_model(family)
+    spec = family_specs()[family]
+    with torch.no_grad():  # large scores, so that a logit softcap changes them
+        for layer in range(len(spec.decoder_layers(base))):
+            attention = spec.attention_module(base, layer)
+            for name, scale in ((spec.attention.q, 1000.0), (spec.attention.k, 10.0)):
+                if name is not None:
+                    getattr(attention, name).weight.mul_(scale)
+    base.set_attn_implementation("eager")
+    model = clone(base)
+    model.set_attn_implementation("eager")
+    hf_attn_zoo.patch(model, "moh", layers=[0], **_neutral_moh(family))
+    ids = torch.randint(3, 128, (2, 10))
+    torch.testing.assert_close(model(ids).logits, base(ids).logits, atol=1e-5, rtol=0)
