@@ -14,6 +14,9 @@ per-head projection (identity at patch time, still an einsum), the feature map, 
 numerator (the un-rotated features are the normaliser's, a second tensor), then `hybrid_attention(..., chunk=64)`.
 The RoPE cos/sin tables are built once per length, untimed (the model builds them once per forward for all layers).
 
+The Combiner rows (`combiner fixed`, `combiner logsparse`: 64-token blocks, max pooling, one direct block) time
+`combiner_attention`, the blockwise kernel a patched layer runs (fp32 logits; no target in the issue).
+
 Targets (CPU, 16k): issue 5: sliding window 1024 + sinks >= 4.5x, PowerAttention >= 4x, MoBA > 1x; issue 16
 (linear attention retrofits): prefill >= 3x SDPA for both linear rows.
 
@@ -120,6 +123,12 @@ def _methods() -> dict[str, Callable[[], Attention]]:
 
         return routing_attention_benchmark(num_clusters=16, window=256, scaling=SCALE)
 
+    def combiner(factorisation):
+        from hf_attn_zoo.kernels.combiner import combiner_attention
+
+        # 64-token blocks (~ sqrt L at 4k), max pooling, the query's own block direct: the patch's inference path
+        return lambda q, k, v: combiner_attention(q, k, v, factorisation=factorisation, block_size=64, scaling=SCALE)
+
     return {
         "sliding_window": lambda: _pattern(SinkWindowPattern(1024, 4)),
         "sliding_window (flex)": lambda: _pattern(SinkWindowPattern(1024, 4), "flex"),
@@ -130,6 +139,8 @@ def _methods() -> dict[str, Callable[[], Attention]]:
         "moa (flex)": lambda: moa("flex"),
         "hyper_attention": hyper,
         "routing_attention": routing,
+        "combiner fixed": lambda: combiner("fixed"),
+        "combiner logsparse": lambda: combiner("logsparse"),
         "nalaformer": lambda: _linear("nala", 0),
         "linearize hedgehog w64": lambda: _linear("hedgehog", 64),
     }

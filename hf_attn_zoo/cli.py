@@ -31,6 +31,9 @@ commands:
   plan      MODEL METHOD [k=v ...] --gpus N  plan before you rent: memory per GPU, KV cache, attention kernels
                                              of a patched model on the meta device (llama3-8b, mixtral-8x7b ...)
   analyze   head-usage MODEL --out PNG       per-layer, per-head usage of a MoH model on real text
+  analyze   sinks MODEL --out DIR            primary and secondary attention sinks per layer on real text
+  analyze   routing MODEL --out DIR          MoE routing entropy and flip rate per layer (graph_routing k=v)
+  analyze   report MODEL --out DIR           one page (md, html, json, plots): heads, experts, sinks, routing
   analyze   experts MODEL --class NAME=SRC ... --target NAME --out PNG
                                              fTRI (MoTE): rank the MoE experts one prompt class prefers
   moa       profile|search|apply ...         MoA: attention-influence profile -> MILP plan -> perplexity check
@@ -253,13 +256,187 @@ def _analyze_experts(argv: list[str]) -> int:
     return 0
 
 
-_ANALYSES = {"head-usage": _analyze_head_usage, "experts": _analyze_experts}
+def _analyze_sinks(argv: list[str]) -> int:
+    import hf_attn_zoo
+
+    parser = argparse.ArgumentParser(
+        prog="hf-attn-zoo analyze sinks",
+        description="Primary (BOS-like) and secondary attention sinks (arXiv:2512.22213) per layer, on real text: "
+        "attention mass each token receives, hidden-state norms, alignment with the first token, sink lifetimes.",
+    )
+    parser.add_argument("model", help="a checkpoint folder or hub id, or 'default' (the embedded SmolLM2-135M)")
+    parser.add_argument("--out", type=Path, default=Path("sinks"), help="folder for sinks.json and the PNG plots")
+    parser.add_argument("--corpus", default="python_stdlib_docs", help="held-out corpus the text is cut from")
+    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence")
+    parser.add_argument("--sequences", type=int, default=4, help="sequences, at evenly spaced offsets of the corpus")
+    parser.add_argument("--epsilon", type=float, default=0.3, help="threshold of the fraction-of-heads metric")
+    parser.add_argument(
+        "--all-layers",
+        action="store_true",
+        help="flag sinks in every layer, not only the primary sink's layer range (the paper's clipper)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    args = parser.parse_args(argv)
+    from transformers import AutoTokenizer
+
+    from .analysis.sinks import find_sinks, plot_sinks
+    from .assets.corpora import held_out_texts
+    from .errors import InvalidOptionError
+    from .outputs import atomic_output, check_output
+
+    if args.seq_len < 2 or args.sequences < 1:
+        raise InvalidOptionError(f"--seq-len must be >= 2 and --sequences >= 1, got {args.seq_len}, {args.sequences}")
+    check_output(args.out, args.overwrite)
+    path = resolve_model(args.model)
+    model = hf_attn_zoo.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    report = find_sinks(
+        model,
+        tokenizer=tokenizer,
+        texts=held_out_texts(args.corpus),
+        seq_len=args.seq_len,
+        num_sequences=args.sequences,
+        epsilon=args.epsilon,
+        clip_layers=not args.all_layers,
+    )
+    report.meta.update(model=args.model, corpus=args.corpus)
+    with atomic_output(args.out, overwrite=args.overwrite) as folder:
+        report.to_json(folder / "sinks.json")
+        plot_sinks(report, folder)
+    secondary = report.secondary()
+    print(
+        f"primary sink at position {report.bos_position}, sink layers {report.sink_layers[0]}-{report.sink_layers[-1]}"
+        f", its mass per layer up to {max(report.bos_mass):.3f}; {len(secondary)} secondary sinks in "
+        f"{report.sequences} x {report.seq_len} tokens"
+    )
+    if secondary:
+        print("| seq | position | token | layers | lifetime | peak mass (layer) | heads > eps |")
+        print("|---|---|---|---|---|---|---|")
+        for s in secondary:
+            heads = max(s.heads_fraction) if s.heads_fraction else 0.0
+            print(
+                f"| {s.sequence} | {s.position} | {s.token!r} | {s.layers[0]}-{s.layers[-1]} | {s.lifetime} | "
+                f"{s.peak_mass:.3f} ({s.peak_layer}) | {heads:.2f} |"
+            )
+    print(f"wrote {args.out}/sinks.json and {args.out}/sink_*.png")
+    return 0
+
+
+def _analyze_routing(argv: list[str]) -> int:
+    import hf_attn_zoo
+
+    parser = argparse.ArgumentParser(
+        prog="hf-attn-zoo analyze routing",
+        description="MoE routing stability (arXiv:2505.00792) per layer on held-out text: entropy of the gate "
+        "distribution and of the expert selection, and the flip rate of the top-k under a small perturbation.",
+    )
+    parser.add_argument("model", help="a MoE checkpoint folder or hub id (patched or not)")
+    parser.add_argument("--out", type=Path, default=Path("routing"), help="folder for routing.json and routing.png")
+    parser.add_argument("--corpus", default="python_stdlib_docs", help="held-out corpus the text is cut from")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    parser.add_argument("--sequences", type=int, default=8, help="sequences of held-out text")
+    parser.add_argument("--perturbation", choices=["noise", "replace"], default="noise")
+    parser.add_argument(
+        "--scale", type=float, default=0.05, help="noise std relative to the embeddings' RMS, or fraction replaced"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument(
+        "options", nargs="*", help="graph_routing options (key=value) to apply first, e.g. mode=attention"
+    )
+    args = parser.parse_intermixed_args(argv)
+    from transformers import AutoTokenizer
+
+    from .analysis.routing_stability import (
+        held_out_batches,
+        plot_routing_stability,
+        routing_stability,
+        save_routing_stability,
+    )
+    from .errors import InvalidOptionError
+    from .outputs import atomic_output, check_output
+
+    if args.seq_len < 2 or args.sequences < 1:
+        raise InvalidOptionError(f"--seq-len must be >= 2 and --sequences >= 1, got {args.seq_len}, {args.sequences}")
+    check_output(args.out, args.overwrite)
+    path = resolve_model(args.model)
+    patches = [{"method": "graph_routing", **parse_options(args.options)}] if args.options else None
+    model = hf_attn_zoo.from_pretrained(path, patches=patches).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    batches = held_out_batches(tokenizer, args.corpus, args.seq_len, args.sequences)
+    result = routing_stability(model, batches, perturbation=args.perturbation, scale=args.scale)
+    result["model"], result["corpus"] = args.model, args.corpus
+    with atomic_output(args.out, overwrite=args.overwrite) as folder:
+        save_routing_stability(result, folder / "routing.json")
+        plot_routing_stability(result, folder / "routing.png", title=f"routing stability ({args.corpus})")
+    print("| layer | gate entropy | selection entropy | flip rate |\n|---|---|---|---|")
+    for layer, row in {**result["layers"], "mean": result["mean"]}.items():
+        print(f"| {layer} | {row['gate_entropy']:.4f} | {row['selection_entropy']:.4f} | {row['flip_rate']:.4f} |")
+    print(f"{result['tokens']} tokens; wrote {args.out}/routing.json and {args.out}/routing.png")
+    return 0
+
+
+def _analyze_report(argv: list[str]) -> int:
+    import hf_attn_zoo
+
+    from .analysis.report import SECTIONS, write_report
+
+    parser = argparse.ArgumentParser(
+        prog="hf-attn-zoo analyze report",
+        description="One page per model (Markdown, HTML, JSON, plots): head usage, expert usage, attention sinks and "
+        "routing stability, measured on the same held-out text.",
+    )
+    parser.add_argument("model", help="a checkpoint folder (patched or not) or hub id, or 'default'")
+    parser.add_argument("--out", type=Path, default=Path("report"), help="folder for report.md/.html/.json and plots")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {','.join(SECTIONS)}")
+    parser.add_argument("--corpus", default="python_stdlib_docs", help="held-out corpus the texts come from")
+    parser.add_argument("--texts", type=int, default=8, help="texts to run the model on")
+    parser.add_argument("--max-length", type=int, default=256, help="tokens per text (longer ones are cut)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    args = parser.parse_args(argv)
+    from transformers import AutoTokenizer
+
+    from .assets.corpora import held_out_texts
+    from .errors import InvalidOptionError
+    from .outputs import check_output
+
+    if args.texts < 1 or args.max_length < 8:
+        raise InvalidOptionError(f"--texts must be >= 1 and --max-length >= 8, got {args.texts}, {args.max_length}")
+    check_output(args.out, args.overwrite, "report folder")
+    path = resolve_model(args.model)
+    model = hf_attn_zoo.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    out = write_report(
+        model,
+        tokenizer,
+        args.out,
+        texts=held_out_texts(args.corpus),
+        num_texts=args.texts,
+        max_length=args.max_length,
+        sections=[s for s in args.sections.split(",") if s],
+        title=f"hf-attn-zoo report: {args.model}",
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {out}, {out.with_suffix('.html')} and {out.with_suffix('.json')}")
+    return 0
+
+
+_ANALYSES = {
+    "head-usage": _analyze_head_usage,
+    "experts": _analyze_experts,
+    "sinks": _analyze_sinks,
+    "routing": _analyze_routing,
+    "report": _analyze_report,
+}
 
 
 def analyze_main(argv: list[str]) -> int:
     if not argv or argv[0] not in _ANALYSES:
         parser = argparse.ArgumentParser(prog="hf-attn-zoo analyze")
-        parser.add_argument("what", choices=list(_ANALYSES), help="head-usage (MoH) or experts (fTRI, MoE)")
+        parser.add_argument(
+            "what",
+            choices=list(_ANALYSES),
+            help="head-usage (MoH), experts (fTRI, MoE), sinks, routing (MoE) or report (all of them on one page)",
+        )
         parser.parse_args(argv[:1])  # prints the help, or the choices error, and exits
         return 2
     return _ANALYSES[argv[0]](argv[1:])

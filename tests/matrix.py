@@ -14,6 +14,8 @@ FAMILIES = sorted(family_specs())
 # tiny-model options per method; the neutral setting comes from the patch itself
 METHOD_CASES: dict[str, dict] = {
     "bam": {"num_experts": 3},
+    "graph_routing": {"mode": "similarity", "learned": True, "strength": 0.8, "temperature": 0.5},
+    "combiner": {"factorisation": "logsparse", "block_size": 2, "pooling": "mean"},
     "hyper_attention": {"min_seq_len": 4, "block_size": 2, "sample_size": 2},
     "linearize": {"feature_map": "hedgehog", "window": 3, "chunk": 4},
     "mla": {"rank": 8, "rope_pairs": 2},

@@ -9,6 +9,9 @@ leaves static caches alone. The attention handler finds the layer with `current_
 `SinkWindowLayer` keeps each row's first `sinks` real tokens and the last `window` positions, with their original
 positions: keys stay rotated as they were computed, so decoding reproduces the masked full forward exactly, within
 the model's position range (StreamingLLM's re-rotation to extend beyond it is not done).
+
+`SinkScoreLayer` also keeps, per batch row, the `extra` middle tokens with the highest sink scores among those that
+left the window (secondary sinks, detected online by `hf_attn_zoo.kernels.streaming.sink_cache_attention`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,14 @@ from collections.abc import Callable
 import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-__all__ = ["RetainingLayer", "SinkWindowLayer", "current_kv_layer", "kv_cache_bytes", "use_kv_layer"]
+__all__ = [
+    "RetainingLayer",
+    "SinkScoreLayer",
+    "SinkWindowLayer",
+    "current_kv_layer",
+    "kv_cache_bytes",
+    "use_kv_layer",
+]
 
 _LAYER_ATTR = "_zoo_kv_layer"
 
@@ -152,6 +162,109 @@ class SinkWindowLayer(RetainingLayer):
     def reset(self) -> None:
         super().reset()
         self.ring_start = None
+
+
+class SinkScoreLayer(RetainingLayer):
+    """`SinkWindowLayer`'s sinks and window plus, per batch row, up to `extra` secondary sinks kept past the window.
+
+    Two regions: the shared one (every row's sinks, `pinned` as in `SinkWindowLayer`, and the last `window` positions,
+    with their text `positions` `[N]` and each row's running sink score `scores` `[B, N]`), and the extras (`[B, KV,
+    extra, D]`, positions `extra_positions` `[B, extra]`, -1 for an empty slot, final scores `extra_scores`).
+    `update` returns the extras followed by the shared keys; `key_positions()`, `held()` and `key_scores()` describe
+    them in that order, and the attention function hands back the updated scores and which keys are the row's extras
+    from the next position on (`commit`), then the window is cut (`evict`). No ring buffer: a decode step
+    concatenates, as a `DynamicLayer` does.
+    """
+
+    def __init__(self, sinks: int, window: int, extra: int) -> None:
+        super().__init__()
+        self.sinks, self.window, self.extra = sinks, window, extra
+        self.pinned = sinks
+        self.scores = torch.empty(0)
+        self.extra_keys: torch.Tensor | None = None
+        self.extra_values: torch.Tensor | None = None
+        self.extra_positions = torch.empty(0, dtype=torch.long)
+        self.extra_scores = torch.empty(0)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        batch, heads, _, dim = key_states.shape
+        if self.extra_keys is None:
+            self.extra_keys = key_states.new_zeros(batch, heads, self.extra, dim)
+            self.extra_values = value_states.new_zeros(batch, heads, self.extra, value_states.shape[-1])
+            self.extra_positions = torch.full((batch, self.extra), -1, dtype=torch.long, device=key_states.device)
+            self.extra_scores = torch.zeros(batch, self.extra, device=key_states.device)
+            self.scores = torch.zeros(batch, 0, device=key_states.device)
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        self.scores = torch.cat([self.scores, self.scores.new_zeros(batch, key_states.shape[-2])], dim=1)
+        assert self.extra_values is not None
+        return torch.cat([self.extra_keys, keys], dim=-2), torch.cat([self.extra_values, values], dim=-2)
+
+    def keep(self, next_position: int) -> torch.Tensor:
+        return (self.positions < self.pinned) | (self.positions > next_position - self.window)
+
+    def _select(self, keep: torch.Tensor) -> None:
+        super()._select(keep)
+        self.scores = self.scores[:, keep]
+
+    def key_positions(self) -> torch.Tensor:
+        """Text positions of the keys `update` returned `[B, extra + N]` (-1: an empty extra slot)."""
+        shared = self.positions[None].expand(self.extra_positions.shape[0], -1)
+        return torch.cat([self.extra_positions, shared], dim=1)
+
+    def held(self) -> torch.Tensor:
+        """Which of those keys are the row's kept extras `[B, extra + N]` (bool)."""
+        held = torch.zeros(self.extra_positions.shape[0], self.extra + self.positions.numel(), dtype=torch.bool)
+        held[:, : self.extra] = self.extra_positions >= 0
+        return held.to(self.extra_positions.device)
+
+    def key_scores(self) -> torch.Tensor:
+        return torch.cat([self.extra_scores, self.scores], dim=1)
+
+    def commit(self, scores: torch.Tensor, keep_extra: torch.Tensor) -> None:
+        """Take the attention step's scores `[B, extra + N]` and its extras for the next position `keep_extra`
+        (bool, at most `extra` per row): they move (or stay) in the extras region."""
+        assert self.extra_keys is not None and self.extra_values is not None
+        positions = self.key_positions()
+        # per row, the kept keys first (in position order), empty slots after
+        order = torch.where(keep_extra, positions, positions.new_full((), 1 << 62)).argsort(dim=1)[:, : self.extra]
+        filled = torch.gather(keep_extra, 1, order)
+        keys = torch.cat([self.extra_keys, self.keys], dim=-2)
+        values = torch.cat([self.extra_values, self.values], dim=-2)
+        index = order[:, None, :, None]
+        self.extra_keys = torch.gather(keys, 2, index.expand(-1, keys.shape[1], -1, keys.shape[-1]))
+        self.extra_values = torch.gather(values, 2, index.expand(-1, values.shape[1], -1, values.shape[-1]))
+        self.extra_positions = torch.where(filled, torch.gather(positions, 1, order), -1)
+        self.extra_scores = torch.where(filled, torch.gather(scores, 1, order), 0.0)
+        self.scores = scores[:, self.extra :]
+
+    def reset(self) -> None:
+        super().reset()
+        self.scores = torch.empty(0)
+        self.extra_keys = self.extra_values = None
+        self.extra_positions = torch.empty(0, dtype=torch.long)
+        self.extra_scores = torch.empty(0)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.extra_keys is not None and self.extra_values is not None:
+            self.extra_keys = self.extra_keys.repeat_interleave(repeats, dim=0)
+            self.extra_values = self.extra_values.repeat_interleave(repeats, dim=0)
+            self.extra_positions = self.extra_positions.repeat_interleave(repeats, dim=0)
+            self.extra_scores = self.extra_scores.repeat_interleave(repeats, dim=0)
+            self.scores = self.scores.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.extra_keys is not None and self.extra_values is not None:
+            self.extra_keys, self.extra_values = self.extra_keys[indices], self.extra_values[indices]
+            self.extra_positions, self.extra_scores = self.extra_positions[indices], self.extra_scores[indices]
+            self.scores = self.scores[indices]
+
+    @property
+    def nbytes(self) -> int:
+        extra = 0 if self.extra_keys is None or self.extra_values is None else self.extra_keys.nbytes
+        extra += 0 if self.extra_values is None else self.extra_values.nbytes
+        return super().nbytes + extra
 
 
 def use_kv_layer(attention: torch.nn.Module, make_layer: Callable[[], RetainingLayer]):

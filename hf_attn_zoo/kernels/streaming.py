@@ -18,7 +18,14 @@ import torch
 from ..errors import InvalidOptionError
 from .masks import left_padding
 
-__all__ = ["StreamingPositions", "rotate", "streaming_rotary"]
+__all__ = [
+    "StreamingPositions",
+    "extra_sink_spans",
+    "naive_sink_cache_attention",
+    "rotate",
+    "sink_cache_attention",
+    "streaming_rotary",
+]
 
 # RoPE variants whose frequencies do not depend on the sequence length (dynamic NTK and LongRoPE switch with it)
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
@@ -99,3 +106,176 @@ class StreamingPositions:
         scores = (scores.float() * scaling).masked_fill(~allowed[:, None], float("-inf"))
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # padding queries attend nothing: zeros
         return (weights.to(value.dtype) @ value).transpose(1, 2).contiguous()
+
+
+QUERY_CHUNK = 256
+ROTATE_CHUNK = 64
+
+
+def _repeat(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def extra_sink_spans(
+    scores: torch.Tensor, k_rel: torch.Tensor, candidate: torch.Tensor, held: torch.Tensor, extra: int, window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """When each candidate is one of its row's `extra` kept sinks: `(appear, drop)` `[B, K]` (float, row-relative
+    positions), visible past the window to the queries `appear <= q < drop`.
+
+    A middle token leaves the window at `appear = k + window` (a held extra: -inf) with its final score; keeping the
+    best `extra` of all that left (greedily, as a cache does token by token) keeps exactly the top `extra` of every
+    token that left so far, so a candidate is dropped when the `extra`-th better candidate has appeared.
+    """
+    inf = torch.tensor(float("inf"), device=scores.device)
+    appear = torch.where(held, -inf, (k_rel + window).to(scores.dtype))
+    if extra == 0:  # nothing is kept past the window
+        return appear, appear.clone()
+    drop = torch.full_like(scores, float("inf"))
+    if scores.shape[1] < extra:  # fewer keys than extras: no candidate is ever dropped
+        return appear, drop
+    for start in range(0, scores.shape[1], 1024):  # [B, 1024, K] comparisons at a time
+        rows = slice(start, start + 1024)
+        # candidate k ranks above row candidate c: a higher score, or the same and an earlier position
+        s_c, s_k = scores[:, rows, None], scores[:, None, :]
+        earlier = k_rel[:, None, :] < k_rel[:, rows, None]
+        better = candidate[:, None, :] & ((s_k > s_c) | ((s_k == s_c) & earlier))
+        drop[:, rows] = torch.where(better, appear[:, None, :], inf).kthvalue(extra, dim=-1).values
+    return appear, drop
+
+
+def _rotated_scores(
+    query: torch.Tensor, key: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor
+) -> torch.Tensor:
+    """`q . k` with the query rotated back by `delta` `[B, Q, K]` per pair (RoPE, half-split layout): `[B, H, Q, K]`.
+
+    With `z = x[:D/2] + i x[D/2:]`, RoPE multiplies `z` by `exp(i theta p)`, so the score at a distance shorter by
+    `delta` is `sum_f Re(z_q conj(z_k)) cos(theta_f delta) + Im(z_q conj(z_k)) sin(theta_f delta)`."""
+    half = query.shape[-1] // 2
+    qa, qb = query[..., None, :half].float(), query[..., None, half:].float()  # [B, H, Q, 1, F]
+    ka, kb = key[:, :, None, :, :half].float(), key[:, :, None, :, half:].float()  # [B, H, 1, K, F]
+    angle = delta[:, None, :, :, None].float() * inv_freq.float()  # [B, 1, Q, K, F]
+    real, imag = qa * ka + qb * kb, qb * ka - qa * kb
+    return (real * angle.cos() + imag * angle.sin()).sum(-1)
+
+
+def sink_cache_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_positions: torch.Tensor,
+    query_positions: torch.Tensor,
+    held: torch.Tensor,
+    scores: torch.Tensor,
+    padding: torch.Tensor | None,
+    sinks: int,
+    extra: int,
+    window: int,
+    scaling: float,
+    inv_freq: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sinks + window + up to `extra` secondary sinks per row, detected online: one attention step.
+
+    A token's sink score is the sum, over the `window` queries that see it in the window, of its mean logit over the
+    query heads (the logits are at text distance in the window, so prefill and decoding agree); when it leaves the
+    window it is kept if it is among the row's `extra` best so far (`extra_sink_spans`). Query `i` attends key `j <= i`
+    when `j < sinks`, `i - j < window`, or `j` is a kept extra at `i`. The whole step is exact in any split of the
+    sequence into calls (the prefill, then chunks or single tokens): the scores need only queries and keys, never the
+    attention weights.
+
+    With `inv_freq` (StreamingLLM positions), a key outside the window is seen at its distance inside the cache,
+    `window + (kept keys after it)`, as if the cache were re-indexed `0..n-1` (sinks, extras, window in text order);
+    the keys keep their text positions and the query is rotated back per pair.
+
+    Args:
+        query: `[B, H, Q, D]` at `query_positions` `[Q]`; key, value: `[B, KV, K, D]` (GQA) at `key_positions`
+            `[B, K]` (-1: an empty slot); held: `[B, K]` the row's kept extras; scores: `[B, K]` sink scores so far;
+            padding: `[B, T]` real tokens or None.
+
+    Returns:
+        `(out [B, Q, H, D], scores [B, K], keep_extra [B, K])`: the new scores, and the row's kept extras from
+        position `query_positions[-1] + 1` on.
+    """
+    batch, heads, q_len, _ = query.shape
+    device = query.device
+    offsets = left_padding(padding, batch, device)[:, None]
+    q_rel = query_positions[None, :] - offsets  # [B, Q]
+    k_rel = torch.where(key_positions >= 0, key_positions - offsets, -(1 << 40))  # [B, K]; empty slots never real
+    real = k_rel >= 0
+    if padding is not None:
+        real = real & torch.gather(padding, 1, key_positions.clamp(min=0))
+    key, value = _repeat(key, heads), _repeat(value, heads)
+    # sink scores: mean logit over heads, summed over the queries that see the key in its window
+    scores = scores.float().clone()
+    for start in range(0, q_len, QUERY_CHUNK):
+        q = q_rel[:, start : start + QUERY_CHUNK, None]
+        logits = (query[:, :, start : start + QUERY_CHUNK].float() @ key.float().transpose(-1, -2)).mean(1) * scaling
+        in_window = real[:, None] & ~held[:, None] & (q - k_rel[:, None] >= 0) & (q - k_rel[:, None] < window)
+        scores += (logits * in_window).sum(1)
+    first, last = q_rel[:, :1], q_rel[:, -1:]
+    appear_at = k_rel + window
+    candidate = real & (k_rel >= sinks) & (held | ((appear_at > first) & (appear_at <= last + 1)))
+    appear, drop = extra_sink_spans(scores, k_rel, candidate, held & real, extra, window)
+    keep_extra = candidate & (appear <= last + 1) & (last + 1 < drop)
+    out = torch.empty(batch, q_len, heads, value.shape[-1], dtype=value.dtype, device=device)
+    chunk = ROTATE_CHUNK if inv_freq is not None else QUERY_CHUNK
+    for start in range(0, q_len, chunk):
+        rows = slice(start, start + chunk)
+        q = q_rel[:, rows, None]  # [B, C, 1]
+        distance = q - k_rel[:, None]  # [B, C, K]
+        kept = candidate[:, None] & (appear[:, None] <= q) & (q < drop[:, None])
+        visible = real[:, None] & (q >= 0) & (distance >= 0) & ((k_rel[:, None] < sinks) | (distance < window) | kept)
+        logits = query[:, :, rows].float() @ key.float().transpose(-1, -2)  # [B, H, C, K]
+        outside = visible & (distance >= window)
+        if inv_freq is not None and bool(outside.any()):
+            after = (k_rel[:, :, None] > k_rel[:, None, :]).float()  # [B, K', K]: key k' lies after key k
+            delta = (distance - window - outside.float() @ after).clamp(min=0) * outside  # [B, C, K]
+            columns = outside.any(dim=(0, 1)).nonzero().flatten()  # rotate only the keys outside some window
+            rotated = _rotated_scores(query[:, :, rows], key[:, :, columns], delta[:, :, columns], inv_freq.to(device))
+            logits[..., columns] = torch.where(delta[:, None, :, columns] > 0, rotated, logits[..., columns])
+        logits = (logits * scaling).masked_fill(~visible[:, None], float("-inf"))
+        weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        out[:, rows] = (weights.to(value.dtype) @ value).transpose(1, 2)
+    return out, scores, keep_extra
+
+
+def naive_sink_cache_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    sinks: int,
+    extra: int,
+    window: int,
+    scaling: float,
+    inv_freq: torch.Tensor,
+    stream: bool,
+) -> torch.Tensor:
+    """Reference of `sink_cache_attention`, one row, token by token, as a StreamingLLM cache runs: `query`, `key`
+    *before RoPE* `[H, T, D]` (`value` `[H, T, D]`, no GQA). At query `i` the token `i - window` leaves the window
+    and joins the kept extras if among the best `extra` (its score: its mean logit over heads, at text distance,
+    summed over the queries of its window); the query attends the sinks, the extras and the window, every key rotated
+    at its text position, or with `stream`, at its index in the cache (StreamingLLM: the cache re-indexed `0..n-1`,
+    the query at `n - 1`)."""
+    heads, length, _ = query.shape
+    text = torch.arange(length)
+    q_rot, k_rot = rotate(query, text, inv_freq), rotate(key, text, inv_freq)
+    logits_text = (q_rot @ k_rot.transpose(-1, -2)).mean(0) * scaling  # [T, T], text distance
+    extras: list[int] = []
+    score = {}
+    out = []
+    for i in range(length):
+        leaving = i - window
+        if leaving >= sinks:
+            score[leaving] = float(logits_text[leaving : leaving + window, leaving].sum().detach())
+            extras.append(leaving)
+            extras.sort(key=lambda j: (-score[j], j))
+            extras = extras[:extra]
+        cache = sorted(set(range(min(sinks, i + 1))) | set(extras) | set(range(max(0, i - window + 1), i + 1)))
+        keys = torch.tensor(cache)
+        if stream:
+            k = rotate(key[:, keys], torch.arange(len(cache)), inv_freq)
+            q = rotate(query[:, i : i + 1], torch.tensor([len(cache) - 1]), inv_freq)
+        else:
+            k, q = k_rot[:, keys], q_rot[:, i : i + 1]
+        weights = torch.softmax((q @ k.transpose(-1, -2)).float() * scaling, dim=-1)
+        out.append(weights.to(value.dtype) @ value[:, keys])
+    return torch.cat(out, dim=1).transpose(0, 1)  # [T, H, D]

@@ -99,6 +99,7 @@ __all__ = [
     "SoftmaxTopKRule",
     "TopKSoftmaxRule",
     "moe_families_with_rules",
+    "observe_routing",
     "register_routing_rule",
     "routing_rule",
     "route",
@@ -463,6 +464,33 @@ def with_row_override(
         yield handle
     finally:
         handle._entries, handle._rows_cache = saved
+
+
+@contextlib.contextmanager
+def observe_routing(model: torch.nn.Module, on_route: Callable[[int, RoutingDecision], None]) -> Iterator[None]:
+    """Call `on_route(layer, decision)` after every router call inside the block, whatever routing is installed.
+
+    On a model without routing overrides this installs an empty one (the family rule itself); on a model that already
+    carries overrides (a `mote` patch, `set_routing`), it observes them as they are, and restores their own callback.
+    """
+    target = routing_target(model)
+    handle = target.model.__dict__.get(_HANDLE)
+    if handle is None:
+        with set_routing(model, None, on_route=on_route):
+            yield
+        return
+    own = handle._on_route
+
+    def both(layer: int, decision: RoutingDecision) -> None:
+        if own is not None:
+            own(layer, decision)
+        on_route(layer, decision)
+
+    handle._on_route = both
+    try:
+        yield
+    finally:
+        handle._on_route = own
 
 
 def route(

@@ -76,6 +76,16 @@ class RoutingRule(abc.ABC):
     def weight_dtype(self, router: torch.nn.Module, logits: torch.Tensor) -> torch.dtype:
         return logits.dtype
 
+    def gates(self, router: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
+        """`(N, E)` fp32 per-token gate scores that may be averaged over tokens (graph-of-tokens routing): the
+        softmax over the experts; `logits_of_gates` maps an average of them back to logits this rule routes by."""
+        return torch.softmax(logits.float(), dim=-1)
+
+    def logits_of_gates(self, router: torch.nn.Module, gates: torch.Tensor) -> torch.Tensor:
+        """Logits whose routing under this rule is the routing by `gates` (log: the softmax of the result is
+        `gates`, and a top-k on it is the top-k of `gates`)."""
+        return gates.clamp_min(torch.finfo(gates.dtype).tiny).log()
+
     def capacity(self, router: torch.nn.Module, disabled: frozenset[int]) -> int:
         """How many experts a token can always select once `disabled` are masked."""
         return self.num_experts(router) - len(disabled)
@@ -184,6 +194,13 @@ class GroupedSigmoidRule(RoutingRule):
 
     def weight_dtype(self, router, logits):
         return torch.float32
+
+    def gates(self, router, logits):
+        return logits.float().sigmoid()
+
+    def logits_of_gates(self, router, gates):
+        eps = torch.finfo(gates.dtype).eps
+        return torch.logit(gates, eps=eps)
 
     def capacity(self, router, disabled):
         per_group = self.num_experts(router) // router.num_group

@@ -8,22 +8,8 @@ import torch.nn.functional as F
 
 from hf_attn_zoo.kernels.moba import causal_key_conv, moba_attention, naive_moba_attention
 from hf_attn_zoo.patches.moba import MoBAKeyConv
+from tests.kernels.inputs import left_padding_mask, random_qkv
 from tests.matrix import ATOL_FP32
-
-
-def _qkv(batch, heads, kv_heads, q_len, kv_len, dim=16, grad=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    make = lambda *shape: torch.randn(*shape, generator=g).requires_grad_(grad)  # noqa: E731
-    return make(batch, heads, q_len, dim), make(batch, kv_heads, kv_len, dim), make(batch, kv_heads, kv_len, dim)
-
-
-def _padding(kv_len, pads):
-    if pads is None:
-        return None
-    mask = torch.ones(len(pads), kv_len, dtype=torch.bool)
-    for row, pad in enumerate(pads):
-        mask[row, :pad] = False
-    return mask
 
 
 CASES = [  # batch, heads, kv_heads, q_len, kv_len, block_size, top_k, left padding, window
@@ -40,8 +26,8 @@ CASES = [  # batch, heads, kv_heads, q_len, kv_len, block_size, top_k, left padd
 @pytest.mark.parametrize("case", CASES)
 def test_kernels_equal_the_naive_definition(case, backend):
     batch, heads, kv_heads, q_len, kv_len, block, top_k, pads, window = case
-    q, k, v = _qkv(batch, heads, kv_heads, q_len, kv_len)
-    padding = _padding(kv_len, pads)
+    q, k, v = random_qkv(batch, heads, kv_heads, q_len, kv_len)
+    padding = left_padding_mask(kv_len, pads)
     expected = naive_moba_attention(q, k, v, block_size=block, top_k=top_k, padding=padding, window=window)
     out = moba_attention(q, k, v, block_size=block, top_k=top_k, padding=padding, window=window, backend=backend)
     torch.testing.assert_close(out, expected, atol=ATOL_FP32, rtol=1e-5)
@@ -51,8 +37,8 @@ def test_kernels_equal_the_naive_definition(case, backend):
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5]])
 def test_gradients_equal_the_naive_definitions(case, backend):
     batch, heads, kv_heads, q_len, kv_len, block, top_k, pads, window = case
-    q, k, v = _qkv(batch, heads, kv_heads, q_len, kv_len, grad=True)
-    padding = _padding(kv_len, pads)
+    q, k, v = random_qkv(batch, heads, kv_heads, q_len, kv_len, grad=True)
+    padding = left_padding_mask(kv_len, pads)
     weights = torch.randn(batch, q_len, heads, 16, generator=torch.Generator().manual_seed(3))
     expected = torch.autograd.grad(
         (naive_moba_attention(q, k, v, block_size=block, top_k=top_k, padding=padding, window=window) * weights).sum(),
@@ -70,7 +56,7 @@ def test_gradients_equal_the_naive_definitions(case, backend):
 
 
 def test_top_k_of_all_blocks_is_causal_attention():
-    q, k, v = _qkv(1, 6, 2, 64, 64)
+    q, k, v = random_qkv(1, 6, 2, 64, 64)
     dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
     for backend in ("masked", "gather"):
         out = moba_attention(q, k, v, block_size=16, top_k=4, backend=backend)
@@ -95,7 +81,7 @@ def test_a_query_attends_its_block_and_the_past_blocks_with_the_largest_mean_key
 
 
 def test_flex_path_equals_the_gather_path():
-    q, k, v = _qkv(1, 4, 2, 1024, 1024, dim=32)
+    q, k, v = random_qkv(1, 4, 2, 1024, 1024, dim=32)
     gather = moba_attention(q, k, v, block_size=128, top_k=3, backend="gather")
     flex = moba_attention(q, k, v, block_size=128, top_k=3, backend="flex")
     torch.testing.assert_close(flex, gather, atol=1e-5, rtol=1e-4)
