@@ -151,39 +151,30 @@ def _tuned_nll(recipe: str, overrides: list[str], folder: Path):
 
 
 def plot(rows: list[dict], dense_ppl: float, described: str, path: Path) -> Path:
-    """Perplexity against the number of softmax layers; contiguous placements marked apart from the spread ones."""
+    """Perplexity of each placement (bars with their standard error), spread and contiguous placements apart."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    stacked: dict[int, int] = {}  # labels of placements with the same layer count, one under the other
-    for row in rows:
+    fig, ax = plt.subplots(figsize=(6.4, 0.9 + 0.42 * len(rows)))
+    for index, row in enumerate(rows):
         contiguous = row["placement"].startswith(("first_", "middle_", "last_"))
-        count = len(row["softmax_layers"])
-        stacked[count] = stacked.get(count, -1) + 1
-        ax.errorbar(
-            len(row["softmax_layers"]),
+        ax.barh(
+            index,
             row["ppl"],
-            yerr=row["ppl"] * row["se"] / (1 + row["gap"]),
-            fmt="s" if contiguous else "o",
+            xerr=row["ppl"] * row["se"] / (1 + row["gap"]),
             color="tab:orange" if contiguous else "tab:blue",
             capsize=3,
         )
-        ax.annotate(
-            row["placement"],
-            (len(row["softmax_layers"]), row["ppl"]),
-            textcoords="offset points",
-            xytext=(6, 4 - 11 * stacked[count]),
-            fontsize=8,
-        )
-    ax.axhline(dense_ppl, color="gray", linestyle="--", label="unpatched")
-    ax.set_yscale("log")
-    ax.set_xlabel("layers keeping softmax attention")
-    ax.set_ylabel("held-out perplexity")
-    ax.set_title(f"Hybrid placements: {described} elsewhere", fontsize=10)
-    ax.legend()
+    labels = [f"{r['placement']} ({len(r['softmax_layers'])})" for r in rows]
+    ax.set_yticks(range(len(rows)), labels)
+    ax.invert_yaxis()
+    ax.axvline(dense_ppl, color="gray", linestyle="--", label=f"unpatched ({dense_ppl:.2f})")
+    ax.set_xlabel("held-out perplexity")
+    ax.set_ylabel("softmax layers kept (count)")
+    ax.set_title(f"Hybrid placements: softmax kept in some layers,\n{described} in the others", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
