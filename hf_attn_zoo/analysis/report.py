@@ -250,10 +250,17 @@ def _sinks_section(model: PreTrainedModel, tokenizer: Any, batches: Sequence[tor
         f"{report.noise_count} shorter-lived ones, on the report's text (`hf-attn-zoo analyze sinks` measures more)."
     ]
     rows = [
-        [repr(s.token), str(s.position), f"{s.layers[0]}-{s.layers[-1]}", str(s.lifetime), f"{s.peak_mass:.3f}"]
+        [
+            repr(s.token),
+            str(s.sequence),
+            str(s.position),
+            f"{s.layers[0]}-{s.layers[-1]}",
+            str(s.lifetime),
+            f"{s.peak_mass:.3f}",
+        ]
         for s in sorted(secondary, key=lambda s: -s.peak_mass)[:10]
     ]
-    table = (["token", "position", "layers", "lifetime", "peak mass"], rows) if rows else None
+    table = (["token", "text", "position", "layers", "lifetime", "peak mass"], rows) if rows else None
     return Section("Attention sinks", text, table, list(images), report.to_json())
 
 
