@@ -94,11 +94,16 @@ def _call_step(recipe: Recipe, loc: tuple, kind: str, step: Any, fn: Any, *args:
 
 
 def check_moe(model: torch.nn.Module, recipe: Recipe) -> None:
-    """A `moe` section (or `train.what: moe`) needs MoE layers: say so before the data is tokenized."""
+    """A `moe` section (or `train.what: moe` / `routers`) needs MoE layers: say so before the data is tokenized."""
     from ..moe_losses import moe_layers
 
     wanted = [
-        loc for loc, on in ((("moe",), recipe.moe is not None), (("train", "what"), recipe.train.what == "moe")) if on
+        loc
+        for loc, on in (
+            (("moe",), recipe.moe is not None),
+            (("train", "what"), recipe.train.what in ("moe", "routers")),
+        )
+        if on
     ]
     if not wanted:
         return
@@ -141,7 +146,8 @@ def install_moe_losses(model: torch.nn.Module, recipe: Recipe) -> Any:
 
 
 def select_trainable(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
-    """`train.what`: `all`, `new` (patch-created parameters), `moe` (the MoE blocks + new) or `lora` (peft)."""
+    """`train.what`: `all`, `new` (patch-created parameters), `moe` (the MoE blocks + new), `routers` (the MoE
+    routers + new) or `lora` (peft)."""
     from ..families.spec import resolve_family
 
     what = recipe.train.what
@@ -154,9 +160,11 @@ def select_trainable(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
     except ZooError:
         family = None  # a model without a family adapter (no patches): plain LoRA / `new` still apply
     moe_layers = family.moe_layers(model) if family is not None else []
-    if what == "moe":
-        # every parameter of the sparse MoE blocks (router, experts, shared expert), and those the patches created
-        chosen = {id(p) for i in moe_layers for p in family.mlp_module(model, i).parameters()}
+    if what in ("moe", "routers"):
+        # every parameter of the sparse MoE blocks (router, experts, shared expert), or of their routers only, and
+        # those the patches created
+        part = family.mlp_module if what == "moe" else family.moe_router
+        chosen = {id(p) for i in moe_layers for p in part(model, i).parameters()}
         chosen |= {id(p) for p in new_parameters(model).values()}
         for parameter in model.parameters():
             parameter.requires_grad_(id(parameter) in chosen)

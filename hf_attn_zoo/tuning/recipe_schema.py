@@ -219,7 +219,9 @@ class TrainSection(_Section):
         what (`str`, *optional*, defaults to `"all"`):
             `all` (every weight); `new` (only the parameters the patches created); `moe` (MoE models: every
             parameter of the MoE blocks (routers, experts, Qwen2-MoE's shared expert) and the new parameters,
-            the rest frozen: the usual choice for an upcycled model); `lora` (LoRA adapters + the new parameters,
+            the rest frozen: the usual choice for an upcycled model); `routers` (MoE models: the routers' weights
+            and the new parameters only, e.g. to adapt the routers to a routing patch); `lora` (LoRA adapters + the
+            new parameters,
             and for MoE models the routers, trained fully through `modules_to_save`; `lora.target_parameters`
             adds LoRA on the fused experts). Routers are not "new" parameters (they come with the checkpoint), so
             `new` leaves them frozen.
@@ -251,7 +253,7 @@ class TrainSection(_Section):
             come from `distributed`).
     """
 
-    what: Literal["new", "lora", "moe", "all"] = "all"
+    what: Literal["new", "lora", "moe", "routers", "all"] = "all"
     lora: LoraSection | None = None
     batch_size: int = Field(default=8, ge=1)
     grad_accum: int = Field(default=1, ge=1)

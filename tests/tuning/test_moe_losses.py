@@ -397,6 +397,12 @@ def test_a_recipe_trains_the_moe_blocks_with_router_losses(tmp_path: Path, tiny_
     assert {"model.layers.0.mlp.gate.weight", "model.layers.1.mlp.experts.down_proj"} <= changed
 
 
+def test_a_routers_recipe_trains_the_routers_alone(tmp_path: Path, tiny_moe_dir: Path):
+    result = run_recipe(moe_recipe(tmp_path, tiny_moe_dir, {"what": "routers"}))
+    changed = changed_parameters(tiny_moe_dir, result.final_dir)
+    assert changed == {"model.layers.0.mlp.gate.weight", "model.layers.1.mlp.gate.weight"}
+
+
 def test_a_lora_recipe_trains_routers_and_expert_adapters(tmp_path: Path, tiny_moe_dir: Path):
     lora = {
         "r": 2,
