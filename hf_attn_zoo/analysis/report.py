@@ -25,7 +25,7 @@ from ..moe.routing import RoutingDecision, observe_routing
 from ..outputs import atomic_output, check_output
 from ..patches.moh import moh_routers
 from ..patching import applied_patches
-from .head_usage import head_usage, reset_head_usage
+from .head_usage import head_usage, plot_head_usage, reset_head_usage
 
 __all__ = ["Section", "expert_usage", "head_contributions", "report_batches", "write_report"]
 
@@ -186,17 +186,14 @@ def _heads_section(model: PreTrainedModel, tokenizer: Any, batches: Sequence[tor
         table_rows.append([str(index), f"{top}", f"{share[top]:.2f}", f"{sum(s < uniform / 4 for s in share)}"])
     text = [
         "What each head adds to the residual stream (the mean norm of its output through the output projection) as a "
-        "share of its layer's total, on "
-        f"the report's text; a uniform layer gives every head {uniform:.2f}. Heads far below that contribute little "
-        "and are what Mixture-of-Head routing can skip."
+        f"share of its layer's total, on the report's text; a uniform layer gives every head {uniform:.2f}. Heads far "
+        "below that contribute little and are what Mixture-of-Head routing can skip."
     ]
     data: dict[str, Any] = {"contributions": contributions}
     images = [image]
     if routers:
         usage = head_usage(model)
         data["moh_usage"] = usage
-        from .head_usage import plot_head_usage
-
         images.append(plot_head_usage(usage, out / "moh_head_usage.png"))
         mean = usage.get("mean_active_fraction")
         text.append(
