@@ -96,10 +96,14 @@ def patch_main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="hf-attn-zoo patch", description="Patch a checkpoint and save it.")
     parser.add_argument("model", help="local folder, hub id, or 'default' (the embedded SmolLM2-135M)")
-    parser.add_argument("method")
-    parser.add_argument("out", type=Path)
+    parser.add_argument("method", help="the method to apply (`hf-attn-zoo methods` lists them with their options)")
+    parser.add_argument("out", type=Path, help="folder the patched checkpoint and its tokenizer are saved to")
     parser.add_argument("options", nargs="*", help="method options as key=value (e.g. router=onorm top_k=7)")
-    parser.add_argument("--layers", default="all", help="'all', 'every_2nd', or a comma-separated list of indices")
+    parser.add_argument(
+        "--layers",
+        default="all",
+        help="'all', 'first_half', 'every_2nd', 'except_every_4th' ..., or a comma-separated list of indices",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it already holds something")
     args = parser.parse_intermixed_args(argv)
     from transformers import AutoTokenizer
