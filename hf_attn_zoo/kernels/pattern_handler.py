@@ -152,6 +152,7 @@ def attend_pattern(
             query_positions=queries,
             dropout=kwargs.get("dropout", 0.0) or 0.0,
             backend=backend,
+            softcap=kwargs.get("softcap"),
         )
     if layer is not None:
         layer.evict()  # bounded from the prefill on, not only from the next step

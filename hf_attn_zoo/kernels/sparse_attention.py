@@ -153,6 +153,21 @@ def _masked(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling,
     return _attend(query, key, value, mask, scaling, dropout)
 
 
+def _softcapped(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling, dropout, softcap):
+    """The explicit form with a logit softcap `softcap * tanh(s / softcap)` (Gemma 2), which SDPA cannot apply: the
+    scores of the call are materialised, as the family's eager attention does."""
+    mask = pattern_mask(pattern, q_pos, k_pos, offsets, padding, query.shape[1])
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads * q_len, dim)
+    scores = (grouped @ key.transpose(-1, -2)).reshape(batch, heads, q_len, -1) * (scaling or dim**-0.5)
+    scores = softcap * torch.tanh(scores / softcap)
+    weights = torch.softmax(scores.float().masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0).to(value.dtype)
+    weights = F.dropout(weights, p=dropout, training=dropout > 0)
+    out = weights.reshape(batch, kv_heads, heads // kv_heads * q_len, -1) @ value
+    return out.reshape(batch, heads, q_len, value.shape[-1])
+
+
 @dataclass(frozen=True)
 class _Group:
     """Units whose gathered keys carry the same mask: one SDPA call (or a few, to bound the copies)."""
@@ -433,6 +448,7 @@ def sparse_attention(
     query_positions: torch.Tensor | None = None,
     dropout: float = 0.0,
     backend: Backend = "auto",
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of `query` over the keys `pattern` allows.
 
@@ -449,6 +465,8 @@ def sparse_attention(
             `Q` key positions).
         dropout (`float`): attention dropout (training).
         backend (`str`): `auto`, `flex`, `blocks` or `masked` (see the module docstring).
+        softcap (`float`, *optional*): a logit softcap (Gemma 2's eager attention); the scores are then materialised
+            whatever the backend, as the family's own eager attention does.
 
     Returns:
         `[B, Q, H, D]`, the layout transformers' attention functions return.
@@ -458,6 +476,9 @@ def sparse_attention(
     k_pos = key_positions if key_positions is not None else torch.arange(key.shape[2], device=device)
     q_pos = query_positions if query_positions is not None else k_pos[-q_len:]
     offsets = left_padding(padding, batch, device)
+    if softcap:
+        out = _softcapped(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling, dropout, softcap)
+        return out.transpose(1, 2).contiguous()
     if backend == "auto":
         backend = choose_backend(query, key, value, key_positions is not None)
     if backend == "flex":

@@ -42,7 +42,7 @@ def _qkv(batch=1, heads=4, kv_heads=2, q_len=300, kv_len=300, dim=16, grad=False
     return [t.requires_grad_(grad) for t in (q, k, v)]
 
 
-def _reference(q, k, v, pattern, scaling, padding=None):
+def _reference(q, k, v, pattern, scaling, padding=None, softcap=None):
     """Loop over rows and heads: softmax over the allowed keys of each query (positions from the first real key)."""
     batch, heads, q_len, _ = q.shape
     kv_len = k.shape[2]
@@ -58,6 +58,8 @@ def _reference(q, k, v, pattern, scaling, padding=None):
             if padding is not None:
                 mask = mask & padding[b][None, :]
             scores = (q[b, h] @ k[b, h // group].T) * scaling
+            if softcap:
+                scores = softcap * torch.tanh(scores / softcap)
             scores = scores.masked_fill(~mask, float("-inf"))
             weights = torch.softmax(scores, -1).nan_to_num(0.0)
             out[b, :, h] = weights @ v[b, h // group]
@@ -187,3 +189,24 @@ def test_key_padding_reads_every_mask_format():
     assert left_padding(real, 2, torch.device("cpu")).tolist() == [2, 0]
     with pytest.raises(UnsupportedArchitectureError, match="attn_implementation='sdpa'"):
         key_padding(object(), 2, 4)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS[:2] + PATTERNS[3:], ids=lambda p: str(p.cache_key()[0]))
+def test_a_logit_softcap_equals_the_reference_forward_and_backward(pattern):
+    q, k, v = _qkv(batch=2, q_len=120, kv_len=120, grad=True)
+    with torch.no_grad():
+        q.mul_(4)  # scores large enough for the cap to matter
+    padding = torch.ones(2, 120, dtype=torch.bool)
+    padding[1, :9] = False
+    out = sparse_attention(q, k, v, pattern, scaling=0.25, padding=padding, softcap=5.0)
+    qr, kr, vr = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    expected = _reference(qr, kr, vr, pattern, 0.25, padding, softcap=5.0)
+    rows = padding[:, -120:]  # padding queries attend nothing: compare the real ones
+    torch.testing.assert_close(out[rows], expected[rows], atol=1e-5, rtol=1e-5)
+    uncapped = sparse_attention(q, k, v, pattern, scaling=0.25, padding=padding, backend="masked")
+    assert (uncapped[rows] - out[rows]).abs().max() > 1e-2, "the cap should change these scores"
+    grad = torch.randn_like(out) * rows[:, :, None, None]
+    out.backward(grad)
+    expected.backward(grad)
+    for ours, theirs in ((q, qr), (k, kr), (v, vr)):
+        torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-4, rtol=1e-4)
