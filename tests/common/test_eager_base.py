@@ -17,9 +17,9 @@ from hf_attn_zoo.registry import get_patch
 from tests.matrix import FAMILIES, clone, tiny_model
 
 
-def _neutral_moh(family: str):
+def _neutral(method: str, family: str):
     spec = family_specs()[family]
-    patch = get_patch("moh")
+    patch = get_patch(method)
     if patch.refusal(spec, spec.tiny_config()) is not None:
         return None
     return patch.neutral_config(spec, spec.tiny_config()).to_dict()
@@ -37,7 +37,7 @@ def _large_scores(model, family: str):
     return model
 
 
-CASES = [f for f in FAMILIES if _neutral_moh(f) is not None]
+CASES = [f for f in FAMILIES if _neutral("moh", f) is not None]
 
 
 @pytest.mark.parametrize("family", CASES)
@@ -46,25 +46,17 @@ def test_the_dispatcher_keeps_the_familys_eager_attention(family):
     base.set_attn_implementation("eager")
     model = clone(base)
     model.set_attn_implementation("eager")
-    hf_attn_zoo.patch(model, "moh", layers=[0], **_neutral_moh(family))
+    hf_attn_zoo.patch(model, "moh", layers=[0], **_neutral("moh", family))
     ids = torch.randint(3, 128, (2, 10))
     torch.testing.assert_close(model(ids).logits, base(ids).logits, atol=1e-5, rtol=0)
 
 
-def _neutral_window(family: str):
-    spec = family_specs()[family]
-    patch = get_patch("sliding_window")
-    if patch.refusal(spec, spec.tiny_config()) is not None:
-        return None
-    return patch.neutral_config(spec, spec.tiny_config()).to_dict()
-
-
-@pytest.mark.parametrize("family", [f for f in FAMILIES if _neutral_window(f) is not None])
+@pytest.mark.parametrize("family", [f for f in FAMILIES if _neutral("sliding_window", f) is not None])
 def test_pattern_kernels_apply_the_familys_softcap_under_eager(family):
     base = _large_scores(tiny_model(family), family)
     base.set_attn_implementation("eager")
     model = clone(base)
     model.set_attn_implementation("eager")
-    hf_attn_zoo.patch(model, "sliding_window", **_neutral_window(family))
+    hf_attn_zoo.patch(model, "sliding_window", **_neutral("sliding_window", family))
     ids = torch.randint(3, 128, (2, 10))
     torch.testing.assert_close(model(ids).logits, base(ids).logits, atol=1e-5, rtol=0)
