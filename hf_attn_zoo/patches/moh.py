@@ -580,15 +580,17 @@ def distill_router(
     model.eval()
     for r in routers:
         r.teacher, r.distill_buffer = "onorm", []
+    from tqdm.auto import tqdm
+
     try:
         with torch.no_grad():
-            for batch in batches:
+            for batch in tqdm(batches, desc="distill_router: output norms", unit="batch"):
                 model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")})
     finally:
         for r in routers:
             r.teacher = None
     losses, agreements = [], []
-    for r in routers:
+    for r in tqdm(routers, desc="distill_router: fitting routers", unit="layer"):
         hidden = torch.cat([h for h, _ in r.distill_buffer]).to(r.proj.weight)
         # fp32 targets (softmax of the norms) whatever the router's dtype
         norms = torch.cat([s for _, s in r.distill_buffer]).to(device=hidden.device, dtype=torch.float32)

@@ -237,7 +237,7 @@ def test_head_usage_statistics_and_plot(tmp_path):
     assert hf_attn_zoo.analysis.head_usage(model)["mean_active_fraction"] is None
 
 
-def test_distill_router_fits_the_output_norm_ranking():
+def test_distill_router_fits_the_output_norm_ranking(capsys):
     model = hf_attn_zoo.patch(_gqa_model(), "moh", router="learned", shared_heads=0, top_k=3)
     batches = [{"input_ids": torch.randint(3, 128, (2, 16))} for _ in range(3)]
     before = distill_router(model, batches, steps=1, lr=1e-9)
@@ -245,6 +245,9 @@ def test_distill_router_fits_the_output_norm_ranking():
     assert after["topk_agreement"] > before["topk_agreement"]
     assert after["loss"] < before["loss"]
     assert after["tokens"] == 96
+    progress = capsys.readouterr().err  # both stages show a progress bar
+    assert "distill_router: output norms" in progress and "3/3" in progress
+    assert "distill_router: fitting routers" in progress
 
 
 def test_patching_twice_is_refused():
