@@ -14,7 +14,8 @@ lowers the entropy of the expert selection:
   unchanged, so they measure how routing reacts to the context).
 
 Padding tokens (attention mask 0) are left out of every measure. Works on every MoE family with a routing rule
-(`hf_attn_zoo.moe.rules`); the routing is read through `hf_attn_zoo.moe.set_routing(record=...)`.
+(`hf_attn_zoo.moe.rules`); the routing is read through `hf_attn_zoo.moe.observe_routing`, so routing overrides
+already installed (a `mote` patch) are measured as they are.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from ..assets.corpora import held_out_texts
 from ..errors import InvalidOptionError
 from ..moe.overrides import routing_target
-from ..moe.routing import RoutingDecision, set_routing
+from ..moe.routing import RoutingDecision, observe_routing
 from ..wrappers import inner_model
 
 __all__ = ["held_out_batches", "plot_routing_stability", "routing_stability", "save_routing_stability"]
@@ -65,7 +66,7 @@ def _batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def _run(model: torch.nn.Module, embeds: torch.Tensor, mask: torch.Tensor | None) -> dict[int, RoutingDecision]:
     decisions: dict[int, RoutingDecision] = {}
-    with set_routing(model, on_route=lambda layer, d: decisions.__setitem__(layer, d)):
+    with observe_routing(model, lambda layer, d: decisions.__setitem__(layer, d)):
         model(inputs_embeds=embeds, attention_mask=mask)
     return decisions
 

@@ -50,6 +50,15 @@ def test_flip_rate_grows_with_the_perturbation():
     assert 0.0 < replaced["mean"]["flip_rate"] <= 1.0
 
 
+def test_a_mote_patched_model_is_measured_with_its_switches():
+    model = hf_attn_zoo.patch(tiny_model("mixtral"), "mote", off={"all": [0, 1]})
+    result = routing_stability(model, [_ids()], scale=0.0)
+    # two of four experts off, top-2: every token picks the other two, an even load of two experts
+    for row in result["layers"].values():
+        assert row["selection_entropy"] == pytest.approx(math.log(2), rel=1e-5)
+    assert hf_attn_zoo.applied_patches(model)[0]["method"] == "mote"
+
+
 def test_padding_is_left_out():
     model = tiny_model("mixtral")
     ids = _ids(1, 10)
