@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 
 from ..errors import InvalidOptionError, UnsupportedArchitectureError
 from ..families.spec import resolve_family
+from ..kernels.masks import allowed_keys
 from ..kernels.register import install_handler, remove_handler
 
 __all__ = ["Sink", "SinkReport", "attention_column_mass", "find_sinks", "naive_attention_column_mass", "plot_sinks"]
@@ -93,19 +93,6 @@ class SinkReport:
         return data
 
 
-def _allowed(attention_mask: torch.Tensor | None, batch: int, q_len: int, k_len: int, device) -> torch.Tensor:
-    """Which keys each query attends `[B, Q, K]` (bool), from the mask transformers handed the attention function."""
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
-        mask = attention_mask[:, 0, -q_len:, -k_len:]
-        mask = mask if mask.dtype == torch.bool else mask == 0
-        return mask.expand(batch, q_len, k_len)
-    q = torch.arange(k_len - q_len, k_len, device=device)[:, None]
-    causal = (torch.arange(k_len, device=device)[None, :] <= q)[None].expand(batch, q_len, k_len)
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:  # flash-style padding mask
-        causal = causal & attention_mask[:, None, -k_len:].bool()
-    return causal
-
-
 def attention_column_mass(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -168,13 +155,12 @@ class _Recorder:
 
     def attention_handler(self, layer: int, sink_param: str | None):
         def handler(base, module, query, key, value, attention_mask, **kwargs):
-            if getattr(module.config, "_zoo_base_attn_implementation", None) == "eager":
-                # "eager" is no registered interface: the dispatcher's fallback is Llama's, the family's own
-                # (learned sinks, soft-capping) lives beside its attention module
-                base = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", base)
             out = base(module, query, key, value, attention_mask, **kwargs)
             with torch.no_grad():
-                allowed = _allowed(attention_mask, query.shape[0], query.shape[2], key.shape[2], query.device)
+                # find_sinks' rows carry no padding: a mask it cannot read (flex's BlockMask) is the causal one
+                mask = attention_mask if isinstance(attention_mask, torch.Tensor) else None
+                allowed = allowed_keys(mask, query.shape[0], query.shape[2], key.shape[2], query.device)
+                allowed = allowed[:, 0].expand(query.shape[0], -1, -1)
                 scaling = kwargs.get("scaling")
                 if scaling is None:
                     scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)

@@ -12,7 +12,7 @@ import torch
 
 from ..errors import UnsupportedArchitectureError
 
-__all__ = ["key_padding", "left_padding"]
+__all__ = ["allowed_keys", "key_padding", "left_padding"]
 
 
 def key_padding(attention_mask: torch.Tensor | None, batch: int, kv_len: int) -> torch.Tensor | None:
@@ -41,3 +41,23 @@ def left_padding(padding: torch.Tensor | None, batch: int, device: torch.device)
     if padding is None:
         return torch.zeros(batch, dtype=torch.long, device=device)
     return padding.to(torch.int8).argmax(dim=-1).to(device)
+
+
+def allowed_keys(
+    attention_mask: torch.Tensor | None, batch: int, q_len: int, k_len: int, device: torch.device
+) -> torch.Tensor:
+    """Which keys each query attends `[B or 1, 1, Q, K]` (bool), for analyses that read the model's own attention;
+    the queries are the last `q_len` of the `k_len` positions. `None` is causal; a 2-D padding mask is causal too."""
+    if attention_mask is None:
+        queries = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+        return (torch.arange(k_len, device=device)[None, :] <= queries)[None, None]
+    if not isinstance(attention_mask, torch.Tensor):
+        raise UnsupportedArchitectureError(
+            f"cannot read which keys are attended from a {type(attention_mask).__name__} (flex attention's "
+            "BlockMask); load the model with attn_implementation='sdpa' or 'eager'"
+        )
+    if attention_mask.dim() == 4:
+        mask = attention_mask[:, :1, -q_len:, -k_len:]
+        return mask if mask.dtype == torch.bool else mask == 0
+    causal = allowed_keys(None, batch, q_len, k_len, device)
+    return causal & attention_mask[:, None, None, -k_len:].bool()

@@ -53,7 +53,9 @@ from transformers import PretrainedConfig
 
 from ..errors import InvalidInputError, InvalidOptionError, PatchConflictError, UnsupportedArchitectureError
 from ..families.spec import FamilySpec
+from ..kernels.masks import allowed_keys
 from ..kernels.register import install_handler, remove_handler
+from ..kernels.sparse_attention import PaddingTracker
 from ..kernels.token_graph import token_graph_mix
 from ..moe.overrides import routing_target
 from ..moe.plan import LayerPlan
@@ -128,20 +130,13 @@ class TokenSimilarity(nn.Module):
         return keys + self.up(self.down(cast)).to(keys.dtype)
 
 
-class _Shared:
-    """Per-model state the hooks fill: the 2-D padding mask of the current forward."""
-
-    def __init__(self) -> None:
-        self.padding: torch.Tensor | None = None
-
-
 @dataclass
 class _RouterState:
     layer: int
     rule: RoutingRule
     config: GraphRoutingConfig
     owner: nn.Module  # the decoder layer: it holds `token_similarity`
-    shared: _Shared
+    padding: PaddingTracker  # the 2-D attention mask of the current forward
     original: Any  # the instance's own `forward` before ours, or None (the class's)
 
     def call_original(self, router: nn.Module, hidden_states: torch.Tensor) -> Any:
@@ -156,11 +151,6 @@ class _RouterState:
             router.__dict__.pop("forward", None)
         else:
             router.__dict__["forward"] = self.original
-
-
-def _remember_padding(shared: _Shared, module: nn.Module, args: tuple, kwargs: dict) -> None:
-    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-    shared.padding = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
 def _remember_shape(router: nn.Module, block: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -184,26 +174,6 @@ def _capture_attention(base, module, query, key, value, attention_mask, *, route
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     router.__dict__[_ATTN] = (query, key, attention_mask, scale)
     return output
-
-
-def _keep_from_attention_mask(mask: Any, batch: int, length: int, keys: int, device: torch.device) -> torch.Tensor:
-    """`[B, 1, T, Tk]` bool: the keys each query attends, from the mask the attention function received."""
-    if mask is None:
-        offset = keys - length
-        pos_q = torch.arange(length, device=device)[:, None] + offset
-        return (torch.arange(keys, device=device)[None, :] <= pos_q)[None, None]
-    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-        mask = mask[:, :1, :, -keys:]
-        if mask.dtype == torch.bool:
-            return mask
-        return mask > torch.finfo(mask.dtype).min / 2
-    if isinstance(mask, torch.Tensor) and mask.dim() == 2:  # flash attention: the padding mask, causal implied
-        causal = _keep_from_attention_mask(None, batch, length, keys, device)
-        return causal & mask[:, None, None, -keys:].bool()
-    raise UnsupportedArchitectureError(
-        f"graph_routing mode='attention' cannot read an attention mask of type {type(mask).__name__} (flex "
-        "attention's BlockMask); load the model with attn_implementation='sdpa' or 'eager'"
-    )
 
 
 def _memory(
@@ -254,7 +224,7 @@ def _similarity_mix(
     device = gates.device
     keep = torch.arange(total, device=device)[None, :] <= (torch.arange(length, device=device) + past)[:, None]
     keep = keep[None, None].expand(batch, 1, length, total)
-    padding = state.shared.padding
+    padding = state.padding.mask
     if padding is not None and padding.shape[0] == batch:
         valid = torch.ones(batch, total, dtype=torch.bool, device=device)
         width = min(total, padding.shape[1])
@@ -284,7 +254,7 @@ def _attention_mix(
         aligned = all_gates[:, -keys:]
     elif keys > all_gates.shape[1]:  # a static cache: unused slots are masked
         aligned = F.pad(all_gates, (0, 0, 0, keys - all_gates.shape[1]))
-    keep = _keep_from_attention_mask(mask, batch, length, keys, gates.device)
+    keep = allowed_keys(mask, batch, length, keys, gates.device)
     if state.config.heads is not None:
         group = query.shape[1] // key.shape[1]
         heads = torch.tensor(state.config.heads, device=query.device)
@@ -426,13 +396,11 @@ class GraphRoutingPatch(Patch):
                 handle.modules.append(similarity)
         if config.strength == 0:
             return  # neutral: the routers are left as they are
-        shared = _Shared()
-        hook = _base_model(model, family).register_forward_pre_hook(
-            functools.partial(_remember_padding, shared), with_kwargs=True
-        )
-        handle.on_revert(hook.remove)
+        padding = PaddingTracker()
+        for hook in padding.install(_base_model(model, family)):
+            handle.on_revert(hook.remove)
         for i, router in routers.items():
-            state = _RouterState(i, target.rule, config, decoder[i], shared, router.__dict__.get("forward"))
+            state = _RouterState(i, target.rule, config, decoder[i], padding, router.__dict__.get("forward"))
             router.__dict__[_STATE] = state
             router.__dict__["forward"] = types.MethodType(_graph_forward, router)
             handle.on_revert(functools.partial(state.restore, router))

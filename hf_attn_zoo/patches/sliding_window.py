@@ -205,21 +205,14 @@ class SlidingWindowPatch(Patch):
         kv_layer = (lambda index: SinkWindowLayer(config.sinks, span)) if config.bounded_cache else None
         streaming = None
         if config.stream:
-            head_dim = (
-                getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-            )
-            streaming = StreamingPositions(streaming_rotary(model, head_dim), config.sinks, config.window)
+            inv_freq = streaming_rotary(model, family.head_layout(model.config).head_dim)
+            streaming = StreamingPositions(inv_freq, config.sinks, config.window)
         install_pattern(model, family, layers, handle, lambda index: pattern, config.backend, kv_layer, streaming)
 
     def _apply_extra_sinks(
         self, model, config: SlidingWindowConfig, family: FamilySpec, layers: list[int], handle: PatchHandle
     ) -> None:
-        inv_freq = None
-        if config.stream:
-            head_dim = (
-                getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-            )
-            inv_freq = streaming_rotary(model, head_dim)
+        inv_freq = streaming_rotary(model, family.head_layout(model.config).head_dim) if config.stream else None
         tracker = PaddingTracker()
         for hook in tracker.install(model):
             handle.on_revert(hook.remove)
