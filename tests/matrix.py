@@ -45,6 +45,17 @@ def clone(model: torch.nn.Module) -> torch.nn.Module:
     return twin.eval()
 
 
+@torch.no_grad()
+def decode_in_steps(model: torch.nn.Module, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+    """The logits of `ids` from a cached prefill of `prefill` tokens, then one token per call."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    steps = [model(ids[:, :prefill], cache=cache, use_cache=True).logits]
+    steps += [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(prefill, ids.shape[1])]
+    return torch.cat(steps, dim=1)
+
+
 def randomize_new_parameters(model: torch.nn.Module) -> None:
     """Give the patch's new parameters (zero-initialised) values, so tests exercise real routing."""
     import hf_attn_zoo

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 import hf_attn_zoo
 from hf_attn_zoo.errors import InvalidOptionError, PatchConflictError
 from hf_attn_zoo.families import family_specs
 from hf_attn_zoo.registry import PATCHES, get_patch
-from tests.matrix import METHOD_CASES, clone, randomize_new_parameters, tiny_model
+from tests.matrix import METHOD_CASES, clone, decode_in_steps, randomize_new_parameters, tiny_model
 
 ATTENTION_METHODS = sorted(
     m for m in METHOD_CASES if {"attention", "attention_fn"} & set(PATCHES[m].targets) and m != "bam"
@@ -78,10 +77,7 @@ def test_hybrid_decoding_equals_full_forward(method, family):
     ids = _ids()
     with torch.no_grad():
         full = model(ids).logits
-        cache = DynamicCache(config=model.config)
-        steps = [model(ids[:, :7], cache=cache, use_cache=True).logits]
-        steps += [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(7, 12)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(decode_in_steps(model, ids, prefill=7), full, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("method,family", HYBRIDS)

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 import hf_attn_zoo
 from hf_attn_zoo.families import family_specs
 from hf_attn_zoo.registry import PATCHES, get_patch
-from tests.matrix import ATOL_FP32, FAMILIES, METHOD_CASES, clone, randomize_new_parameters, tiny_model
+from tests.matrix import (
+    ATOL_FP32,
+    FAMILIES,
+    METHOD_CASES,
+    clone,
+    decode_in_steps,
+    randomize_new_parameters,
+    tiny_model,
+)
 
 
 def _supported(method: str, family: str) -> bool:
@@ -82,10 +89,7 @@ def test_incremental_decoding_equals_full_forward(method, family):
     ids = _ids(2, 12)
     with torch.no_grad():
         full = model(ids).logits
-        cache = DynamicCache(config=model.config)
-        steps = [model(ids[:, :7], cache=cache, use_cache=True).logits]
-        steps += [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(7, 12)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(decode_in_steps(model, ids, prefill=7), full, atol=1e-4, rtol=1e-4)
     generated = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert generated.shape == (2, 16)
 
