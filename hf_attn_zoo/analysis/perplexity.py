@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..assets.corpora import held_out_texts
 
@@ -45,7 +46,7 @@ def held_out_nll(
     losses = []
     device = next(model.parameters()).device
     try:
-        for batch in ids.split(batch_size):
+        for batch in tqdm(ids.split(batch_size), desc=f"held-out NLL ({corpus})", unit="batch", leave=False):
             batch = batch.to(device)
             logits = model(input_ids=batch).logits[:, :-1].float()
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")

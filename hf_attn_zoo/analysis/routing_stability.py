@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import torch
+from tqdm.auto import tqdm
 
 from ..assets.corpora import held_out_texts
 from ..errors import InvalidOptionError
@@ -113,7 +114,7 @@ def routing_stability(
     was_training = inner.training
     inner.eval()
     try:
-        for batch in batches:
+        for batch in tqdm(batches, desc="routing stability", unit="batch", leave=False):
             ids, mask = _batch(batch)
             device = embed.weight.device
             ids = ids.to(device)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import InvalidOptionError, UnsupportedArchitectureError
 from ..families.spec import resolve_family
@@ -292,7 +293,7 @@ def find_sinks(
             install_handler(model, attention, recorder.attention_handler(i, family.attention.sinks))
             installed.append(attention)
         mass, count, norm, cos, ids = [], [], [], [], []
-        for batch in batches:
+        for batch in tqdm(batches, desc="find_sinks", unit="batch", leave=False):
             recorder.clear()
             model(batch.to(device), use_cache=False)
             mass.append(_stacked(recorder.mass))  # [L, B, H, T]

@@ -83,7 +83,7 @@ def _convert_gguf(folder: Path, filename: str, target: Path) -> None:
 
 
 def load_default_model(dtype: torch.dtype = torch.float32, **kwargs):
-    """`(model, tokenizer)` of the embedded SmolLM2-135M, loaded through `hf_attn_zoo.from_pretrained`."""
+    """`(model, tokenizer)` of the embedded SmolLM2-135M-Instruct, loaded through `hf_attn_zoo.from_pretrained`."""
     from transformers import AutoTokenizer
 
     from ..loading import from_pretrained

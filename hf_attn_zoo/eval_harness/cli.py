@@ -100,7 +100,7 @@ def report_main(argv: list[str]) -> int:
 
     parser = _report_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_intermixed_args(argv)
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 2
     if args.names is not None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 __all__ = ["main"]
 
-_USAGE = """hf-attn-zoo moa <step> [args]
+_USAGE = """usage: hf-attn-zoo moa <step> [args]    (hf-attn-zoo moa <step> --help: the step's options)
 
 steps:
   profile --model default --lengths 512,1024 --samples 4 --out prof.pt     attention influence on held-out text
@@ -36,7 +36,7 @@ def profile_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="hf-attn-zoo moa profile", description="MoA attention-influence profile on held-out corpus text."
     )
-    parser.add_argument("--model", default="default", help="local folder, hub id, or 'default' (SmolLM2-135M)")
+    parser.add_argument("--model", default="default", help="local folder, hub id, or 'default' (SmolLM2-135M-Instruct)")
     parser.add_argument(
         "--lengths",
         type=_ints,
@@ -46,9 +46,9 @@ def profile_main(argv: list[str]) -> int:
     parser.add_argument("--samples", type=int, default=4, help="calibration sequences per length")
     parser.add_argument("--block-size", type=int, default=64, help="tile size of the influence sums (MoA: 64)")
     parser.add_argument("--corpus", default="python_docs", help="corpus whose held-out split is the calibration text")
-    parser.add_argument("--out", type=Path, default=Path("moa_profile.pt"))
+    parser.add_argument("--out", type=Path, default=Path("moa_profile.pt"), help="the profile file (torch.save)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     from ..outputs import atomic_output, check_output
     from .profile import profile_model
 
@@ -74,15 +74,17 @@ def search_main(argv: list[str]) -> int:
     parser.add_argument("--sinks", type=int, default=64, help="sink tokens per rule (MoA: 64)")
     parser.add_argument("--alpha-step", type=int, default=None, help="grid step of alpha (default: min length / 8)")
     parser.add_argument("--max-rules-per-layer", type=int, default=2, help="distinct rules per layer (0: no limit)")
-    parser.add_argument("--granularity", choices=["kv_head", "head"], default="kv_head")
+    parser.add_argument(
+        "--granularity", choices=["kv_head", "head"], default="kv_head", help="one rule per KV group or per head"
+    )
     parser.add_argument(
         "--group-reduce", choices=["sum", "max"], default="sum", help="how a KV head's query heads' influence combine"
     )
     parser.add_argument("--gap", type=float, default=0.01, help="MILP relative optimality gap")
     parser.add_argument("--time-limit", type=float, default=30.0, help="seconds per MILP")
-    parser.add_argument("--out", type=Path, default=Path("moa_plan.json"))
+    parser.add_argument("--out", type=Path, default=Path("moa_plan.json"), help="the plan (JSON) `moa apply` reads")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     from ..outputs import atomic_output, check_output
     from .profile import AttentionProfile
     from .search import search_plan
@@ -119,16 +121,16 @@ def apply_main(argv: list[str]) -> int:
         description="Held-out perplexity of the dense model, the MoA plan, and the "
         "uniform StreamingLLM rule (alpha=0) at the plan's density.",
     )
-    parser.add_argument("--model", default="default")
-    parser.add_argument("--plan", type=Path, required=True)
+    parser.add_argument("--model", default="default", help="local folder, hub id, or 'default' (SmolLM2-135M-Instruct)")
+    parser.add_argument("--plan", type=Path, required=True, help="a plan written by `moa search`")
     parser.add_argument(
         "--corpus",
         default="python_stdlib_docs",
         help="held-out text to measure on (use another corpus than the profile's)",
     )
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per block (default: the plan's length)")
-    parser.add_argument("--blocks", type=int, default=4)
-    args = parser.parse_args(argv)
+    parser.add_argument("--blocks", type=int, default=4, help="held-out blocks of --seq-len tokens to score")
+    args = parser.parse_intermixed_args(argv)
     from ..analysis.perplexity import held_out_perplexity
     from ..patching import patch, unpatch
     from .plan import load_plan

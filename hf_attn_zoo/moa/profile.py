@@ -18,8 +18,8 @@ the loss on every token, not long-context QA whose answers the model regenerates
 the answers only. Heads stay in HF order (query head `h` belongs to KV head `h // group`), profiled per query head;
 the search reduces each GQA group (MoA converts GQA to MHA first).
 
-Sizes: the CPU defaults (lengths 512 and 1024, 4 samples, 64-token blocks) take minutes for SmolLM2-135M; on a GPU
-use MoA's lengths (`lengths=(2048, 4096, 8192)`), each must fit the model's position range.
+Sizes: the CPU defaults (lengths 512 and 1024, 4 samples, 64-token blocks) take minutes for SmolLM2-135M-Instruct; on a
+GPU use MoA's lengths (`lengths=(2048, 4096, 8192)`), each must fit the model's position range.
 """
 
 from __future__ import annotations

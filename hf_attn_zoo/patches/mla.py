@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 from transformers import PretrainedConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -328,7 +329,7 @@ def _fit_layers(
         total = torch.stack([stats[i].scores / stats[i].scores.sum().clamp_min(1e-30) for i in members]).sum(0)
         kept = choose_components(total, width // (2 * kv_heads), selection)
         shared.update({i: kept for i in members})
-    for index, attention in enumerate(attentions):
+    for index, attention in enumerate(tqdm(attentions, desc="mla: fitting latents", unit="layer", leave=False)):
         latent_kv = attention.mla
         q_rows, k_rows, v_rows = rows[index]
         moment = filled[index]
@@ -385,7 +386,7 @@ def calibrate(model: Any, batches: Iterable[dict[str, torch.Tensor]]) -> dict[st
     tokens, was_training = 0, model.training
     model.eval()
     try:
-        for batch in batches:
+        for batch in tqdm(batches, desc="mla calibrate", unit="batch", leave=False):
             mask[0] = batch.get("attention_mask")
             tokens += int(mask[0].sum()) if mask[0] is not None else batch["input_ids"].numel()
             model(**batch)

@@ -18,8 +18,8 @@ The retrofit (this patch), on a pretrained model's own q/k/v projections:
   Pretrained queries and keys occupy different regions of the sphere, so k-means on both splits them into query
   clusters and key clusters and a routed query then meets few keys. By default (`centroid_data="keys"`) the
   centroids are fitted to the keys only (init and EMA) and each query is routed to the key cluster whose centroid it
-  scores highest, a maximum-inner-product search over key clusters. Measured on SmolLM2-135M (window 32, 8 clusters,
-  held-out loss, no tuning): dense 2.90, window only 3.27, k-means on queries and keys 3.28, on keys 3.17.
+  scores highest, a maximum-inner-product search over key clusters. Measured on SmolLM2-135M-Instruct (window 32, 8
+  clusters, held-out loss, no tuning): dense 2.90, window only 3.27, k-means on queries and keys 3.28, on keys 3.17.
   Clusters are assigned on the vectors *before* RoPE (the rotation is inverted with the family's own
   `apply_rotary_pos_emb`): the clustering is content-based and independent of the absolute position, so a
   left-padded row routes exactly like the same row without padding.

@@ -197,7 +197,7 @@ def plan(
 
     Args:
         model: a shipped config name (`llama3-8b`, `llama3-70b`, `mixtral-8x7b`, `qwen3-30b-a3b`, `deepseek-v3`),
-            `default` (SmolLM2-135M), a local folder with a config.json, a hub id, or a `PretrainedConfig`.
+            `default` (SmolLM2-135M-Instruct), a local folder with a config.json, a hub id, or a `PretrainedConfig`.
         method: a registered method, `none`, or `upcycle` (options `mode`, `num_experts`, `top_k`, `layers`,
             `bam_options`).
         options: the method's options (a bad one raises the patch's own error).

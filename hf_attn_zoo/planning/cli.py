@@ -178,8 +178,10 @@ def plan_main(argv: list[str]) -> int:
         action="store_true",
         help="no fp32 master copy in bf16/fp16 training (pure low-precision optimizer)",
     )
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="plan activations with gradient checkpointing"
+    )
+    parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r for --train lora")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="for the kernel choice")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_intermixed_args(argv)

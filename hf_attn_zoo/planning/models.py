@@ -4,7 +4,7 @@ A model is named by one of:
 
 - a shipped config of a well-known model (`configs/<name>.json`, written from the published model cards):
   `llama3-8b`, `llama3-70b`, `mixtral-8x7b`, `qwen3-30b-a3b`, `deepseek-v3`;
-- `default`: the embedded SmolLM2-135M (`hf_attn_zoo.assets.default_model_path()`);
+- `default`: the embedded SmolLM2-135M-Instruct (`hf_attn_zoo.assets.default_model_path()`);
 - a local folder holding a `config.json` (or the path of a config JSON file);
 - a hub id, read with `AutoConfig.from_pretrained` where the hub is reachable.
 
@@ -47,7 +47,7 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def shipped_models() -> list[str]:
-    """Names of the shipped model configs (plus `default`, the embedded SmolLM2-135M)."""
+    """Names of the shipped model configs (plus `default`, the embedded SmolLM2-135M-Instruct)."""
     return sorted(path.stem for path in CONFIGS_DIR.glob("*.json")) + ["default"]
 
 

@@ -1,7 +1,7 @@
 """`hf-attn-zoo moh-study`: MoH against dense, continue-tuned on the same tokens, at several token budgets.
 
 MoH's paper reports that a pretrained model converted to Mixture-of-Head attention with 75% of its heads active and
-continue-tuned matches the dense model. This study measures it on SmolLM2-135M: every variant is a recipe of
+continue-tuned matches the dense model. This study measures it on SmolLM2-135M-Instruct: every variant is a recipe of
 `recipes/moh_study/` (the dense baseline, the paper's Eq. 5 router, the MoH-LLaMA3 query-norm rule, our output-norm
 rule, KV-group routing, and the retrofit steps: router distillation, gradual head dropping, self-distillation from the
 unpatched model, a separate router learning rate), all sharing `_base/moh_study.yaml`: the same token stream (the
@@ -276,7 +276,9 @@ def study_markdown(report: dict[str, Any]) -> str:
         "|---|" + "---:|---:|" * len(budgets),
     ]
     if base is not None and 0 not in budgets:
-        lines.append("| SmolLM2-135M, untuned | " + " | ".join(f"{base['ppl']:.2f} | " for _ in budgets) + " |")
+        lines.append(
+            "| SmolLM2-135M-Instruct, untuned | " + " | ".join(f"{base['ppl']:.2f} | " for _ in budgets) + " |"
+        )
     for variant in runs:
         cells = []
         for budget in budgets:
@@ -297,7 +299,7 @@ def study_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"lm-eval after {_tokens(int(largest))} tokens (± standard error; n: documents per task):", ""]
         lines.append("| variant | " + " | ".join(task_names) + " |")
         lines.append("|---|" + "---:|" * len(task_names))
-        scored = [("SmolLM2-135M, untuned", base)] if base is not None else []
+        scored = [("SmolLM2-135M-Instruct, untuned", base)] if base is not None else []
         scored += [(f"`{v}`", by_budget.get(largest)) for v, by_budget in runs.items()]
         for name, run in scored:
             if run is None or not run.get("tasks"):
@@ -378,7 +380,7 @@ def _plot_gap(rows: list[dict[str, Any]], path: Path) -> Path:
     trend.set_xlabel("continue-tuning tokens (0: patched and initialised, untuned)")
     trend.set_ylabel("gap to dense (%)")
     trend.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.suptitle("MoH on SmolLM2-135M: held-out perplexity gap to the dense model tuned on the same tokens")
+    fig.suptitle("MoH on SmolLM2-135M-Instruct: held-out perplexity gap to the dense model tuned on the same tokens")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -421,7 +423,7 @@ def moh_study_main(argv: list[str]) -> int:
     parser.add_argument(
         "--overwrite", action="store_true", help="start over: empty --out first (the study's own cache is reused)"
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.smoke:
         args.variants, args.budgets, args.ppl_blocks, args.limit = ["dense", "ranked_kd"], [2048, 4096], 4, 8
     if args.variants or args.budgets:

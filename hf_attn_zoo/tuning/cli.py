@@ -97,11 +97,11 @@ def validate_main(argv: Sequence[str] | None = None) -> int:
     A folder argument is searched recursively for `*.yaml` (files under `_base/` folders are fragments and skipped).
 
     Returns:
-        `int`: 0 when every recipe is valid, 1 otherwise.
+        `int`: 0 when every recipe is valid, 1 when one is not, 2 when a given recipe does not exist.
     """
     parser = argparse.ArgumentParser(prog="hf-attn-zoo validate", description="Validate tuning recipes.")
     parser.add_argument("paths", nargs="*", help="recipe files or folders (default: the shipped recipes)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     from .recipe import find_recipe, load_recipe, shipped_recipes
 
     files: list[Path] = []
@@ -114,7 +114,7 @@ def validate_main(argv: Sequence[str] | None = None) -> int:
                 files.append(find_recipe(given))
     except ZooError as exc:
         print(f"hf-attn-zoo validate: error: {exc}", file=sys.stderr)
-        return 1
+        return 2  # a recipe that is not there is a usage error; 1 is for invalid ones
     if not args.paths:
         files = shipped_recipes()
     failed = 0

@@ -40,7 +40,7 @@ class ModelSection(_Section):
 
     Args:
         path (`str`, *optional*, defaults to `"default"`):
-            A local HF folder, a hub id, or `"default"` for the embedded SmolLM2-135M (`hf_attn_zoo.assets`).
+            A local HF folder, a hub id, or `"default"` for the embedded SmolLM2-135M-Instruct (`hf_attn_zoo.assets`).
         dtype (`str`, *optional*, defaults to `"float32"`):
             Dtype the weights are loaded in: `float32`, `bfloat16`, `float16` or `auto` (the checkpoint's).
         attn_implementation (`str`, *optional*):

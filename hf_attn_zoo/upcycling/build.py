@@ -70,7 +70,7 @@ def upcycle(
     """Build an MoE from a dense `seed` and dense `experts` of the same architecture and shapes.
 
     Args:
-        seed (`str | Path`): folder, hub id or `"default"` (SmolLM2-135M). Gives the config and tokenizer.
+        seed (`str | Path`): folder, hub id or `"default"` (SmolLM2-135M-Instruct). Gives the config and tokenizer.
         experts (`list`): dense models (or `Expert`s with prompts) that become FFN (and, for `bam`, attention)
             experts, after the seed when `include_seed`. Empty for `sparse`.
         mode (`str`): `sparse`, `btx` or `bam`.

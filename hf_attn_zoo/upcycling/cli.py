@@ -18,16 +18,26 @@ def upcycle_main(argv: list[str]) -> int:
         description="Upcycle dense checkpoints into an MoE: sparse (seed copies), btx (FFN experts from several "
         "models) or bam (FFN and attention experts).",
     )
-    parser.add_argument("seed", nargs="?", help="seed model: folder, hub id or 'default' (SmolLM2-135M)")
+    parser.add_argument("seed", nargs="?", help="seed model: folder, hub id or 'default' (SmolLM2-135M-Instruct)")
     parser.add_argument("experts", nargs="*", help="expert models (btx/bam), after the seed")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it already holds something")
-    parser.add_argument("--mode", choices=["sparse", "btx", "bam"], default="btx")
+    parser.add_argument(
+        "--mode",
+        choices=["sparse", "btx", "bam"],
+        default="btx",
+        help="sparse: copies of SEED; btx: one expert per EXPERT (FFNs); bam: FFN and attention experts",
+    )
     parser.add_argument("--mergekit", type=Path, help="build what a mergekit-moe YAML describes instead")
     parser.add_argument("--num-experts", type=int, help="sparse: number of seed copies (default 4)")
     parser.add_argument("--top-k", type=int, help="FFN experts per token (default 2; 1 for bam)")
     parser.add_argument("--layers", default="all", help="'all' or comma-separated layer indices")
-    parser.add_argument("--router-init", choices=["random", "hidden", "embed"], default="random")
+    parser.add_argument(
+        "--router-init",
+        choices=["random", "hidden", "embed"],
+        default="random",
+        help="router rows: random, or the mean hidden state / embedding of each expert's --prompts",
+    )
     parser.add_argument(
         "--prompts",
         action="append",
@@ -37,7 +47,7 @@ def upcycle_main(argv: list[str]) -> int:
     parser.add_argument("--noise", type=float, default=0.0, help="relative noise on expert copies")
     parser.add_argument("--shared", choices=["average", "seed"], help="non-expert weights: average or seed's")
     parser.add_argument("--no-seed-expert", action="store_true", help="btx/bam: the seed is not an expert")
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--dtype", default="auto", help="dtype of the MoE (auto: the seed's; or float32, bfloat16 ...)")
     parser.add_argument(
         "--bam",
         nargs="*",

@@ -201,7 +201,9 @@ def pipeline_main(argv: list[str]) -> int:
         prog="hf-attn-zoo upcycle-study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, help="cache/work folder (default: <cache>/upcycling/smollm2_quick)")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument(
+        "--modes", nargs="+", default=list(MODES), choices=MODES, help="the upcycling modes to build and compare"
+    )
     parser.add_argument("--tasks", nargs="*", default=list(DEFAULT_TASKS), help="lm-eval tasks (none: skip)")
     parser.add_argument("--limit", type=int, default=100, help="lm-eval examples per task")
     parser.add_argument(
@@ -213,7 +215,7 @@ def pipeline_main(argv: list[str]) -> int:
         help="start over: empty --out first (a folder that is not this study's cache is refused "
         "otherwise; the study's own cache is reused stage by stage)",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     root = _claim(args.out, args.overwrite)
     specialists = train_specialists(root)
     print("specialists:", {k: str(v) for k, v in specialists.items()})

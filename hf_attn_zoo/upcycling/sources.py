@@ -97,7 +97,7 @@ class Source:
 
 
 def open_source(name: str | Path, **hub_kwargs: Any) -> Source:
-    """Open a dense checkpoint: a local folder, `"default"` (SmolLM2-135M, offline) or a hub id (downloaded)."""
+    """Open a dense checkpoint: a local folder, `"default"` (SmolLM2-135M-Instruct, offline) or a hub id."""
     resolved = resolve_model(name)
     path = Path(resolved)
     if not path.is_dir():
