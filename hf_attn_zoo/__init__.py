@@ -17,6 +17,8 @@ from .moe_losses import install_router_losses
 from .patching import applied_patches, aux_loss, new_module_names, new_parameters, patch, patch_plan, unpatch
 from .planning import plan
 from .registry import PATCHES, MethodInfo, method_info, register_patch
+from .sharing.model_card import render_model_card, write_model_card
+from .sharing.push import push_to_hub
 from .upcycling import Expert, upcycle
 from .version import __version__ as __version__
 
@@ -37,10 +39,13 @@ __all__ = [
     "patch",
     "patch_plan",
     "plan",
+    "push_to_hub",
     "register_attention_function",
     "register_patch",
+    "render_model_card",
     "unpatch",
     "upcycle",
+    "write_model_card",
 ]
 
 

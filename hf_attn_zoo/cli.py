@@ -1,4 +1,4 @@
-"""`hf-attn-zoo`: methods | patch | upcycle | tune | validate | eval | report | analyze | demo."""
+"""`hf-attn-zoo`: methods | patch | push | upcycle | tune | validate | eval | report | analyze | demo."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ commands:
   families  [--markdown]                     the family files and which methods patch each family
   patch     MODEL METHOD OUT [k=v ...]       patch a checkpoint (folder, hub id or 'default') and save it
                                              (commands that write refuse a non-empty output; --overwrite)
+  push      FOLDER REPO_ID [--private ...]  upload exactly the files that reload a saved model, with its model card
   tune      RECIPE [key=value ...]           continue-tune with a YAML recipe (path or shipped recipe name)
   validate  [RECIPE ...]                     validate recipes (default: every shipped recipe)
   eval      [lm-eval flags]                  lm-eval with the 'hf-attn-zoo' model and the offline task pack
@@ -465,6 +466,7 @@ _COMMANDS = {
     "methods": ("hf_attn_zoo.cli", "methods_main"),
     "families": ("hf_attn_zoo.cli", "families_main"),
     "patch": ("hf_attn_zoo.cli", "patch_main"),
+    "push": ("hf_attn_zoo.sharing.push", "push_main"),
     "upcycle": ("hf_attn_zoo.upcycling.cli", "upcycle_main"),
     "mla-export": ("hf_attn_zoo.cli", "mla_export_main"),
     "upcycle-study": ("hf_attn_zoo.upcycling.pipeline", "pipeline_main"),

@@ -122,7 +122,13 @@ def demo_main(argv: list[str] | None = None) -> int:
     (out / "results").mkdir(exist_ok=True)
     for slug, name, path in models:
         print(f"      {name}: {path}", flush=True)
-        results[name] = evaluate(str(path), [PPL_TASK], limit=args.ppl_docs, batch_size=4) if args.ppl_docs else {}
+        # one efficiency probe per model: the task run's, whose config the merge keeps
+        ppl_args = {"efficiency": False}
+        results[name] = (
+            evaluate(str(path), [PPL_TASK], limit=args.ppl_docs, batch_size=4, model_args=ppl_args)
+            if args.ppl_docs
+            else {}
+        )
         merge_results(results[name], evaluate(str(path), tasks, limit=args.limit, batch_size=8))
         (out / "results" / f"{slug}.json").write_text(json.dumps(results[name], indent=1, default=str))
 

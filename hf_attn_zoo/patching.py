@@ -7,6 +7,9 @@ The live undo handles sit on the model object (`model._zoo_handles`) and are not
 Auxiliary losses: one forward hook on the causal LM adds, in training mode, the patches' auxiliary losses and those of
 providers registered with `register_aux_loss` (e.g. `hf_attn_zoo.install_router_losses`) to `outputs.loss`, and
 returns their sum as `outputs.aux_loss`.
+
+Model card: `save_pretrained` of a patched model also writes README.md, and its `push_to_hub` is
+`hf_attn_zoo.push_to_hub` (`sharing/save_hook.py`, set on the instance).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from .errors import (
 from .families.spec import resolve_family
 from .layers import LayerSelector, resolve_layers
 from .registry import PatchHandle, get_patch
+from .sharing.save_hook import install_save_hook, remove_save_hook
 from .version import __version__
 from .wrappers import inner_model
 
@@ -122,6 +126,7 @@ def patch(model: torch.nn.Module, method: str, layers: LayerSelector = "all", **
     model.config.attn_implementation = PATCHED_ATTENTION  # saved to config.json; read by AutoConfig, see loading.py
     _ensure_aux_loss_hook(model)
     _ensure_input_check(model)
+    install_save_hook(model)  # save_pretrained also writes the model card (this instance only)
     return wrapper
 
 
@@ -195,6 +200,7 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     hook = model.__dict__.pop(_INPUT_HOOK, None)
     if hook is not None:
         hook.remove()
+    remove_save_hook(model)
     return wrapper
 
 

@@ -3,6 +3,7 @@
 hf-attn-zoo eval --model_args pretrained=DIR --tasks zoo_arc_easy --limit 10 --output_path out/base
 hf-attn-zoo eval --model_args pretrained=DIR,patch=moh,patch_options=router:onorm --tasks zoo_suite -o out/moh
 hf-attn-zoo report out/base out/moh --names base,moh --out report/
+hf-attn-zoo eval --task-path        # the pack's folder, for plain `lm_eval ... --include_path`
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from pathlib import Path
 
 
 __all__ = ["eval_main", "report_main"]
-
-DEFAULT_MODEL = "hf-attn-zoo"
 
 
 @contextlib.contextmanager
@@ -33,9 +32,10 @@ def _argv(argv: list[str]) -> Iterator[None]:
 def eval_main(argv: list[str]) -> int:
     """Run lm-eval's CLI with the `hf-attn-zoo` model registered and the `zoo_*` task pack on the include path.
 
-    Every lm-eval flag works (`lm-eval run --help`). Differences: `--model` defaults to `hf-attn-zoo`, and
-    `--include_path` (one folder, or several joined with the OS path separator) is searched after the pack.
-    The subcommands `ls` and `validate` also see the pack: `hf-attn-zoo eval ls tasks`.
+    Every lm-eval flag works (`lm-eval run --help`). Differences: `--model` defaults to `hf-attn-zoo` and
+    `--batch_size` to 8 (where a `--config` file does not set them), and `--include_path` (one folder, or several joined
+    with the OS path separator) is searched after the pack. The subcommands `ls` and `validate` also see the pack:
+    `hf-attn-zoo eval ls tasks`. `hf-attn-zoo eval --task-path` prints the pack's folder.
 
     Args:
         argv (`list[str]`): The arguments after `eval`.
@@ -43,11 +43,16 @@ def eval_main(argv: list[str]) -> int:
     Returns:
         `int`: The exit status.
     """
-    from lm_eval._cli import HarnessCLI
-    from lm_eval.utils import setup_logging
-
-    import hf_attn_zoo.eval_harness.lm_model  # noqa: F401  registers the "hf-attn-zoo" model
+    from hf_attn_zoo.eval_harness import MODEL_NAME  # registers the model class with lm-eval
+    from hf_attn_zoo.eval_harness.runner import DEFAULT_BATCH_SIZE
     from hf_attn_zoo.eval_harness.tasks import TASKS_DIR
+
+    if argv == ["--task-path"]:
+        print(TASKS_DIR)
+        return 0
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.config.evaluate_config import EvaluatorConfig
+    from lm_eval.utils import setup_logging
 
     setup_logging()
     try:
@@ -58,8 +63,12 @@ def eval_main(argv: list[str]) -> int:
             extra = [p for p in (args.include_path or "").split(os.pathsep) if p]
             # lm-eval 0.4 hands include_path straight to TaskManager, which takes a list of folders.
             args.include_path = [str(TASKS_DIR), *extra]
-        if getattr(args, "command", None) == "run" and not getattr(args, "model", None):
-            args.model = DEFAULT_MODEL
+        if getattr(args, "command", None) == "run":
+            config = getattr(args, "config", None)
+            from_yaml = EvaluatorConfig.load_yaml_config(config) if config else {}
+            for key, value in (("model", MODEL_NAME), ("batch_size", str(DEFAULT_BATCH_SIZE))):
+                if not getattr(args, key, None) and key not in from_yaml:
+                    setattr(args, key, value)
         cli.execute(args)
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)

@@ -23,6 +23,13 @@ task asks for it; the task's `until` strings, `max_gen_toks` and EOS stop each r
 `rank:k`, `top1`, `top_m:m`. `scmoe_loglikelihood=true` scores `loglikelihood` / multiple-choice / rolling requests
 with `hf_attn_zoo.decoding.scmoe_logprobs` (the contrastive score normalised over the alpha-plausible tokens; a
 token outside them scores -inf, so a small alpha suits multiple choice).
+
+Efficiency, on by default: when the model is built, a short fixed probe (`hf_attn_zoo.eval_harness.efficiency`)
+measures prefill and decode tokens/s, peak memory and KV-cache bytes per token; lm-eval keeps them in the results
+under `config.hf_attn_zoo.efficiency`, where `hf-attn-zoo report` finds them.
+
+    --model_args pretrained=DIR,efficiency=false                  # no probe
+    --model_args pretrained=DIR,efficiency_prompt_tokens=2048     # a prompt longer than a method's window
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +46,11 @@ import yaml
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from hf_attn_zoo.assets.model import resolve_model
 from hf_attn_zoo.decoding import scmoe as _scmoe
 from hf_attn_zoo.errors import InvalidOptionError
-from hf_attn_zoo.assets.model import resolve_model
+from hf_attn_zoo.eval_harness import MODEL_NAME
+from hf_attn_zoo.eval_harness.efficiency import PROMPT_TOKENS, measure_efficiency
 from hf_attn_zoo.loading import from_pretrained as _zoo_from_pretrained
 from hf_attn_zoo.patching import applied_patches
 from hf_attn_zoo.patching import patch as _patch_model
@@ -169,6 +179,14 @@ def _as_float(name: str, value: Any) -> float:
         raise InvalidOptionError(f"{name} must be a number, got {value!r}") from None
 
 
+def _as_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise InvalidOptionError(f"{name} must be a whole number >= 1, got {value!r}")
+
+
 def parse_scmoe_args(
     scmoe: Any = False,
     scmoe_loglikelihood: Any = False,
@@ -231,7 +249,7 @@ def _to_jsonable(value: Any) -> Any:
     return str(value)
 
 
-@register_model("hf-attn-zoo")
+@register_model(MODEL_NAME)
 class ZooLM(HFLM):
     """lm-eval's `HFLM` that loads through `hf_attn_zoo.from_pretrained` and can patch the model first.
 
@@ -257,6 +275,10 @@ class ZooLM(HFLM):
             Weak routing: `rank:k`, `top1` or `top_m:m`.
         scmoe_ban_eos (`bool`, *optional*, defaults to `False`):
             Never generate EOS (the official SCMoE code's default).
+        efficiency (`bool`, *optional*, defaults to `True`):
+            Measure the model with the efficiency probe once it is built (`get_model_info()["hf_attn_zoo"]`).
+        efficiency_prompt_tokens (`int`, *optional*, defaults to 128):
+            The probe's prompt length.
         **kwargs:
             Every `HFLM` argument (`tokenizer`, `dtype`, `batch_size`, `device`, `max_length`, `peft`, ...).
 
@@ -276,12 +298,16 @@ class ZooLM(HFLM):
         scmoe_beta: float = 0.5,
         scmoe_weak: str = "rank:2",
         scmoe_ban_eos: bool = False,
+        efficiency: bool = True,
+        efficiency_prompt_tokens: int = PROMPT_TOKENS,
         **kwargs: Any,
     ) -> None:
         self._zoo_scmoe, self._zoo_scmoe_generate, self._zoo_scmoe_loglikelihood = parse_scmoe_args(
             scmoe, scmoe_loglikelihood, scmoe_alpha, scmoe_beta, scmoe_weak, scmoe_ban_eos
         )
         self._zoo_patches = parse_patch_args(patch, patch_options)
+        measure = _as_bool("efficiency", efficiency)
+        prompt_tokens = _as_positive_int("efficiency_prompt_tokens", efficiency_prompt_tokens)
         if isinstance(pretrained, os.PathLike):
             pretrained = os.fspath(pretrained)
         if isinstance(pretrained, str):  # `default` is the embedded SmolLM2, `~/...` a local folder, as elsewhere
@@ -294,8 +320,23 @@ class ZooLM(HFLM):
         if self._zoo_scmoe is not None:
             # a dense model or an out-of-range weak rank fails here, before any request runs
             _scmoe.check_model(self._model, self._zoo_scmoe)
+        self._zoo_efficiency = self._measure_efficiency(prompt_tokens) if measure else None
         # MoH routers count head use from their creation; the report wants the counts of this evaluation only.
         _reset_head_usage(self._model)
+
+    def _measure_efficiency(self, prompt_tokens: int) -> dict[str, Any]:
+        """The probe's measurements, or `{"error": ...}`: an optional statistic must not stop the evaluation."""
+        try:
+            with torch.autocast(  # as `HFLM._model_call` runs the model
+                device_type=self.device.type,
+                dtype=self.mixed_precision_dtype,
+                enabled=self.mixed_precision_dtype is not None,
+            ):
+                found = measure_efficiency(self._model, self.tokenizer, self.device, prompt_tokens=prompt_tokens)
+        except Exception as err:  # noqa: BLE001
+            logger.warning("hf-attn-zoo efficiency probe failed: %s", err)
+            return {"error": f"{type(err).__name__}: {err}"}
+        return asdict(found)
 
     def _model_call(
         self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
@@ -333,7 +374,8 @@ class ZooLM(HFLM):
             self.AUTO_MODEL_CLASS = auto_model_class
 
     def get_model_info(self) -> dict[str, Any]:
-        """lm-eval's model info, plus the patches and the MoH head usage of this run under `"hf_attn_zoo"`.
+        """lm-eval's model info, plus the patches, the MoH head usage of this run and the efficiency probe's
+        measurements under `"hf_attn_zoo"`.
 
         Unlike `HFLM`, no hub request is made for local folders or model objects.
         """
@@ -358,5 +400,7 @@ class ZooLM(HFLM):
         usage = _head_usage(model)
         if usage is not None:
             zoo_info["head_usage"] = usage
+        if self._zoo_efficiency is not None:
+            zoo_info["efficiency"] = self._zoo_efficiency
         info["hf_attn_zoo"] = zoo_info
         return info

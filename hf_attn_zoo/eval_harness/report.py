@@ -1,4 +1,8 @@
-"""Side-by-side report of lm-eval results: `report.md` (table), `report.json` (rows) and `report.png` (bars)."""
+"""Side-by-side report of lm-eval results: `report.md` (tables), `report.json` (rows) and `report.png` (bars).
+
+Beside the scores, the efficiency the `hf-attn-zoo` model class measured (`config.hf_attn_zoo.efficiency`,
+`hf_attn_zoo.eval_harness.efficiency`), with each model's ratio to the first model's.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,25 @@ from pathlib import Path
 from typing import Any
 
 
-__all__ = ["ReportRow", "build_rows", "load_results", "merge_results", "write_report"]
+__all__ = [
+    "EFFICIENCY_METRICS",
+    "ReportRow",
+    "build_efficiency_rows",
+    "build_rows",
+    "load_results",
+    "merge_results",
+    "write_report",
+]
 
 ResultsLike = dict[str, Any] | str | os.PathLike
+
+# (key in the efficiency record, label, higher is better, unit the raw value is divided by)
+EFFICIENCY_METRICS: tuple[tuple[str, str, bool, float], ...] = (
+    ("prefill_tokens_per_s", "prefill tokens/s", True, 1.0),
+    ("decode_tokens_per_s", "decode tokens/s", True, 1.0),
+    ("peak_memory_bytes", "peak memory (MiB)", False, 2.0**20),
+    ("kv_cache_bytes_per_token", "KV cache bytes/token", False, 1.0),
+)
 
 
 @dataclass
@@ -151,6 +171,49 @@ def build_rows(results: dict[str, dict[str, Any]], include_subtasks: bool = Fals
     return list(rows.values())
 
 
+def _efficiency(res: dict[str, Any]) -> dict[str, Any] | None:
+    record = ((res.get("config") or {}).get("hf_attn_zoo") or {}).get("efficiency")
+    return record if isinstance(record, dict) else None
+
+
+def build_efficiency_rows(results: dict[str, dict[str, Any]]) -> list[ReportRow]:
+    """One `ReportRow` per efficiency metric (task `"efficiency"`), or none when no model has a measurement.
+
+    Args:
+        results (`dict[str, dict]`): Model name -> lm-eval results dict.
+    """
+    records = {name: _efficiency(res) or {} for name, res in results.items()}
+    if not any(_number(r.get(key)) is not None for r in records.values() for key, *_ in EFFICIENCY_METRICS):
+        return []
+    rows = []
+    for key, label, higher, unit in EFFICIENCY_METRICS:
+        values = {}
+        for name, record in records.items():
+            value = _number(record.get(key))
+            values[name] = None if value is None else value / unit
+        rows.append(ReportRow("efficiency", "efficiency", label, "none", higher, None, values, dict.fromkeys(values)))
+    return rows
+
+
+def _relative(row: ReportRow, first: str) -> dict[str, float | None]:
+    """Each model's value divided by the first model's."""
+    base = row.values[first]
+    return {name: None if value is None or not base else value / base for name, value in row.values.items()}
+
+
+def _probe_label(record: dict[str, Any] | None) -> str:
+    if record is None:
+        return "–"
+    if "error" in record:
+        return f"failed: {record['error']}"[:80]
+    probe = record.get("probe") or {}
+    memory = record.get("memory_kind") or "no memory counter"
+    return (
+        f"{probe.get('device')}, {str(probe.get('dtype')).removeprefix('torch.')}, "
+        f"{probe.get('prompt_tokens')} + {probe.get('decode_tokens')} tokens, {probe.get('threads')} threads, {memory}"
+    )
+
+
 def _num(value: float) -> str:
     return f"{value:.4f}" if abs(value) < 1000 else f"{value:.4g}"
 
@@ -170,6 +233,9 @@ def _model_summary(res: dict[str, Any]) -> dict[str, Any]:
         "limit": config.get("limit"),
         "n_shot": res.get("n-shot", {}),
     }
+    efficiency = _efficiency(res)
+    if efficiency is not None:
+        summary["efficiency"] = efficiency
     usage = zoo.get("head_usage")
     if usage is not None:
         summary["head_usage"] = usage
@@ -224,6 +290,30 @@ def _markdown(rows: list[ReportRow], names: list[str], models: dict[str, dict[st
     return "\n".join(lines) + "\n"
 
 
+def _efficiency_markdown(rows: list[ReportRow], names: list[str], models: dict[str, dict[str, Any]]) -> str:
+    lines = ["## Efficiency", "", "| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for row in rows:
+        relative = _relative(row, names[0])
+        cells = []
+        for name in names:
+            value, ratio = row.values[name], relative[name]
+            cell = "–" if value is None else f"{value:.1f}"
+            cells.append(cell if name == names[0] or ratio is None else f"{cell} ({ratio:.2f}×)")
+        arrow = " ↑" if row.higher_is_better else " ↓"
+        lines.append(f"| {row.metric}{arrow} | " + " | ".join(cells) + " |")
+    lines.append("| probe | " + " | ".join(_probe_label(models[name].get("efficiency")) for name in names) + " |")
+    lines += [
+        "",
+        f"In parentheses: the ratio to {names[0]}. One probe per model when it was loaded for evaluation: batch 1, "
+        "a prompt of held-out text, one prefill, then greedy decode steps (hf_attn_zoo.eval_harness.efficiency). "
+        "KV cache: the bytes the cache holds after the prefill, per prompt token. Peak memory: CUDA's max "
+        "allocated on a GPU; on CPU the process's peak resident set size (weights and everything else the "
+        "process holds). Throughput on a shared CPU is noisy: compare runs made on the same machine.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def _patch_label(record: dict[str, Any]) -> str:
     layers = record.get("layers")
     if layers is None:
@@ -271,6 +361,9 @@ def write_report(
 ) -> dict[str, Path]:
     """Write the models' results side by side as `report.md`, `report.json` and `report.png` in `out_dir`.
 
+    Efficiency measurements, where the results hold them, get their own table (with ratios to the first model),
+    `"efficiency"` rows in the JSON and panels in the plot.
+
     Args:
         results (`dict[str, dict | str | os.PathLike]`):
             Model name -> lm-eval results (a dict from `evaluate`, a results JSON file, or an lm-eval output folder).
@@ -290,16 +383,30 @@ def write_report(
     loaded = {name: load_results(source) for name, source in results.items()}
     names = list(loaded)
     rows = build_rows(loaded, include_subtasks=include_subtasks)
+    efficiency = build_efficiency_rows(loaded)
     models = {name: _model_summary(res) for name, res in loaded.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "report.md", "json": out / "report.json", "png": out / "report.png"}
-    paths["md"].write_text(_markdown(rows, names, models), encoding="utf-8")
+    markdown = _markdown(rows, names, models)
+    if efficiency:
+        markdown += "\n" + _efficiency_markdown(efficiency, names, models)
+    paths["md"].write_text(markdown, encoding="utf-8")
     payload = {
         "models": names,
         "rows": [{**asdict(row), "label": row.label, "best": row.best()} for row in rows],
+        "efficiency": [
+            {
+                "metric": key,
+                "label": row.metric,
+                "higher_is_better": row.higher_is_better,
+                "values": row.values,
+                "relative": _relative(row, names[0]),
+            }
+            for (key, *_), row in zip(EFFICIENCY_METRICS, efficiency)
+        ],
         "model_info": models,
     }
     paths["json"].write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    _plot(rows, names, paths["png"])
+    _plot(rows + efficiency, names, paths["png"])
     return paths

@@ -15,9 +15,10 @@ from hf_attn_zoo.errors import InvalidOptionError
 from hf_attn_zoo.eval_harness.tasks import TASKS_DIR
 
 
-__all__ = ["DEFAULT_MAX_LENGTH", "evaluate", "task_manager"]
+__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_MAX_LENGTH", "evaluate", "task_manager"]
 
 DEFAULT_MAX_LENGTH = 2048
+DEFAULT_BATCH_SIZE = 8
 
 
 @functools.lru_cache(maxsize=8)
@@ -58,7 +59,7 @@ def evaluate(
     model_or_path: str | os.PathLike | torch.nn.Module,
     tasks: str | Sequence[str],
     limit: int | float | None = None,
-    batch_size: int | str = 8,
+    batch_size: int | str = DEFAULT_BATCH_SIZE,
     tokenizer: Any = None,
     *,
     patches: list[dict[str, Any]] | None = None,
@@ -93,7 +94,8 @@ def evaluate(
         device (`str`, *optional*):
             Defaults to CUDA when available, else CPU.
         model_args (`dict`, *optional*):
-            More `HFLM` arguments (`dtype`, `max_length`, `peft`, ...).
+            More `ZooLM` / `HFLM` arguments (`dtype`, `max_length`, `peft`, `efficiency=False` to skip the
+            efficiency probe, ...).
         include_path (`str | list[str]`, *optional*):
             More task folders besides the pack.
         include_defaults (`bool`, *optional*, defaults to `False`):
@@ -110,7 +112,8 @@ def evaluate(
 
     Returns:
         `dict`: lm-eval's results (`"results"`, `"groups"`, `"configs"`, `"n-samples"`, `"config"`, ...); the
-        model's patches and MoH head usage are under `results["config"]["hf_attn_zoo"]`.
+        model's patches, MoH head usage and efficiency (`hf_attn_zoo.eval_harness.efficiency`) are under
+        `results["config"]["hf_attn_zoo"]`.
 
     Example:
         >>> out = evaluate("smollm2-moh", ["zoo_arc_easy", "zoo_piqa"], limit=100)

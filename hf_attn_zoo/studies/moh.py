@@ -152,7 +152,9 @@ def evaluate_run(
     if missing:
         from ..eval_harness.runner import evaluate
 
-        results = evaluate(model, missing, limit=limit, tokenizer=tokenizer, batch_size=8)
+        results = evaluate(
+            model, missing, limit=limit, tokenizer=tokenizer, batch_size=8, model_args={"efficiency": False}
+        )
         scores = cached.setdefault("tasks", {})
         for task in missing:
             metrics = results["results"][task]

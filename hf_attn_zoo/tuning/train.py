@@ -4,7 +4,8 @@
 `seq_len` blocks, picks the trainable parameters (`train.what`), adds the MoE router losses (`moe`), the teacher
 (`distill`) and the schedules (`callbacks`), trains with
 checkpoints every `train.save_steps`, resumes from the last checkpoint of an interrupted run, and saves the final
-(LoRA-merged) model into `output_dir/final`, loadable with `hf_attn_zoo.from_pretrained`.
+(LoRA-merged) model into `output_dir/final`, loadable with `hf_attn_zoo.from_pretrained`, with a model card
+(`final/README.md`: the patches, the recipe, steps and tokens, the eval results; `hf_attn_zoo.sharing.model_card`).
 
 This module is the run itself; its pieces live beside it: `model.py` (load, patch, init hooks, trainable parameters,
 router losses, the final save), `data.py` (documents, held-out split, packing), `trainer.py` (TrainingArguments, the
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments, default_data_collator, set_seed
 
+from ..sharing.model_card import write_card_or_warn
 from . import distributed
 from .data import build_datasets
 from .distill import load_teacher
@@ -179,6 +181,9 @@ def run_recipe(
     )
     if trainer.is_world_process_zero():
         (output_dir / "result.json").write_text(result.to_json())
+        # the card of final/ (written by save_pretrained of a patched model) now also gets the run: recipe, steps,
+        # tokens, eval; a dense run's final/ gets one here
+        write_card_or_warn(final_dir, final_model, run_dir=output_dir)
         logger.info(
             "hf-attn-zoo tune: %d steps, final loss %s, %.0f train tokens/s, model in %s",
             result.global_step,

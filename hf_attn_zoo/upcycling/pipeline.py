@@ -167,7 +167,9 @@ def evaluate_models(
             res["results"][f"ppl_{domain}"] = {"alias": f"held-out ppl: {corpus}", "perplexity,none": ppl}
             res["higher_is_better"][f"ppl_{domain}"] = {"perplexity": False}
         if tasks:
-            lm = evaluate(model, list(tasks), limit=limit, tokenizer=tokenizer, batch_size=8)
+            lm = evaluate(
+                model, list(tasks), limit=limit, tokenizer=tokenizer, batch_size=8, model_args={"efficiency": False}
+            )
             for key in ("results", "higher_is_better", "n-samples", "configs", "versions", "n-shot"):
                 if isinstance(lm.get(key), dict):
                     res.setdefault(key, {}).update(lm[key])

@@ -47,7 +47,8 @@ def test_python_api(api_run, tiny_model_dir):
         assert value >= 0 and ("perplexity" in key or value <= 1)
     assert len(results["samples"]["zoo_arc_easy"]) == LIMIT
     assert results["config"]["model"] == str(tiny_model_dir)
-    assert results["config"]["hf_attn_zoo"] == {"patches": []}
+    zoo = results["config"]["hf_attn_zoo"]
+    assert zoo["patches"] == [] and zoo["efficiency"]["kv_cache_bytes_per_token"] == 2 * 2 * 16 * 2 * 4
     saved = list(out.rglob("results_*.json"))
     assert len(saved) == 1
     assert json.loads(saved[0].read_text())["results"]["zoo_winogrande"]["acc,none"] == pytest.approx(
@@ -111,6 +112,8 @@ def test_cli_matches_api_and_feeds_the_report(api_run, tiny_model_dir, tmp_path,
     assert len(saved) == 1
     cli_results = json.loads(saved[0].read_text())
     assert cli_results["config"]["model"] == "hf-attn-zoo"
+    assert cli_results["config"]["batch_size"] == "8"
+    assert cli_results["config"]["hf_attn_zoo"]["efficiency"]["probe"]["prompt_tokens"] == 128
     assert _scores(cli_results) == pytest.approx(_scores(api_run[0]), rel=1e-6)
 
     report_dir = tmp_path / "report"
@@ -127,8 +130,16 @@ def test_cli_matches_api_and_feeds_the_report(api_run, tiny_model_dir, tmp_path,
     ]
     for row in report["rows"]:
         assert row["values"]["api"] == pytest.approx(row["values"]["cli"], rel=1e-6)
+    assert [row["label"] for row in report["efficiency"]] == [
+        "prefill tokens/s",
+        "decode tokens/s",
+        "peak memory (MiB)",
+        "KV cache bytes/token",
+    ]
+    assert report["efficiency"][3]["relative"] == {"api": 1.0, "cli": 1.0}
     markdown = (report_dir / "report.md").read_text()
     assert "| zoo_winogrande | acc ↑ | 3 |" in markdown
+    assert "| KV cache bytes/token ↓ | 512.0 | 512.0 (1.00×) |" in markdown
     assert (report_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

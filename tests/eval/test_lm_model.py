@@ -113,7 +113,7 @@ def test_patches_a_model_object_in_place(tiny_model_dir):
 
 
 def test_unpatched_model_reports_no_head_usage(tiny_model_dir):
-    lm = ZooLM(pretrained=str(tiny_model_dir), device="cpu")
+    lm = ZooLM(pretrained=str(tiny_model_dir), device="cpu", efficiency=False)
     info = lm.get_model_info()["hf_attn_zoo"]
     assert info == {"patches": []}
 

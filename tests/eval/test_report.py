@@ -8,7 +8,7 @@ import os
 import pytest
 
 from hf_attn_zoo.eval_harness.cli import report_main
-from hf_attn_zoo.eval_harness.report import build_rows, load_results, write_report
+from hf_attn_zoo.eval_harness.report import build_efficiency_rows, build_rows, load_results, write_report
 
 
 def _results(acc: float, ppl: float, mmlu: float, *, with_gsm8k: bool = True, patched: bool = False) -> dict:
@@ -115,6 +115,50 @@ def test_write_report(two_models, tmp_path):
     assert payload["model_info"]["moh"]["active_heads_fraction"] == 0.625
     assert "active_heads_fraction" not in payload["model_info"]["base"]
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _efficiency(prefill: float, kv_per_token: float) -> dict:
+    probe = {"batch_size": 1, "prompt_tokens": 128, "decode_tokens": 16, "device": "cpu", "dtype": "torch.float32"}
+    return {
+        "prefill_tokens_per_s": prefill,
+        "decode_tokens_per_s": 10.0,
+        "kv_cache_bytes_per_token": kv_per_token,
+        "peak_memory_bytes": 512 * 2**20,
+        "memory_kind": "cpu_process_peak_rss",
+        "probe": {**probe, "threads": 2},
+    }
+
+
+def test_efficiency_beside_the_scores(two_models, tmp_path):
+    two_models["base"]["config"]["hf_attn_zoo"]["efficiency"] = _efficiency(200.0, 46080.0)
+    two_models["moh"]["config"]["hf_attn_zoo"]["efficiency"] = _efficiency(300.0, 11520.0)
+    two_models["stock"] = _results(0.4, 20.0, 0.25)  # lm-eval's own hf class: no measurement
+    two_models["broken"] = _results(0.4, 20.0, 0.25)
+    two_models["broken"]["config"]["hf_attn_zoo"]["efficiency"] = {"error": "RuntimeError: no cache"}
+    rows = {row.metric: row for row in build_efficiency_rows(two_models)}
+    assert list(rows) == ["prefill tokens/s", "decode tokens/s", "peak memory (MiB)", "KV cache bytes/token"]
+    assert rows["prefill tokens/s"].values == {"base": 200.0, "moh": 300.0, "stock": None, "broken": None}
+    assert rows["peak memory (MiB)"].values["moh"] == 512.0 and rows["peak memory (MiB)"].higher_is_better is False
+
+    paths = write_report(two_models, tmp_path / "out")
+    markdown = paths["md"].read_text()
+    assert "| metric | base | moh | stock | broken |" in markdown
+    assert "| prefill tokens/s ↑ | 200.0 | 300.0 (1.50×) | – | – |" in markdown
+    assert "| KV cache bytes/token ↓ | 46080.0 | 11520.0 (0.25×) | – | – |" in markdown
+    assert "| probe | cpu, float32, 128 + 16 tokens, 2 threads, cpu_process_peak_rss |" in markdown
+    assert "| – | failed: RuntimeError: no cache |" in markdown
+    payload = json.loads(paths["json"].read_text())
+    kv = payload["efficiency"][3]
+    assert kv["metric"] == "kv_cache_bytes_per_token" and kv["higher_is_better"] is False
+    assert kv["relative"] == {"base": 1.0, "moh": 0.25, "stock": None, "broken": None}
+    assert payload["model_info"]["moh"]["efficiency"]["probe"]["prompt_tokens"] == 128
+
+
+def test_no_efficiency_table_without_measurements(two_models, tmp_path):
+    assert build_efficiency_rows(two_models) == []
+    paths = write_report(two_models, tmp_path / "out")
+    assert "## Efficiency" not in paths["md"].read_text()
+    assert json.loads(paths["json"].read_text())["efficiency"] == []
 
 
 def test_load_results_merges_a_folder(tmp_path):

@@ -2,7 +2,8 @@
 `model.generate(..., custom_generate=CUSTOM_GENERATE_DIR, trust_remote_code=True)`.
 
 transformers loads this file from a local folder (`<dir>/custom_generate/generate.py`, here
-`hf_attn_zoo.decoding.CUSTOM_GENERATE_DIR`) and calls `generate(model=..., **generate_arguments)` instead of its own
+`hf_attn_zoo.decoding.CUSTOM_GENERATE_DIR`) or a hub repository (`hf_attn_zoo.decoding.write_custom_generate` and
+`hf_attn_zoo.push_to_hub` copy it there) and calls `generate(model=..., **generate_arguments)` instead of its own
 `generate`. It runs the usual `generate` with `hf_attn_zoo.decoding.scmoe_decode` as the decoding loop, so every
 `generate` argument works, plus the SCMoE ones (`scmoe=SCMoEConfig(...)` or `alpha`, `beta`, `weak`, `ban_eos`).
 """
