@@ -111,6 +111,9 @@ class Capabilities:
     new_params: bool
     kv_cache: bool = True
     generate: bool = True
+    # under torch.compile one decode step's graph serves the next ones (the cache length is a dynamic size); False
+    # where a call's structure follows the length itself, so each new length may recompile
+    static_decode_graph: bool = True
 
 
 class PatchHandle:

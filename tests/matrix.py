@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_attn_zoo.families import family_specs
+from hf_attn_zoo.registry import get_patch
 
 FAMILIES = sorted(family_specs())
 
@@ -30,6 +31,12 @@ METHOD_CASES: dict[str, dict] = {
 }
 
 ATOL_FP32 = 1e-5
+
+
+def supported(method: str, family: str) -> bool:
+    """Whether `method` patches `family`'s tiny model (`Patch.check` gives no reason to refuse)."""
+    spec = family_specs()[family]
+    return get_patch(method).refusal(spec, spec.tiny_config()) is None
 
 
 def tiny_model(family: str, **overrides) -> torch.nn.Module:

@@ -97,29 +97,28 @@ def _cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
 
 
 def _tables(factorisation: Factorisation, n: int, device: torch.device):
-    index, valid, level = _cpu_tables(factorisation, n)
-    return index.to(device), valid.to(device), level.to(device)
-
-
-@functools.lru_cache(maxsize=64)
-def _cpu_tables(factorisation: Factorisation, n: int):
-    """Per region count `p` in `0..n`: each slot's node index `[n+1, R]`, validity, and each slot's level `[R]`.
+    """Per region count `p` in `0..n`: each slot's node index `[n+1, R]`, validity, and (logsparse) each slot's level
+    (`R` ints: the kernel loops over them, and ints need no host sync under `torch.compile`).
 
     Slot `2 l` / `2 l + 1` hold the first / second region of level `l` (`fixed`: slot `r` holds block `r`)."""
     if factorisation == "fixed":
-        index = torch.arange(max(n, 1)).expand(n + 1, -1)
-        valid = index < torch.arange(n + 1)[:, None]
-        return index, valid, torch.zeros(max(n, 1), dtype=torch.long)
+        index = torch.arange(max(n, 1), device=device).expand(n + 1, -1)
+        return index, index < torch.arange(n + 1, device=device)[:, None], ()
+    nodes = torch.tensor(_logsparse_slots(n), device=device)  # [n + 1, R], -1: an empty slot
+    return nodes.clamp(min=0), nodes >= 0, tuple(slot // 2 for slot in range(nodes.shape[1]))
+
+
+@functools.lru_cache(maxsize=64)
+def _logsparse_slots(n: int) -> tuple[tuple[int, ...], ...]:
+    """`_tables`' logsparse nodes as plain ints (what `torch.compile` folds into constants), -1 for an empty slot."""
     levels = max(n, 1).bit_length()
-    index = torch.zeros(n + 1, 2 * levels, dtype=torch.long)
-    valid = torch.zeros(n + 1, 2 * levels, dtype=torch.bool)
+    rows = []
     for p in range(n + 1):
-        seen: dict[int, int] = {}
-        for level, node in combiner_regions(factorisation, p):
-            slot = 2 * level + seen.get(level, 0)
-            seen[level] = seen.get(level, 0) + 1
-            index[p, slot], valid[p, slot] = node, True
-    return index, valid, torch.arange(2 * levels) // 2
+        row = [-1] * (2 * levels)
+        for level, node in combiner_regions("logsparse", p):
+            row[2 * level + (row[2 * level] >= 0)] = node
+        rows.append(tuple(row))
+    return tuple(rows)
 
 
 def _summaries(queries, key, value, n_full, levels, block_size, scaling, softcap, pooling):
@@ -195,13 +194,14 @@ def _rows(
             start = (sb + index[:1]) * s  # [1, R]
             size = torch.full_like(start, s)
         else:
-            keys_r = torch.stack([summaries[lv][0][:, slot_index[:, r]] for r, lv in enumerate(slot_level.tolist())], 2)
+            keys_r = torch.stack([summaries[lv][0][:, slot_index[:, r]] for r, lv in enumerate(slot_level)], 2)
             values_r = torch.stack(
-                [summaries[lv][1][:, slot_index[:, r]] for r, lv in enumerate(slot_level.tolist())], 2
+                [summaries[lv][1][:, slot_index[:, r]] for r, lv in enumerate(slot_level)], 2
             )  # [H, nq, R, Dv]
             region_logits = torch.einsum("gxcqd,gcrd->gxcqr", q, keys_r) * scaling  # keys_r [G, nq, R, D]
-            start = (sb + (slot_index << slot_level)) * s  # [nq, R]
-            size = (s << slot_level)[None].expand_as(start)
+            levels_r = torch.tensor(slot_level, device=device)
+            start = (sb + (slot_index << levels_r)) * s  # [nq, R]
+            size = (s << levels_r)[None].expand_as(start)
         region_logits = _cap(region_logits, softcap)
         if size_bias:
             region_logits = region_logits + size[:, None, :].float().log()
@@ -225,7 +225,7 @@ def _rows(
             else:
                 # the start of the region holding each key block, per query block
                 region_start = torch.zeros_like(k_block)
-                for r, lv in enumerate(slot_level.tolist()):
+                for r, lv in enumerate(slot_level):
                     first = sb + (slot_index[:, r : r + 1] << lv)
                     inside = valid[p_r][:, r : r + 1] & (k_block >= first) & (k_block < first + (1 << lv))
                     region_start = torch.where(inside, first * s, region_start)
@@ -274,6 +274,27 @@ def _rows(
             out = out + torch.einsum("gxcqk,gxckd->gxcqd", weights, values.unflatten(0, (kv_heads, group)))
     out = out.flatten(0, 1).reshape(heads, nq * s, dim_v)
     return out[:, front : front + q_len]
+
+
+def _shifted_rows(query, region_queries, key, value, offsets, options) -> torch.Tensor:
+    """Combiner over a left-padded batch without a host sync (what runs under `torch.compile`): `[B, H, Q, Dv]`.
+
+    Each row is shifted to start at its first real token (`offsets` `[B]`); its tail then repeats the last key, after
+    every real position, so causality keeps it out of the real queries' blocks, regions and summaries. Every position
+    is a query (a decode call's queries are no longer the last ones), and the real queries' outputs are shifted back;
+    padding queries give zeros.
+    """
+    batch, heads, q_len, _ = query.shape
+    total = key.shape[2]
+    pos = torch.arange(total, device=query.device)
+    index = (pos + offsets[:, None]).clamp(max=total - 1)[:, None, :, None]  # [B, 1, S, 1]
+    queries, key, value = (
+        t.gather(2, index.expand(-1, t.shape[1], -1, t.shape[-1])) for t in (region_queries, key, value)
+    )
+    out = torch.stack([_rows(queries[b], queries[b], key[b], value[b], *options) for b in range(batch)])
+    back = pos[total - q_len :] - offsets[:, None]  # [B, Q]: each query's shifted position, negative on padding
+    out = out.gather(2, back.clamp(min=0)[:, None, :, None].expand(-1, heads, -1, out.shape[-1]))
+    return torch.where((back >= 0)[:, None, :, None], out, 0.0)
 
 
 def combiner_attention(
@@ -331,9 +352,13 @@ def combiner_attention(
         factorisation, block_size, direct_blocks, sink_blocks, pooling, size_bias, scaling, window, softcap, dropout
     )  # fmt: skip
     offsets = left_padding(padding, batch, query.device)
+    if padding is not None and torch.compiler.is_compiling():
+        with torch.autocast(query.device.type, enabled=False):
+            out = _shifted_rows(query, region_queries, key, value, offsets, options)
+        return out.to(query.dtype).transpose(1, 2)
     out = query.new_zeros(batch, heads, q_len, value.shape[-1])
-    for first in sorted(set(offsets.tolist())):
-        rows = torch.nonzero(offsets == first).flatten()
+    for first in [0] if padding is None else sorted(set(offsets.tolist())):
+        rows = list(range(batch)) if padding is None else torch.nonzero(offsets == first).flatten().tolist()
         skip = max(0, first - (total - q_len))  # queries on padding positions stay zero
         if skip == q_len:
             continue
@@ -348,14 +373,14 @@ def combiner_attention(
                         value[row, :, first:],
                         *options,
                     )
-                    for row in rows.tolist()
+                    for row in rows
                 ]
             )
         part = F.pad(part.to(out.dtype), (0, 0, skip, 0))
         if len(rows) == batch:
             out = part
         else:
-            out = out.index_put((rows,), part)
+            out = out.index_put((torch.tensor(rows, device=out.device),), part)
     return out.transpose(1, 2)
 
 

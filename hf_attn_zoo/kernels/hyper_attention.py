@@ -37,7 +37,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention_with_lse", "gray_rank", "hyper_attention", "hyper_attention_with_lse", "merge_attention"]
+__all__ = [
+    "attention_with_lse",
+    "gray_rank",
+    "hyper_attention",
+    "hyper_attention_with_lse",
+    "merge_attention",
+    "padded_hyper_attention",
+]
 
 # query rows per exact-attention chunk: bounds the score matrix of the exact leaves
 QUERY_CHUNK = 1024
@@ -200,8 +207,9 @@ def _block_diagonal(q, k, v, block_size, scaling):
     return out, lse, query_block
 
 
-def _non_causal(q, k, v, options: _Options, projections, generator):
-    """The sortLSH block-diagonal + uniformly sampled residual approximation (exact below `min_seq_len` queries)."""
+def _non_causal(q, k, v, options: _Options, projections, draws: list[torch.Tensor]):
+    """The sortLSH block-diagonal + uniformly sampled residual approximation (exact below `min_seq_len` queries);
+    takes its residual samples from the front of `draws`."""
     n_q, n_k = q.shape[-2], k.shape[-2]
     if n_q < options.min_seq_len:
         return _exact(q, k, v, options.scaling)
@@ -210,11 +218,9 @@ def _non_causal(q, k, v, options: _Options, projections, generator):
     q_sorted = _gather(q, query_order)
     k_sorted, v_sorted = _gather(k, key_order), _gather(v, key_order)
     out, lse, query_block = _block_diagonal(q_sorted, k_sorted, v_sorted, options.block_size, options.scaling)
-    if options.sample_size > 0 and n_k > options.block_size:
+    if _samples(n_q, n_k, options):
         # one draw per KV head, shared by the rows of the batch
-        lead = k.shape[:-2]
-        picks = torch.randint(n_k, (*lead[1:], options.sample_size), generator=generator, device=k.device)
-        picks = picks.expand(*lead, options.sample_size)
+        picks = draws.pop(0).expand(*k.shape[:-2], options.sample_size)
         own_block = (torch.arange(n_q, device=q.device) // query_block)[:, None] == (picks // options.block_size)[
             ..., None, :
         ]
@@ -226,20 +232,62 @@ def _non_causal(q, k, v, options: _Options, projections, generator):
     return _gather(out, inverse), lse.gather(-1, inverse)
 
 
-def _causal(q, k, v, options: _Options, projections, generator):
+def _causal(q, k, v, options: _Options, projections, draws: list[torch.Tensor]):
     """Recursive causal HyperAttention: exact diagonal leaves, approximated lower-left rectangles."""
     n = q.shape[-2]
     if n <= options.min_seq_len:
         return _exact(q, k, v, options.scaling, causal=True)
     # the official code pads odd lengths with a zero row to fold both halves into one call; unequal halves need none
     half = (n + 1) // 2
-    up_out, up_lse = _causal(q[..., :half, :], k[..., :half, :], v[..., :half, :], options, projections, generator)
-    down_out, down_lse = _causal(q[..., half:, :], k[..., half:, :], v[..., half:, :], options, projections, generator)
-    rect_out, rect_lse = _non_causal(
-        q[..., half:, :], k[..., :half, :], v[..., :half, :], options, projections, generator
-    )
+    up_out, up_lse = _causal(q[..., :half, :], k[..., :half, :], v[..., :half, :], options, projections, draws)
+    down_out, down_lse = _causal(q[..., half:, :], k[..., half:, :], v[..., half:, :], options, projections, draws)
+    rect_out, rect_lse = _non_causal(q[..., half:, :], k[..., :half, :], v[..., :half, :], options, projections, draws)
     down_out, down_lse = merge_attention(down_out, down_lse, rect_out, rect_lse)
     return torch.cat([up_out, down_out], -2), torch.cat([up_lse, down_lse], -1)
+
+
+def _samples(n_q: int, n_k: int, options: _Options) -> bool:
+    """Whether the rectangle of `n_q` queries over `n_k` keys attends a sampled residual."""
+    return n_q >= options.min_seq_len and options.sample_size > 0 and n_k > options.block_size
+
+
+def _draw_sizes(n: int, causal: bool, options: _Options) -> list[int]:
+    """The key count of every rectangle that samples keys, in the order the recursion on `n` tokens reaches them."""
+    if not causal:
+        return [n] if _samples(n, n, options) else []
+    if n <= options.min_seq_len:
+        return []
+    half = (n + 1) // 2
+    rectangle = [half] if _samples(n - half, half, options) else []
+    return _draw_sizes(half, True, options) + _draw_sizes(n - half, True, options) + rectangle
+
+
+def _draw(
+    generator: torch.Generator, dim: int, projs: int, sizes: list[int], kv_heads: int, samples: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LSH projections `[D, r]`, then per sampling rectangle (`sizes`: their key counts) the sampled keys of each
+    KV head `[len(sizes), KV, samples]`, drawn in that order from `generator`."""
+    projections = torch.randn(dim, projs, generator=generator, device=device)
+    picks = [torch.randint(n, (kv_heads, samples), generator=generator, device=device) for n in sizes]
+    return projections, torch.stack(picks) if picks else torch.empty(
+        0, kv_heads, samples, dtype=torch.long, device=device
+    )
+
+
+@torch.library.custom_op("hf_attn_zoo::hyper_attention_draws", mutates_args=())
+def _seeded_draws(
+    seed: int, dim: int, projs: int, sizes: list[int], kv_heads: int, samples: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_draw` from a generator seeded with `seed`. An operator, so that `torch.compile` (which cannot trace a
+    `torch.Generator`) calls it as it is, without a graph break, and the compiled model draws the same numbers."""
+    return _draw(torch.Generator(device=device).manual_seed(seed), dim, projs, sizes, kv_heads, samples, device)
+
+
+@_seeded_draws.register_fake
+def _(seed, dim, projs, sizes, kv_heads, samples, device):
+    return torch.empty(dim, projs, device=device), torch.empty(
+        len(sizes), kv_heads, samples, dtype=torch.long, device=device
+    )
 
 
 def _grouped(query, key):
@@ -289,12 +337,14 @@ def hyper_attention_with_lse(
             f"causal HyperAttention needs as many queries as keys, got {query.shape[2]} and "
             f"{key.shape[2]} (decode steps attend the cache exactly)"
         )
-    if generator is None:
-        generator = torch.Generator(device=query.device).manual_seed(seed)
-    projections = torch.randn(query.shape[-1], lsh_num_projs, generator=generator, device=query.device)
     options = _Options(query.shape[-1] ** -0.5 if scaling is None else scaling, block_size, sample_size, min_seq_len)
+    draw = (query.shape[-1], lsh_num_projs, _draw_sizes(query.shape[2], causal, options), key.shape[1], sample_size)
+    if generator is None:
+        projections, picks = _seeded_draws(seed, *draw, query.device)
+    else:
+        projections, picks = _draw(generator, *draw, query.device)
     run = _causal if causal else _non_causal
-    out, lse = run(_grouped(query, key), key, value, options, projections, generator)
+    out, lse = run(_grouped(query, key), key, value, options, projections, list(picks.unbind(0)))
     return out.flatten(1, 2), lse.flatten(1, 2)
 
 
@@ -314,3 +364,85 @@ def hyper_attention(query, key, value, **options) -> torch.Tensor:
         seed (`int`): seed of a fresh generator when `generator` is None. Default: 0.
     """
     return hyper_attention_with_lse(query, key, value, **options)[0]
+
+
+def _each_row(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    padding: torch.Tensor,
+    scaling: float | None,
+    block_size: int,
+    sample_size: int,
+    lsh_num_projs: int,
+    min_seq_len: int,
+    seed: int,
+) -> torch.Tensor:
+    """`padded_hyper_attention`, eagerly: one causal call per row over its real tokens."""
+    rows = []
+    for b in range(query.shape[0]):
+        index = padding[b].nonzero().squeeze(-1)
+        row = query.new_zeros(*query.shape[1:3], value.shape[-1])
+        if index.numel():  # else an all-padding row
+            out = hyper_attention(
+                query[b : b + 1, :, index],
+                key[b : b + 1, :, index],
+                value[b : b + 1, :, index],
+                scaling=scaling,
+                block_size=block_size,
+                sample_size=sample_size,
+                lsh_num_projs=lsh_num_projs,
+                min_seq_len=min_seq_len,
+                seed=seed,
+            )
+            row = row.index_copy(1, index, out[0])
+        rows.append(row)
+    return torch.stack(rows)
+
+
+@torch.library.custom_op("hf_attn_zoo::hyper_attention_rows", mutates_args=())
+def _rows_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    padding: torch.Tensor,
+    scaling: float | None,
+    block_size: int,
+    sample_size: int,
+    lsh_num_projs: int,
+    min_seq_len: int,
+    seed: int,
+) -> torch.Tensor:
+    """`_each_row` as one operator: the number of real tokens of a row (which shapes its recursion) is data, so
+    `torch.compile` calls the eager rows instead of tracing them (no graph break, the same numbers)."""
+    return _each_row(query, key, value, padding, scaling, block_size, sample_size, lsh_num_projs, min_seq_len, seed)
+
+
+@_rows_op.register_fake
+def _(query, key, value, padding, *options):
+    return query.new_empty(*query.shape[:3], value.shape[-1])
+
+
+def padded_hyper_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    padding: torch.Tensor,
+    *,
+    scaling: float | None = None,
+    block_size: int = 256,
+    sample_size: int = 256,
+    lsh_num_projs: int = 7,
+    min_seq_len: int = 4096,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Causal `hyper_attention` of a padded batch, each row over its real tokens alone (`padding` `[B, N]` bool, True
+    for real tokens): a row gets exactly the result it gets unpadded; padding queries output zeros. `[B, H, N, Dv]`.
+
+    The rows' lengths are data, which no traced graph can follow: under `torch.compile` they run as one opaque
+    operator, for inference (with gradients, Dynamo breaks the graph there and runs them eagerly)."""
+    options = (scaling, block_size, sample_size, lsh_num_projs, min_seq_len, seed)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if torch.compiler.is_compiling() and not needs_grad:
+        return _rows_op(query, key, value, padding, *options)
+    return _each_row(query, key, value, padding, *options)

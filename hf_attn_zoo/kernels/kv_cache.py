@@ -34,7 +34,8 @@ _LAYER_ATTR = "_zoo_kv_layer"
 
 
 class RetainingLayer(DynamicLayer):
-    """A dynamic cache layer that evicts the positions no future query can attend (after each attention step).
+    """A dynamic cache layer that evicts the positions no future query can attend (after each attention step; what it
+    keeps is `keep`, every position unless a subclass says otherwise).
 
     It reports every position seen (`get_seq_length`, `get_mask_sizes`), so transformers builds the masks and cache
     positions of an uncompressed cache; `positions` are the absolute positions of the keys `update` returned.
@@ -47,9 +48,10 @@ class RetainingLayer(DynamicLayer):
         self.seen = 0
         self.positions = torch.empty(0, dtype=torch.long)
 
-    def keep(self, next_position: int) -> torch.Tensor:
-        """Which stored positions a query at `next_position` or later may still attend `[S]` (bool)."""
-        raise NotImplementedError
+    def keep(self, next_position: int) -> torch.Tensor | slice:
+        """Which stored positions a query at `next_position` or later may still attend: a bool mask `[S]`, or a slice
+        of them where counts alone tell (no host sync, so `torch.compile` traces it); every one by default."""
+        return slice(None)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -68,13 +70,18 @@ class RetainingLayer(DynamicLayer):
         self._drop()
 
     def _drop(self) -> None:
-        if self.positions.numel():
-            keep = self.keep(self.seen)
-            if not bool(keep.all()):
+        if not self.positions.numel():
+            return
+        keep = self.keep(self.seen)
+        if isinstance(keep, slice):
+            if keep.start or keep.stop is not None:
                 self._select(keep)
+        elif not bool(keep.all()):
+            self._select(keep)
 
-    def _select(self, keep: torch.Tensor) -> None:
-        """Keep the stored positions `keep` `[S]` (bool) marks; a subclass with more per-position data extends it."""
+    def _select(self, keep: torch.Tensor | slice) -> None:
+        """Keep the stored positions `keep` marks (bool `[S]`, or a slice); a subclass with more per-position data
+        extends it."""
         self.keys, self.values = self.keys[:, :, keep], self.values[:, :, keep]
         self.positions = self.positions[keep]
 
@@ -127,29 +134,39 @@ class SinkWindowLayer(RetainingLayer):
         self.pinned = sinks
         self.ring_start: int | None = None  # first window slot once the layer is a ring buffer
 
-    def keep(self, next_position: int) -> torch.Tensor:
+    def keep(self, next_position: int) -> torch.Tensor | slice:
+        if next_position < self.pinned + self.window:  # no position is both unpinned and out of the window yet
+            return slice(None)
         return (self.positions < self.pinned) | (self.positions > next_position - self.window)
 
     def evict(self) -> None:
         """Drop what no later query can attend and lay the window out as a ring (called after each attention)."""
         if self.ring_start is not None or self.seen < self.pinned + self.window:
             return
-        pinned = self.positions < self.pinned
         # `window` slots: the last window - 1 positions, and the one the next token overwrites (same slot)
-        window = (self.positions >= self.seen - self.window) & ~pinned
-        window_positions = self.positions[window]
-        order = torch.argsort(window_positions % self.window)
-        index = torch.cat([pinned.nonzero().flatten(), window.nonzero().flatten()[order]])
+        if self.contiguous:  # positions 0 .. seen - 1: the slots follow from counts (what torch.compile traces)
+            window_positions = torch.arange(self.seen - self.window, self.seen, device=self.device)
+            order = torch.argsort(window_positions % self.window)
+            index = torch.cat([torch.arange(self.pinned, device=self.device), window_positions[order]])
+            ring_start = self.pinned
+        else:
+            pinned = self.positions < self.pinned
+            window = (self.positions >= self.seen - self.window) & ~pinned
+            order = torch.argsort(self.positions[window] % self.window)
+            index = torch.cat([pinned.nonzero().flatten(), window.nonzero().flatten()[order]])
+            ring_start = int(pinned.sum())
         self.keys, self.values = self.keys[:, :, index], self.values[:, :, index]
         self.positions = self.positions[index]
-        self.ring_start = int(pinned.sum())
+        self.ring_start = ring_start
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.ring_start is not None and key_states.shape[-2] == 1:
-            slot = self.ring_start + self.seen % self.window
-            self.keys[:, :, slot] = key_states[:, :, 0]
-            self.values[:, :, slot] = value_states[:, :, 0]
-            self.positions[slot] = self.seen
+            # a tensor index: torch.compile specialises on an int one, which would recompile every decode step
+            position = torch.arange(self.seen, self.seen + 1, device=self.device)
+            slot = position % self.window + self.ring_start
+            self.keys.index_copy_(2, slot, key_states)
+            self.values.index_copy_(2, slot, value_states)
+            self.positions.index_copy_(0, slot, position)
             self.seen += 1
             return self.keys, self.values
         if self.ring_start is not None:  # several tokens at once: back to a sorted, growing layout

@@ -29,8 +29,10 @@ class LinearStateLayer(RetainingLayer):
         self.features: tuple[torch.Tensor, torch.Tensor] | None = None  # numerator, normaliser [B, KV, S, F]
         self.state: LinearState | None = None
 
-    def keep(self, next_position: int) -> torch.Tensor:
-        return self.positions >= next_position - self.recent
+    def keep(self, next_position: int) -> slice:
+        # the held positions are the latest ones (`seen - held .. seen - 1`): the oldest leave first
+        held = self.positions.numel()
+        return slice(min(held, max(0, next_position - self.recent - (self.seen - held))), None)
 
     def add_features(self, k: torch.Tensor, k_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the features of the keys `update` just added; returns those of every key held."""
@@ -47,7 +49,7 @@ class LinearStateLayer(RetainingLayer):
     def fold(self, real: torch.Tensor | None) -> None:
         """Fold the keys no later window reaches into the state (`real` `[B, S]`: which held keys are not padding),
         then drop them."""
-        leaving = int((~self.keep(self.seen)).sum())
+        leaving = self.keep(self.seen).start
         if not leaving or self.features is None or self.values is None:
             return
         if self.stateful:
@@ -58,7 +60,7 @@ class LinearStateLayer(RetainingLayer):
             self.state = absorb(self.state, k, k_norm, self.values[:, :, :leaving])
         self.evict()
 
-    def _select(self, keep: torch.Tensor) -> None:
+    def _select(self, keep: torch.Tensor | slice) -> None:
         super()._select(keep)
         if self.features is not None:
             self.features = (self.features[0][:, :, keep], self.features[1][:, :, keep])

@@ -16,7 +16,11 @@ __all__ = ["allowed_keys", "key_padding", "left_padding"]
 
 
 def key_padding(attention_mask: torch.Tensor | None, batch: int, kv_len: int) -> torch.Tensor | None:
-    """Real (non-padding) keys `[B, KV]` (bool, True = real token), or `None` when no key is padding."""
+    """Real (non-padding) keys `[B, KV]` (bool, True = real token), or `None` when no key is padding.
+
+    Under `torch.compile` a mask without padding is returned as it is: telling it from `None` reads its values (a host
+    sync and a graph break), and every kernel gives the same result for an all-real mask as for `None`.
+    """
     if attention_mask is None:
         return None
     if not isinstance(attention_mask, torch.Tensor):
@@ -33,7 +37,7 @@ def key_padding(attention_mask: torch.Tensor | None, batch: int, kv_len: int) ->
     mask = mask[:, -kv_len:]
     if mask.shape[0] == 1 and batch > 1:
         mask = mask.expand(batch, -1)
-    return None if bool(mask.all()) else mask
+    return mask if torch.compiler.is_compiling() or not bool(mask.all()) else None
 
 
 def left_padding(padding: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:

@@ -24,6 +24,10 @@ against):
 D=64, fp32, 512-token blocks, top-3, 2 busy CPU cores): `gather` 1.8-2.1x faster than SDPA `is_causal` with one
 thread; `flex` 3-7x slower than SDPA, because its 128-query blocks visit the union of their queries' per-token
 selections (nearly every past block).
+
+Under `torch.compile`, `auto` always picks `masked` (gather sizes its calls from the selection's values, a host sync),
+and a left-padded batch runs as one masked call with each row's block grid shifted to its first real token, instead
+of one call per distinct padding length.
 """
 
 from __future__ import annotations
@@ -281,7 +285,9 @@ def _rows(query, key, value, block_size, top_k, window, scaling, dropout, backen
     """MoBA for rows that start at key 0: query `[H, Q, D]`, key/value `[G, L, D]` -> `[H, Q, Dv]`."""
     chosen, current = moba_selection(query, key, block_size, top_k)
     if backend == "auto":
-        backend = "masked" if query.shape[1] * key.shape[1] <= MASKED_MAX_PAIRS else "gather"
+        # under torch.compile always masked: gather sizes its calls by the selection's values (host syncs)
+        short = query.shape[1] * key.shape[1] <= MASKED_MAX_PAIRS
+        backend = "masked" if short or torch.compiler.is_compiling() else "gather"
     if backend == "masked":
         return _masked(query, key, value, chosen, block_size, window, scaling, dropout)
     if backend == "gather":
@@ -292,6 +298,49 @@ def _rows(query, key, value, block_size, top_k, window, scaling, dropout, backen
             raise ValueError("the flex MoBA backend has no backward on CPU; use backend='gather' for training")
         return _flex(query, key, value, chosen, block_size, window, scaling)
     raise ValueError(f"unknown MoBA backend {backend!r}; use auto, masked, gather or flex")
+
+
+def _masked_shifted(query, key, value, offsets, block_size, top_k, window, scaling, dropout):
+    """`_masked` for a whole left-padded batch at once, each row's blocks counted from its first real key
+    (`offsets` `[B]`): no host sync, which is what runs under `torch.compile`. `[B, H, Q, Dv]`, zero on padding."""
+    batch, heads, q_len, _ = query.shape
+    kv_heads, total = key.shape[1], key.shape[2]
+    n = -(-total // block_size)
+    device = query.device
+    pos = torch.arange(total, device=device)
+    rel = pos - offsets[:, None]  # [B, S]: positions from each row's first real key, negative on padding
+    length = total - offsets  # [B] real keys per row
+    with torch.no_grad():
+        # the row's keys shifted to start at its first real one (zeros past its end), summed per block as
+        # `moba_selection` does; the empty blocks past a row's end are in every query's future
+        shifted = key.float().gather(2, (pos + offsets[:, None]).clamp(max=total - 1)[:, None, :, None].expand_as(key))
+        shifted = shifted * (pos < length[:, None])[:, None, :, None]
+        sums = F.pad(shifted, (0, 0, 0, n * block_size - total)).unflatten(2, (n, block_size)).sum(3)
+        counts = (length[:, None] - torch.arange(n, device=device) * block_size).clamp(min=1, max=block_size)
+        means = sums / counts[:, None, :, None]  # [B, G, n, D]
+        gates = query.float().unflatten(1, (kv_heads, heads // kv_heads)) @ means.transpose(-1, -2)[:, :, None]
+        gates = gates.flatten(1, 2)  # [B, H, Q, n]
+        current = torch.div(rel[:, total - q_len :], block_size, rounding_mode="floor")[:, None, :, None]
+        blocks = torch.arange(n, device=device)
+        gates = gates.masked_fill(blocks > current, -math.inf).masked_fill(blocks == current, math.inf)
+        values, index = gates.topk(min(top_k, n), dim=-1)
+        chosen = torch.zeros_like(gates, dtype=torch.bool).scatter_(-1, index, values > -math.inf)
+    q_pos = pos[total - q_len :, None]
+    allowed = (pos <= q_pos) & (q_pos - pos < window if window else True)  # [Q, S]
+    k_block = rel.clamp(min=0) // block_size
+    mask = chosen.gather(-1, k_block[:, None, None, :].expand(batch, heads, q_len, total))
+    mask = mask & allowed & (rel >= 0)[:, None, None, :]
+    empty = ~mask.any(-1, keepdim=True)  # padding queries
+    out = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=mask | empty,
+        dropout_p=dropout,
+        scale=scaling,
+        enable_gqa=heads != kv_heads,
+    )
+    return out.masked_fill(empty, 0.0).to(query.dtype)
 
 
 def moba_attention(
@@ -326,8 +375,12 @@ def moba_attention(
     batch, heads, q_len, dim = query.shape
     total = key.shape[2]
     scaling = dim**-0.5 if scaling is None else scaling
+    if padding is not None and torch.compiler.is_compiling():
+        offsets = left_padding(padding, batch, query.device)
+        out = _masked_shifted(query, key, value, offsets, block_size, top_k, window, scaling, dropout)
+        return out.transpose(1, 2)
     offsets = left_padding(padding, batch, query.device)
-    firsts = sorted(set(offsets.tolist()))
+    firsts = [0] if padding is None else sorted(set(offsets.tolist()))
     if firsts == [0]:
         out = _rows(
             query.flatten(0, 1),

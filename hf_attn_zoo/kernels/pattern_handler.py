@@ -132,8 +132,10 @@ def attend_pattern(
     if streaming is None:
         check_length(module, total)
     padding = tracker.padding(attention_mask, query.shape[0], total)
-    if isinstance(layer, SinkWindowLayer):
-        layer.pinned = layer.sinks + int(left_padding(padding, query.shape[0], query.device).max())
+    if isinstance(layer, SinkWindowLayer) and layer.ring_start is None and layer.seen >= layer.sinks + layer.window:
+        # read (a host sync) only while it decides something: before that nothing is evicted, and a ring keeps its pins
+        pad = 0 if padding is None else int(left_padding(padding, query.shape[0], query.device).max())
+        layer.pinned = layer.sinks + pad
     positions = queries = None
     if layer is not None and (streaming is not None or not layer.contiguous):
         positions = layer.positions

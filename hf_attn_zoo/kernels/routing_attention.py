@@ -107,9 +107,10 @@ def naive_routing_attention(
 
 
 def _attend(query, key, value, mask, scaling, dropout):
-    """SDPA with a boolean mask; rows with no allowed key (padding queries) return zeros instead of NaN."""
+    """SDPA with a boolean mask; rows with no allowed key (padding queries) return zeros instead of NaN (always
+    handled under `torch.compile`: no host sync to find whether there are any)."""
     empty = ~mask.any(-1, keepdim=True)
-    has_empty = bool(empty.any())
+    has_empty = torch.compiler.is_compiling() or bool(empty.any())
     out = F.scaled_dot_product_attention(
         query,
         key,
@@ -126,8 +127,8 @@ def _masked(query, key, value, q_pos, k_pos, offsets, padding, qc, kc, routing, 
     outs = []
     for start in range(0, query.shape[2], QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, query.shape[2])
-        # causal: the chunk reads no key after its last query
-        last = int(q_pos[stop - 1]) + 1
+        # causal: the chunk reads no key after its last query (the queries are the last keys' positions)
+        last = key.shape[2] - query.shape[2] + stop
         mask = routing_mask(
             q_pos[start:stop],
             k_pos[:last],
@@ -334,8 +335,8 @@ def routing_attention(
         span (`int`, *optional*): the layer's own sliding window (Mistral, Gemma 3's local layers): no key at this
             distance or more is attended, whatever the routing.
         dropout (`float`): attention dropout (masked path only).
-        backend (`str`): `auto` (masked for short inputs, decode steps and dropout; sorted otherwise), `masked` or
-            `sorted`.
+        backend (`str`): `auto` (masked for short inputs, decode steps, dropout and under `torch.compile`; sorted
+            otherwise), `masked` or `sorted`.
 
     Returns:
         `[B, Q, H, D]`, the layout transformers' attention functions return.
@@ -347,7 +348,9 @@ def routing_attention(
     offsets = left_padding(padding, batch, query.device)
     routing = routing.to(query.device)
     if backend == "auto":
-        backend = "masked" if dropout or q_len * key.shape[2] <= MASKED_MAX_PAIRS else "sorted"
+        # under torch.compile always masked: sorted sizes its gathers by the cluster counts (host syncs)
+        short = q_len * key.shape[2] <= MASKED_MAX_PAIRS
+        backend = "masked" if dropout or short or torch.compiler.is_compiling() else "sorted"
     if backend == "masked":
         out = _masked(
             query,

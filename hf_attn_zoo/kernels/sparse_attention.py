@@ -15,6 +15,9 @@ positions, like FlexAttention's `mask_mod`). `sparse_attention` then runs it wit
 - `masked`: one SDPA call with the pattern as a boolean mask, for short inputs and decode steps (and for caches that
   keep only some positions: `key_positions`).
 
+Under `torch.compile`, `auto` runs `masked` whatever the length (the `blocks` plan is built on the host from the
+mask's values) and no path reads a tensor's values on the host: a model compiles without graph breaks.
+
 Positions are counted from each row's first real token, so a left-padded row sees exactly the pattern of the same row
 without padding (sinks are its first real tokens). Padding comes from the 2-D attention mask of the model call
 (`PaddingTracker`), or, without one, from the mask transformers passes to the attention function.
@@ -112,7 +115,8 @@ class PaddingTracker:
             if mask.shape[-1] < total:  # a static cache's unused tail
                 mask = F.pad(mask, (0, total - mask.shape[-1]), value=False)
             mask = mask[:, :total]
-            return None if bool(mask.all()) else mask
+            # under torch.compile an all-real mask stays a mask (see `key_padding`)
+            return mask if torch.compiler.is_compiling() or not bool(mask.all()) else None
         return key_padding(attention_mask, batch, total)
 
 
@@ -132,20 +136,23 @@ def pattern_mask(
     mask = pattern.allowed(q, k, head) & (k >= 0)
     if padding is not None:
         mask = mask & padding[:, k_pos][:, None, None, :]
-    if not bool(offsets.any()):
-        mask = mask[:1]
+    if not torch.compiler.is_compiling() and not bool(offsets.any()):
+        mask = mask[:1]  # one mask for every row (not worth a host sync under torch.compile)
     return mask
 
 
 def _attend(query, key, value, mask, scaling, dropout):
-    """SDPA with a boolean mask; rows with no allowed key (padding queries) return zeros instead of NaN."""
+    """SDPA with a boolean mask; rows with no allowed key (padding queries) return zeros instead of NaN.
+
+    Under `torch.compile` the empty rows are always handled (no host sync to find whether there are any)."""
     empty = ~mask.any(-1, keepdim=True)
-    if bool(empty.any()):
+    any_empty = torch.compiler.is_compiling() or bool(empty.any())
+    if any_empty:
         mask = mask | empty
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
     )
-    return out.masked_fill(empty, 0.0) if bool(empty.any()) else out
+    return out.masked_fill(empty, 0.0) if any_empty else out
 
 
 def _masked(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling, dropout):
@@ -429,9 +436,10 @@ def _flex(query, key, value, pattern, offsets, padding, scaling):
 
 def choose_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, compressed: bool) -> str:
     """`auto`: masked for short inputs, else flex on a GPU (Triton) and blocks on CPU (faster there than compiled
-    flex, which has no CPU backward)."""
+    flex, which has no CPU backward). Under `torch.compile` always masked: the blocks plan is built on the host from
+    the mask's values, and flex keeps its own compiled kernels and `BlockMask` cache outside the caller's graph."""
     q_len, kv_len = query.shape[2], key.shape[2]
-    if compressed or q_len * kv_len <= MASKED_MAX_PAIRS:
+    if compressed or q_len * kv_len <= MASKED_MAX_PAIRS or torch.compiler.is_compiling():
         return "masked"
     return "flex" if query.device.type == "cuda" and query.shape[-1] == value.shape[-1] else "blocks"
 

@@ -30,16 +30,11 @@ class MoAPattern(AttentionPattern):
 
     def __init__(self, sinks: list[int], windows: list[int], limit: int | None = None):
         self.sinks, self.windows, self.limit = list(sinks), list(windows), limit
-        self._tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = str(device)
-        if key not in self._tensors:
-            self._tensors[key] = (torch.tensor(self.sinks, device=device), torch.tensor(self.windows, device=device))
-        return self._tensors[key]
+        # built once, not per device on first use: torch.compile would recompile when such a cache fills
+        self._sinks, self._windows = torch.tensor(self.sinks), torch.tensor(self.windows)
 
     def allowed(self, q, k, head):
-        sinks, windows = self._on(q.device)
+        sinks, windows = self._sinks.to(q.device), self._windows.to(q.device)
         allowed = (k <= q) & ((k < sinks[head]) | (q - k < windows[head]))
         return allowed if self.limit is None else allowed & (q - k < torch.tensor(self.limit))
 
@@ -91,52 +86,75 @@ class LayerRules:
         self.inverse = torch.argsort(order)
 
 
+_Span = tuple[int, int]  # positions `start .. stop - 1`
+
+
 class MoACacheLayer(RetainingLayer):
     """A dynamic cache layer storing one key/value tensor per bucket of a `LayerRules`.
 
     `update` appends the new keys to every bucket and returns its inputs (the attention handler reads the buckets);
     `evict` (called by the handler after attending) drops what no later query of the bucket can attend. `pad` (set
-    by the handler) is the longest left padding of the batch, so each row keeps its own first real tokens.
+    by the handler at the first call) is the longest left padding of the batch, so each row keeps its own first real
+    tokens.
+
+    What a bucket keeps is always a run of sinks and a run of recent positions, so its positions are held as at most
+    two spans of Python ints (`bucket_spans`) and evicting is slicing: no host sync and no data-dependent shape, so a
+    decode step traces under `torch.compile` without a graph break.
     """
 
     def __init__(self, rules: LayerRules):
         super().__init__()
         self.rules = rules
-        self.pad = 0
+        self.pad: int | None = None
         self.bucket_keys: list[torch.Tensor] = []
         self.bucket_values: list[torch.Tensor] = []
-        self.bucket_positions: list[torch.Tensor] = []
+        self.bucket_spans: list[list[_Span]] = []
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             self.bucket_keys = [key_states[:, b.kv_heads.to(self.device), :0] for b in self.rules.buckets]
             self.bucket_values = [value_states[:, b.kv_heads.to(self.device), :0] for b in self.rules.buckets]
-            self.bucket_positions = [torch.empty(0, dtype=torch.long, device=self.device) for _ in self.rules.buckets]
-        new = torch.arange(self.seen, self.seen + key_states.shape[-2], device=self.device)
+            self.bucket_spans = [[] for _ in self.rules.buckets]
+        stop = self.seen + key_states.shape[-2]
         for i, bucket in enumerate(self.rules.buckets):
             heads = bucket.kv_heads.to(self.device)
             self.bucket_keys[i] = torch.cat([self.bucket_keys[i], key_states[:, heads]], dim=-2)
             self.bucket_values[i] = torch.cat([self.bucket_values[i], value_states[:, heads]], dim=-2)
-            self.bucket_positions[i] = torch.cat([self.bucket_positions[i], new])
-        self.seen += key_states.shape[-2]
+            spans = self.bucket_spans[i]
+            if spans and spans[-1][1] == self.seen:  # the recent run (it ends at `seen`) goes on
+                spans[-1] = (spans[-1][0], stop)
+            else:
+                spans.append((self.seen, stop))
+        self.seen = stop
         return key_states, value_states
 
     def evict(self) -> None:
         """Keep, per bucket, the sinks (`position < s + pad`) and what a query at `seen` or later still reaches."""
+        limit = self.rules.limit
         for i, bucket in enumerate(self.rules.buckets):
-            positions = self.bucket_positions[i]
-            sinks = positions < bucket.sink + self.pad
-            if self.rules.limit is not None:
-                sinks &= positions > self.seen - self.rules.limit
-            keep = sinks | (positions > self.seen - bucket.window)
-            if not bool(keep.all()):
-                self.bucket_keys[i] = self.bucket_keys[i][:, :, keep]
-                self.bucket_values[i] = self.bucket_values[i][:, :, keep]
-                self.bucket_positions[i] = positions[keep]
+            sinks = (
+                max(0, self.seen - limit + 1) if limit is not None else 0,
+                min(bucket.sink + (self.pad or 0), self.seen),
+            )
+            recent = (max(0, self.seen - bucket.window + 1), self.seen)
+            # sinks start no later than the recent run (windows are clipped to the limit): merge where they touch
+            kept = [(sinks[0], recent[1])] if sinks[1] >= recent[0] else [s for s in (sinks, recent) if s[0] < s[1]]
+            if kept == self.bucket_spans[i]:
+                continue
+            held = self.bucket_spans[i]
+            # every kept span lies inside one held span: its keys are one slice
+            slices = [slice(_index(held, a), _index(held, a) + b - a) for a, b in kept]
+            self.bucket_keys[i] = torch.cat([self.bucket_keys[i][:, :, s] for s in slices], dim=-2)
+            self.bucket_values[i] = torch.cat([self.bucket_values[i][:, :, s] for s in slices], dim=-2)
+            self.bucket_spans[i] = kept
 
     def bucket_contiguous(self, i: int) -> bool:
-        return self.bucket_positions[i].numel() == self.seen
+        return self.bucket_spans[i] == [(0, self.seen)]
+
+    def bucket_positions(self, i: int) -> torch.Tensor:
+        """The positions of bucket `i`'s keys `[S_i]`."""
+        return torch.cat([torch.arange(a, b, device=self.device) for a, b in self.bucket_spans[i]])
 
     @property
     def nbytes(self) -> int:
@@ -149,8 +167,8 @@ class MoACacheLayer(RetainingLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.pad = 0
-        self.bucket_keys, self.bucket_values, self.bucket_positions = [], [], []
+        self.pad = None
+        self.bucket_keys, self.bucket_values, self.bucket_spans = [], [], []
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._map(lambda t: t.repeat_interleave(repeats, dim=0))
@@ -166,3 +184,8 @@ class MoACacheLayer(RetainingLayer):
 
     def prefetch(self) -> None:
         self._map(lambda t: t.to(self.device, non_blocking=True))
+
+
+def _index(spans: list[_Span], position: int) -> int:
+    """Where `position` (one of those `spans` hold) sits among them, in position order."""
+    return sum(min(max(position - a, 0), b - a) for a, b in spans)

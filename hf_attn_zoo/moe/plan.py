@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -26,26 +27,21 @@ class LayerPlan:
         )
 
 
-# (plan, num_experts, device) -> the plan's expert masks and gain vector on that device
-_PLAN_TENSORS: dict[tuple, dict[str, torch.Tensor]] = {}
-
-
+# an lru_cache, not a dict filled on first use: torch.compile traces through it (a small graph of constants) where it
+# would guard on the dict and recompile once it fills
+@functools.lru_cache(maxsize=256)
 def plan_tensors(plan: LayerPlan, num_experts: int, device: torch.device) -> dict[str, torch.Tensor]:
-    cache = _PLAN_TENSORS.get((plan, num_experts, device))
-    if cache is None:
-        cache = {}
-        for name in ("disabled", "dropped", "forced"):
-            mask = torch.zeros(num_experts, dtype=torch.bool)
-            mask[list(getattr(plan, name))] = True
-            cache[name] = mask.to(device)
-        gain = torch.ones(num_experts, dtype=torch.float32)
-        for expert, factor in plan.gain:
-            gain[expert] = factor
-        cache["gain"] = gain.to(device)
-        if len(_PLAN_TENSORS) > 256:
-            _PLAN_TENSORS.clear()
-        _PLAN_TENSORS[(plan, num_experts, device)] = cache
-    return cache
+    """The plan's expert masks (`disabled`, `dropped`, `forced`) and gain vector on `device`."""
+    tensors = {}
+    for name in ("disabled", "dropped", "forced"):
+        mask = torch.zeros(num_experts, dtype=torch.bool)
+        mask[list(getattr(plan, name))] = True
+        tensors[name] = mask.to(device)
+    gain = torch.ones(num_experts, dtype=torch.float32)
+    for expert, factor in plan.gain:
+        gain[expert] = factor
+    tensors["gain"] = gain.to(device)
+    return tensors
 
 
 def merge_plans(base: LayerPlan, extra: LayerPlan) -> LayerPlan:

@@ -108,9 +108,6 @@ class QueryCacheLayer(RetainingLayer):
         super().__init__()
         self.queries: torch.Tensor | None = None
 
-    def keep(self, next_position: int) -> torch.Tensor:
-        return torch.ones_like(self.positions, dtype=torch.bool)
-
     def add_queries(self, query: torch.Tensor) -> torch.Tensor:
         """Append this call's queries `[B, H, Q, D]`; returns every query so far `[B, H, S, D]`."""
         self.queries = query if self.queries is None else torch.cat([self.queries, query], dim=-2)
@@ -146,7 +143,11 @@ def _combiner_handler(
     # every call's queries go to the cache, also those the model's own attention serves below
     queries = layer.add_queries(query) if isinstance(layer, QueryCacheLayer) else query
     padding = tracker.padding(attention_mask, batch, total)
-    longest = total - int(left_padding(padding, batch, query.device).min())
+    longest = total
+    # under torch.compile (no host sync) the padded length stands for the longest row: a row without regions gets
+    # exact causal attention from the kernel too
+    if padding is not None and not torch.compiler.is_compiling():
+        longest -= int(left_padding(padding, batch, query.device).min())
     if not has_regions(longest, config.block_size, config.direct_blocks + config.sink_blocks):
         return base(module, query, key, value, attention_mask, **kwargs)
     if queries.shape[2] != total:
@@ -180,7 +181,10 @@ class CombinerPatch(Patch):
     name = "combiner"
     summary = "Combiner: full-support attention, earlier blocks as max-pooled regions (fixed or logsparse)."
     config_class = CombinerConfig
-    capabilities = Capabilities(training_free=True, new_params=False, kv_cache=True, generate=True)
+    # the complete blocks and region levels of a decode call are Python structure (tables, loops) sized by the length
+    capabilities = Capabilities(
+        training_free=True, new_params=False, kv_cache=True, generate=True, static_decode_graph=False
+    )
     targets = ("attention_fn",)
 
     def check(self, family: FamilySpec, model_config: PretrainedConfig) -> str | None:

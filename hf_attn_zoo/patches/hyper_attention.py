@@ -32,7 +32,7 @@ from transformers import PretrainedConfig
 
 from ..errors import InvalidOptionError
 from ..families.spec import FamilySpec
-from ..kernels.hyper_attention import hyper_attention
+from ..kernels.hyper_attention import hyper_attention, padded_hyper_attention
 from ..kernels.pattern_handler import check_length, max_positions, model_window, unsupported_attention_reason
 from ..kernels.register import install_handler, remove_handler
 from ..kernels.sparse_attention import PaddingTracker
@@ -75,15 +75,6 @@ class HyperAttentionConfig(PatchConfig):
     )
 
 
-def _row(query, key, value, real, options):
-    """One row `[H, N, D]` approximated over its real tokens; padding queries output zeros."""
-    index = real.nonzero().squeeze(-1)
-    if index.numel() == 0:  # an all-padding row
-        return query.new_zeros(*query.shape[:2], value.shape[-1])
-    out = hyper_attention(query[None, :, index], key[None, :, index], value[None, :, index], **options)[0]
-    return query.new_zeros(*query.shape[:2], value.shape[-1]).index_copy(1, index, out)
-
-
 def hyper_attention_handler(
     base,
     module,
@@ -104,7 +95,6 @@ def hyper_attention_handler(
         return base(module, query, key, value, attention_mask, **kwargs)
     options = dict(
         scaling=kwargs.get("scaling"),
-        causal=True,
         block_size=config.block_size,
         sample_size=config.sample_size,
         lsh_num_projs=config.lsh_num_projs,
@@ -113,9 +103,9 @@ def hyper_attention_handler(
     )
     padding = tracker.padding(attention_mask, query.shape[0], length)
     if padding is None:
-        out = hyper_attention(query, key, value, **options)
+        out = hyper_attention(query, key, value, causal=True, **options)
     else:
-        out = torch.stack([_row(query[b], key[b], value[b], padding[b], options) for b in range(query.shape[0])])
+        out = padded_hyper_attention(query, key, value, padding, **options)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -125,7 +115,10 @@ def _positions_from_first_real_token(module, args, kwargs):
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
     if kwargs.get("position_ids") is not None or len(args) > 2:
         return None
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or bool(mask.all()):
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    # without padding the positions below are the default ones: under torch.compile they are computed, not checked
+    if not torch.compiler.is_compiling() and bool(mask.all()):
         return None
     inputs = kwargs.get("input_ids", args[0] if args else None)
     inputs = kwargs.get("inputs_embeds") if inputs is None else inputs

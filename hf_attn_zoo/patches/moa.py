@@ -144,10 +144,11 @@ def moa_attention_handler(
         "dropout": kwargs.get("dropout", 0.0) or 0.0,
         "backend": backend,
     }
-    layer.pad = int(left_padding(padding, query.shape[0], query.device).max())
+    if layer.pad is None:  # read once (a host sync): calls after the first (the prefill) add no padding in front
+        layer.pad = 0 if padding is None else int(left_padding(padding, query.shape[0], query.device).max())
     outs = []
     for i, bucket in enumerate(rules.buckets):
-        positions = None if layer.bucket_contiguous(i) else layer.bucket_positions[i]
+        positions = None if layer.bucket_contiguous(i) else layer.bucket_positions(i)
         outs.append(
             sparse_attention(
                 query[:, bucket.q_heads.to(query.device)],

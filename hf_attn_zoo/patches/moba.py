@@ -141,7 +141,11 @@ def _moba_handler(
     conv = getattr(module, "moba_key_conv", None)
     if conv is not None:
         key = conv(key, padding)
-    longest = total - int(left_padding(padding, batch, query.device).min())
+    longest = total
+    # under torch.compile (no host sync) the padded length stands for the longest row: a row whose every block is
+    # selected gets exactly full causal attention from the kernel too
+    if padding is not None and not torch.compiler.is_compiling():
+        longest -= int(left_padding(padding, batch, query.device).min())
     if (q_len < total and config.decode == "dense") or -(-longest // config.block_size) <= config.top_k:
         return base(module, query, key, value, attention_mask, **kwargs)
     out = moba_attention(
@@ -162,9 +166,6 @@ def _moba_handler(
 class _FullLayer(RetainingLayer):
     """A cache layer that keeps every position: a sliding-window layer's cache would drop the keys MoBA's block
     means and the decode path count from (the window is applied by the kernel instead)."""
-
-    def keep(self, next_position: int) -> torch.Tensor:
-        return torch.ones_like(self.positions, dtype=torch.bool)
 
 
 def _is_sliding(model_config: PretrainedConfig, index: int) -> bool:

@@ -260,9 +260,6 @@ class RoutingKVLayer(RetainingLayer):
         super().__init__()
         self.clusters: torch.Tensor | None = None  # [B, KV, S]
 
-    def keep(self, next_position: int) -> torch.Tensor:
-        return torch.ones_like(self.positions, dtype=torch.bool)
-
     def add_clusters(self, new: torch.Tensor) -> torch.Tensor:
         self.clusters = new if self.clusters is None else torch.cat([self.clusters, new], dim=-1)
         if self.clusters.shape[-1] != self.seen:
