@@ -144,7 +144,7 @@ class MoACacheLayer(RetainingLayer):
                 continue
             held = self.bucket_spans[i]
             # every kept span lies inside one held span: its keys are one slice
-            slices = [slice(_index(held, a), _index(held, a) + b - a) for a, b in kept]
+            slices = [slice(_index(held, a), _index(held, a) + b - a) for a, b in kept] or [slice(0, 0)]
             self.bucket_keys[i] = torch.cat([self.bucket_keys[i][:, :, s] for s in slices], dim=-2)
             self.bucket_values[i] = torch.cat([self.bucket_values[i][:, :, s] for s in slices], dim=-2)
             self.bucket_spans[i] = kept
@@ -154,7 +154,8 @@ class MoACacheLayer(RetainingLayer):
 
     def bucket_positions(self, i: int) -> torch.Tensor:
         """The positions of bucket `i`'s keys `[S_i]`."""
-        return torch.cat([torch.arange(a, b, device=self.device) for a, b in self.bucket_spans[i]])
+        spans = self.bucket_spans[i] or [(0, 0)]  # a bucket may keep nothing (a window shorter than one token)
+        return torch.cat([torch.arange(a, b, device=self.device) for a, b in spans])
 
     @property
     def nbytes(self) -> int:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.initialization import no_init_weights
+from transformers.modeling_utils import set_zero3_state
 
 from ..errors import InvalidOptionError, PlanError, UnknownModelError
 from ..families.spec import FamilySpec, resolve_family
@@ -105,7 +106,10 @@ def load_config(model: str | Path | PretrainedConfig) -> tuple[PretrainedConfig,
 
 def build_meta(config: PretrainedConfig, dtype: str = "bf16") -> torch.nn.Module:
     """The causal LM of `config` with every parameter on the meta device (nothing allocated, nothing initialised)."""
-    with torch.device("meta"), no_init_weights():
+    # `set_zero3_state` keeps transformers from wrapping the build in DeepSpeed's zero.Init when ZeRO-3 is active
+    # (the model card is rendered on rank 0 inside a ZeRO-3 run): zero.Init partitions collectively, so one rank
+    # building alone would wait for the others forever, and a meta model has nothing to partition anyway
+    with torch.device("meta"), no_init_weights(), set_zero3_state():
         model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=_DTYPES[dtype])
     model.tie_weights()  # no_init_weights() skips the tying (tie_word_embeddings: SmolLM2, Llama-3.2 ...)
     return model

@@ -382,8 +382,13 @@ def rebuild_on_meta(config: dict[str, Any], patched: bool = True) -> torch.nn.Mo
     return model
 
 
+def _numel(parameter: torch.Tensor) -> int:
+    """Elements of a parameter, also when DeepSpeed ZeRO-3 keeps only its partition here (`ds_numel`)."""
+    return int(getattr(parameter, "ds_numel", parameter.numel()))
+
+
 def _count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
+    return sum(_numel(p) for p in model.parameters())  # parameters() yields tied weights once
 
 
 def _parameter_section(config: dict[str, Any], model: torch.nn.Module | None) -> list[str]:
@@ -392,7 +397,7 @@ def _parameter_section(config: dict[str, Any], model: torch.nn.Module | None) ->
     if base_model is None or patched_model is None:
         return []
     base, total = _count(base_model), _count(patched_model)
-    new = sum(p.numel() for p in new_parameters(patched_model).values())
+    new = sum(_numel(p) for p in new_parameters(patched_model).values())
     change = total - base
     lines = ["## Parameters", "", "| | parameters |", "|---|---:|", f"| base model | {base:,} |"]
     if config.get(RECORD_KEY):
