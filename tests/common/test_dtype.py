@@ -10,19 +10,13 @@ from transformers import AutoModelForCausalLM
 
 import hf_attn_zoo
 from hf_attn_zoo.families import family_specs
-from hf_attn_zoo.registry import get_patch
-from tests.matrix import FAMILIES, METHOD_CASES, randomize_new_parameters, tiny_model
-
-
-def _supported(method: str, family: str) -> bool:
-    spec = family_specs()[family]
-    return get_patch(method).refusal(spec, spec.tiny_config()) is None
+from tests.matrix import FAMILIES, METHOD_CASES, randomize_new_parameters, supported, tiny_model
 
 
 # state kept in fp32 in any model: routing_attention's EMA centroids (a 0.999 step is below bf16's resolution)
 FP32_STATE = {"means"}
 
-GRID = [pytest.param(m, f, id=f"{m}-{f}") for m in sorted(METHOD_CASES) for f in FAMILIES if _supported(m, f)]
+GRID = [pytest.param(m, f, id=f"{m}-{f}") for m in sorted(METHOD_CASES) for f in FAMILIES if supported(m, f)]
 
 # the kernel paths the grid's 10-token inputs do not reach (they take the one-call masked paths), on a plain and a
 # sliding-window family; without gradients the CPU runs some of them on its fused flash kernel
@@ -37,7 +31,7 @@ KERNEL_PATHS = [
         ("hyper_attention", None),
     ]
     for family in ("llama", "gemma3")
-    if _supported(method, family)
+    if supported(method, family)
 ]
 
 

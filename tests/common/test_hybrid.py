@@ -13,19 +13,14 @@ import torch
 import hf_attn_zoo
 from hf_attn_zoo.errors import InvalidOptionError, PatchConflictError
 from hf_attn_zoo.families import family_specs
-from hf_attn_zoo.registry import PATCHES, get_patch
-from tests.matrix import METHOD_CASES, clone, decode_in_steps, randomize_new_parameters, tiny_model
+from hf_attn_zoo.registry import PATCHES
+from tests.matrix import METHOD_CASES, clone, decode_in_steps, randomize_new_parameters, supported, tiny_model
 
 ATTENTION_METHODS = sorted(
     m for m in METHOD_CASES if {"attention", "attention_fn"} & set(PATCHES[m].targets) and m != "bam"
 )
 PARTNER = {m: ATTENTION_METHODS[(i + 1) % len(ATTENTION_METHODS)] for i, m in enumerate(ATTENTION_METHODS)}
 HYBRID_FAMILIES = ["llama", "helium", "mixtral", "qwen3"]
-
-
-def _supported(method: str, family: str) -> bool:
-    spec = family_specs()[family]
-    return get_patch(method).refusal(spec, spec.tiny_config()) is None
 
 
 def _plan(method: str) -> list[dict]:
@@ -40,7 +35,7 @@ HYBRIDS = [
     pytest.param(m, f, id=f"{m}+{PARTNER[m]}-{f}")
     for m in ATTENTION_METHODS
     for f in HYBRID_FAMILIES
-    if _supported(m, f) and _supported(PARTNER[m], f)
+    if supported(m, f) and supported(PARTNER[m], f)
 ]
 HYBRIDS_KV_CACHE = [
     p

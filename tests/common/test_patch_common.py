@@ -15,17 +15,13 @@ from tests.matrix import (
     clone,
     decode_in_steps,
     randomize_new_parameters,
+    supported,
     tiny_model,
 )
 
 
-def _supported(method: str, family: str) -> bool:
-    spec = family_specs()[family]
-    return get_patch(method).refusal(spec, spec.tiny_config()) is None
-
-
 # pairs a patch declares unsupported (`Patch.check`) are left out of the grid, not skipped
-GRID = [pytest.param(m, f, id=f"{m}-{f}") for m in sorted(METHOD_CASES) for f in FAMILIES if _supported(m, f)]
+GRID = [pytest.param(m, f, id=f"{m}-{f}") for m in sorted(METHOD_CASES) for f in FAMILIES if supported(m, f)]
 GRID_KV_CACHE = [p for p in GRID if PATCHES[p.values[0]].capabilities.kv_cache]
 GRID_GENERATE = [p for p in GRID_KV_CACHE if PATCHES[p.values[0]].capabilities.generate]
 
