@@ -75,25 +75,26 @@ def main() -> None:
 
     experts = _experts()
     print(
-        f"SmolLM2-135M seed + {'cached specialists' if experts[0] != 'default' else 'seed copies'} -> 4 experts, "
-        f"top-1 FFN routing, float32, {args.threads} threads\n"
+        f"SmolLM2-135M-Instruct seed + {'cached specialists' if experts[0] != 'default' else 'seed copies'} -> "
+        f"4 experts, top-1 FFN routing, float32, {args.threads} threads\n"
     )
+    # Every build runs before this process loads a model: a child inherits its parent's peak RSS on Linux (kept
+    # across fork and exec), so a build started after a model was loaded here would report at least that model.
     imports = _child("imports", "", [])["peak_kib"]
     rows = ["| mode | build s | peak RSS MiB (minus imports) | output MiB | peak / output |", "|---|---|---|---|---|"]
     speed = ["| model | params M | forward tokens/s | vs dense |", "|---|---|---|---|"]
-    dense, _ = hf_attn_zoo.assets.load_default_model()
-    dense.eval()
-    base = _tokens_per_second(dense)
-    speed.append(f"| dense seed | {sum(p.numel() for p in dense.parameters()) / 1e6:.0f} | {base:.0f} | 1.00x |")
-    del dense
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("sparse", "btx", "bam"):
-            out = str(Path(tmp) / mode)
-            r = _child(mode, out, experts)
+        built = {mode: _child(mode, str(Path(tmp) / mode), experts) for mode in ("sparse", "btx", "bam")}
+        dense, _ = hf_attn_zoo.assets.load_default_model()
+        dense.eval()
+        base = _tokens_per_second(dense)
+        speed.append(f"| dense seed | {sum(p.numel() for p in dense.parameters()) / 1e6:.0f} | {base:.0f} | 1.00x |")
+        del dense
+        for mode, r in built.items():
             peak = (r["peak_kib"] - imports) / 1024
             output = r["output_bytes"] / 2**20
             rows.append(f"| {mode} | {r['seconds']:.1f} | {peak:.0f} | {output:.0f} | {peak / output:.2f} |")
-            model = hf_attn_zoo.from_pretrained(out).eval()
+            model = hf_attn_zoo.from_pretrained(Path(tmp) / mode).eval()
             tps = _tokens_per_second(model)
             params = sum(p.numel() for p in model.parameters()) / 1e6
             speed.append(f"| {mode} | {params:.0f} | {tps:.0f} | {tps / base:.2f}x |")
