@@ -50,8 +50,11 @@ __all__ = [
 Backend = Literal["auto", "flex", "blocks", "masked"]
 
 FLEX_BLOCK = 128
-# below this many query x key pairs one masked SDPA call is cheapest (and what decode steps use)
+# below this many query x key pairs one masked SDPA call is cheapest (and what decode steps use): on a GPU up to
+# 2048 x 2048; on CPU up to 512 x 512, past which the gathered blocks win for every pattern measured (sliding windows
+# of 64-1024, PowerAttention; 0.4-0.8x the masked call's time at 1k, 0.2-0.5x at 2k, 2026-12-07)
 MASKED_MAX_PAIRS = 1 << 22
+MASKED_MAX_PAIRS_CPU = 1 << 18
 QUERY_CHUNK = 256  # `blocks`: queries per chunk ...
 KEY_BLOCK = 128  # ... and the granularity of the key blocks it gathers (measured best on CPU at 4k-16k)
 GATHER_MAX_KEYS = 1 << 16  # gathered keys per SDPA call of `blocks` (bounds the copies)
@@ -435,13 +438,16 @@ def _flex(query, key, value, pattern, offsets, padding, scaling):
 
 
 def choose_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, compressed: bool) -> str:
-    """`auto`: masked for short inputs, else flex on a GPU (Triton) and blocks on CPU (faster there than compiled
-    flex, which has no CPU backward). Under `torch.compile` always masked: the blocks plan is built on the host from
-    the mask's values, and flex keeps its own compiled kernels and `BlockMask` cache outside the caller's graph."""
+    """`auto`: masked for short inputs (`MASKED_MAX_PAIRS`, `MASKED_MAX_PAIRS_CPU`), else flex on a GPU (Triton)
+    and blocks on CPU (faster there than compiled flex, which has no CPU backward). Under `torch.compile` always
+    masked: the blocks plan is built on the host from the mask's values, and flex keeps its own compiled kernels and
+    `BlockMask` cache outside the caller's graph."""
     q_len, kv_len = query.shape[2], key.shape[2]
-    if compressed or q_len * kv_len <= MASKED_MAX_PAIRS or torch.compiler.is_compiling():
+    cuda = query.device.type == "cuda"
+    short = q_len * kv_len <= (MASKED_MAX_PAIRS if cuda else MASKED_MAX_PAIRS_CPU)
+    if compressed or short or torch.compiler.is_compiling():
         return "masked"
-    return "flex" if query.device.type == "cuda" and query.shape[-1] == value.shape[-1] else "blocks"
+    return "flex" if cuda and query.shape[-1] == value.shape[-1] else "blocks"
 
 
 def sparse_attention(
