@@ -52,7 +52,7 @@ Backend = Literal["auto", "flex", "blocks", "masked"]
 FLEX_BLOCK = 128
 # below this many query x key pairs one masked SDPA call is cheapest (and what decode steps use): on a GPU up to
 # 2048 x 2048; on CPU up to 512 x 512, past which the gathered blocks win for every pattern measured (sliding windows
-# of 64-1024, PowerAttention; 0.4-0.8x the masked call's time at 1k, 0.2-0.5x at 2k, 2026-12-07)
+# of 64-1024, PowerAttention; 0.4-0.8x the masked call's time at 1k, 0.2-0.5x at 2k: benchmarks/masked_cutoff.py)
 MASKED_MAX_PAIRS = 1 << 22
 MASKED_MAX_PAIRS_CPU = 1 << 18
 QUERY_CHUNK = 256  # `blocks`: queries per chunk ...
