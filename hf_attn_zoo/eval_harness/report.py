@@ -21,6 +21,7 @@ __all__ = [
     "build_rows",
     "load_results",
     "merge_results",
+    "score_table",
     "write_report",
 ]
 
@@ -265,19 +266,24 @@ def _active_fraction(usage: Any) -> float | None:
     return _number(usage)
 
 
-def _markdown(rows: list[ReportRow], names: list[str], models: dict[str, dict[str, Any]]) -> str:
-    lines = ["# hf-attn-zoo benchmark report", ""]
-    lines.append("| task | metric | n | " + " | ".join(names) + " |")
-    lines.append("|---|---|---:|" + "---:|" * len(names))
+def score_table(rows: list[ReportRow], names: list[str], bold_best: bool = True) -> list[str]:
+    """The markdown lines of the scores table: one row per task metric, one column per model (mean ± stderr), the
+    best value of a row in bold when `bold_best` (the report's; the model card's table has no winner)."""
+    lines = ["| task | metric | n | " + " | ".join(names) + " |", "|---|---|---:|" + "---:|" * len(names)]
     for row in rows:
         arrow = {True: " ↑", False: " ↓"}.get(row.higher_is_better, "")
-        best = row.best()
+        best = row.best() if bold_best else []
         cells = []
         for name in names:
             cell = _fmt(row.values[name], row.stderrs[name])
             cells.append(f"**{cell}**" if name in best else cell)
         n = "" if row.n_samples is None else str(row.n_samples)
         lines.append(f"| {row.alias} | {row.label}{arrow} | {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _markdown(rows: list[ReportRow], names: list[str], models: dict[str, dict[str, Any]]) -> str:
+    lines = ["# hf-attn-zoo benchmark report", "", *score_table(rows, names)]
     lines += ["", "Values are mean ± standard error as lm-eval reports them; the best value of a row is in bold.", ""]
     lines += ["## Models", "", "| name | model | patches | active heads | limit |", "|---|---|---|---:|---:|"]
     for name in names:

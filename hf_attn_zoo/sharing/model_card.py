@@ -68,7 +68,6 @@ _ARXIV = re.compile(r"arXiv:\s*(\d{4}\.\d{4,5})")
 # the embedded default model is converted from this checkpoint's GGUF (hf_attn_zoo.assets)
 _DEFAULT_SOURCE = ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")
 _OPTION_WIDTH = 60
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 _SCMOE_PAPER = "Unchosen Experts Can Contribute Too: Unleashing MoE Models' Power by Self-Contrast (arXiv:2405.14507)"
 
 
@@ -472,26 +471,13 @@ def _eval_columns(folder: Path, run: Path | None, eval_results: Mapping[str, Any
     return columns
 
 
-def _cell(value: float | None, stderr: float | None) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.4f} ± {stderr:.4f}" if stderr is not None else f"{value:.4f}"
-
-
 def _eval_section(columns: dict[str, dict[str, Any]]) -> list[str]:
-    from ..eval_harness.report import build_rows
+    from ..eval_harness.report import build_rows, score_table
 
     rows = build_rows(columns) if columns else []
     if not rows:
         return []
-    names = list(columns)
-    lines = ["## Evaluation", "", "| task | metric | n | " + " | ".join(names) + " |"]
-    lines.append("|---|---|---:|" + "---:|" * len(names))
-    for row in rows:
-        arrow = "" if row.higher_is_better is None else (" ↑" if row.higher_is_better else " ↓")
-        n = "" if row.n_samples is None else str(row.n_samples)
-        cells = " | ".join(_cell(row.values[name], row.stderrs[name]) for name in names)
-        lines.append(f"| {row.alias} | {row.label}{arrow} | {n} | {cells} |")
+    lines = ["## Evaluation", "", *score_table(rows, list(columns), bold_best=False)]
     note = "lm-eval (`hf-attn-zoo eval`), mean ± standard error"
     if BASE_EVAL in columns:
         note += f"; `{BASE_EVAL}` is the unpatched base model on the same tasks"

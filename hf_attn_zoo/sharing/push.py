@@ -145,6 +145,16 @@ def push_to_hub(
     """
     if not isinstance(repo_id, str) or not _HUB_ID.match(repo_id):
         raise InvalidOptionError(f"repo_id={repo_id!r} is not a hub repository id; give it as 'namespace/name'.")
+    options: dict[str, Any] = dict(
+        private=private,
+        token=token,
+        revision=revision,
+        commit_message=commit_message,
+        create_pr=create_pr,
+        custom_generate=custom_generate,
+        base_model=base_model,
+        eval_results=eval_results,
+    )
     if isinstance(model_or_folder, torch.nn.Module):
         model: Any = inner_model(model_or_folder)
         if hasattr(model_or_folder, "merge_and_unload") or getattr(model, "_hf_peft_config_loaded", False):
@@ -157,40 +167,17 @@ def push_to_hub(
             model.save_pretrained(folder)
             if tokenizer is not None:
                 tokenizer.save_pretrained(folder)
-            return _push_folder(
-                folder,
-                repo_id,
-                model,
-                private,
-                token,
-                revision,
-                commit_message,
-                create_pr,
-                custom_generate,
-                base_model,
-                eval_results,
-            )
+            return _push_folder(folder, repo_id, model, **options)
     if tokenizer is not None:
         raise InvalidOptionError("tokenizer= goes with a model object; a folder is uploaded with the tokenizer in it.")
-    return _push_folder(
-        Path(model_or_folder),
-        repo_id,
-        None,
-        private,
-        token,
-        revision,
-        commit_message,
-        create_pr,
-        custom_generate,
-        base_model,
-        eval_results,
-    )
+    return _push_folder(Path(model_or_folder), repo_id, None, **options)
 
 
 def _push_folder(
     folder: Path,
     repo_id: str,
     model: torch.nn.Module | None,
+    *,
     private: bool | None,
     token: str | bool | None,
     revision: str | None,
