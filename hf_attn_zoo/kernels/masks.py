@@ -9,10 +9,11 @@ transformers passes, depending on the base implementation: `None` (no padding), 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import UnsupportedArchitectureError
 
-__all__ = ["allowed_keys", "key_padding", "left_padding"]
+__all__ = ["allowed_keys", "key_padding", "left_padding", "longest_row", "masked_sdpa", "padding_or_none"]
 
 
 def key_padding(attention_mask: torch.Tensor | None, batch: int, kv_len: int) -> torch.Tensor | None:
@@ -37,6 +38,15 @@ def key_padding(attention_mask: torch.Tensor | None, batch: int, kv_len: int) ->
     mask = mask[:, -kv_len:]
     if mask.shape[0] == 1 and batch > 1:
         mask = mask.expand(batch, -1)
+    return padding_or_none(mask)
+
+
+def padding_or_none(mask: torch.Tensor) -> torch.Tensor | None:
+    """`mask` (real tokens `[B, S]`), or `None` when no token is padding, so kernels take their unpadded fast path.
+
+    Under `torch.compile` the mask is returned as it is: telling it from `None` reads its values (a host sync and a
+    graph break), and every kernel gives the same result for an all-real mask as for `None`.
+    """
     return mask if torch.compiler.is_compiling() or not bool(mask.all()) else None
 
 
@@ -45,6 +55,34 @@ def left_padding(padding: torch.Tensor | None, batch: int, device: torch.device)
     if padding is None:
         return torch.zeros(batch, dtype=torch.long, device=device)
     return padding.to(torch.int8).argmax(dim=-1).to(device)
+
+
+def longest_row(padding: torch.Tensor | None, total: int) -> int:
+    """Real tokens of the batch's longest row, for a handler's "is this input long enough for the method" check;
+    under `torch.compile` (no host sync) the padded length `total` stands for it."""
+    if padding is None or torch.compiler.is_compiling():
+        return total
+    return total - int(left_padding(padding, padding.shape[0], padding.device).min())
+
+
+def masked_sdpa(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float, dropout: float
+) -> torch.Tensor:
+    """SDPA with a boolean mask (GQA keys not repeated); rows with no allowed key (padding queries) give zeros
+    instead of NaN. Under `torch.compile` the empty rows are always handled (no host sync to find whether there are
+    any)."""
+    empty = ~mask.any(-1, keepdim=True)
+    any_empty = torch.compiler.is_compiling() or bool(empty.any())
+    out = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=mask | empty if any_empty else mask,
+        dropout_p=dropout,
+        scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out.masked_fill(empty, 0.0) if any_empty else out
 
 
 def allowed_keys(

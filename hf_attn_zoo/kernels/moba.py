@@ -39,7 +39,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .masks import left_padding
+from .masks import left_padding, masked_sdpa
 
 __all__ = ["Backend", "causal_key_conv", "moba_attention", "naive_moba_attention", "moba_selection"]
 
@@ -330,17 +330,7 @@ def _masked_shifted(query, key, value, offsets, block_size, top_k, window, scali
     k_block = rel.clamp(min=0) // block_size
     mask = chosen.gather(-1, k_block[:, None, None, :].expand(batch, heads, q_len, total))
     mask = mask & allowed & (rel >= 0)[:, None, None, :]
-    empty = ~mask.any(-1, keepdim=True)  # padding queries
-    out = F.scaled_dot_product_attention(
-        query,
-        key,
-        value,
-        attn_mask=mask | empty,
-        dropout_p=dropout,
-        scale=scaling,
-        enable_gqa=heads != kv_heads,
-    )
-    return out.masked_fill(empty, 0.0).to(query.dtype)
+    return masked_sdpa(query, key, value, mask, scaling, dropout).to(query.dtype)  # padding queries: zeros
 
 
 def moba_attention(

@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .masks import left_padding
+from .masks import left_padding, masked_sdpa
 
 __all__ = [
     "RoutingBackend",
@@ -106,23 +106,6 @@ def naive_routing_attention(
     return (probs @ v.float()).to(query.dtype).transpose(1, 2)
 
 
-def _attend(query, key, value, mask, scaling, dropout):
-    """SDPA with a boolean mask; rows with no allowed key (padding queries) return zeros instead of NaN (always
-    handled under `torch.compile`: no host sync to find whether there are any)."""
-    empty = ~mask.any(-1, keepdim=True)
-    has_empty = torch.compiler.is_compiling() or bool(empty.any())
-    out = F.scaled_dot_product_attention(
-        query,
-        key,
-        value,
-        attn_mask=mask | empty if has_empty else mask,
-        dropout_p=dropout,
-        scale=scaling,
-        enable_gqa=query.shape[1] != key.shape[1],
-    )
-    return out.masked_fill(empty, 0.0) if has_empty else out
-
-
 def _masked(query, key, value, q_pos, k_pos, offsets, padding, qc, kc, routing, window, sinks, span, scaling, dropout):
     outs = []
     for start in range(0, query.shape[2], QUERY_CHUNK):
@@ -141,7 +124,7 @@ def _masked(query, key, value, q_pos, k_pos, offsets, padding, qc, kc, routing, 
             sinks,
             span,
         )
-        outs.append(_attend(query[:, :, start:stop], key[:, :, :last], value[:, :, :last], mask, scaling, dropout))
+        outs.append(masked_sdpa(query[:, :, start:stop], key[:, :, :last], value[:, :, :last], mask, scaling, dropout))
     return torch.cat(outs, dim=2)
 
 

@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .masks import key_padding, left_padding
+from .masks import key_padding, left_padding, masked_sdpa, padding_or_none
 
 __all__ = [
     "AttentionPattern",
@@ -117,9 +117,7 @@ class PaddingTracker:
             mask = self.mask.bool()
             if mask.shape[-1] < total:  # a static cache's unused tail
                 mask = F.pad(mask, (0, total - mask.shape[-1]), value=False)
-            mask = mask[:, :total]
-            # under torch.compile an all-real mask stays a mask (see `key_padding`)
-            return mask if torch.compiler.is_compiling() or not bool(mask.all()) else None
+            return padding_or_none(mask[:, :total])
         return key_padding(attention_mask, batch, total)
 
 
@@ -144,23 +142,9 @@ def pattern_mask(
     return mask
 
 
-def _attend(query, key, value, mask, scaling, dropout):
-    """SDPA with a boolean mask; rows with no allowed key (padding queries) return zeros instead of NaN.
-
-    Under `torch.compile` the empty rows are always handled (no host sync to find whether there are any)."""
-    empty = ~mask.any(-1, keepdim=True)
-    any_empty = torch.compiler.is_compiling() or bool(empty.any())
-    if any_empty:
-        mask = mask | empty
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
-    )
-    return out.masked_fill(empty, 0.0) if any_empty else out
-
-
 def _masked(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling, dropout):
     mask = pattern_mask(pattern, q_pos, k_pos, offsets, padding, query.shape[1])
-    return _attend(query, key, value, mask, scaling, dropout)
+    return masked_sdpa(query, key, value, mask, scaling, dropout)
 
 
 def _softcapped(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling, dropout, softcap):

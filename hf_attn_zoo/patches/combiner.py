@@ -43,7 +43,7 @@ from ..errors import UnsupportedArchitectureError
 from ..families.spec import FamilySpec
 from ..kernels.combiner import combiner_attention, has_regions
 from ..kernels.kv_cache import RetainingLayer, current_kv_layer, use_kv_layer
-from ..kernels.masks import left_padding
+from ..kernels.masks import longest_row
 from ..kernels.pattern_handler import check_length, max_positions, unsupported_attention_reason
 from ..kernels.register import install_handler, remove_handler
 from ..kernels.sparse_attention import PaddingTracker
@@ -143,11 +143,7 @@ def _combiner_handler(
     # every call's queries go to the cache, also those the model's own attention serves below
     queries = layer.add_queries(query) if isinstance(layer, QueryCacheLayer) else query
     padding = tracker.padding(attention_mask, batch, total)
-    longest = total
-    # under torch.compile (no host sync) the padded length stands for the longest row: a row without regions gets
-    # exact causal attention from the kernel too
-    if padding is not None and not torch.compiler.is_compiling():
-        longest -= int(left_padding(padding, batch, query.device).min())
+    longest = longest_row(padding, total)  # under torch.compile the padded length
     if not has_regions(longest, config.block_size, config.direct_blocks + config.sink_blocks):
         return base(module, query, key, value, attention_mask, **kwargs)
     if queries.shape[2] != total:

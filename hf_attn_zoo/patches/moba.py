@@ -36,7 +36,7 @@ from transformers import PretrainedConfig
 from ..families.spec import FamilySpec
 from ..families.rope import channel_pairs
 from ..kernels.kv_cache import RetainingLayer, use_kv_layer
-from ..kernels.masks import left_padding
+from ..kernels.masks import longest_row
 from ..kernels.moba import causal_key_conv, moba_attention
 from ..kernels.pattern_handler import check_length, max_positions, unsupported_attention_reason
 from ..kernels.register import install_handler, remove_handler
@@ -141,11 +141,7 @@ def _moba_handler(
     conv = getattr(module, "moba_key_conv", None)
     if conv is not None:
         key = conv(key, padding)
-    longest = total
-    # under torch.compile (no host sync) the padded length stands for the longest row: a row whose every block is
-    # selected gets exactly full causal attention from the kernel too
-    if padding is not None and not torch.compiler.is_compiling():
-        longest -= int(left_padding(padding, batch, query.device).min())
+    longest = longest_row(padding, total)  # under torch.compile the padded length
     if (q_len < total and config.decode == "dense") or -(-longest // config.block_size) <= config.top_k:
         return base(module, query, key, value, attention_mask, **kwargs)
     out = moba_attention(
