@@ -10,6 +10,7 @@ grid runs it on, and only what differs from (or cannot be read from) the modules
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from ..errors import UnsupportedArchitectureError
 from .discover import discover_layout
 
 __all__ = ["FamilySpec", "HeadLayout", "family_specs", "resolve_family", "supported_model_types"]
+
+logger = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
 
@@ -250,11 +253,23 @@ def _spec(declared: Mapping[str, Any], config: PretrainedConfig) -> FamilySpec:
 
 @functools.cache
 def family_specs() -> dict[str, FamilySpec]:
-    """All shipped families, by name (each completed from the modules of its tiny config)."""
+    """All shipped families that the installed transformers has, by name (each completed from the modules of its
+    tiny config). A family added in a later transformers than this one is left out: no model of it can load here."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
     specs = {}
     for name, data in _declared().items():
+        if data["model_types"][0] not in CONFIG_MAPPING_NAMES:
+            logger.debug("family %s: transformers %s has no model type %r", name, _version(), data["model_types"][0])
+            continue
         specs[name] = _spec(data, _tiny_config(data["model_types"], data.get("tiny", {})))
     return specs
+
+
+def _version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def supported_model_types() -> list[str]:

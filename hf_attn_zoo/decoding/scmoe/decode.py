@@ -4,6 +4,7 @@ out like `generate`), `CUSTOM_GENERATE_DIR` (the `custom_generate` folder) and `
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,7 @@ def scmoe_decode(
     scores_out = () if return_dict and generation_config.output_scores else None
     logits_out = () if return_dict and generation_config.output_logits else None
     unfinished = torch.ones(batch, dtype=torch.long, device=device)
-    cache = DynamicCache(config=model.config)
+    cache = {_cache_argument(model): DynamicCache(config=model.config)}
     step_ids = torch.cat([input_ids, input_ids])
     optimise = getattr(model, "_optimize_model_for_decode", None)
 
@@ -133,7 +134,7 @@ def scmoe_decode(
                 input_ids=step_ids,
                 attention_mask=mask2,
                 position_ids=positions2[:, -length:],
-                cache=cache,
+                **cache,
                 use_cache=True,
                 return_dict=True,
                 **forward_kwargs,
@@ -247,3 +248,12 @@ def scmoe_generate(
         generate_kwargs["beta"] = row_beta
     move_stop_strings(generate_kwargs)
     return model.generate(input_ids, custom_generate=scmoe_decode, scmoe=config, **generate_kwargs)
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The name the model's forward takes its KV cache by: `cache` from transformers 5.24 on (`past_key_values` is a
+    deprecated alias there), `past_key_values` before (where `cache=` would be swallowed by `**kwargs`, silently
+    decoding without a cache)."""
+    from ...wrappers import inner_model
+
+    return "cache" if "cache" in inspect.signature(inner_model(model).forward).parameters else "past_key_values"
