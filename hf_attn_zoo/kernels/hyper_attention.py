@@ -22,7 +22,10 @@ kernel's causal leaves; the value head dim may differ, as in MLA). Internally qu
 
 The exact parts (leaves, blocks, residual) run the CPU flash kernel, which returns the log-sum-exp, when nothing
 needs a gradient (its backward ignores the log-sum-exp's gradient); otherwise, or on other devices, chunked PyTorch
-attention, which is differentiable in both outputs.
+attention, which is differentiable in both outputs. A logit `softcap` (Gemma 2: `softcap * tanh(s / softcap)` on the
+scaled scores) applies to the scores of every exact part, so the merged result approximates the softcapped attention
+(and equals it in the exact limits); the fused kernel cannot apply it, so with one the PyTorch path runs. The sortLSH
+buckets depend on the queries and keys only.
 
 Randomness (projections, then samples) comes from one generator seeded per call, so results are reproducible; the
 samples are shared by the rows of a batch, so a row's output does not depend on the rest of its batch.
@@ -56,16 +59,20 @@ class _Options:
     block_size: int
     sample_size: int
     min_seq_len: int
+    softcap: float | None = None
 
 
-def _attend(q, k, v, scaling, mask):
-    """Exact attention with log-sum-exp; `mask` (True = attend) broadcasts to `[*L, Nq, Nk]`.
+def _attend(q, k, v, scaling, mask, softcap=None):
+    """Exact attention with log-sum-exp; `mask` (True = attend) broadcasts to `[*L, Nq, Nk]`; `softcap` caps the
+    scaled scores.
 
     Rows that attend no key give zeros and a log-sum-exp of -inf (no NaN, also in the backward).
     """
     groups, n_q = q.shape[-3], q.shape[-2]
     # fp32 scores, softmax and log-sum-exp: the parts are merged by their log-sum-exp
     scores = torch.matmul(q.flatten(-3, -2), k.transpose(-1, -2)).unflatten(-2, (groups, n_q)).float() * scaling
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     if mask is not None:
         scores = scores.masked_fill(~mask.unsqueeze(-3), float("-inf"))
     # the max shift cancels in the softmax and in the log-sum-exp, so it carries no gradient
@@ -119,13 +126,13 @@ def _fused(q, k, v, scaling, causal, mask):
     return out, lse
 
 
-def _exact(q, k, v, scaling, causal=False, mask=None):
+def _exact(q, k, v, scaling, causal=False, mask=None, softcap=None):
     """Exact attention in query chunks; causal aligns the last query with the last key."""
     n_q, n_k = q.shape[-2], k.shape[-2]
-    if _can_fuse(q, k, v) and (not causal or n_q == n_k):
+    if not softcap and _can_fuse(q, k, v) and (not causal or n_q == n_k):
         return _fused(q, k, v, scaling, causal, mask)
     if not causal and n_q <= QUERY_CHUNK:
-        return _attend(q, k, v, scaling, mask)
+        return _attend(q, k, v, scaling, mask, softcap)
     outs, lses = [], []
     for start in range(0, n_q, QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, n_q)
@@ -136,7 +143,7 @@ def _exact(q, k, v, scaling, causal=False, mask=None):
             rows = torch.arange(start, stop, device=q.device)[:, None] + (n_k - n_q)
             allowed = torch.arange(keys, device=q.device) <= rows
             chunk_mask = allowed if chunk_mask is None else chunk_mask[..., :keys] & allowed
-        out, lse = _attend(q[..., start:stop, :], k[..., :keys, :], v[..., :keys, :], scaling, chunk_mask)
+        out, lse = _attend(q[..., start:stop, :], k[..., :keys, :], v[..., :keys, :], scaling, chunk_mask, softcap)
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs, -2), torch.cat(lses, -1)
@@ -188,7 +195,7 @@ def _gather(x, index):
     return x.gather(-2, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))
 
 
-def _block_diagonal(q, k, v, block_size, scaling):
+def _block_diagonal(q, k, v, block_size, scaling, softcap):
     """Exact attention of matching equal blocks of sorted queries `[*L, G, Nq, D]` and keys `[*L, Nk, D]`."""
     n_q, n_k = q.shape[-2], k.shape[-2]
     blocks = -(-n_k // block_size)
@@ -201,7 +208,7 @@ def _block_diagonal(q, k, v, block_size, scaling):
     mask = None
     if key_pad:
         mask = (torch.arange(blocks * block_size, device=k.device) < n_k).view(blocks, 1, block_size)
-    out, lse = _exact(q_blocks, k_blocks, v_blocks, scaling, mask=mask)  # [*L, nb, G, qb, Dv]
+    out, lse = _exact(q_blocks, k_blocks, v_blocks, scaling, mask=mask, softcap=softcap)  # [*L, nb, G, qb, Dv]
     out = out.transpose(-4, -3).flatten(-3, -2)[..., :n_q, :]
     lse = lse.transpose(-3, -2).flatten(-2, -1)[..., :n_q]
     return out, lse, query_block
@@ -212,12 +219,14 @@ def _non_causal(q, k, v, options: _Options, projections, draws: list[torch.Tenso
     takes its residual samples from the front of `draws`."""
     n_q, n_k = q.shape[-2], k.shape[-2]
     if n_q < options.min_seq_len:
-        return _exact(q, k, v, options.scaling)
+        return _exact(q, k, v, options.scaling, softcap=options.softcap)
     query_order = _sort_order(q, projections)  # [*L, G, Nq]
     key_order = _sort_order(k, projections)  # [*L, Nk]
     q_sorted = _gather(q, query_order)
     k_sorted, v_sorted = _gather(k, key_order), _gather(v, key_order)
-    out, lse, query_block = _block_diagonal(q_sorted, k_sorted, v_sorted, options.block_size, options.scaling)
+    out, lse, query_block = _block_diagonal(
+        q_sorted, k_sorted, v_sorted, options.block_size, options.scaling, options.softcap
+    )
     if _samples(n_q, n_k, options):
         # one draw per KV head, shared by the rows of the batch
         picks = draws.pop(0).expand(*k.shape[:-2], options.sample_size)
@@ -225,7 +234,12 @@ def _non_causal(q, k, v, options: _Options, projections, draws: list[torch.Tenso
             ..., None, :
         ]
         res_out, res_lse = _exact(
-            q_sorted, _gather(k_sorted, picks), _gather(v_sorted, picks), options.scaling, mask=~own_block
+            q_sorted,
+            _gather(k_sorted, picks),
+            _gather(v_sorted, picks),
+            options.scaling,
+            mask=~own_block,
+            softcap=options.softcap,
         )
         out, lse = merge_attention(out, lse, res_out, res_lse + math.log(n_k / options.sample_size))
     inverse = torch.argsort(query_order, dim=-1)
@@ -236,7 +250,7 @@ def _causal(q, k, v, options: _Options, projections, draws: list[torch.Tensor]):
     """Recursive causal HyperAttention: exact diagonal leaves, approximated lower-left rectangles."""
     n = q.shape[-2]
     if n <= options.min_seq_len:
-        return _exact(q, k, v, options.scaling, causal=True)
+        return _exact(q, k, v, options.scaling, causal=True, softcap=options.softcap)
     # the official code pads odd lengths with a zero row to fold both halves into one call; unequal halves need none
     half = (n + 1) // 2
     up_out, up_lse = _causal(q[..., :half, :], k[..., :half, :], v[..., :half, :], options, projections, draws)
@@ -298,7 +312,9 @@ def _grouped(query, key):
     return query.unflatten(1, (kv_heads, heads // kv_heads))
 
 
-def attention_with_lse(query, key, value, *, scaling: float | None = None, causal: bool = False):
+def attention_with_lse(
+    query, key, value, *, scaling: float | None = None, causal: bool = False, softcap: float | None = None
+):
     """Exact attention and its log-sum-exp (chunked over queries, differentiable).
 
     Args:
@@ -306,12 +322,13 @@ def attention_with_lse(query, key, value, *, scaling: float | None = None, causa
         key, value (`torch.Tensor`): `[B, KV, Nk, D]` and `[B, KV, Nk, Dv]`; `H` a multiple of `KV` (GQA).
         scaling (`float`, *optional*): softmax scale. Default: `D ** -0.5`.
         causal (`bool`): causal mask aligned to the last key. Default: False.
+        softcap (`float`, *optional*): logit softcap `softcap * tanh(s / softcap)` on the scaled scores (Gemma 2).
 
     Returns:
         `out` `[B, H, Nq, Dv]` and `lse` `[B, H, Nq]` (float32).
     """
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    out, lse = _exact(_grouped(query, key), key, value, scaling, causal=causal)
+    out, lse = _exact(_grouped(query, key), key, value, scaling, causal=causal, softcap=softcap)
     return out.flatten(1, 2), lse.flatten(1, 2)
 
 
@@ -328,6 +345,7 @@ def hyper_attention_with_lse(
     min_seq_len: int = 4096,
     generator: torch.Generator | None = None,
     seed: int = 0,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`hyper_attention` that also returns the log-sum-exp `[B, H, N]` (float32) of each output row."""
     if min(block_size, lsh_num_projs, min_seq_len) < 1 or sample_size < 0:
@@ -337,7 +355,8 @@ def hyper_attention_with_lse(
             f"causal HyperAttention needs as many queries as keys, got {query.shape[2]} and "
             f"{key.shape[2]} (decode steps attend the cache exactly)"
         )
-    options = _Options(query.shape[-1] ** -0.5 if scaling is None else scaling, block_size, sample_size, min_seq_len)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    options = _Options(scaling, block_size, sample_size, min_seq_len, softcap or None)
     draw = (query.shape[-1], lsh_num_projs, _draw_sizes(query.shape[2], causal, options), key.shape[1], sample_size)
     if generator is None:
         projections, picks = _seeded_draws(seed, *draw, query.device)
@@ -362,6 +381,8 @@ def hyper_attention(query, key, value, **options) -> torch.Tensor:
         min_seq_len (`int`): exact attention up to this many tokens (causal leaves, short rectangles). Default: 4096.
         generator (`torch.Generator`, *optional*): source of the projections and samples, on the inputs' device.
         seed (`int`): seed of a fresh generator when `generator` is None. Default: 0.
+        softcap (`float`, *optional*): the layer's logit softcap (Gemma 2), `softcap * tanh(s / softcap)` on the
+            scaled scores of every exact part. Default: None.
     """
     return hyper_attention_with_lse(query, key, value, **options)[0]
 
@@ -377,6 +398,7 @@ def _each_row(
     lsh_num_projs: int,
     min_seq_len: int,
     seed: int,
+    softcap: float | None,
 ) -> torch.Tensor:
     """`padded_hyper_attention`, eagerly: one causal call per row over its real tokens."""
     rows = []
@@ -394,6 +416,7 @@ def _each_row(
                 lsh_num_projs=lsh_num_projs,
                 min_seq_len=min_seq_len,
                 seed=seed,
+                softcap=softcap,
             )
             row = row.index_copy(1, index, out[0])
         rows.append(row)
@@ -412,10 +435,13 @@ def _rows_op(
     lsh_num_projs: int,
     min_seq_len: int,
     seed: int,
+    softcap: float | None,
 ) -> torch.Tensor:
     """`_each_row` as one operator: the number of real tokens of a row (which shapes its recursion) is data, so
     `torch.compile` calls the eager rows instead of tracing them (no graph break, the same numbers)."""
-    return _each_row(query, key, value, padding, scaling, block_size, sample_size, lsh_num_projs, min_seq_len, seed)
+    return _each_row(
+        query, key, value, padding, scaling, block_size, sample_size, lsh_num_projs, min_seq_len, seed, softcap
+    )
 
 
 @_rows_op.register_fake
@@ -435,13 +461,14 @@ def padded_hyper_attention(
     lsh_num_projs: int = 7,
     min_seq_len: int = 4096,
     seed: int = 0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal `hyper_attention` of a padded batch, each row over its real tokens alone (`padding` `[B, N]` bool, True
     for real tokens): a row gets exactly the result it gets unpadded; padding queries output zeros. `[B, H, N, Dv]`.
 
     The rows' lengths are data, which no traced graph can follow: under `torch.compile` they run as one opaque
     operator, for inference (with gradients, Dynamo breaks the graph there and runs them eagerly)."""
-    options = (scaling, block_size, sample_size, lsh_num_projs, min_seq_len, seed)
+    options = (scaling, block_size, sample_size, lsh_num_projs, min_seq_len, seed, softcap)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     if torch.compiler.is_compiling() and not needs_grad:
         return _rows_op(query, key, value, padding, *options)

@@ -5,11 +5,14 @@ For query `i` (keys indexed by position, `d = i - j`):
     out_i = (w_h sum_{0 <= d < W} exp(s_ij - m_i) v_j + sum_{W <= d < span} (phi_q_i . phi_k_j) v_j)
           / (w_h sum_{0 <= d < W} exp(s_ij - m_i)     + sum_{W <= d < span} (psi_q_i . psi_k_j))
 
-with `s_ij = scaling * q_i . k_j`, `m_i` the row's largest window score, `w_h = sigmoid(gamma_h)` a per-head window
+with `s_ij = scaling * q_i . k_j` (capped, `c * tanh(s_ij / c)`, under a layer's logit softcap `c`, as Gemma 2's own
+attention does), `m_i` the row's largest window score, `w_h = sigmoid(gamma_h)` a per-head window
 weight and a linear weight of 1 (LoLCATs, arXiv:2410.10254, its default: no affine factors). `phi` are the numerator
 features and `psi` the normaliser's: NaLaFormer (arXiv:2506.21137) rotates the numerator features with RoPE and keeps
 the normaliser on the un-rotated ones, so it stays positive; other maps pass the same tensors twice. `W = 0` is pure
-linear attention; a window that covers every key is exact softmax attention (the linear sums are empty). `span`
+linear attention; a window that covers every key is exact softmax attention (the linear sums are empty). The softcap
+applies to the window's softmax logits only: the linear part's feature-map products are no logits, so it does not
+apply there. `span`
 bounds the linear part for a layer with its own sliding window (None = every older key).
 
 `naive_hybrid_attention` is the quadratic reference. `hybrid_attention` is the chunked form used for prefill and
@@ -95,6 +98,7 @@ def naive_hybrid_attention(
     span: int | None = None,
     key_real: torch.Tensor | None = None,
     state: LinearState | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """The quadratic reference of `hybrid_attention` (same arguments; `window_weight` `[H]`, `key_real` `[B, K]`)."""
     batch, heads, q_len, _ = query.shape
@@ -108,7 +112,7 @@ def naive_hybrid_attention(
         in_linear = in_linear & (distance < span)
     real = key_real[:, None, None, :] if key_real is not None else torch.ones(1, 1, 1, k_len, dtype=torch.bool)
     real = real.to(query.device)
-    scores = (query.float() @ k.transpose(-1, -2)) * scaling
+    scores = _cap((query.float() @ k.transpose(-1, -2)) * scaling, softcap)
     scores = scores.masked_fill(~(in_window & real), float("-inf"))
     top = scores.amax(-1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
@@ -126,6 +130,10 @@ def naive_hybrid_attention(
         den = den + (features.q_norm.float() * state.k.repeat_interleave(group, 1)[:, :, None]).sum(-1)
     out = num / _safe(den)[..., None]
     return out.transpose(1, 2).to(value.dtype)
+
+
+def _cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return scores if not softcap else softcap * torch.tanh(scores / softcap)
 
 
 def _softmax_sums(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -147,16 +155,18 @@ def _window_part(
     scaling: float,
     real: torch.Tensor,
     chunk: int,
+    softcap: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The softmax window's numerator `[B, KV, g, Q, Dv]` and normaliser `[B, KV, g, Q]`, in query blocks of `chunk`
-    against their `chunk + window - 1` keys (one block when the window covers every key); `weight` `[KV, g]`."""
+    against their `chunk + window - 1` keys (one block when the window covers every key); `weight` `[KV, g]`;
+    `softcap` caps the scaled scores."""
     batch, kv_heads, group, q_len, _ = query.shape
     k_len = key.shape[2]
     start = k_len - q_len  # position of the first query
     if window >= k_len or q_len <= chunk:  # every query sees (nearly) all keys: one masked block
         distance = torch.arange(start, k_len, device=query.device)[:, None] - torch.arange(k_len, device=key.device)
         allowed = (distance >= 0) & (distance < window) & real[:, None, None, None, :]  # [B, 1, 1, Q, K]
-        soft = _softmax_sums(torch.einsum("bkgqd,bkld->bkgql", query, key) * scaling, allowed)
+        soft = _softmax_sums(_cap(torch.einsum("bkgqd,bkld->bkgql", query, key) * scaling, softcap), allowed)
         num, den = torch.einsum("bkgql,bkld->bkgqd", soft, value), soft.sum(-1)
     else:
         blocks = -(-q_len // chunk)
@@ -172,7 +182,7 @@ def _window_part(
         allowed = (col >= row) & (col < row + window)  # distance = row - col + window - 1 in [0, window)
         real_blocks = F.pad(real, pad, value=False)[:, start:].unfold(1, span, chunk)  # [B, N, span]
         allowed = allowed & real_blocks[:, None, None, :, None, :]  # [B, 1, 1, N, C, span]
-        soft = _softmax_sums(torch.einsum("bkgncd,bkndl->bkgncl", q_blocks, keys) * scaling, allowed)
+        soft = _softmax_sums(_cap(torch.einsum("bkgncd,bkndl->bkgncl", q_blocks, keys) * scaling, softcap), allowed)
         num = torch.einsum("bkgncl,bknld->bkgncd", soft, values).flatten(3, 4)[:, :, :, :q_len]
         den = soft.sum(-1).flatten(3, 4)[:, :, :, :q_len]
     weight = weight[None, :, :, None]  # applied to the sums: the window's terms all share their head's weight
@@ -291,10 +301,12 @@ def hybrid_attention(
     state: LinearState | None = None,
     chunk: int = 64,
     backend: LinearBackend = "torch",
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Hybrid softmax-window + linear attention, chunked (see the module docstring). `state` holds keys older than
     every query's window (they precede `key`); `key_real` `[B, K]` marks real (non-padding) keys; `backend` runs the
-    linear part in PyTorch or on flash-linear-attention. Returns `[B, Q, H, Dv]`."""
+    linear part in PyTorch or on flash-linear-attention; `softcap` is the layer's logit softcap (Gemma 2) on the
+    window's softmax scores (the linear part has no logits). Returns `[B, Q, H, Dv]`."""
     batch, heads, q_len, _ = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
     if span is not None and state is not None:
@@ -306,7 +318,7 @@ def hybrid_attention(
     if window > 0:
         weight = window_weight.float() if window_weight is not None else query.new_ones(heads, dtype=torch.float)
         weight = weight.to(query.device).view(kv_heads, heads // kv_heads)
-        w_num, w_den = _window_part(q, key.float(), value.float(), window, weight, scaling, real, chunk)
+        w_num, w_den = _window_part(q, key.float(), value.float(), window, weight, scaling, real, chunk, softcap)
         num, den = num + w_num, den + w_den
     fq, fqn = _grouped(features.q.float(), kv_heads), _grouped(features.q_norm.float(), kv_heads)
     fk, fkn = features.k.float(), features.k_norm.float()

@@ -5,7 +5,9 @@ row are cut into blocks of `block_size` tokens counted from the row's first real
 the mean of its keys; the gate is `s = q . mean(K_block)` in fp32 without scaling; future blocks get -inf, the
 query's own block +inf; the query attends the union of its top-k blocks (its own block with a token-level causal
 mask, so k-1 past blocks), with the usual softmax scale. With GQA a query head gates on its KV head's block means.
-An optional layer `window` (Gemma-3's sliding layers) further limits every query to its last `window` keys.
+An optional layer `window` (Gemma-3's sliding layers) further limits every query to its last `window` keys, and an
+optional logit `softcap` (Gemma 2) caps the attention scores, `softcap * tanh(s / softcap)`, before the softmax (not the
+gates, which only rank the blocks). SDPA cannot apply a softcap: with one, every path materialises its scores.
 
 Paths, equal up to floating-point error (`naive_moba_attention` is the naive dense-mask definition they are tested
 against):
@@ -40,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .masks import left_padding, masked_sdpa
+from .sparse_attention import softcap_attention
 
 __all__ = ["Backend", "causal_key_conv", "moba_attention", "naive_moba_attention", "moba_selection"]
 
@@ -104,12 +107,18 @@ def moba_selection(
     return chosen, current
 
 
-def _masked(query, key, value, chosen, block_size, window, scaling, dropout):
+def _cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return scores if not softcap else softcap * torch.tanh(scores / softcap)
+
+
+def _masked(query, key, value, chosen, block_size, window, scaling, dropout, softcap):
     q_len, length = query.shape[1], key.shape[1]
     k_pos = torch.arange(length, device=key.device)
     q_pos = k_pos[length - q_len :, None]
     allowed = (k_pos <= q_pos) & (q_pos - k_pos < window if window else True)
     mask = chosen[:, :, k_pos // block_size] & allowed
+    if softcap:
+        return softcap_attention(query[None], key[None], value[None], mask[None], scaling, dropout, softcap)[0]
     return F.scaled_dot_product_attention(
         query[None],
         key[None],
@@ -121,11 +130,12 @@ def _masked(query, key, value, chosen, block_size, window, scaling, dropout):
     )[0]
 
 
-def _partial(query, key, value, mask, causal, scaling, dropout, fused):
+def _partial(query, key, value, mask, causal, scaling, dropout, fused, softcap):
     """Softmax attention of `query` `[N, h, R, D]` over `key`/`value` `[N, 1, C, D]`, and its log-sum-exp `[N, h, R]`.
 
     `causal` is top-left aligned (query `i` attends keys `<= i`); `mask` `[N, h, R, C]` further restricts it.
-    `fused` runs PyTorch's CPU flash kernel, which returns the log-sum-exp but gives it no gradient (inference only).
+    `fused` runs PyTorch's CPU flash kernel, which returns the log-sum-exp but gives it no gradient (inference only);
+    it cannot apply a `softcap` (callers pass `fused=False` with one).
     """
     if fused:
         # autocast does not cover the raw kernel, which needs one dtype (autocast: bf16 values, fp32 rotated q/k)
@@ -139,7 +149,7 @@ def _partial(query, key, value, mask, causal, scaling, dropout, fused):
         )
         return out.float(), lse
     # fp32 scores, softmax and log-sum-exp: the partial results are merged by their log-sum-exp below
-    scores = (query @ key.transpose(-1, -2)).float() * scaling
+    scores = _cap((query @ key.transpose(-1, -2)).float() * scaling, softcap)
     if causal:
         tri = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
         mask = tri if mask is None else mask & tri
@@ -157,7 +167,7 @@ def _partial(query, key, value, mask, causal, scaling, dropout, fused):
     return out, (m + total.log()).squeeze(-1)
 
 
-def _gather(query, key, value, chosen, current, block_size, window, scaling, dropout, fused):
+def _gather(query, key, value, chosen, current, block_size, window, scaling, dropout, fused, softcap):
     """Gather-and-densify: each query's own block (one batched causal call over the block diagonal), then, per
     past key block, the queries that selected it; the partial softmaxes are merged by their log-sum-exp."""
     heads, q_len, dim = query.shape
@@ -165,7 +175,7 @@ def _gather(query, key, value, chosen, current, block_size, window, scaling, dro
     group = heads // kv_heads
     q_first = length - q_len
     device = query.device
-    fused = fused and window is None
+    fused = fused and window is None and not softcap
     parts = []
 
     # own blocks: queries aligned to the block grid (front padding), keys of the same blocks
@@ -184,7 +194,7 @@ def _gather(query, key, value, chosen, current, block_size, window, scaling, dro
     if window:
         pos = torch.arange(block_size, device=device)
         mask = pos[:, None] - pos < window
-    out, lse = _partial(q, k, v, mask, True, scaling, dropout, fused)
+    out, lse = _partial(q, k, v, mask, True, scaling, dropout, fused, softcap)
     out = out.unflatten(0, (kv_heads, n_own)).transpose(1, 2).flatten(0, 1).flatten(1, 2)[:, front : front + q_len]
     lse = lse.unflatten(0, (kv_heads, n_own)).transpose(1, 2).flatten(0, 1).flatten(1, 2)[:, front : front + q_len]
     parts.append((torch.arange(heads * q_len, device=device), lse.flatten(), out.flatten(0, 1)))
@@ -209,7 +219,15 @@ def _gather(query, key, value, chosen, current, block_size, window, scaling, dro
             mask = mask.unflatten(0, (kv_heads, group)).flatten(1, 2)[:, None]
         # one call per KV head: its query heads' rows side by side attend the block's keys (no GQA expansion)
         out, lse = _partial(
-            q[:, None], key[:, None, start:stop], value[:, None, start:stop], mask, False, scaling, dropout, fused
+            q[:, None],
+            key[:, None, start:stop],
+            value[:, None, start:stop],
+            mask,
+            False,
+            scaling,
+            dropout,
+            fused,
+            softcap,
         )
         real = torch.arange(width, device=device) < counts[:, j, None]
         index = torch.where(real, rows + picked, trash).flatten()
@@ -237,7 +255,7 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _flex(query, key, value, chosen, block_size, window, scaling):
+def _flex(query, key, value, chosen, block_size, window, scaling, softcap):
     """Compiled FlexAttention over the selected blocks: block-level indices plus a token-level lookup mask."""
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -271,17 +289,29 @@ def _flex(query, key, value, chosen, block_size, window, scaling):
         key[None].contiguous(),
         value[None].contiguous(),
         block_mask=block_mask,
+        score_mod=_softcap_mod(softcap) if softcap else None,
         scale=scaling,
         enable_gqa=query.shape[0] != key.shape[0],
     )
     return out[0]
 
 
+@functools.cache
+def _softcap_mod(softcap: float):
+    """FlexAttention's `score_mod` for a logit softcap (it receives the scaled score); one per value, so compiled
+    kernels are reused across calls and layers."""
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return softcap * torch.tanh(score / softcap)
+
+    return score_mod
+
+
 def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _rows(query, key, value, block_size, top_k, window, scaling, dropout, backend):
+def _rows(query, key, value, block_size, top_k, window, scaling, dropout, backend, softcap):
     """MoBA for rows that start at key 0: query `[H, Q, D]`, key/value `[G, L, D]` -> `[H, Q, Dv]`."""
     chosen, current = moba_selection(query, key, block_size, top_k)
     if backend == "auto":
@@ -289,18 +319,18 @@ def _rows(query, key, value, block_size, top_k, window, scaling, dropout, backen
         short = query.shape[1] * key.shape[1] <= MASKED_MAX_PAIRS
         backend = "masked" if short or torch.compiler.is_compiling() else "gather"
     if backend == "masked":
-        return _masked(query, key, value, chosen, block_size, window, scaling, dropout)
+        return _masked(query, key, value, chosen, block_size, window, scaling, dropout, softcap)
     if backend == "gather":
         fused = query.device.type == "cpu" and not _needs_grad(query, key, value) and not dropout
-        return _gather(query, key, value, chosen, current, block_size, window, scaling, dropout, fused)
+        return _gather(query, key, value, chosen, current, block_size, window, scaling, dropout, fused, softcap)
     if backend == "flex":
         if _needs_grad(query, key, value) and query.device.type == "cpu":
             raise ValueError("the flex MoBA backend has no backward on CPU; use backend='gather' for training")
-        return _flex(query, key, value, chosen, block_size, window, scaling)
+        return _flex(query, key, value, chosen, block_size, window, scaling, softcap)
     raise ValueError(f"unknown MoBA backend {backend!r}; use auto, masked, gather or flex")
 
 
-def _masked_shifted(query, key, value, offsets, block_size, top_k, window, scaling, dropout):
+def _masked_shifted(query, key, value, offsets, block_size, top_k, window, scaling, dropout, softcap):
     """`_masked` for a whole left-padded batch at once, each row's blocks counted from its first real key
     (`offsets` `[B]`): no host sync, which is what runs under `torch.compile`. `[B, H, Q, Dv]`, zero on padding."""
     batch, heads, q_len, _ = query.shape
@@ -330,6 +360,8 @@ def _masked_shifted(query, key, value, offsets, block_size, top_k, window, scali
     k_block = rel.clamp(min=0) // block_size
     mask = chosen.gather(-1, k_block[:, None, None, :].expand(batch, heads, q_len, total))
     mask = mask & allowed & (rel >= 0)[:, None, None, :]
+    if softcap:
+        return softcap_attention(query, key, value, mask, scaling, dropout, softcap).to(query.dtype)
     return masked_sdpa(query, key, value, mask, scaling, dropout).to(query.dtype)  # padding queries: zeros
 
 
@@ -345,6 +377,7 @@ def moba_attention(
     window: int | None = None,
     dropout: float = 0.0,
     backend: Backend = "auto",
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """MoBA attention of `query` over `key`/`value` (see the module docstring).
 
@@ -358,6 +391,8 @@ def moba_attention(
         window (`int`, *optional*): the layer's sliding window (query `i` attends key `j` only if `i - j < window`).
         dropout (`float`): attention dropout.
         backend (`str`): `auto`, `masked`, `gather` or `flex`.
+        softcap (`float`, *optional*): the layer's logit softcap (Gemma 2), `softcap * tanh(s / softcap)` on the
+            scaled attention scores before the softmax; the block gates stay uncapped.
 
     Returns:
         `[B, Q, H, Dv]`, the layout transformers' attention functions return.
@@ -367,7 +402,7 @@ def moba_attention(
     scaling = dim**-0.5 if scaling is None else scaling
     if padding is not None and torch.compiler.is_compiling():
         offsets = left_padding(padding, batch, query.device)
-        out = _masked_shifted(query, key, value, offsets, block_size, top_k, window, scaling, dropout)
+        out = _masked_shifted(query, key, value, offsets, block_size, top_k, window, scaling, dropout, softcap)
         return out.transpose(1, 2)
     offsets = left_padding(padding, batch, query.device)
     firsts = [0] if padding is None else sorted(set(offsets.tolist()))
@@ -382,6 +417,7 @@ def moba_attention(
             scaling,
             dropout,
             backend,
+            softcap,
         )
         return out.unflatten(0, (batch, heads)).transpose(1, 2)
     out = query.new_zeros(batch, heads, q_len, value.shape[-1])
@@ -401,6 +437,7 @@ def moba_attention(
             scaling,
             dropout,
             backend,
+            softcap,
         )
         # under autocast the masked path's SDPA returns its lower precision: the output keeps the queries' dtype
         part = F.pad(part.unflatten(0, (len(rows), heads)).to(out.dtype), (0, 0, skip, 0))
@@ -418,6 +455,7 @@ def naive_moba_attention(
     scaling: float | None = None,
     padding: torch.Tensor | None = None,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """The naive definition: block means, gates, top-k and one dense masked softmax, in fp32 (tests only)."""
     batch, heads, q_len, dim = query.shape
@@ -445,6 +483,6 @@ def naive_moba_attention(
     allowed = allowed & (rel_k >= 0)[:, None, None, :] & (pos <= pos[total - q_len :, None])
     if window:
         allowed = allowed & (pos[total - q_len :, None] - pos < window)
-    scores = (q @ k.transpose(-1, -2) * scaling).masked_fill(~allowed, -math.inf)
+    scores = _cap(q @ k.transpose(-1, -2) * scaling, softcap).masked_fill(~allowed, -math.inf)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     return (probs @ v).to(query.dtype).transpose(1, 2)

@@ -141,7 +141,10 @@ def attend_pattern(
         positions = layer.positions
         queries = torch.arange(total - query.shape[2], total, device=query.device)
     if streaming is not None:
-        out = streaming.attend(query, key, value, positions, queries, padding, kwargs.get("scaling"))
+        span = pattern.window if isinstance(pattern, WithinModelWindow) else None
+        out = streaming.attend(
+            query, key, value, positions, queries, padding, kwargs.get("scaling"), kwargs.get("softcap"), span
+        )
     else:
         out = sparse_attention(
             query,

@@ -5,7 +5,8 @@ Query `i` of head `h` attends key `j` when `j` is causal and real, and `j` is in
 k-means cluster (`query_clusters[b, h, i] == key_clusters[b, h // group, j]`). Positions are counted from each row's
 first real token, so a left-padded row sees the pattern of the same row without padding; padded keys are never
 attended and padded query rows return zeros. On a layer with its own sliding window (`span`), no key beyond it is
-attended.
+attended. A layer's logit softcap (Gemma 2) caps every attention score, `softcap * tanh(s / softcap)`, before the
+softmax; SDPA and the fused CPU kernel cannot apply it, so with one both paths materialise their scores.
 
 The cluster ids come from the caller (`hf_attn_zoo.patches.routing_attention`); the assignment is not
 differentiable, gradients reach `query`, `key` and `value` through the attention itself. Two paths, same numbers:
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .masks import left_padding, masked_sdpa
+from .sparse_attention import softcap_attention
 
 __all__ = [
     "RoutingBackend",
@@ -91,6 +93,7 @@ def naive_routing_attention(
     scaling: float,
     padding: torch.Tensor | None = None,
     span: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Reference: the dense mask and an explicit softmax (`[B, Q, H, D]`); padded query rows are zero."""
     batch, heads, q_len, _ = query.shape
@@ -101,12 +104,18 @@ def naive_routing_attention(
     )
     group = heads // key.shape[1]
     k, v = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
-    scores = (query.float() @ k.float().transpose(-1, -2)) * scaling
+    scores = _cap((query.float() @ k.float().transpose(-1, -2)) * scaling, softcap)
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
     return (probs @ v.float()).to(query.dtype).transpose(1, 2)
 
 
-def _masked(query, key, value, q_pos, k_pos, offsets, padding, qc, kc, routing, window, sinks, span, scaling, dropout):
+def _cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return scores if not softcap else softcap * torch.tanh(scores / softcap)
+
+
+def _masked(
+    query, key, value, q_pos, k_pos, offsets, padding, qc, kc, routing, window, sinks, span, scaling, dropout, softcap
+):
     outs = []
     for start in range(0, query.shape[2], QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, query.shape[2])
@@ -124,7 +133,11 @@ def _masked(query, key, value, q_pos, k_pos, offsets, padding, qc, kc, routing, 
             sinks,
             span,
         )
-        outs.append(masked_sdpa(query[:, :, start:stop], key[:, :, :last], value[:, :, :last], mask, scaling, dropout))
+        q, k, v = query[:, :, start:stop], key[:, :, :last], value[:, :, :last]
+        if softcap:
+            outs.append(softcap_attention(q, k, v, mask, scaling, dropout, softcap))
+        else:
+            outs.append(masked_sdpa(q, k, v, mask, scaling, dropout))
     return torch.cat(outs, dim=2)
 
 
@@ -137,15 +150,18 @@ def _bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
-def _partial(q, k, v, bias, empty, scaling):
+def _partial(q, k, v, bias, empty, scaling, softcap):
     """Softmax attention under an additive mask, with its log-sum-exp: `(out [B, H, n, Dv], lse [B, H, n])` in fp32.
 
     `q` `[B, H, n, D]`, `k`/`v` `[B, H, m, D]`, `bias` broadcastable to `[B, H, n, m]`, `empty` (rows with no allowed
     key) broadcastable to `[B, H, n]`: those rows give `out = 0`, `lse = -inf`. Inference on CPU runs the fused flash
-    kernel behind CPU SDPA (which also returns the log-sum-exp); with gradients, explicit PyTorch ops.
+    kernel behind CPU SDPA (which also returns the log-sum-exp); with gradients or a `softcap` (the fused kernel
+    cannot apply it), explicit PyTorch ops.
     """
-    if q.device.type == "cpu" and not (
-        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if (
+        q.device.type == "cpu"
+        and not softcap
+        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
     ):
         # autocast does not cover the raw kernel, which needs one dtype (autocast: bf16 values, fp32 rotated q/k)
         dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
@@ -155,7 +171,7 @@ def _partial(q, k, v, bias, empty, scaling):
         )
         return out.float(), lse.float().masked_fill(empty, float("-inf"))
     # fp32 scores and log-sum-exp: the local and routing parts are merged by their log-sum-exp
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scaling + bias.float()
+    scores = _cap((q.float() @ k.float().transpose(-1, -2)) * scaling, softcap) + bias.float()
     # empty rows get finite scores, so that the backward of logsumexp gives no NaN; their output is zeroed below
     scores = scores.masked_fill(empty[..., None], 0.0)
     lse = torch.logsumexp(scores, dim=-1)
@@ -163,7 +179,7 @@ def _partial(q, k, v, bias, empty, scaling):
     return out, lse.masked_fill(empty, float("-inf"))
 
 
-def _local_part(query, key, value, q_pos, offsets, real, window, sinks, span, scaling):
+def _local_part(query, key, value, q_pos, offsets, real, window, sinks, span, scaling, softcap):
     """Every head: sinks + window, by query blocks that read only those keys. `(out [B,H,Q,Dv], lse [B,H,Q])`."""
     batch, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
@@ -204,13 +220,15 @@ def _local_part(query, key, value, q_pos, offsets, real, window, sinks, span, sc
             k = torch.cat([key[:, :, :sink_cols], k], dim=2)
             v = torch.cat([value[:, :, :sink_cols], v], dim=2)
         q = query[:, :, start:stop].reshape(batch, kv_heads, group * n, dim)
-        out, lse = _partial(q, k, v, bias, empty, scaling)
+        out, lse = _partial(q, k, v, bias, empty, scaling, softcap)
         outs.append(out.reshape(batch, heads, n, -1))
         lses.append(lse.reshape(batch, heads, n))
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
-def _routing_part(query, key, value, q_pos, k_pos, offsets, real, qc, kc, routing, window, sinks, span, scaling):
+def _routing_part(
+    query, key, value, q_pos, k_pos, offsets, real, qc, kc, routing, window, sinks, span, scaling, softcap
+):
     """Routing heads: same-cluster keys outside the local part, gathered per (row, KV head, cluster)."""
     batch, heads, q_len, _ = query.shape
     kv_heads = key.shape[1]
@@ -259,6 +277,7 @@ def _routing_part(query, key, value, q_pos, k_pos, offsets, real, qc, kc, routin
                     _bias(mask, query.dtype),
                     empty,
                     scaling,
+                    softcap,
                 )
                 rows_b.append(heads_g[rows // q_len] * q_len + rows % q_len)
                 outs_b.append(out[0, 0])
@@ -274,12 +293,14 @@ def _routing_part(query, key, value, q_pos, k_pos, offsets, real, qc, kc, routin
     return torch.stack(out_rows), torch.stack(lse_rows)
 
 
-def _sorted(query, key, value, q_pos, k_pos, offsets, padding, qc, kc, routing, window, sinks, span, scaling):
-    local_out, local_lse = _local_part(query, key, value, q_pos, offsets, padding, window, sinks, span, scaling)
+def _sorted(query, key, value, q_pos, k_pos, offsets, padding, qc, kc, routing, window, sinks, span, scaling, softcap):
+    local_out, local_lse = _local_part(
+        query, key, value, q_pos, offsets, padding, window, sinks, span, scaling, softcap
+    )
     if not bool(routing.any()):
         return local_out.to(query.dtype)
     route_out, route_lse = _routing_part(
-        query, key, value, q_pos, k_pos, offsets, padding, qc, kc, routing, window, sinks, span, scaling
+        query, key, value, q_pos, k_pos, offsets, padding, qc, kc, routing, window, sinks, span, scaling, softcap
     )
     # the log-sum-exp merge in fp32, cast back to the queries' dtype
     lse = _safe(torch.logaddexp(local_lse, route_lse))
@@ -302,6 +323,7 @@ def routing_attention(
     span: int | None = None,
     dropout: float = 0.0,
     backend: RoutingBackend = "auto",
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Routing attention of `query` over `key`/`value` (see the module docstring).
 
@@ -320,6 +342,8 @@ def routing_attention(
         dropout (`float`): attention dropout (masked path only).
         backend (`str`): `auto` (masked for short inputs, decode steps, dropout and under `torch.compile`; sorted
             otherwise), `masked` or `sorted`.
+        softcap (`float`, *optional*): the layer's logit softcap (Gemma 2), `softcap * tanh(s / softcap)` on the
+            scaled scores before the softmax.
 
     Returns:
         `[B, Q, H, D]`, the layout transformers' attention functions return.
@@ -351,6 +375,7 @@ def routing_attention(
             span,
             scaling,
             dropout,
+            softcap,
         )
     elif backend == "sorted":
         if dropout:
@@ -370,6 +395,7 @@ def routing_attention(
             sinks,
             span,
             scaling,
+            softcap,
         )
     else:
         raise ValueError(f"unknown routing-attention backend {backend!r}; use auto, masked or sorted")

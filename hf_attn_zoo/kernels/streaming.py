@@ -9,6 +9,9 @@ sees sink `s` at distance `sinks + window - 1 - s` instead of `p - s`. Here the 
 `SinkWindowLayer` stores them) and each query is rotated back by `delta = max(0, p - (sinks + window - 1))` for its
 scores against the sinks only; the result equals re-rotating the whole cache at cache positions (tested), and every
 distance stays below `sinks + window`, so decoding can run past `max_position_embeddings`.
+
+A layer's logit softcap (Gemma 2) caps the scaled scores, `softcap * tanh(s / softcap)`, before every softmax here;
+the secondary-sink scores of `sink_cache_attention` rank tokens by their raw logits (they are no softmax input).
 """
 
 from __future__ import annotations
@@ -69,6 +72,10 @@ def streaming_rotary(model: torch.nn.Module, head_dim: int) -> torch.Tensor:
     return rotary.inv_freq
 
 
+def _cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return scores if not softcap else softcap * torch.tanh(scores / softcap)
+
+
 class StreamingPositions:
     """Attention of decode-time queries over a `SinkWindowLayer` cache with StreamingLLM's cache positions."""
 
@@ -83,11 +90,14 @@ class StreamingPositions:
         key_positions: torch.Tensor,
         query_positions: torch.Tensor,
         padding: torch.Tensor | None,
-        scaling: float,
+        scaling: float | None,
+        softcap: float | None = None,
+        span: int | None = None,
     ) -> torch.Tensor:
         """`query` `[B, H, Q, D]` at text positions `query_positions` `[Q]`; `key`/`value` `[B, KV, K, D]` (the cache,
-        GQA not repeated) at `key_positions` `[K]`; `padding` `[B, T]` (True = real token) or None. Returns
-        `[B, Q, H, D]`."""
+        GQA not repeated) at `key_positions` `[K]`; `padding` `[B, T]` (True = real token) or None; `scaling` (default
+        `D ** -0.5`); `softcap` the layer's logit softcap or None; `span` the layer's own sliding window (Gemma 2's
+        local layers: no key at this distance or more, sinks included) or None. Returns `[B, Q, H, D]`."""
         batch, heads = query.shape[:2]
         group = heads // key.shape[1]
         key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
@@ -97,13 +107,16 @@ class StreamingPositions:
         distance = q_rel[:, :, None] - k_rel[:, None, :]  # [B, Q, K]
         sink = (k_rel >= 0) & (k_rel < self.sinks)
         allowed = (distance >= 0) & (k_rel[:, None, :] >= 0) & ((distance < self.window) | sink[:, None, :])
+        if span is not None:
+            allowed = allowed & (distance < span)
         if padding is not None:
             allowed = allowed & padding[:, key_positions][:, None, :]
         delta = (q_rel - (self.sinks + self.window - 1)).clamp(min=0)  # [B, Q]
         shifted = rotate(query, -delta[:, None, :], self.inv_freq.to(query.device))
         scores = torch.where(sink[:, None, None, :], shifted @ key.transpose(-1, -2), query @ key.transpose(-1, -2))
         # fp32 softmax, cast back to the values' dtype
-        scores = (scores.float() * scaling).masked_fill(~allowed[:, None], float("-inf"))
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        scores = _cap(scores.float() * scaling, softcap).masked_fill(~allowed[:, None], float("-inf"))
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # padding queries attend nothing: zeros
         return (weights.to(value.dtype) @ value).transpose(1, 2).contiguous()
 
@@ -172,6 +185,7 @@ def sink_cache_attention(
     window: int,
     scaling: float,
     inv_freq: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sinks + window + up to `extra` secondary sinks per row, detected online: one attention step.
 
@@ -189,7 +203,8 @@ def sink_cache_attention(
     Args:
         query: `[B, H, Q, D]` at `query_positions` `[Q]`; key, value: `[B, KV, K, D]` (GQA) at `key_positions`
             `[B, K]` (-1: an empty slot); held: `[B, K]` the row's kept extras; scores: `[B, K]` sink scores so far;
-            padding: `[B, T]` real tokens or None.
+            padding: `[B, T]` real tokens or None; softcap: the layer's logit softcap (Gemma 2) on the attention
+            scores, or None (the sink scores stay raw logits).
 
     Returns:
         `(out [B, Q, H, D], scores [B, K], keep_extra [B, K])`: the new scores, and the row's kept extras from
@@ -232,7 +247,7 @@ def sink_cache_attention(
             columns = outside.any(dim=(0, 1)).nonzero().flatten()  # rotate only the keys outside some window
             rotated = _rotated_scores(query[:, :, rows], key[:, :, columns], delta[:, :, columns], inv_freq.to(device))
             logits[..., columns] = torch.where(delta[:, None, :, columns] > 0, rotated, logits[..., columns])
-        logits = (logits * scaling).masked_fill(~visible[:, None], float("-inf"))
+        logits = _cap(logits * scaling, softcap).masked_fill(~visible[:, None], float("-inf"))
         weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)
         out[:, rows] = (weights.to(value.dtype) @ value).transpose(1, 2)
     return out, scores, keep_extra
@@ -248,6 +263,7 @@ def naive_sink_cache_attention(
     scaling: float,
     inv_freq: torch.Tensor,
     stream: bool,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Reference of `sink_cache_attention`, one row, token by token, as a StreamingLLM cache runs: `query`, `key`
     *before RoPE* `[H, T, D]` (`value` `[H, T, D]`, no GQA). At query `i` the token `i - window` leaves the window
@@ -276,6 +292,6 @@ def naive_sink_cache_attention(
             q = rotate(query[:, i : i + 1], torch.tensor([len(cache) - 1]), inv_freq)
         else:
             k, q = k_rot[:, keys], q_rot[:, i : i + 1]
-        weights = torch.softmax((q @ k.transpose(-1, -2)).float() * scaling, dim=-1)
+        weights = torch.softmax(_cap((q @ k.transpose(-1, -2)).float() * scaling, softcap), dim=-1)
         out.append(weights.to(value.dtype) @ value[:, keys])
     return torch.cat(out, dim=1).transpose(0, 1)  # [T, H, D]

@@ -10,7 +10,7 @@ bucket, the positions no later query can attend: everything except the row's fir
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +18,28 @@ from ..kernels.kv_cache import RetainingLayer
 from ..kernels.sparse_attention import AttentionPattern
 
 __all__ = ["Bucket", "LayerRules", "MoACacheLayer", "MoAPattern"]
+
+
+class _DeviceCopies:
+    """Constant host tensors and their copies on other devices, each made at the first use on that device: no
+    host-to-device copy per call (nor one captured in a CUDA graph).
+
+    On the host device the tensors themselves serve, so CPU runs never fill the table. A table first filled inside a
+    `torch.compile`d call compiles that frame once more at the next call (its guards saw it empty); `prepare` fills
+    it beforehand.
+    """
+
+    def __init__(self, *tensors: torch.Tensor):
+        self.host = tensors
+        self._copies: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        if device == self.host[0].device:
+            return self.host
+        key = str(device)
+        if key not in self._copies:
+            self._copies[key] = tuple(t.to(device) for t in self.host)
+        return self._copies[key]
 
 
 class MoAPattern(AttentionPattern):
@@ -30,13 +52,19 @@ class MoAPattern(AttentionPattern):
 
     def __init__(self, sinks: list[int], windows: list[int], limit: int | None = None):
         self.sinks, self.windows, self.limit = list(sinks), list(windows), limit
-        # built once, not per device on first use: torch.compile would recompile when such a cache fills
-        self._sinks, self._windows = torch.tensor(self.sinks), torch.tensor(self.windows)
+        # tensors, so compiled FlexAttention does not specialise on the values; built once, with one copy per device
+        self._tensors = _DeviceCopies(
+            torch.tensor(self.sinks), torch.tensor(self.windows), torch.tensor(0 if limit is None else limit)
+        )
+
+    def prepare(self, device: torch.device) -> None:
+        """Make the pattern's tensors on `device` now (e.g. before the first `torch.compile`d call)."""
+        self._tensors.on(torch.device(device))
 
     def allowed(self, q, k, head):
-        sinks, windows = self._sinks.to(q.device), self._windows.to(q.device)
+        sinks, windows, limit = self._tensors.on(q.device)
         allowed = (k <= q) & ((k < sinks[head]) | (q - k < windows[head]))
-        return allowed if self.limit is None else allowed & (q - k < torch.tensor(self.limit))
+        return allowed if self.limit is None else allowed & (q - k < limit)
 
     def cache_key(self):
         return ("moa", tuple(self.sinks), tuple(self.windows), self.limit)
@@ -51,6 +79,15 @@ class Bucket:
     sink: int
     window: int
     pattern: MoAPattern
+    _heads: _DeviceCopies = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_heads", _DeviceCopies(self.kv_heads, self.q_heads))
+
+    def heads_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(kv_heads, q_heads)` on `device`, copied once per device."""
+        kv_heads, q_heads = self._heads.on(device)
+        return kv_heads, q_heads
 
 
 class LayerRules:
@@ -84,6 +121,21 @@ class LayerRules:
         order = torch.cat([b.q_heads for b in self.buckets])
         # bucket outputs are concatenated in bucket order; this puts the query heads back in model order
         self.inverse = torch.argsort(order)
+        self._inverse = _DeviceCopies(self.inverse)
+
+    def inverse_on(self, device: torch.device) -> torch.Tensor:
+        """`inverse` on `device`, copied once per device."""
+        return self._inverse.on(device)[0]
+
+    def prepare(self, device: torch.device) -> None:
+        """Make every tensor of the rules on `device` now, so that no call copies them, and a first `torch.compile`d
+        call finds them (instead of compiling again after filling the per-device copies)."""
+        device = torch.device(device)
+        self.pattern.prepare(device)
+        self.inverse_on(device)
+        for bucket in self.buckets:
+            bucket.pattern.prepare(device)
+            bucket.heads_on(device)
 
 
 _Span = tuple[int, int]  # positions `start .. stop - 1`
@@ -113,12 +165,12 @@ class MoACacheLayer(RetainingLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-            self.bucket_keys = [key_states[:, b.kv_heads.to(self.device), :0] for b in self.rules.buckets]
-            self.bucket_values = [value_states[:, b.kv_heads.to(self.device), :0] for b in self.rules.buckets]
+            self.bucket_keys = [key_states[:, b.heads_on(self.device)[0], :0] for b in self.rules.buckets]
+            self.bucket_values = [value_states[:, b.heads_on(self.device)[0], :0] for b in self.rules.buckets]
             self.bucket_spans = [[] for _ in self.rules.buckets]
         stop = self.seen + key_states.shape[-2]
         for i, bucket in enumerate(self.rules.buckets):
-            heads = bucket.kv_heads.to(self.device)
+            heads = bucket.heads_on(self.device)[0]
             self.bucket_keys[i] = torch.cat([self.bucket_keys[i], key_states[:, heads]], dim=-2)
             self.bucket_values[i] = torch.cat([self.bucket_values[i], value_states[:, heads]], dim=-2)
             spans = self.bucket_spans[i]

@@ -16,9 +16,10 @@ exactly. So `kv_cache=False`: cached decode is exact attention, which differs fr
 the same tokens; `generate` works. With padding, each row is approximated over its real tokens only, with positions
 counted from its first real token when the call gives no `position_ids` (as `generate` does: the LSH buckets of
 rotated queries and keys depend on absolute positions), so a padded row gives the output of the same row unpadded;
-padding queries output zeros. Layers with the model's own sliding window (Gemma 3's local layers) keep their
-attention, which is already local; a model whose every layer is local is refused. Attention dropout is not applied
-on the approximated path.
+padding queries output zeros. A layer's logit softcap (Gemma 2) caps the scores of every exact part of the
+approximation, as the family's own attention does. Layers with the model's own sliding window (Gemma 3's local
+layers) keep their attention, which is already local; a model whose every layer is local is refused. Attention
+dropout is not applied on the approximated path.
 Official code: https://github.com/insuhan/hyper-attn (ChatGLM2 only; patches all layers or the first/last N).
 """
 
@@ -100,6 +101,7 @@ def hyper_attention_handler(
         lsh_num_projs=config.lsh_num_projs,
         min_seq_len=config.min_seq_len,
         seed=seed,
+        softcap=kwargs.get("softcap"),
     )
     padding = tracker.padding(attention_mask, query.shape[0], length)
     if padding is None:

@@ -6,16 +6,17 @@ Each patched layer keeps its q/k/v/o projections and computes, for query `i` (`d
     out_i = (w_h sum_{d < W} exp(s_ij - m_i) v_j + sum_{d >= W} phi(q_i) . phi(k_j) v_j)
           / (w_h sum_{d < W} exp(s_ij - m_i)     + sum_{d >= W} psi(q_i) . psi(k_j))
 
-`phi` is a feature map of `hf_attn_zoo.kernels.feature_maps` (`nala`, `hedgehog`, `elu`, `relu`, or one registered
-there) applied after a learned per-head projection `x -> x P_h` (`d -> feature_dim`, identity at patch time; q and k
-each have their own, keys per KV head). Where RoPE goes (`rope`): `features` (default, for every map) maps the
-vectors *before* RoPE (the rotation is undone with the family's own `apply_rotary_pos_emb` and `-sin`), rotates each
-feature block with the query's or key's RoPE for the numerator, and keeps the un-rotated features `psi` for the
-normaliser (NaLaFormer): scores then depend on relative positions only, as softmax's do, and the normaliser stays
-positive. `inputs` maps the vectors as the model rotated them and uses them for both (LoLCATs): the scores then
-depend on absolute positions (a left-padded row shifts them). `W = 0` is pure linear attention. On a layer with its
-own sliding window (Mistral, Gemma's local layers) the softmax window is at most that window and the linear part
-covers the rest of it: a local layer stays local.
+`s_ij` is the scaled score `q_i . k_j`, capped as the family's attention does under a logit softcap (Gemma 2; the linear
+terms have no logits to cap). `phi` is a feature map of `hf_attn_zoo.kernels.feature_maps` (`nala`, `hedgehog`, `elu`,
+`relu`, or one registered there) applied after a learned per-head projection `x -> x P_h` (`d -> feature_dim`, identity
+at patch time; q and k each have their own, keys per KV head). Where RoPE goes (`rope`): `features` (default, for every
+map) maps the vectors *before* RoPE (the rotation is undone with the family's own `apply_rotary_pos_emb` and `-sin`),
+rotates each feature block with the query's or key's RoPE for the numerator, and keeps the un-rotated features `psi` for
+the normaliser (NaLaFormer): scores then depend on relative positions only, as softmax's do, and the normaliser stays
+positive. `inputs` maps the vectors as the model rotated them and uses them for both (LoLCATs): the scores then depend
+on absolute positions (a left-padded row shifts them). `W = 0` is pure linear attention. On a layer with its own sliding
+window (Mistral, Gemma's local layers) the softmax window is at most that window and the linear part covers the rest of
+it: a local layer stays local.
 
 Prefill and training run the chunked form (`hf_attn_zoo.kernels.linear_attention`, linear in the length; its linear
 part on flash-linear-attention's Triton kernels for CUDA tensors when that is installed); decoding keeps the last
@@ -246,6 +247,7 @@ def _linear_handler(
         state=cache.state if cache is not None else None,
         chunk=chunk,
         backend="fla" if backend == "fla" or (backend == "auto" and query.is_cuda and fla_available()) else "torch",
+        softcap=kwargs.get("softcap"),
     )
     if cache is not None:
         cache.fold(real)

@@ -142,6 +142,7 @@ def moa_attention_handler(
         "scaling": kwargs.get("scaling"),
         "padding": padding,
         "dropout": kwargs.get("dropout", 0.0) or 0.0,
+        "softcap": kwargs.get("softcap"),
         "backend": backend,
     }
     if layer.pad is None:  # read once (a host sync): calls after the first (the prefill) add no padding in front
@@ -151,7 +152,7 @@ def moa_attention_handler(
         positions = None if layer.bucket_contiguous(i) else layer.bucket_positions(i)
         outs.append(
             sparse_attention(
-                query[:, bucket.q_heads.to(query.device)],
+                query[:, bucket.heads_on(query.device)[1]],
                 layer.bucket_keys[i],
                 layer.bucket_values[i],
                 bucket.pattern,
@@ -160,7 +161,7 @@ def moa_attention_handler(
             )
         )
     layer.evict()
-    return torch.cat(outs, dim=2)[:, :, rules.inverse.to(query.device)], None
+    return torch.cat(outs, dim=2)[:, :, rules.inverse_on(query.device)], None
 
 
 def _cache_layer(rules: LayerRules, latent: bool) -> RetainingLayer:
@@ -222,6 +223,8 @@ class MoAPatch(Patch):
                 model_window(model.config, index),
             )
             attention = family.attention_module(model, index)
+            # the rules' tensors on the layer's device now, not copied by each call (nor by a first compiled one)
+            rules.prepare(next(attention.parameters()).device)
             handler = functools.partial(moa_attention_handler, rules=rules, tracker=tracker, backend=config.backend)
             install_handler(model, attention, handler)
             handle.on_revert(lambda a=attention: remove_handler(model, a))

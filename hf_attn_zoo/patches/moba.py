@@ -19,7 +19,8 @@ decoding equals the full forward.
 
 Not training-free: the paper continue-trains (MoBA in all but the last 3 layers). What it replaces: the attention
 function of each patched layer (through the `zoo` dispatcher), plus the key convolution. A layer's sliding window
-(Gemma-3) is kept: MoBA selects within it. Neutral setting: one block as long as the model's position range.
+(Gemma-3) is kept: MoBA selects within it; so is its logit softcap (Gemma 2), on the attention scores (not the
+gates). Neutral setting: one block as long as the model's position range.
 Official code: https://github.com/MoonshotAI/MoBA, https://github.com/mit-han-lab/flash-moba
 """
 
@@ -155,6 +156,7 @@ def _moba_handler(
         window=kwargs.get("sliding_window"),
         dropout=kwargs.get("dropout", 0.0) or 0.0,
         backend=config.backend,
+        softcap=kwargs.get("softcap"),
     )
     return out, None
 

@@ -25,7 +25,8 @@ The retrofit (this patch), on a pretrained model's own q/k/v projections:
   left-padded row routes exactly like the same row without padding.
 - GQA-aware: centroids per KV head (`[KV, c, D]`), shared by the routing query heads of its group; a query of head
   `h` is compared with the keys and centroids of KV head `h // group`.
-- A layer with its own sliding window (Mistral, Gemma 3's local layers) stays local: nothing beyond it is attended.
+- A layer with its own sliding window (Mistral, Gemma 3's local layers) stays local: nothing beyond it is attended;
+  a layer's logit softcap (Gemma 2) caps the attention scores as the family's own attention does.
 - Per-token nearest-centroid assignment instead of balanced top-w: a token's cluster depends only on its own vector,
   so decoding reproduces the full forward (the cluster id of every cached key is kept in the KV cache,
   `RoutingKVLayer`); no balanced capacity, so a cluster may be large.
@@ -337,6 +338,7 @@ def _routing_handler(
         span=span,
         dropout=kwargs.get("dropout", 0.0) or 0.0,
         backend=config.backend,
+        softcap=kwargs.get("softcap"),
     )
     return out, None
 

@@ -270,6 +270,7 @@ def _extra_sinks_handler(
         config.window,
         kwargs.get("scaling") or query.shape[-1] ** -0.5,
         inv_freq if past else None,
+        kwargs.get("softcap"),
     )
     if isinstance(layer, SinkScoreLayer):
         layer.commit(scores, keep)

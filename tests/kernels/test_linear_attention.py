@@ -34,7 +34,7 @@ def _inputs(q_len: int, k_len: int, seed: int = 0, rotated: bool = True):
     return query, key, value, LinearFeatures(num_q, num_k, fq, fk), real, weight
 
 
-def _pairwise(query, key, value, features, window, weight, scaling, real, span=None):
+def _pairwise(query, key, value, features, window, weight, scaling, real, span=None, softcap=None):
     """The definition written out query by query (no shared masks or broadcasting)."""
     group = H // KV
     k_len, q_len = key.shape[2], query.shape[2]
@@ -49,6 +49,8 @@ def _pairwise(query, key, value, features, window, weight, scaling, real, span=N
                 num, den = torch.zeros(DV), torch.tensor(0.0)
                 if win:
                     s = torch.stack([query[b, h, qi] @ key[b, kh, j] * scaling for j in win])
+                    if softcap:
+                        s = softcap * torch.tanh(s / softcap)
                     e = weight[h] * torch.exp(s - s.max())
                     num = num + e @ value[b, kh, win]
                     den = den + e.sum()
@@ -209,3 +211,39 @@ def test_the_fla_backend_computes_the_same_attention(q_len, k_len, window, span,
         atol=1e-5,
         rtol=1e-5,
     )
+
+
+SOFTCAP = 0.5  # below the typical scaled score of the random inputs, so the cap changes the weights
+SOFTCAP_CASES = [case for case in CASES if case[2] > 0] + [(37, 50, 6, None, 8)]
+
+
+@pytest.mark.parametrize("q_len,k_len,window,span,chunk", SOFTCAP_CASES)
+def test_the_softcap_caps_the_window_scores_forward_and_gradients(q_len, k_len, window, span, chunk):
+    query, key, value, features, real, weight = _inputs(q_len, k_len)
+    expected = _pairwise(query, key, value, features, window, weight, 0.3, real, span, softcap=SOFTCAP)
+    assert not torch.allclose(expected, _pairwise(query, key, value, features, window, weight, 0.3, real, span))
+    leaves = [query, key, value, *features, weight]
+    for t in leaves:
+        t.requires_grad_(True)
+    options = dict(window=window, window_weight=weight, scaling=0.3, span=span, key_real=real, softcap=SOFTCAP)
+    out = hybrid_attention(query, key, value, features, chunk=chunk, **options)
+    ref = naive_hybrid_attention(query, key, value, features, **options)
+    torch.testing.assert_close(ref, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad((out * probe).sum(), leaves, allow_unused=True)
+    ref_grads = torch.autograd.grad((ref * probe).sum(), leaves, allow_unused=True)
+    for leaf, got, want in zip(leaves, grads, ref_grads, strict=True):
+        zeros = torch.zeros_like(leaf)
+        torch.testing.assert_close(zeros if got is None else got, zeros if want is None else want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_window_over_every_key_is_softcapped_softmax_attention():
+    query, key, value, features, _, weight = _inputs(12, 12)
+    out = hybrid_attention(
+        query, key, value, features, window=12, window_weight=weight, scaling=D**-0.5, softcap=SOFTCAP
+    )
+    scores = query @ key.repeat_interleave(H // KV, 1).transpose(-1, -2) * D**-0.5
+    scores = (SOFTCAP * torch.tanh(scores / SOFTCAP)).masked_fill(~torch.ones(12, 12, dtype=torch.bool).tril(), -1e9)
+    expected = (torch.softmax(scores, -1) @ value.repeat_interleave(H // KV, 1)).transpose(1, 2)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)

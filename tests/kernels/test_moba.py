@@ -22,34 +22,36 @@ CASES = [  # batch, heads, kv_heads, q_len, kv_len, block_size, top_k, left padd
 ]
 
 
+SOFTCAP = 0.5  # below the typical scaled score of the random inputs, so the cap changes the weights
+
+
+@pytest.mark.parametrize("softcap", [None, SOFTCAP], ids=["plain", "softcap"])
 @pytest.mark.parametrize("backend", ["masked", "gather"])
 @pytest.mark.parametrize("case", CASES)
-def test_kernels_equal_the_naive_definition(case, backend):
+def test_kernels_equal_the_naive_definition(case, backend, softcap):
     batch, heads, kv_heads, q_len, kv_len, block, top_k, pads, window = case
     q, k, v = random_qkv(batch, heads, kv_heads, q_len, kv_len)
-    padding = left_padding_mask(kv_len, pads)
-    expected = naive_moba_attention(q, k, v, block_size=block, top_k=top_k, padding=padding, window=window)
-    out = moba_attention(q, k, v, block_size=block, top_k=top_k, padding=padding, window=window, backend=backend)
+    options = dict(block_size=block, top_k=top_k, padding=left_padding_mask(kv_len, pads), window=window)
+    expected = naive_moba_attention(q, k, v, softcap=softcap, **options)
+    if softcap is not None:  # a cap small enough to change the result
+        assert not torch.allclose(expected, naive_moba_attention(q, k, v, **options), atol=1e-3)
+    out = moba_attention(q, k, v, backend=backend, softcap=softcap, **options)
     torch.testing.assert_close(out, expected, atol=ATOL_FP32, rtol=1e-5)
 
 
+@pytest.mark.parametrize("softcap", [None, SOFTCAP], ids=["plain", "softcap"])
 @pytest.mark.parametrize("backend", ["masked", "gather"])
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5]])
-def test_gradients_equal_the_naive_definitions(case, backend):
+def test_gradients_equal_the_naive_definitions(case, backend, softcap):
     batch, heads, kv_heads, q_len, kv_len, block, top_k, pads, window = case
     q, k, v = random_qkv(batch, heads, kv_heads, q_len, kv_len, grad=True)
-    padding = left_padding_mask(kv_len, pads)
+    options = dict(block_size=block, top_k=top_k, padding=left_padding_mask(kv_len, pads), window=window)
     weights = torch.randn(batch, q_len, heads, 16, generator=torch.Generator().manual_seed(3))
     expected = torch.autograd.grad(
-        (naive_moba_attention(q, k, v, block_size=block, top_k=top_k, padding=padding, window=window) * weights).sum(),
-        (q, k, v),
+        (naive_moba_attention(q, k, v, softcap=softcap, **options) * weights).sum(), (q, k, v)
     )
     got = torch.autograd.grad(
-        (
-            moba_attention(q, k, v, block_size=block, top_k=top_k, padding=padding, window=window, backend=backend)
-            * weights
-        ).sum(),
-        (q, k, v),
+        (moba_attention(q, k, v, backend=backend, softcap=softcap, **options) * weights).sum(), (q, k, v)
     )
     for name, a, b in zip("qkv", got, expected):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
@@ -102,3 +104,22 @@ def test_key_conv_is_causal_and_its_identity_init_is_exact():
     padded = causal_key_conv(key, weight, padding)
     alone = causal_key_conv(key[1:, :, 4:], weight, None)
     torch.testing.assert_close(padded[1:, :, 4:], alone)
+
+
+def test_the_compiled_padded_path_applies_the_softcap():
+    # what `moba_attention` runs under torch.compile with padding: every row's blocks shifted in one masked call
+    from hf_attn_zoo.kernels.moba import _masked_shifted
+
+    q, k, v = random_qkv(3, 4, 2, 30, 30)
+    padding = left_padding_mask(30, [0, 3, 7])
+    offsets = torch.tensor([0, 3, 7])
+    expected = naive_moba_attention(q, k, v, block_size=4, top_k=3, padding=padding, window=6, softcap=SOFTCAP)
+    out = _masked_shifted(q, k, v, offsets, 4, 3, 6, 16**-0.5, 0.0, SOFTCAP).transpose(1, 2)
+    torch.testing.assert_close(out, expected, atol=ATOL_FP32, rtol=1e-5)
+
+
+def test_flex_path_applies_the_softcap():
+    q, k, v = random_qkv(1, 4, 2, 256, 256, dim=32)
+    gather = moba_attention(q, k, v, block_size=64, top_k=2, backend="gather", softcap=SOFTCAP)
+    flex = moba_attention(q, k, v, block_size=64, top_k=2, backend="flex", softcap=SOFTCAP)
+    torch.testing.assert_close(flex, gather, atol=1e-5, rtol=1e-4)

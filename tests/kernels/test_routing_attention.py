@@ -10,7 +10,7 @@ from hf_attn_zoo.kernels.routing_attention import naive_routing_attention, routi
 from tests.matrix import ATOL_FP32
 
 
-def _loop_reference(query, key, value, qc, kc, routing, window, sinks, real, span=None):
+def _loop_reference(query, key, value, qc, kc, routing, window, sinks, real, span=None, softcap=None):
     """Attention with the mask written out pair by pair from the method's definition."""
     batch, heads, q_len, dim = query.shape
     kv_heads, total = key.shape[1], key.shape[2]
@@ -34,6 +34,8 @@ def _loop_reference(query, key, value, qc, kc, routing, window, sinks, real, spa
                     if local or routed:
                         allowed.append(j)
                 scores = key[b, h // group, allowed] @ query[b, h, qi] / dim**0.5
+                if softcap:
+                    scores = softcap * torch.tanh(scores / softcap)
                 out[b, qi, h] = torch.softmax(scores, -1) @ value[b, h // group, allowed]
     return out
 
@@ -105,3 +107,41 @@ def test_benchmark_helper_runs_a_routing_layer():
     assert out.shape == (2, 40, 6, 8) and torch.isfinite(out).all()
     dense = F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True).transpose(1, 2)
     assert not torch.allclose(out, dense)
+
+
+SOFTCAP = 0.5  # below the typical scaled score of the random inputs, so the cap changes the weights
+
+
+@pytest.mark.parametrize("backend", ["masked", "sorted"])
+@pytest.mark.parametrize("q_len,span", [(40, None), (7, None), (40, 9)])
+def test_kernel_applies_the_softcap_as_the_pairwise_definition(backend, q_len, span):
+    query, key, value, qc, kc, real = _inputs(q_len=q_len)
+    routing = torch.tensor([False, True, True, False, False, True])
+    options = dict(window=4, sinks=2, padding=real, span=span)
+    out = routing_attention(
+        query, key, value, qc, kc, routing, scaling=None, backend=backend, softcap=SOFTCAP, **options
+    )
+    expected = _loop_reference(query, key, value, qc, kc, routing, 4, 2, real, span, softcap=SOFTCAP)
+    assert not torch.allclose(
+        expected, _loop_reference(query, key, value, qc, kc, routing, 4, 2, real, span), atol=1e-3
+    )
+    torch.testing.assert_close(out, expected, atol=ATOL_FP32, rtol=1e-5)
+    naive = naive_routing_attention(query, key, value, qc, kc, routing, scaling=8**-0.5, softcap=SOFTCAP, **options)
+    torch.testing.assert_close(naive, expected, atol=ATOL_FP32, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["masked", "sorted"])
+def test_softcapped_gradients_equal_the_naive_definitions(backend):
+    query, key, value, qc, kc, real = _inputs(total=70, q_len=70, pad=(3, 0))
+    routing = torch.tensor([True, False, True, True, False, True])
+    options = dict(window=5, sinks=1, padding=real, softcap=SOFTCAP)
+    weights = torch.arange(70 * 6 * 8).reshape(1, 70, 6, 8).sin()
+    grads = []
+    for fn in (
+        lambda *t: naive_routing_attention(*t, qc, kc, routing, scaling=8**-0.5, **options),
+        lambda *t: routing_attention(*t, qc, kc, routing, scaling=None, backend=backend, **options),
+    ):
+        q, k, v = (t.clone().requires_grad_() for t in (query, key, value))
+        grads.append(torch.autograd.grad((fn(q, k, v) * weights).sum(), (q, k, v)))
+    for name, got, expected in zip("qkv", grads[1], grads[0]):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4, msg=name)

@@ -30,7 +30,7 @@ def _inputs(length: int, seed: int = 0):
     return query, key, value
 
 
-def _run(query, key, value, sinks, extra, window, splits, stream):
+def _run(query, key, value, sinks, extra, window, splits, stream, softcap=None):
     """The kernel in calls of `splits` tokens through a `SinkScoreLayer`, as the patch's handler runs it."""
     length = query.shape[2]
     positions = torch.arange(length)
@@ -54,6 +54,7 @@ def _run(query, key, value, sinks, extra, window, splits, stream):
             window,
             SCALING,
             INV_FREQ if stream and start > 0 else None,
+            softcap,
         )
         assert int(keep.sum(1).max()) <= extra
         layer.commit(scores, keep)
@@ -64,7 +65,7 @@ def _run(query, key, value, sinks, extra, window, splits, stream):
     return torch.cat(outs, dim=1)[0], layer
 
 
-def _reference(query, key, value, sinks, extra, window, stream):
+def _reference(query, key, value, sinks, extra, window, stream, softcap=None):
     group = HEADS // KV
     return naive_sink_cache_attention(
         query[0],
@@ -76,6 +77,7 @@ def _reference(query, key, value, sinks, extra, window, stream):
         SCALING,
         INV_FREQ,
         stream,
+        softcap,
     )
 
 
@@ -333,3 +335,69 @@ def test_generate_with_extra_sinks_is_greedy_decoding_of_the_masked_pattern():
         for _ in range(8):
             ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(generated, ids)
+
+
+SOFTCAP = 0.5  # below the typical scaled score of the random inputs, so the cap changes the weights
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_softcap_applies_as_in_the_reference_in_any_split(stream):
+    query, key, value = _inputs(40, seed=6)
+    reference = _reference(query, key, value, 2, 3, 5, stream, softcap=SOFTCAP)
+    assert not torch.allclose(reference, _reference(query, key, value, 2, 3, 5, stream), atol=1e-3)
+    for splits in ([7] + [1] * 33, [7, 10, 23]):
+        got, _ = _run(query, key, value, 2, 3, 5, splits, stream, softcap=SOFTCAP)
+        torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_softcapped_backward_matches_the_reference():
+    query, key, value = _inputs(24, seed=5)
+    positions = torch.arange(24)
+    inputs = [x.clone().requires_grad_() for x in (query, key, value)]
+    q_rot, k_rot = rotate(inputs[0], positions, INV_FREQ), rotate(inputs[1], positions, INV_FREQ)
+    held, scores = torch.zeros(1, 24, dtype=torch.bool), torch.zeros(1, 24)
+    out, _, _ = sink_cache_attention(
+        q_rot, k_rot, inputs[2], positions[None], positions, held, scores, None, 2, 2, 5, SCALING, softcap=SOFTCAP
+    )
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), inputs)
+    ref_inputs = [x.clone().requires_grad_() for x in (query, key, value)]
+    ref = _reference(*ref_inputs, 2, 2, 5, stream=False, softcap=SOFTCAP)
+    ref_grads = torch.autograd.grad((ref[None] * weights).sum(), ref_inputs)
+    for got, expected in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_streaming_positions_apply_the_softcap_at_cache_positions():
+    """`StreamingPositions.attend` (sinks + window, no extras) with a softcap: the softcapped attention of the query
+    over the cache re-rotated at cache positions, forward and gradients."""
+    from hf_attn_zoo.kernels.streaming import StreamingPositions
+
+    sinks, window, p = 2, 5, 30  # a decode query far past sinks + window
+    query, key, value = (x.clone().requires_grad_() for x in _inputs(p + 1, seed=7))
+    positions = torch.tensor([0, 1, *range(p - window + 1, p + 1)])  # what SinkWindowLayer keeps
+    k, v = key[:, :, positions], value[:, :, positions]
+    q = query[:, :, p:]
+    out = StreamingPositions(INV_FREQ, sinks, window).attend(
+        rotate(q, torch.tensor([p]), INV_FREQ),
+        rotate(k, positions, INV_FREQ),
+        v,
+        positions,
+        torch.tensor([p]),
+        None,
+        SCALING,
+        SOFTCAP,
+    )
+    cache = torch.arange(positions.numel())
+    group = HEADS // KV
+    scores = rotate(q, cache[-1:], INV_FREQ) @ rotate(k, cache, INV_FREQ).repeat_interleave(group, 1).transpose(-1, -2)
+    probs = torch.softmax(SOFTCAP * torch.tanh(scores * SCALING / SOFTCAP), dim=-1)
+    expected = (probs @ v.repeat_interleave(group, 1)).transpose(1, 2)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(out)
+    for got, want in zip(
+        torch.autograd.grad((out * weights).sum(), (query, key, value), retain_graph=True),
+        torch.autograd.grad((expected * weights).sum(), (query, key, value)),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
