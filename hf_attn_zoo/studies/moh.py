@@ -6,7 +6,10 @@ continue-tuned matches the dense model. This study measures it on SmolLM2-135M-I
 rule, KV-group routing, and the retrofit steps: router distillation, gradual head dropping, self-distillation from the
 unpatched model, a separate router learning rate), all sharing `_base/moh_study.yaml`: the same token stream (the
 Python documentation), batch, optimizer and schedule. Each (variant, budget) is one run of its recipe with
-`train.token_budget` set (a full cosine schedule per budget, so every budget is evaluated after a complete decay).
+`train.token_budget` set (a full cosine schedule per budget, so every budget is evaluated after a complete decay), or,
+with `--schedule wsd`, one warm-up-stable-decay run per variant at its largest budget whose smaller budgets are decay
+branches of it (`train.branch_budgets`): every budget still ends with a complete decay, at about the cost of the
+largest run alone.
 The default plan (`PLAN`) runs every variant at the smallest budget and the dense model, the retrofit before the study
 and the best one at the larger budgets; `--variants` / `--budgets` ask for a grid instead.
 
@@ -31,9 +34,13 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..assets.model import cache_dir
+from ..errors import OutputExistsError
+
+if TYPE_CHECKING:
+    from ..tuning.run_folder import TuneResult
 
 __all__ = [
     "PLAN",
@@ -92,8 +99,11 @@ DEFAULT_TASKS = ("zoo_arc_easy", "zoo_piqa", "zoo_lambada_openai")
 HELD_OUT_CORPUS = "python_docs"
 
 
-def study_root(root: str | Path | None = None) -> Path:
-    return Path(root) if root is not None else cache_dir() / "moh_study"
+def study_root(root: str | Path | None = None, schedule: str = "cosine") -> Path:
+    """`root`, else the study's folder in the asset cache (`moh_study`, or `moh_study_wsd` for the `wsd` study)."""
+    if root is not None:
+        return Path(root)
+    return cache_dir() / ("moh_study" if schedule == "cosine" else f"moh_study_{schedule}")
 
 
 def _run_dir(root: Path, variant: str, budget: int) -> Path:
@@ -103,16 +113,16 @@ def _run_dir(root: Path, variant: str, budget: int) -> Path:
 def tune_variant(root: Path, variant: str, budget: int, overrides: Sequence[str] = ()) -> Path:
     """Continue-tune `moh_study/<variant>` on `budget` tokens (cached); returns its `final/` folder. Budget 0 is the
     variant as its recipe prepares it (patched, init steps run), untuned: where each retrofit starts."""
+    if budget == 0:
+        return _untuned(_run_dir(root, variant, budget) / "final", variant, overrides)
+    return _run_variant(root, variant, budget, overrides).final_dir
+
+
+def _run_variant(root: Path, variant: str, budget: int, overrides: Sequence[str]) -> TuneResult:
     from ..tuning.train import run_recipe
 
     run_dir = _run_dir(root, variant, budget)
-    if budget == 0:
-        return _untuned(run_dir / "final", variant, overrides)
-    result = run_recipe(
-        f"moh_study/{variant}",
-        overrides=[f"output_dir={run_dir}", f"train.token_budget={budget}", *overrides],
-    )
-    return result.final_dir
+    return run_recipe(f"moh_study/{variant}", [f"output_dir={run_dir}", f"train.token_budget={budget}", *overrides])
 
 
 def _untuned(final: Path, variant: str, overrides: Sequence[str]) -> Path:
@@ -193,34 +203,105 @@ def run_study(
     limit: int | None = 700,
     keep_models: bool = False,
     overrides: Sequence[str] = (),
+    schedule: str = "cosine",
 ) -> dict[str, Any]:
-    """Tune and evaluate every (variant, budget) of `plan` (`{budget: variants}`) that is not cached, smallest budgets
-    first; lm-eval `tasks` run on the models of the largest budget. Returns the collected results."""
+    """Tune and evaluate every (variant, budget) of `plan` (`{budget: variants}`) that is not cached; lm-eval `tasks`
+    run on the models of the largest budget. Returns the collected results.
+
+    `schedule="cosine"`: one run per (variant, budget), each with its whole cosine schedule, smallest budgets first.
+    `schedule="wsd"`: one `wsd` run per variant at its largest budget, whose decay branches are its smaller budgets
+    (`train.branch_budgets`; each equals the separate `wsd` run of its budget), so a variant costs its largest run
+    plus the branches' decays."""
     from tqdm.auto import tqdm
 
-    results: dict[str, Any] = {"budgets": sorted(plan), "ppl_blocks": ppl_blocks, "runs": {}}
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r}: one of {', '.join(SCHEDULES)}")
+    _check_settings(root, schedule, overrides)
+    results: dict[str, Any] = {"budgets": sorted(plan), "ppl_blocks": ppl_blocks, "schedule": schedule, "runs": {}}
     largest = max(plan)
     order = list(VARIANTS)
     jobs = [(v, b) for b in sorted(plan) for v in sorted(plan[b], key=order.index)]
-    for variant, budget in tqdm(jobs, desc="moh-study", unit="run"):
+    if schedule == "wsd":  # a variant's budgets together: its one run gives them all
+        jobs.sort(key=lambda job: (order.index(job[0]), job[1]))
+    finals: dict[tuple[str, int], Path] = {}
+    for index, (variant, budget) in enumerate(tqdm(jobs, desc="moh-study", unit="run")):
         evaluation = root / "eval" / variant / f"{budget}.json"
-        final = None
         run_tasks = list(tasks) if budget == largest else []
         cached = json.loads(evaluation.read_text()) if evaluation.is_file() else {}
+        run_dir = _run_dir(root, variant, budget)
         if not _evaluated(cached, ppl_blocks, run_tasks):
-            final = tune_variant(root, variant, budget, overrides)
-            cached = evaluate_run(final, evaluation, ppl_blocks, run_tasks, limit)
-        run_json = _run_dir(root, variant, budget) / "result.json"
+            if (variant, budget) not in finals:
+                finals.update(_tune(root, variant, budget, plan, overrides, schedule))
+            cached = evaluate_run(finals[variant, budget], evaluation, ppl_blocks, run_tasks, limit)
+            run_dir = finals[variant, budget].parent
+        run_json = run_dir / "result.json"
         if run_json.is_file() and "train_tokens" not in cached:
             tuned = json.loads(run_json.read_text())
-            cached.update(train_tokens=tuned.get("train_tokens"), steps=tuned.get("global_step"))
+            # the run's budget in whole steps (a decay branch's result.json counts only the tokens of its decay)
+            steps = tuned.get("global_step")
+            per_step = tuned["train_tokens"] / max(1, steps - _steps_before(tuned)) if steps else 0
+            cached.update(train_tokens=round(steps * per_step), steps=steps)
             cached["tokens_per_second"] = tuned.get("train_tokens_per_second")
             evaluation.write_text(json.dumps(cached, indent=1))
         results["runs"].setdefault(variant, {})[str(budget)] = cached
-        if final is not None and budget != largest and not keep_models:
-            # the evaluation is what the study keeps; run_recipe's own cache (final/) is not needed again
-            shutil.rmtree(_run_dir(root, variant, budget), ignore_errors=True)
+        variant_done = all(v != variant for v, _ in jobs[index + 1 :])
+        if finals and variant_done and not keep_models:
+            # the evaluations are what the study keeps: the models below the largest budget, and every optimizer
+            # state, are not needed again
+            for (v, b), final in finals.items():
+                if v == variant:
+                    _prune(final.parent, keep=b == largest)
     return results
+
+
+SCHEDULES = ("cosine", "wsd")
+
+
+def _tune(
+    root: Path, variant: str, budget: int, plan: Mapping[int, Sequence[str]], overrides: Sequence[str], schedule: str
+) -> dict[tuple[str, int], Path]:
+    """`{(variant, budget): final folder}` of the run(s) that give `budget`: its own run, or (wsd) the variant's run at
+    its largest budget with every smaller budget as a decay branch."""
+    if budget == 0 or schedule == "cosine":
+        return {(variant, budget): tune_variant(root, variant, budget, overrides)}
+    budgets = sorted(b for b, variants in plan.items() if b and variant in variants)
+    wsd = ["optim.schedule=wsd", f"train.branch_budgets={budgets[:-1]}"]
+    result = _run_variant(root, variant, budgets[-1], [*overrides, *wsd])
+    finals = {(variant, budgets[-1]): result.final_dir}
+    finals.update({(variant, b): branch.final_dir for b, branch in result.branches.items()})
+    return finals
+
+
+def _steps_before(result: dict[str, Any]) -> int:
+    """Optimizer steps a run had done before this invocation (a resume, or a decay branch's start)."""
+    start = result.get("resumed_from")
+    return int(start.rsplit("-", 1)[-1]) if start else 0
+
+
+def _prune(run_dir: Path, keep: bool) -> None:
+    """Delete a finished run's checkpoints (optimizer state), and the whole run unless `keep`."""
+    if not keep:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for checkpoint in sorted(run_dir.rglob("checkpoint-*")):
+        shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def _check_settings(root: Path, schedule: str, overrides: Sequence[str]) -> None:
+    """A study folder holds runs of one schedule and one set of overrides: `settings.json` records them, and another
+    setting is refused (its runs would be mixed with these in the cache and the report)."""
+    settings = {"schedule": schedule, "overrides": list(overrides)}
+    path = root / "settings.json"
+    if path.is_file():
+        found = json.loads(path.read_text())
+        if found != settings:
+            raise OutputExistsError(
+                f"{root} holds a study with {found}; this one asks for {settings}. Give this study another --out "
+                "(or --overwrite to start that folder over)."
+            )
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=1))
 
 
 def cached_results(root: Path, ppl_blocks: int) -> dict[str, Any]:
@@ -235,7 +316,9 @@ def cached_results(root: Path, ppl_blocks: int) -> dict[str, Any]:
                 budgets.add(int(path.stem))
     if "dense" not in runs:
         raise FileNotFoundError(f"{root}: no evaluated dense run with {ppl_blocks} held-out blocks to report on")
-    return {"budgets": sorted(budgets), "ppl_blocks": ppl_blocks, "runs": runs}
+    settings = root / "settings.json"
+    schedule = json.loads(settings.read_text())["schedule"] if settings.is_file() else "cosine"
+    return {"budgets": sorted(budgets), "ppl_blocks": ppl_blocks, "schedule": schedule, "runs": runs}
 
 
 def _base_scores(root: Path, ppl_blocks: int, tasks: Sequence[str], limit: int | None) -> dict[str, Any]:
@@ -270,7 +353,7 @@ def study_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Token perplexity on {report['ppl_blocks']} held-out blocks of 256 tokens of the Python documentation (pages "
         "no run trains on); gap: perplexity ratio to the dense model tuned on the same tokens, minus 1, from the "
-        "paired per-block differences, ± one standard error.",
+        "paired per-block differences, ± one standard error. " + _SCHEDULE_TEXT[report.get("schedule", "cosine")],
         "",
         "| variant | "
         + " | ".join(f"ppl, {_tokens(b)} tokens | gap" if b else "ppl, untuned | gap" for b in budgets)
@@ -316,6 +399,13 @@ def study_markdown(report: dict[str, Any]) -> str:
                 )
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+_SCHEDULE_TEXT = {
+    "cosine": "Each budget is a run of its own with a whole cosine schedule.",
+    "wsd": "Each variant is one warm-up-stable-decay run at its largest budget; each smaller budget is a decay branch "
+    "of it (`optim.decay_fraction` of its steps, 20% unless overridden), equal to a separate run of that budget.",
+}
 
 
 def write_study_report(results: dict[str, Any], root: Path, base: dict[str, Any] | None = None) -> dict[str, Path]:
@@ -397,7 +487,17 @@ def moh_study_main(argv: list[str]) -> int:
         epilog=f"The default plan: {plan_text}.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--out", type=Path, help="cache/work folder (default: <cache>/moh_study)")
+    parser.add_argument(
+        "--out", type=Path, help="cache/work folder (default: <cache>/moh_study, or <cache>/moh_study_wsd)"
+    )
+    parser.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="cosine",
+        help="cosine: one run per variant and budget, each with its whole cosine schedule; wsd: one "
+        "warm-up-stable-decay run per variant at its largest budget, the smaller budgets as decay branches of it "
+        "(about the cost of the largest run alone)",
+    )
     parser.add_argument(
         "--variants",
         nargs="+",
@@ -437,11 +537,13 @@ def moh_study_main(argv: list[str]) -> int:
         parser.error("the study needs the dense baseline at every budget: include `dense` in --variants")
     from ..outputs import claim_folder
 
-    root = claim_folder(study_root(args.out), "moh-study", args.overwrite)
+    root = claim_folder(study_root(args.out, args.schedule), "moh-study", args.overwrite)
     if args.report_only:
         results = cached_results(root, args.ppl_blocks)
     else:
-        results = run_study(root, plan, args.ppl_blocks, args.tasks, args.limit, args.keep_models, args.set)
+        results = run_study(
+            root, plan, args.ppl_blocks, args.tasks, args.limit, args.keep_models, args.set, args.schedule
+        )
     base = _base_scores(root, args.ppl_blocks, args.tasks, args.limit)
     paths = write_study_report(results, root, base)
     print(paths["md"].read_text())

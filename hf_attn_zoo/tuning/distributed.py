@@ -128,6 +128,8 @@ def sharding_problems(recipe: Recipe) -> list[tuple[tuple[str | int, ...], str]]
 
 def distributed_training_args(recipe: Recipe) -> dict[str, Any]:
     """`TrainingArguments` of the recipe's strategy (none for DDP: the Trainer's default with several processes)."""
+    from .trainer import checkpointing_args
+
     section, train = recipe.train.distributed, recipe.train
     if world_size() == 1:
         return {}  # one process holds the whole model whatever the strategy (the Trainer refuses FSDP there)
@@ -144,8 +146,7 @@ def distributed_training_args(recipe: Recipe) -> dict[str, Any]:
                 # FSDP's own checkpointing wrapper (the Trainer refuses it next to `activation_checkpointing`)
                 "activation_checkpointing": train.gradient_checkpointing,
             },
-            "activation_checkpointing": False,
-            "activation_checkpointing_kwargs": None,
+            **checkpointing_args(False),
         }
     if section.strategy == "deepspeed":
         config = json.loads(deepspeed_config_path(section, recipe.base_dir).read_text())

@@ -138,6 +138,7 @@ def _semantic_problems(recipe: Recipe) -> list[tuple[Loc, str]]:
         problems.append((("train", "eval_steps"), "needs data.held_out_fraction > 0 (nothing to evaluate on)"))
     if recipe.optim.min_lr > recipe.optim.lr:
         problems.append((("optim", "min_lr"), f"min_lr={recipe.optim.min_lr} is above lr={recipe.optim.lr}"))
+    problems += _branch_problems(recipe)
     problems += _optimizer_problems(recipe)
     problems += _trainer_args_problems(recipe)
     problems += _named_function_problems(recipe)
@@ -148,6 +149,26 @@ def _semantic_problems(recipe: Recipe) -> list[tuple[Loc, str]]:
     from .distributed import sharding_problems
 
     problems += sharding_problems(recipe)
+    return problems
+
+
+def _branch_problems(recipe: Recipe) -> list[tuple[Loc, str]]:
+    """`train.branch_budgets`: smaller budgets of a `wsd` run given by `token_budget`, each with a stable phase of at
+    least one step to branch from."""
+    budgets, train = recipe.train.branch_budgets, recipe.train
+    if not budgets:
+        return []
+    where = ("train", "branch_budgets")
+    if recipe.optim.schedule != "wsd":
+        return [(where, f"decay branches need optim.schedule: wsd (it is {recipe.optim.schedule!r})")]
+    if train.token_budget is None:
+        return [(where, "decay branches are token budgets: give train.token_budget instead of train.max_steps")]
+    problems: list[tuple[Loc, str]] = []
+    if len(set(budgets)) != len(budgets):
+        problems.append((where, f"{budgets} lists a budget twice"))
+    for i, budget in enumerate(budgets):
+        if not 0 < budget < train.token_budget:
+            problems.append(((*where, i), f"{budget} must be > 0 and below train.token_budget={train.token_budget}"))
     return problems
 
 

@@ -233,6 +233,11 @@ class TrainSection(_Section):
             `global_batch_size / (batch_size * processes)` at launch, so one recipe fits any number of GPUs.
         max_steps (`int`, *optional*): optimizer steps. Exactly one of `max_steps` and `token_budget` is given.
         token_budget (`int`, *optional*): training tokens; steps = ceil(budget / (global batch * seq_len)).
+        branch_budgets (`list[int]`, *optional*): with `optim.schedule: wsd` and `token_budget`: smaller budgets
+            whose models the run writes too, each decayed from the stable phase where a run of that budget would
+            start its decay (the run saves a checkpoint there), into `output_dir/branches/<budget>/` (a run folder
+            of its own, with `final/`). Each equals a separate `wsd` run of that budget; together they cost the
+            largest run plus the branches' decays instead of every run in full.
         save_steps (`int`, *optional*): checkpoint interval in steps (`None`: no intermediate checkpoints).
         save_total_limit (`int`, *optional*, defaults to 2): checkpoints kept.
         logging_steps (`int`, *optional*, defaults to 1): loss logging interval.
@@ -260,6 +265,7 @@ class TrainSection(_Section):
     global_batch_size: int | None = Field(default=None, ge=1)
     max_steps: int | None = Field(default=None, ge=1)
     token_budget: int | None = Field(default=None, ge=1)
+    branch_budgets: list[int] = Field(default_factory=list)
     save_steps: int | None = Field(default=None, ge=1)
     save_total_limit: int | None = Field(default=2, ge=1)
     logging_steps: int = Field(default=1, ge=1)
@@ -281,8 +287,12 @@ class OptimSection(_Section):
             LM head, norms, biases and routers (`hf_attn_zoo/tuning/muon.py` has the rule).
         lr (`float`, *optional*, defaults to 1e-4): peak learning rate (`muon`: of the Muon matrices, before their
             `muon_adjust_lr` shape adjustment).
-        min_lr (`float`, *optional*, defaults to 0.0): final learning rate of the `cosine` / `linear` decay.
-        schedule (`str`, *optional*, defaults to `"cosine"`): `cosine`, `linear` or `constant`, after the warm-up.
+        min_lr (`float`, *optional*, defaults to 0.0): final learning rate of the `cosine` / `linear` / `wsd` decay.
+        schedule (`str`, *optional*, defaults to `"cosine"`): `cosine`, `linear` or `constant` after the warm-up, or
+            `wsd` (warm-up, stable, decay): the peak held, then the last `decay_fraction` of the steps decaying to
+            `min_lr` as `1 - sqrt(progress)` (arXiv:2405.18392). With `wsd` one run can also write the models of
+            smaller budgets (`train.branch_budgets`).
+        decay_fraction (`float`, *optional*, defaults to 0.2): `wsd`: share of the steps that decay.
         warmup_steps (`int`, *optional*, defaults to 0): linear warm-up from 0 to `lr`.
         weight_decay (`float`, *optional*, defaults to 0.0).
         max_grad_norm (`float`, *optional*, defaults to 1.0): gradient clipping (`None` disables it).
@@ -304,7 +314,8 @@ class OptimSection(_Section):
     name: str = "adamw_torch"
     lr: float = Field(default=1e-4, gt=0)
     min_lr: float = Field(default=0.0, ge=0)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    decay_fraction: float = Field(default=0.2, gt=0, le=1)
     warmup_steps: int = Field(default=0, ge=0)
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)

@@ -47,6 +47,8 @@ class TuneResult:
         eval_results (`dict`, *optional*): what `hf_attn_zoo.eval_harness.evaluate` returned.
         already_finished (`bool`): this call found the run finished (same recipe) and trained nothing; the rest is
             what the finished run stored in `result.json`.
+        branches (`dict[int, TuneResult]`): with `train.branch_budgets`: each decay branch's result, by token budget
+            (each stores its own `result.json` in its folder, `output_dir/branches/<budget>/`).
     """
 
     output_dir: Path
@@ -61,17 +63,19 @@ class TuneResult:
     resumed_from: str | None = None
     eval_results: dict[str, Any] | None = None
     already_finished: bool = False
+    branches: dict[int, TuneResult] = field(default_factory=dict)
 
     def to_json(self) -> str:
         data = asdict(self)
         data.pop("already_finished")
+        data.pop("branches")
         data["output_dir"], data["final_dir"] = str(self.output_dir), str(self.final_dir)
         return json.dumps(data, indent=2, default=str)
 
     @classmethod
     def from_json(cls, text: str) -> TuneResult:
         data = json.loads(text)
-        known = {f for f in cls.__dataclass_fields__ if f != "already_finished"}
+        known = {f for f in cls.__dataclass_fields__ if f not in ("already_finished", "branches")}
         data = {k: v for k, v in data.items() if k in known}
         data["output_dir"], data["final_dir"] = Path(data["output_dir"]), Path(data["final_dir"])
         for key in ("loss_history", "aux_loss_history"):

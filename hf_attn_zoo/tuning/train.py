@@ -16,6 +16,7 @@ checkpoints, the rerun policy).
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ from transformers import TrainingArguments, default_data_collator, set_seed
 
 from ..sharing.model_card import write_card_or_warn
 from . import distributed
+from .branches import DecayBranches, run_branches
 from .data import build_datasets
 from .distill import load_teacher
 from .model import (
@@ -69,9 +71,11 @@ def run_recipe(
 
     A rerun never redoes or overwrites finished work: a finished run (`result.json` and `final/` in `output_dir`)
     of the same recipe trains nothing and returns the stored result (`already_finished=True`); an interrupted one
-    resumes from its last checkpoint. A run folder written by another recipe is refused with a `RecipeError` naming
-    the keys that changed (unless `train.allow_recipe_change`), and a non-empty folder that is not a run folder with
-    an `OutputExistsError`. Every process of a multi-process run decides from the same files, before any is written.
+    resumes from its last checkpoint. With `train.branch_budgets` (a `wsd` schedule) the decay branches run after
+    the run, each a run folder of its own under `output_dir/branches/` (`tuning/branches.py`), in `result.branches`.
+    A run folder written by another recipe is refused with a `RecipeError` naming the keys that changed (unless
+    `train.allow_recipe_change`), and a non-empty folder that is not a run folder with an `OutputExistsError`. Every
+    process of a multi-process run decides from the same files, before any is written.
 
     Args:
         recipe_or_path (`Recipe | str | Path`):
@@ -103,16 +107,31 @@ def run_recipe(
 
     # decided before anything is written, so every process sees the same files (process 0 alone empties the folder
     # for `overwrite`, before the first barrier; the others wait there before they look for checkpoints)
-    finished = check_run_dir(recipe, output_dir, overwrite, clear=_rank() == 0)
-    if finished is not None:
+    result = check_run_dir(recipe, output_dir, overwrite, clear=_rank() == 0)
+    if result is not None:
         logger.info(
             "hf-attn-zoo tune: %s is already finished (same recipe): %d steps, model in %s; nothing to do",
             output_dir,
-            finished.global_step,
-            finished.final_dir,
+            result.global_step,
+            result.final_dir,
         )
-        return finished
+    else:
+        result = _train(recipe, output_dir, max_steps, grad_accum, tokens_per_step, callbacks)
+    if train.branch_budgets:
+        gc.collect()  # the run's model and optimizer are gone before a branch loads its own
+        result.branches = run_branches(recipe, lambda branch: run_recipe(branch, callbacks=callbacks))
+    return result
 
+
+def _train(
+    recipe: Recipe,
+    output_dir: Path,
+    max_steps: int,
+    grad_accum: int,
+    tokens_per_step: int,
+    callbacks: Sequence[Any],
+) -> TuneResult:
+    train = recipe.train
     set_seed(recipe.seed)
     model, tokenizer = load_model_and_tokenizer(recipe)
     use_cache = model.config.use_cache
@@ -137,6 +156,7 @@ def run_recipe(
         write_recipe(recipe, output_dir)
 
     throughput = Throughput(tokens_per_step)
+    branches = [DecayBranches(recipe, tokens_per_step)] if train.branch_budgets else []
     trainer = ZooTrainer(
         recipe=recipe,
         router_losses=router_losses,
@@ -147,7 +167,7 @@ def run_recipe(
         eval_dataset=eval_dataset,
         data_collator=default_data_collator,
         processing_class=tokenizer,
-        callbacks=[throughput, CheckpointLayout(recipe), *schedules, *callbacks],
+        callbacks=[throughput, CheckpointLayout(recipe), *branches, *schedules, *callbacks],
     )
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

@@ -9,12 +9,13 @@ layout (processes, sharding) it was written in.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..errors import RecipeError
 from . import distributed, lr_schedule
@@ -79,9 +80,7 @@ def training_args(recipe: Recipe, output_dir: Path, max_steps: int, grad_accum: 
         data_seed=recipe.seed,
         use_cpu=not torch.cuda.is_available(),
         report_to=[],
-        activation_checkpointing=train.gradient_checkpointing,
-        # non-reentrant checkpointing needs no input grads, so it works with frozen embeddings (what: new / lora)
-        activation_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        **checkpointing_args(train.gradient_checkpointing),
         # packed blocks all have seq_len tokens; dropping a ragged last batch keeps every step the same size
         dataloader_drop_last=True,
         disable_tqdm=False,
@@ -89,6 +88,16 @@ def training_args(recipe: Recipe, output_dir: Path, max_steps: int, grad_accum: 
     args.update(distributed.distributed_training_args(recipe))
     args.update(train.trainer_args)
     return args
+
+
+def checkpointing_args(enabled: bool) -> dict[str, Any]:
+    """The `TrainingArguments` of activation checkpointing, by the names this transformers has: it renamed
+    `gradient_checkpointing[_kwargs]` to `activation_checkpointing[_kwargs]` after 5.17 (the old names are deprecated
+    aliases since)."""
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    # non-reentrant checkpointing needs no input grads, so it works with frozen embeddings (what: new / lora)
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
 # logged next to `loss` (means over the micro-steps since the last log, over every process)
@@ -138,9 +147,21 @@ class ZooTrainer(Trainer):
                 num_training_steps,
                 optim.lr,
                 optim.min_lr,
+                optim.decay_fraction,
             )
             self._created_lr_scheduler = True
         return self.lr_scheduler
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        # the checkpoint's optimizer holds the learning rate its own run scheduled for the next step; this run's
+        # schedule may differ there (a `wsd` decay branch), so set this run's rate for that step
+        scheduler = self.lr_scheduler
+        if checkpoint is not None and isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            rates = [base * rule(scheduler.last_epoch) for base, rule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+            for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
+                group["lr"] = rate
+            scheduler._last_lr = rates
 
     def create_optimizer(self, model=None):
         optim = self.recipe.optim

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from hf_attn_zoo.errors import OutputExistsError
 from hf_attn_zoo.studies import moh as study
 from hf_attn_zoo.tuning import load_recipe
 from tests.tuning.conftest import tiny_model_dir  # noqa: F401  (the fixture)
@@ -76,3 +77,40 @@ def test_study_tunes_evaluates_caches_and_reports(tmp_path: Path, tiny_model_dir
     gap, se = study.gap_to_dense(results["runs"]["dense_kd"]["128"]["nll"], results["runs"]["dense"]["128"]["nll"])
     assert f"{gap:+.1%} ± {se:.1%}" in text
     assert paths["png"].is_file() and json.loads(paths["json"].read_text())["runs"] == results["runs"]
+
+
+def test_wsd_study_trains_one_run_per_variant_with_decay_branches(
+    tmp_path: Path,
+    tiny_model_dir: Path,  # noqa: F811
+    monkeypatch,
+):
+    # 32 tokens per step: the 128-token run takes 4 steps (decaying over the last), the 64-token branch leaves it after
+    # step 1 and decays over its second
+    overrides = [
+        f"model.path={tiny_model_dir}",
+        "data.sources=[{corpus: python_stdlib_docs, max_docs: 6}]",
+        "data.seq_len=32",
+        "train.batch_size=1",
+        "train.save_steps=null",
+    ]
+    plan = {0: ["dense"], 64: ["dense", "dense_kd"], 128: ["dense", "dense_kd"]}
+    trained = []
+    run_variant = study._run_variant
+    monkeypatch.setattr(study, "_run_variant", lambda *a: trained.append(a[1:3]) or run_variant(*a))
+    results = study.run_study(tmp_path, plan, ppl_blocks=3, tasks=[], overrides=overrides, schedule="wsd")
+    assert trained == [("dense", 128), ("dense_kd", 128)]  # one run per variant
+    for variant in ("dense", "dense_kd"):
+        for budget, steps in ((64, 2), (128, 4)):
+            run = results["runs"][variant][str(budget)]
+            assert run["steps"] == steps and run["train_tokens"] == budget
+    assert results["schedule"] == "wsd" and "decay branch" in study.study_markdown(results)
+    # the branch's model is gone once evaluated, the largest run's model kept, no optimizer state left behind
+    run = tmp_path / "runs" / "dense" / "128"
+    assert (run / "final" / "config.json").is_file() and not (run / "branches" / "64").exists()
+    assert not list(tmp_path.rglob("checkpoint-*"))
+
+    monkeypatch.setattr(study, "_run_variant", lambda *a: pytest.fail("a cached run was trained again"))
+    assert study.run_study(tmp_path, plan, ppl_blocks=3, tasks=[], overrides=overrides, schedule="wsd") == results
+    # a folder holds one study: other settings would mix their runs with these
+    with pytest.raises(OutputExistsError, match=r"holds a study with \{'schedule': 'wsd'.*another --out"):
+        study.run_study(tmp_path, plan, ppl_blocks=3, tasks=[], overrides=overrides, schedule="cosine")
