@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Fetch the offline text corpora used by the continue-tuning recipes.
 #
-#   bash scripts/fetch_corpora.sh                 # all corpora
-#   bash scripts/fetch_corpora.sh bible_kjv       # only some: python_docs bible_kjv shakespeare
+#   bash scripts/fetch_corpora.sh                 # the default corpora: python_docs bible_kjv shakespeare
+#   bash scripts/fetch_corpora.sh bible_kjv       # only some
+#   bash scripts/fetch_corpora.sh linux_docs      # on request only (a 37 MB package): the kernel's documentation
 #
 # Destination: $HF_ATTN_ZOO_CORPORA if set, else ${HF_ATTN_ZOO_CACHE:-~/.cache/hf_attn_zoo}/corpora, one folder per
 # corpus (the layout hf_attn_zoo/assets/corpora.py reads). Idempotent: a corpus whose folder holds a `.complete` marker is skipped.
@@ -13,6 +14,7 @@ set -u
 DEST="${HF_ATTN_ZOO_CORPORA:-${HF_ATTN_ZOO_CACHE:-$HOME/.cache/hf_attn_zoo}/corpora}"
 PYTHON="${PYTHON:-python3}"
 ALL=(python_docs bible_kjv shakespeare)
+ON_REQUEST=(linux_docs)
 if [ "$#" -gt 0 ]; then WANTED=("$@"); else WANTED=("${ALL[@]}"); fi
 
 warn() { echo "fetch_corpora: WARNING: $*" >&2; }
@@ -50,6 +52,23 @@ fetch_python_docs() {
     return 1
 }
 
+fetch_linux_docs() {
+    local out="$1" tmp="$2" pkg
+    # the versioned package (the `linux-doc` meta-package holds no documents); the newest the package lists know
+    for pkg in $(apt-cache search --names-only '^linux-doc-[0-9.]+$' 2>/dev/null | cut -d' ' -f1 | sort -rV) \
+        linux-doc-6.1; do
+        (cd "$tmp" && apt_download "$pkg") || continue
+        mkdir -p "$tmp/x" && dpkg-deb -x "$tmp"/"$pkg"_*.deb "$tmp/x" || return 1
+        # keep only the reST sources (32 MB) rather than the whole HTML tree (190 MB)
+        local src
+        src=$(cd "$tmp/x" && ls -d usr/share/doc/linux-doc*/html/_sources 2>/dev/null | head -n 1)
+        [ -n "$src" ] || { warn "$pkg has no html/_sources"; return 1; }
+        mkdir -p "$out/$(dirname "$src")" && cp -r "$tmp/x/$src" "$out/$src" || return 1
+        return 0
+    done
+    return 1
+}
+
 fetch_bible_kjv() {
     local out="$1" tmp="$2"
     (cd "$tmp" && apt_download bible-kjv bible-kjv-text) || return 1
@@ -71,9 +90,9 @@ mkdir -p "$DEST" || { warn "cannot create $DEST; no corpus fetched"; exit 0; }
 status=()
 for name in "${WANTED[@]}"; do
     case "$name" in
-        python_docs|bible_kjv|shakespeare) ;;
+        python_docs|bible_kjv|shakespeare|linux_docs) ;;
         python_stdlib_docs) info "python_stdlib_docs ships with Python; nothing to fetch"; continue ;;
-        *) warn "unknown corpus '$name' (known: ${ALL[*]})"; status+=("$name: unknown"); continue ;;
+        *) warn "unknown corpus '$name' (known: ${ALL[*]} ${ON_REQUEST[*]})"; status+=("$name: unknown"); continue ;;
     esac
     out="$DEST/$name"
     if [ -f "$out/.complete" ]; then info "$name: already in $out"; status+=("$name: present"); continue; fi

@@ -65,15 +65,17 @@ def _read_stdlib_docs(path: Path) -> list[tuple[str, str]]:
     return [(key, topics[key]) for key in sorted(topics)]
 
 
-def _find_python_docs(root: Path | None) -> Path | None:
+def _find_sphinx_sources(pattern: str, root: Path | None) -> Path | None:
+    """The first `_sources/` folder of a Sphinx build matching `pattern` under `root` (or `/`) with reST pages."""
     base = root if root is not None else Path("/")
-    for candidate in sorted(base.glob("usr/share/doc/python3*/html/_sources")):
+    for candidate in sorted(base.glob(pattern)):
         if any(candidate.rglob("*.rst.txt")):
             return candidate
     return None
 
 
-def _read_python_docs(path: Path) -> list[tuple[str, str]]:
+def _read_rst_sources(path: Path) -> list[tuple[str, str]]:
+    """A Sphinx build's `_sources/`: one document per page."""
     files = sorted(path.rglob("*.rst.txt"))
     return [(str(f.relative_to(path)), f.read_text(encoding="utf-8", errors="replace")) for f in files]
 
@@ -144,9 +146,16 @@ _CORPORA: dict[str, _Corpus] = {
         _Corpus(
             "python_docs",
             "Python 3 documentation reST sources (Debian python3.11-doc)",
-            _find_python_docs,
-            _read_python_docs,
+            functools.partial(_find_sphinx_sources, "usr/share/doc/python3*/html/_sources"),
+            _read_rst_sources,
             ("python3.11-doc",),
+        ),
+        _Corpus(
+            "linux_docs",
+            "Linux kernel documentation reST sources (Debian linux-doc-6.1; about 7M tokens; fetched on request only)",
+            functools.partial(_find_sphinx_sources, "usr/share/doc/linux-doc*/html/_sources"),
+            _read_rst_sources,
+            ("linux-doc-6.1",),
         ),
         _Corpus(
             "bible_kjv",

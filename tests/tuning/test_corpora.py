@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -16,16 +17,16 @@ def empty_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """No fetched corpora and no system copies: only what a test puts under `$HF_ATTN_ZOO_CORPORA`."""
     monkeypatch.setenv("HF_ATTN_ZOO_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_ATTN_ZOO_CORPORA", str(tmp_path / "corpora"))
-    for name in ("_find_python_docs", "_find_bible", "_find_shakespeare"):
-        real = getattr(corpora, name)
-        monkeypatch.setattr(corpora, name, lambda root, real=real: None if root is None else real(root))
+    for name, corpus in list(corpora._CORPORA.items()):
+        local = dataclasses.replace(corpus, find=lambda root, real=corpus.find: None if root is None else real(root))
+        monkeypatch.setitem(corpora._CORPORA, name, local)
     corpora._documents.cache_clear()
     yield tmp_path / "corpora"
     corpora._documents.cache_clear()
 
 
 def test_names():
-    assert corpus_names() == ["python_stdlib_docs", "python_docs", "bible_kjv", "shakespeare"]
+    assert corpus_names() == ["python_stdlib_docs", "python_docs", "linux_docs", "bible_kjv", "shakespeare"]
 
 
 def test_stdlib_docs_are_always_there_and_split_by_document():
@@ -44,7 +45,7 @@ def test_unknown_corpus():
         corpus_texts("wikitext")
 
 
-@pytest.mark.parametrize("name", ["python_docs", "bible_kjv", "shakespeare"])
+@pytest.mark.parametrize("name", ["python_docs", "linux_docs", "bible_kjv", "shakespeare"])
 def test_missing_corpus_names_the_fetch_command(empty_cache: Path, name: str):
     with pytest.raises(MissingAssetError) as info:
         corpus_path(name)
