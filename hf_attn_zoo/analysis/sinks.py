@@ -31,6 +31,7 @@ from ..errors import InvalidOptionError, UnsupportedArchitectureError
 from ..families.spec import resolve_family
 from ..kernels.masks import allowed_keys
 from ..kernels.register import install_handler, remove_handler
+from ..kernels.softcap import cap_logits
 
 __all__ = ["Sink", "SinkReport", "attention_column_mass", "find_sinks", "naive_attention_column_mass", "plot_sinks"]
 
@@ -117,8 +118,7 @@ def attention_column_mass(
     for start in range(0, q_len, chunk):
         q = query[:, :, start : start + chunk].float().view(batch, kv, group, -1, dim)
         logits = (q @ keys.transpose(-1, -2)).view(batch, heads, -1, key.shape[2]) * scaling
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
+        logits = cap_logits(logits, softcap)
         mask = allowed[:, None, start : start + chunk]
         logits = logits.masked_fill(~mask, float("-inf"))
         if sinks is not None:

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .masks import left_padding
+from .softcap import cap_logits
 
 __all__ = [
     "Factorisation",
@@ -92,10 +93,6 @@ def _pool(x: torch.Tensor, dim: int, pooling: Pooling) -> torch.Tensor:
     return x.amax(dim) if pooling == "max" else x.mean(dim)
 
 
-def _cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    return scores if not softcap else softcap * torch.tanh(scores / softcap)
-
-
 def _tables(factorisation: Factorisation, n: int, device: torch.device):
     """Per region count `p` in `0..n`: each slot's node index `[n+1, R]`, validity, and (logsparse) each slot's level
     (`R` ints: the kernel loops over them, and ints need no host sync under `torch.compile`).
@@ -139,7 +136,7 @@ def _summaries(queries, key, value, n_full, levels, block_size, scaling, softcap
         k = key[:, : m * t].unflatten(1, (m, t))  # [G, m, t, D]
         v = value[:, : m * t].unflatten(1, (m, t))
         within = torch.einsum("gxmd,gmtd->gxmt", pooled_q.unflatten(0, (kv_heads, group)), k) * scaling
-        probs = torch.softmax(_cap(within, softcap), dim=-1)
+        probs = torch.softmax(cap_logits(within, softcap), dim=-1)
         summary = torch.einsum("gxmt,gmtd->gxmd", probs, v).flatten(0, 1)  # [H, m, Dv]
         out.append((pooled_k, summary))
     return out
@@ -202,7 +199,7 @@ def _rows(
             levels_r = torch.tensor(slot_level, device=device)
             start = (sb + (slot_index << levels_r)) * s  # [nq, R]
             size = (s << levels_r)[None].expand_as(start)
-        region_logits = _cap(region_logits, softcap)
+        region_logits = cap_logits(region_logits, softcap)
         if size_bias:
             region_logits = region_logits + size[:, None, :].float().log()
         used = valid[p_r][:, None, :]  # [nq, 1, R]
@@ -238,7 +235,7 @@ def _rows(
         sink_pos = torch.arange(width, device=device).expand(nq, -1)
         allowed, k_block = direct_mask(sink_pos)
         allowed = allowed & (k_block < sinks[:, None])[:, None, :]
-        sink_logits = _cap(torch.einsum("gxcqd,gkd->gxcqk", q, key[:, :width]) * scaling, softcap)
+        sink_logits = cap_logits(torch.einsum("gxcqd,gkd->gxcqk", q, key[:, :width]) * scaling, softcap)
         parts_logits.insert(0, sink_logits.masked_fill(~allowed, _LOW))
         parts_values.insert(0, ("shared", value[:, :width]))
 
@@ -251,7 +248,7 @@ def _rows(
     k_pos = ((pick - band + 1)[..., None] * s + torch.arange(s, device=device)).flatten(1)  # [nq, band*s]
     allowed, k_block = direct_mask(k_pos)
     allowed = allowed & ~(k_block < sinks[:, None])[:, None, :]
-    band_logits = _cap(torch.einsum("gxcqd,gckd->gxcqk", q, k_band) * scaling, softcap)
+    band_logits = cap_logits(torch.einsum("gxcqd,gckd->gxcqk", q, k_band) * scaling, softcap)
     parts_logits.insert(0, band_logits.masked_fill(~allowed, _LOW))
     parts_values.insert(0, ("band", vg[:, pick].flatten(2, 3)))
 
@@ -438,15 +435,16 @@ def naive_combiner_attention(
                 covered[a:e] = True
             direct = [j for j in range(low, i + 1) if not covered[j]]
             qi = query[b, :, t].float()
-            direct_logits = _cap((k[:, direct] @ qi[:, :, None])[..., 0] * scaling, softcap)  # [H, n_direct]
+            direct_logits = cap_logits((k[:, direct] @ qi[:, :, None])[..., 0] * scaling, softcap)  # [H, n_direct]
             region_logits = []
             within = []
             for a, e in spans:
                 key_r = _pool(k[:, a:e], 1, pooling)
-                logit = _cap((key_r * qi).sum(-1) * scaling, softcap)
+                logit = cap_logits((key_r * qi).sum(-1) * scaling, softcap)
                 region_logits.append(logit + (math.log(e - a) if size_bias else 0.0))
                 query_r = _pool(qa[:, a:e], 1, pooling)
-                within.append(torch.softmax(_cap((k[:, a:e] @ query_r[:, :, None])[..., 0] * scaling, softcap), -1))
+                scores = (k[:, a:e] @ query_r[:, :, None])[..., 0] * scaling
+                within.append(torch.softmax(cap_logits(scores, softcap), -1))
             logits = torch.cat([direct_logits, *[r[:, None] for r in region_logits]], -1)
             probs = torch.softmax(logits, -1)
             direct_index = torch.tensor(direct, dtype=torch.long, device=query.device)

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .softcap import cap_logits
+
 __all__ = [
     "attention_with_lse",
     "gray_rank",
@@ -71,8 +73,7 @@ def _attend(q, k, v, scaling, mask, softcap=None):
     groups, n_q = q.shape[-3], q.shape[-2]
     # fp32 scores, softmax and log-sum-exp: the parts are merged by their log-sum-exp
     scores = torch.matmul(q.flatten(-3, -2), k.transpose(-1, -2)).unflatten(-2, (groups, n_q)).float() * scaling
-    if softcap:
-        scores = softcap * torch.tanh(scores / softcap)
+    scores = cap_logits(scores, softcap)
     if mask is not None:
         scores = scores.masked_fill(~mask.unsqueeze(-3), float("-inf"))
     # the max shift cancels in the softmax and in the log-sum-exp, so it carries no gradient

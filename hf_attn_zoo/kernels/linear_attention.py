@@ -39,6 +39,8 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .softcap import cap_logits
+
 __all__ = [
     "LinearBackend",
     "LinearFeatures",
@@ -112,7 +114,7 @@ def naive_hybrid_attention(
         in_linear = in_linear & (distance < span)
     real = key_real[:, None, None, :] if key_real is not None else torch.ones(1, 1, 1, k_len, dtype=torch.bool)
     real = real.to(query.device)
-    scores = _cap((query.float() @ k.transpose(-1, -2)) * scaling, softcap)
+    scores = cap_logits((query.float() @ k.transpose(-1, -2)) * scaling, softcap)
     scores = scores.masked_fill(~(in_window & real), float("-inf"))
     top = scores.amax(-1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
@@ -130,10 +132,6 @@ def naive_hybrid_attention(
         den = den + (features.q_norm.float() * state.k.repeat_interleave(group, 1)[:, :, None]).sum(-1)
     out = num / _safe(den)[..., None]
     return out.transpose(1, 2).to(value.dtype)
-
-
-def _cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    return scores if not softcap else softcap * torch.tanh(scores / softcap)
 
 
 def _softmax_sums(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -166,7 +164,7 @@ def _window_part(
     if window >= k_len or q_len <= chunk:  # every query sees (nearly) all keys: one masked block
         distance = torch.arange(start, k_len, device=query.device)[:, None] - torch.arange(k_len, device=key.device)
         allowed = (distance >= 0) & (distance < window) & real[:, None, None, None, :]  # [B, 1, 1, Q, K]
-        soft = _softmax_sums(_cap(torch.einsum("bkgqd,bkld->bkgql", query, key) * scaling, softcap), allowed)
+        soft = _softmax_sums(cap_logits(torch.einsum("bkgqd,bkld->bkgql", query, key) * scaling, softcap), allowed)
         num, den = torch.einsum("bkgql,bkld->bkgqd", soft, value), soft.sum(-1)
     else:
         blocks = -(-q_len // chunk)
@@ -182,7 +180,8 @@ def _window_part(
         allowed = (col >= row) & (col < row + window)  # distance = row - col + window - 1 in [0, window)
         real_blocks = F.pad(real, pad, value=False)[:, start:].unfold(1, span, chunk)  # [B, N, span]
         allowed = allowed & real_blocks[:, None, None, :, None, :]  # [B, 1, 1, N, C, span]
-        soft = _softmax_sums(_cap(torch.einsum("bkgncd,bkndl->bkgncl", q_blocks, keys) * scaling, softcap), allowed)
+        scores = torch.einsum("bkgncd,bkndl->bkgncl", q_blocks, keys) * scaling
+        soft = _softmax_sums(cap_logits(scores, softcap), allowed)
         num = torch.einsum("bkgncl,bknld->bkgncd", soft, values).flatten(3, 4)[:, :, :, :q_len]
         den = soft.sum(-1).flatten(3, 4)[:, :, :, :q_len]
     weight = weight[None, :, :, None]  # applied to the sums: the window's terms all share their head's weight

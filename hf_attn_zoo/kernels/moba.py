@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .masks import left_padding, masked_sdpa
-from .sparse_attention import softcap_attention
+from .softcap import cap_logits, softcap_attention
 
 __all__ = ["Backend", "causal_key_conv", "moba_attention", "naive_moba_attention", "moba_selection"]
 
@@ -107,10 +107,6 @@ def moba_selection(
     return chosen, current
 
 
-def _cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    return scores if not softcap else softcap * torch.tanh(scores / softcap)
-
-
 def _masked(query, key, value, chosen, block_size, window, scaling, dropout, softcap):
     q_len, length = query.shape[1], key.shape[1]
     k_pos = torch.arange(length, device=key.device)
@@ -149,7 +145,7 @@ def _partial(query, key, value, mask, causal, scaling, dropout, fused, softcap):
         )
         return out.float(), lse
     # fp32 scores, softmax and log-sum-exp: the partial results are merged by their log-sum-exp below
-    scores = _cap((query @ key.transpose(-1, -2)).float() * scaling, softcap)
+    scores = cap_logits((query @ key.transpose(-1, -2)).float() * scaling, softcap)
     if causal:
         tri = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
         mask = tri if mask is None else mask & tri
@@ -302,7 +298,7 @@ def _softcap_mod(softcap: float):
     kernels are reused across calls and layers."""
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        return softcap * torch.tanh(score / softcap)
+        return cap_logits(score, softcap)
 
     return score_mod
 
@@ -483,6 +479,6 @@ def naive_moba_attention(
     allowed = allowed & (rel_k >= 0)[:, None, None, :] & (pos <= pos[total - q_len :, None])
     if window:
         allowed = allowed & (pos[total - q_len :, None] - pos < window)
-    scores = _cap(q @ k.transpose(-1, -2) * scaling, softcap).masked_fill(~allowed, -math.inf)
+    scores = cap_logits(q @ k.transpose(-1, -2) * scaling, softcap).masked_fill(~allowed, -math.inf)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     return (probs @ v).to(query.dtype).transpose(1, 2)

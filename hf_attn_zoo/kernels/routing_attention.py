@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .masks import left_padding, masked_sdpa
-from .sparse_attention import softcap_attention
+from .softcap import cap_logits, softcap_attention
 
 __all__ = [
     "RoutingBackend",
@@ -104,13 +104,9 @@ def naive_routing_attention(
     )
     group = heads // key.shape[1]
     k, v = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
-    scores = _cap((query.float() @ k.float().transpose(-1, -2)) * scaling, softcap)
+    scores = cap_logits((query.float() @ k.float().transpose(-1, -2)) * scaling, softcap)
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
     return (probs @ v.float()).to(query.dtype).transpose(1, 2)
-
-
-def _cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    return scores if not softcap else softcap * torch.tanh(scores / softcap)
 
 
 def _masked(
@@ -171,7 +167,7 @@ def _partial(q, k, v, bias, empty, scaling, softcap):
         )
         return out.float(), lse.float().masked_fill(empty, float("-inf"))
     # fp32 scores and log-sum-exp: the local and routing parts are merged by their log-sum-exp
-    scores = _cap((q.float() @ k.float().transpose(-1, -2)) * scaling, softcap) + bias.float()
+    scores = cap_logits((q.float() @ k.float().transpose(-1, -2)) * scaling, softcap) + bias.float()
     # empty rows get finite scores, so that the backward of logsumexp gives no NaN; their output is zeroed below
     scores = scores.masked_fill(empty[..., None], 0.0)
     lse = torch.logsumexp(scores, dim=-1)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .masks import key_padding, left_padding, masked_sdpa, padding_or_none
+from .softcap import softcap_attention
 
 __all__ = [
     "AttentionPattern",
@@ -44,7 +45,6 @@ __all__ = [
     "block_mask_cache_info",
     "clear_block_mask_cache",
     "pattern_mask",
-    "softcap_attention",
     "sparse_attention",
 ]
 
@@ -151,30 +151,6 @@ def _masked(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling,
 def _softcapped(query, key, value, pattern, q_pos, k_pos, offsets, padding, scaling, dropout, softcap):
     mask = pattern_mask(pattern, q_pos, k_pos, offsets, padding, query.shape[1])
     return softcap_attention(query, key, value, mask, scaling or query.shape[-1] ** -0.5, dropout, softcap)
-
-
-def softcap_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: torch.Tensor,
-    scaling: float,
-    dropout: float,
-    softcap: float,
-) -> torch.Tensor:
-    """`masked_sdpa` with a logit softcap `softcap * tanh(s / softcap)` (Gemma 2), which SDPA cannot apply: the scores
-    are materialised, as the family's eager attention does. `query` `[B, H, Q, D]`, `key`/`value` `[B, KV, K, D]`
-    (GQA not repeated), `mask` broadcastable to `[B, H, Q, K]` (True = attend); rows with no allowed key give zeros.
-    Returns `[B, H, Q, Dv]`."""
-    batch, heads, q_len, dim = query.shape
-    kv_heads = key.shape[1]
-    grouped = query.reshape(batch, kv_heads, heads // kv_heads * q_len, dim)
-    scores = (grouped @ key.transpose(-1, -2)).reshape(batch, heads, q_len, -1) * scaling
-    scores = softcap * torch.tanh(scores / softcap)
-    weights = torch.softmax(scores.float().masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0).to(value.dtype)
-    weights = F.dropout(weights, p=dropout, training=dropout > 0)
-    out = weights.reshape(batch, kv_heads, heads // kv_heads * q_len, -1) @ value
-    return out.reshape(batch, heads, q_len, value.shape[-1])
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import InvalidOptionError
 from .masks import left_padding
+from .softcap import cap_logits
 
 __all__ = [
     "StreamingPositions",
@@ -72,10 +73,6 @@ def streaming_rotary(model: torch.nn.Module, head_dim: int) -> torch.Tensor:
     return rotary.inv_freq
 
 
-def _cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    return scores if not softcap else softcap * torch.tanh(scores / softcap)
-
-
 class StreamingPositions:
     """Attention of decode-time queries over a `SinkWindowLayer` cache with StreamingLLM's cache positions."""
 
@@ -116,7 +113,7 @@ class StreamingPositions:
         scores = torch.where(sink[:, None, None, :], shifted @ key.transpose(-1, -2), query @ key.transpose(-1, -2))
         # fp32 softmax, cast back to the values' dtype
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        scores = _cap(scores.float() * scaling, softcap).masked_fill(~allowed[:, None], float("-inf"))
+        scores = cap_logits(scores.float() * scaling, softcap).masked_fill(~allowed[:, None], float("-inf"))
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # padding queries attend nothing: zeros
         return (weights.to(value.dtype) @ value).transpose(1, 2).contiguous()
 
@@ -247,7 +244,7 @@ def sink_cache_attention(
             columns = outside.any(dim=(0, 1)).nonzero().flatten()  # rotate only the keys outside some window
             rotated = _rotated_scores(query[:, :, rows], key[:, :, columns], delta[:, :, columns], inv_freq.to(device))
             logits[..., columns] = torch.where(delta[:, None, :, columns] > 0, rotated, logits[..., columns])
-        logits = _cap(logits * scaling, softcap).masked_fill(~visible[:, None], float("-inf"))
+        logits = cap_logits(logits * scaling, softcap).masked_fill(~visible[:, None], float("-inf"))
         weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)
         out[:, rows] = (weights.to(value.dtype) @ value).transpose(1, 2)
     return out, scores, keep_extra
@@ -292,6 +289,6 @@ def naive_sink_cache_attention(
             q = rotate(query[:, i : i + 1], torch.tensor([len(cache) - 1]), inv_freq)
         else:
             k, q = k_rot[:, keys], q_rot[:, i : i + 1]
-        weights = torch.softmax(_cap((q @ k.transpose(-1, -2)).float() * scaling, softcap), dim=-1)
+        weights = torch.softmax(cap_logits((q @ k.transpose(-1, -2)).float() * scaling, softcap), dim=-1)
         out.append(weights.to(value.dtype) @ value[:, keys])
     return torch.cat(out, dim=1).transpose(0, 1)  # [T, H, D]
