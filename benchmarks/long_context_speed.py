@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 import hf_attn_zoo
 from hf_attn_zoo.assets.corpora import held_out_texts
-from hf_attn_zoo.kernels.kv_cache import kv_cache_bytes
+from hf_attn_zoo.kernels.kv_cache import cache_kwargs, kv_cache_bytes
 
 METHODS: dict[str, dict] = {
     "sliding_window": {"window": 1024, "sinks": 4},
@@ -48,14 +48,15 @@ def run(model, ids: torch.Tensor, decode: int) -> dict[str, float]:
     """Prefill `ids` into a fresh cache (`logits_to_keep=1`), then `decode` greedy steps: times and cache bytes."""
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
+        kv_args = cache_kwargs(model, cache)
         start = time.perf_counter()
-        out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
+        out = model(ids, **kv_args, use_cache=True, logits_to_keep=1)
         prefill = time.perf_counter() - start
         kv = kv_cache_bytes(cache)
         token = out.logits[:, -1:].argmax(-1)
         start = time.perf_counter()
         for _ in range(decode):
-            token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            token = model(token, **kv_args, use_cache=True).logits[:, -1:].argmax(-1)
         steps = time.perf_counter() - start
     return {
         "prefill_s": prefill,

@@ -31,7 +31,7 @@ from transformers import DynamicCache
 import hf_attn_zoo
 from hf_attn_zoo.analysis.perplexity import held_out_nll
 from hf_attn_zoo.assets import load_default_model
-from hf_attn_zoo.kernels.kv_cache import kv_cache_bytes
+from hf_attn_zoo.kernels.kv_cache import cache_kwargs, kv_cache_bytes
 from hf_attn_zoo.patches.mla import calibrate
 from hf_attn_zoo.tuning import load_recipe, run_recipe
 from hf_attn_zoo.tuning.data import build_datasets
@@ -49,7 +49,7 @@ def _kv_bytes_per_token(model, tokenizer) -> float:
     ids = tokenizer("def f(x):\n    return x + 1\n" * 8, return_tensors="pt").input_ids
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=ids, cache=cache, use_cache=True)
+        model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
     return kv_cache_bytes(cache) / ids.shape[1]
 
 

@@ -22,6 +22,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import hf_attn_zoo
 from hf_attn_zoo.kernels.head_sparse import head_sparse_decode_attention
+from hf_attn_zoo.kernels.kv_cache import cache_kwargs
 
 
 class _Module:
@@ -101,13 +102,14 @@ def _filled_cache(model, batch: int, context: int) -> DynamicCache:
 @torch.no_grad()
 def _decode_tokens_per_second(model, batch: int, context: int, steps: int) -> float:
     cache = _filled_cache(model, batch, context)
+    kv = cache_kwargs(model, cache)
     token = torch.randint(100, 1000, (batch, 1))
     mask = torch.ones(batch, context + steps + 1, dtype=torch.long)
 
     def step(i: int):
         position = torch.full((batch, 1), context + i)
         return model(
-            token, cache=cache, position_ids=position, attention_mask=mask[:, : context + i + 1], use_cache=True
+            token, **kv, position_ids=position, attention_mask=mask[:, : context + i + 1], use_cache=True
         ).logits
 
     step(0)  # warm-up

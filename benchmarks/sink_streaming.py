@@ -37,6 +37,7 @@ from transformers import DynamicCache
 
 import hf_attn_zoo
 from hf_attn_zoo.eval_harness.tasks.long_context import corpus_stream, passkey_docs
+from hf_attn_zoo.kernels.kv_cache import cache_kwargs
 
 FULL = "full attention"
 PLAIN = "StreamingLLM sinks=4"
@@ -63,8 +64,9 @@ def documents(tokenizer, corpus: str, length: int, count: int) -> list[torch.Ten
 def chunked_logits(model, ids: torch.Tensor, prefill: int, chunk: int) -> tuple[torch.Tensor, DynamicCache]:
     """Logits of `ids` fed through one cache: `prefill` tokens, then calls of `chunk` tokens."""
     cache = DynamicCache(config=model.config)
+    kv = cache_kwargs(model, cache)
     bounds = [0, *range(min(prefill, ids.shape[1]), ids.shape[1], chunk), ids.shape[1]]
-    out = [model(ids[:, a:b], cache=cache, use_cache=True).logits for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    out = [model(ids[:, a:b], **kv, use_cache=True).logits for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     return torch.cat(out, dim=1), cache
 
 
@@ -82,7 +84,7 @@ def passkey(model, tokenizer, doc: dict, streaming: bool, prefill: int, chunk: i
         logits, cache = chunked_logits(model, ids, prefill, chunk)
     else:
         cache = DynamicCache(config=model.config)
-        logits = model(ids, cache=cache, use_cache=True).logits
+        logits = model(ids, **cache_kwargs(model, cache), use_cache=True).logits
     text = ""
     for _ in range(10):
         token = logits[:, -1:].argmax(-1)
@@ -90,7 +92,7 @@ def passkey(model, tokenizer, doc: dict, streaming: bool, prefill: int, chunk: i
         text += piece
         if "\n" in piece or "." in piece:
             break
-        logits = model(token, cache=cache, use_cache=True).logits
+        logits = model(token, **cache_kwargs(model, cache), use_cache=True).logits
     found = re.search(r"\d+", text)
     return found is not None and found.group(0) == doc["key"]
 

@@ -3,8 +3,9 @@
 A smoke run of the GPU study and of `benchmarks/gpu_check.py` under transformers 5.17 found three breaks, each fixed
 by reading what the installed version has instead of assuming the latest: a family whose model type 5.17 lacks
 (`internlm3`) broke every family lookup, `TrainingArguments` only knows `gradient_checkpointing` there, and a model's
-forward takes its KV cache as `past_key_values` (SCMoE passed `cache=`, which `**kwargs` swallowed: decoding without
-a cache). These tests pin each rule on the installed version and on a stand-in for the other one.
+forward takes its KV cache as `past_key_values` (SCMoE and the efficiency probe passed `cache=`, which `**kwargs`
+swallowed: decoding without a cache). These tests pin each rule on the installed version and on a stand-in for the
+other one.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import inspect
 import torch
 from transformers import TrainingArguments
 
-from hf_attn_zoo.decoding.scmoe.decode import _cache_argument
 from hf_attn_zoo.families import spec
+from hf_attn_zoo.kernels.kv_cache import cache_kwargs
 from hf_attn_zoo.tuning.trainer import checkpointing_args
 
 
@@ -49,5 +50,5 @@ def test_the_kv_cache_goes_by_the_name_the_models_forward_takes():
 
     tiny = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=32)
     current = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
-    assert _cache_argument(LlamaForCausalLM(tiny)) == current
-    assert _cache_argument(_OldForward()) == "past_key_values"
+    assert cache_kwargs(LlamaForCausalLM(tiny), "the cache") == {current: "the cache"}
+    assert cache_kwargs(_OldForward(), "the cache") == {"past_key_values": "the cache"}

@@ -26,7 +26,7 @@ import torch
 from transformers import DynamicCache
 
 from hf_attn_zoo.assets.corpora import held_out_texts
-from hf_attn_zoo.kernels.kv_cache import kv_cache_bytes
+from hf_attn_zoo.kernels.kv_cache import cache_kwargs, kv_cache_bytes
 
 
 __all__ = ["DECODE_TOKENS", "PROMPT_TOKENS", "Efficiency", "measure_efficiency", "probe_prompt"]
@@ -70,14 +70,15 @@ def _run(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> tuple[float, 
     """`(prefill seconds, decode seconds, cache, cache bytes after the prefill)`."""
     config: Any = model.config  # a transformers model, or a wrapper (PEFT) that forwards its config
     cache = DynamicCache(config=config)
+    kv = cache_kwargs(model, cache)
     start = _now(ids.device)
-    logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
+    logits = model(input_ids=ids, **kv, use_cache=True, logits_to_keep=1).logits
     prefill = _now(ids.device) - start
     held = kv_cache_bytes(cache)
     token = logits[:, -1:].argmax(-1)
     start = _now(ids.device)
     for _ in range(steps):
-        token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        token = model(input_ids=token, **kv, use_cache=True).logits[:, -1:].argmax(-1)
     return prefill, _now(ids.device) - start, cache, held
 
 

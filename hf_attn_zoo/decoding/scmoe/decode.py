@@ -4,7 +4,6 @@ out like `generate`), `CUSTOM_GENERATE_DIR` (the `custom_generate` folder) and `
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 
 from ...errors import InvalidOptionError
+from ...kernels.kv_cache import cache_kwargs
 from .config import SCMoEConfig, _resolve_config
 from .contrast import _weak_routing, contrastive_scores
 
@@ -123,7 +123,7 @@ def scmoe_decode(
     scores_out = () if return_dict and generation_config.output_scores else None
     logits_out = () if return_dict and generation_config.output_logits else None
     unfinished = torch.ones(batch, dtype=torch.long, device=device)
-    cache = {_cache_argument(model): DynamicCache(config=model.config)}
+    cache = cache_kwargs(model, DynamicCache(config=model.config))
     step_ids = torch.cat([input_ids, input_ids])
     optimise = getattr(model, "_optimize_model_for_decode", None)
 
@@ -248,12 +248,3 @@ def scmoe_generate(
         generate_kwargs["beta"] = row_beta
     move_stop_strings(generate_kwargs)
     return model.generate(input_ids, custom_generate=scmoe_decode, scmoe=config, **generate_kwargs)
-
-
-def _cache_argument(model: torch.nn.Module) -> str:
-    """The name the model's forward takes its KV cache by: `cache` from transformers 5.24 on (`past_key_values` is a
-    deprecated alias there), `past_key_values` before (where `cache=` would be swallowed by `**kwargs`, silently
-    decoding without a cache)."""
-    from ...wrappers import inner_model
-
-    return "cache" if "cache" in inspect.signature(inner_model(model).forward).parameters else "past_key_values"
