@@ -74,6 +74,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from hf_attn_zoo.eval_harness.efficiency import process_peak, reset_process_peak  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 PEER_ENV = ROOT / ".venv-peers"
 PEER_PINS = {"mergekit": "0.1.5", "natten": "0.21.7"}
@@ -153,29 +155,19 @@ class Timer:
         self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
-def _status_kib(field_name: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field_name} not in /proc/self/status")
-
-
 def peak_during(fn: Callable[[], Any]) -> tuple[Any, float | None]:
     """`(fn(), MiB)`: how far the process's peak RSS rose above its RSS at the start of the call.
 
     Freed heap memory is returned to the OS first (`malloc_trim`) and the kernel's peak counter is reset to the
-    current RSS (`echo 5 > /proc/self/clear_refs`), so earlier calls do not hide this one's peak. None where /proc
-    does not allow it."""
+    current RSS (`reset_process_peak`), so earlier calls do not hide this one's peak. None where /proc does not allow
+    it."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-        base = _status_kib("VmRSS")
+        base = reset_process_peak()
     except OSError:
         return fn(), None
     result = fn()
-    return result, (_status_kib("VmHWM") - base) / 1024
+    return result, (process_peak() - base) / 2**20
 
 
 def _ratio(ours: float | None, peer: float | None, digits: int = 2) -> str:

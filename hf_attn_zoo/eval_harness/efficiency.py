@@ -29,7 +29,15 @@ from hf_attn_zoo.assets.corpora import held_out_texts
 from hf_attn_zoo.kernels.kv_cache import cache_kwargs, kv_cache_bytes
 
 
-__all__ = ["DECODE_TOKENS", "PROMPT_TOKENS", "Efficiency", "measure_efficiency", "probe_prompt"]
+__all__ = [
+    "DECODE_TOKENS",
+    "PROMPT_TOKENS",
+    "Efficiency",
+    "measure_efficiency",
+    "probe_prompt",
+    "process_peak",
+    "reset_process_peak",
+]
 
 PROMPT_TOKENS = 128
 DECODE_TOKENS = 16
@@ -96,11 +104,22 @@ def _reset_peak(devices: list[torch.device]) -> tuple[int | None, str | None]:
             torch.cuda.reset_peak_memory_stats(device)
         return sum(torch.cuda.memory_allocated(d) for d in devices), "cuda_max_allocated"
     try:
-        # "5" resets the process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)
-        Path("/proc/self/clear_refs").write_text("5")
-        return _status_bytes("VmRSS"), "cpu_process_peak_rss"
+        return reset_process_peak(), "cpu_process_peak_rss"
     except OSError:
         return None, None
+
+
+def reset_process_peak() -> int:
+    """Reset this process's peak RSS (Linux `VmHWM`) to its RSS now, which it returns in bytes (`OSError` where
+    /proc does not allow it); `process_peak()` then reads the peak since."""
+    # "5" resets the peak RSS to the current RSS (Linux >= 4.0)
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_bytes("VmRSS")
+
+
+def process_peak() -> int:
+    """This process's peak RSS in bytes since it started or since `reset_process_peak()`."""
+    return _status_bytes("VmHWM")
 
 
 def _peak(devices: list[torch.device], kind: str | None) -> int | None:
@@ -108,7 +127,7 @@ def _peak(devices: list[torch.device], kind: str | None) -> int | None:
         return None
     if devices:
         return sum(torch.cuda.max_memory_allocated(d) for d in devices)
-    return _status_bytes("VmHWM")
+    return process_peak()
 
 
 def measure_efficiency(
