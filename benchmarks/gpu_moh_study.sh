@@ -28,14 +28,15 @@ if [ "${1:-}" = "--smoke" ]; then
     [ -f .cache/device/b/manifest.json ] || python scripts/device_bundle.py pack --no-wheels || exit 1
     if [ "${SMOKE_WHEELS:-0}" = 1 ]; then UNPACK=(); else UNPACK=(--no-wheels); fi
     STAGES=("0 2048" "0 2048 8192")
-    SETTINGS=(train.batch_size=2 train.save_steps=null "optim.warmup_steps=1" "data.num_proc=null")
+    SETTINGS=(train.batch_size=2 train.save_steps=null optim.warmup_steps=1)
     BLOCKS=4
     PYTHON=${PYTHON:-python}
 else
     UNPACK=()
     STAGES=("0 4194304" "0 4194304 16777216" "0 4194304 16777216 33554432")
+    # data.num_proc stays unset: processes shard the packing, which changes the blocks (a CPU rerun would differ)
     SETTINGS=(train.batch_size=64 train.mixed_precision=bf16 train.save_steps=256 train.logging_steps=16
-              optim.warmup_steps=16 data.num_proc=8)
+              optim.warmup_steps=16)
     BLOCKS=256
     PYTHON=${PYTHON:-python3}
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"

@@ -181,6 +181,22 @@ def test_token_budget_and_global_batch_size(tmp_path: Path, tiny_model_dir: Path
     assert result.global_step == 2 and result.train_tokens == 2 * 4 * 32
 
 
+def test_a_corpus_packing_is_reused_by_the_next_run_of_the_process(tmp_path: Path, tiny_model_dir: Path):
+    from transformers import AutoTokenizer
+
+    from hf_attn_zoo.tuning import load_recipe
+    from hf_attn_zoo.tuning.train import build_datasets
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    first, _ = build_datasets(load_recipe(tiny_recipe(tmp_path, tiny_model_dir)), tokenizer)
+    # another run of the same data (a study's next variant): the same packed blocks, not packed again
+    assert build_datasets(load_recipe(tiny_recipe(tmp_path, tiny_model_dir, "next")), tokenizer)[0] is first
+    shorter, _ = build_datasets(
+        load_recipe(tiny_recipe(tmp_path, tiny_model_dir, "short", data={"seq_len": 16})), tokenizer
+    )
+    assert shorter is not first and shorter[0]["input_ids"].shape == (16,)
+
+
 def test_files_sources_are_packed_and_split_by_document(tmp_path: Path, tiny_model_dir: Path):
     from transformers import AutoTokenizer
 
