@@ -149,7 +149,9 @@ class DataSection(_Section):
         seq_len (`int`, *optional*, defaults to 256): tokens per training block.
         held_out_fraction (`float`, *optional*, defaults to 0.0):
             share of the documents (document-level, deterministic) kept apart to report an eval loss.
-        num_proc (`int`, *optional*): processes for tokenization (`datasets.map`), for large hub datasets.
+        num_proc (`int`, *optional*): processes for tokenization (`datasets.map`), for large hub datasets. Each
+            process packs its shard of the documents, so the blocks differ a little from a run without it (other
+            tails of 1,000-document chunks are dropped): compare runs with the same setting.
     """
 
     sources: list[DataSource] = Field(default_factory=lambda: [CorpusSource(corpus="python_stdlib_docs")], min_length=1)
