@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Literal
 
 from .named_functions import register_in, resolve_in
 
@@ -71,17 +72,34 @@ def moh_rank_heads(model, train_dataset, tokens: int = 4096, batch_size: int = 8
 
 @register_init_hook("moh_distill_router")
 def moh_distill_router(
-    model, train_dataset, tokens: int = 4096, batch_size: int = 8, steps: int = 200, lr: float = 1e-2
+    model,
+    train_dataset,
+    tokens: int = 4096,
+    batch_size: int = 8,
+    steps: int = 200,
+    lr: float = 1e-2,
+    loss: Literal["soft", "topk", "pairwise"] = "soft",
+    holdout_tokens: int = 1024,
 ) -> None:
     """Fit the learned MoH routers to the output-norm head ranking on the first `tokens` training tokens.
 
-    See `hf_attn_zoo.patches.moh.distill_router`: a router fitted this way starts continue-tuning from the
-    training-free selection that costs almost no perplexity, instead of from an arbitrary one.
+    See `hf_attn_zoo.patches.moh.distill_router` (`loss`: soft, topk or pairwise): a router fitted this way starts
+    continue-tuning from the training-free selection that costs almost no perplexity, instead of from an arbitrary
+    one. The next `holdout_tokens` training tokens are not fitted on: the log reports the fit on them too.
     """
     from ..patches.moh import distill_router
 
-    fit = distill_router(model, _first_blocks(model, train_dataset, tokens, batch_size), steps=steps, lr=lr)
-    logger.info("moh_distill_router: top-k agreement %.2f on %d tokens", fit["topk_agreement"], fit["tokens"])
+    held = max(0, holdout_tokens)
+    batches = _first_blocks(model, train_dataset, tokens + held, batch_size)
+    total = sum(b["input_ids"].numel() for b in batches)
+    held = max(0, min(held, total - tokens))  # a short dataset: the fit keeps its tokens, the held-out share shrinks
+    fit = distill_router(model, batches, steps=steps, lr=lr, loss=loss, holdout=held / total)
+    message = "moh_distill_router: top-k agreement %.3f (norm recall %.4f) on %d fitting tokens"
+    args: list[float] = [fit["topk_agreement"], fit["norm_recall"], fit["tokens"]]
+    if "heldout_tokens" in fit:
+        message += ", %.3f (%.4f) on %d held-out tokens"
+        args += [fit["heldout_topk_agreement"], fit["heldout_norm_recall"], fit["heldout_tokens"]]
+    logger.info(message, *args)
 
 
 @register_init_hook("mla_calibrate")
