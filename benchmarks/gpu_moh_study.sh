@@ -8,7 +8,8 @@
 #                command `bash benchmarks/gpu_moh_study.sh`     (writes report.md/json and gap.png into $OUT)
 # CPU smoke:     bash benchmarks/gpu_moh_study.sh --smoke       (the same steps on the CPU with tiny budgets)
 #
-# The study: dense and `ranked` MoH (the best retrofit of the CPU study) on SmolLM2-135M-Instruct, continue-tuned on
+# The study: dense, `ranked` MoH (the retrofit of the CPU study's longest runs) and `ranked_topk` (its router fitted
+# as a top-3 classifier: the best at 16k tokens on the CPU) on SmolLM2-135M-Instruct, in that order, continue-tuned on
 # the Python and Linux kernel documentation (9.3M training tokens) with `--schedule wsd`, batch 64 x 256 tokens, bf16
 # autocast; held-out perplexity on 256 blocks of Python documentation pages no run trains on. Three stages, each
 # under the deadline, so that a slower machine still reports the first ones: 4M tokens, then 16M (4M a decay branch
@@ -48,7 +49,7 @@ source "$ASSETS/env.sh"
 "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
     | tee -a "$OUT/device.txt"
 
-STUDY_ARGS=(moh-study --schedule wsd --variants dense ranked --tasks --ppl-blocks "$BLOCKS" --out "$STUDY"
+STUDY_ARGS=(moh-study --schedule wsd --variants dense ranked ranked_topk --tasks --ppl-blocks "$BLOCKS" --out "$STUDY"
             --set "${SETTINGS[@]}" "data.sources=[{corpus: python_docs}, {corpus: linux_docs}]")
 for budgets in "${STAGES[@]}"; do
     left=$((DEADLINE - (SECONDS - START)))
