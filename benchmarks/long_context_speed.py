@@ -22,7 +22,8 @@ from transformers import DynamicCache
 
 import hf_attn_zoo
 from hf_attn_zoo.assets.corpora import held_out_texts
-from hf_attn_zoo.kernels.kv_cache import cache_kwargs, kv_cache_bytes
+from hf_attn_zoo.kernels.kv_cache import kv_cache_bytes
+from hf_attn_zoo.wrappers import cache_kwargs
 
 METHODS: dict[str, dict] = {
     "sliding_window": {"window": 1024, "sinks": 4},

@@ -31,7 +31,8 @@ from transformers import DynamicCache
 import hf_attn_zoo
 from hf_attn_zoo.analysis.perplexity import held_out_nll
 from hf_attn_zoo.assets import load_default_model
-from hf_attn_zoo.kernels.kv_cache import cache_kwargs, kv_cache_bytes
+from hf_attn_zoo.kernels.kv_cache import kv_cache_bytes
+from hf_attn_zoo.wrappers import cache_kwargs
 from hf_attn_zoo.patches.mla import calibrate
 from hf_attn_zoo.tuning import load_recipe, run_recipe
 from hf_attn_zoo.tuning.data import build_datasets

@@ -22,7 +22,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import hf_attn_zoo
 from hf_attn_zoo.kernels.head_sparse import head_sparse_decode_attention
-from hf_attn_zoo.kernels.kv_cache import cache_kwargs
+from hf_attn_zoo.wrappers import cache_kwargs
 
 
 class _Module:

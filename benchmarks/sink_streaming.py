@@ -37,7 +37,7 @@ from transformers import DynamicCache
 
 import hf_attn_zoo
 from hf_attn_zoo.eval_harness.tasks.long_context import corpus_stream, passkey_docs
-from hf_attn_zoo.kernels.kv_cache import cache_kwargs
+from hf_attn_zoo.wrappers import cache_kwargs
 
 FULL = "full attention"
 PLAIN = "StreamingLLM sinks=4"

@@ -1,10 +1,14 @@
-"""The transformers model inside the wrappers training adds around it (PEFT, DDP, FSDP, accelerate, torch.compile)."""
+"""The transformers model inside the wrappers training adds around it (PEFT, DDP, FSDP, accelerate, torch.compile),
+and how to hand it a KV cache whatever its transformers version."""
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import torch
 
-__all__ = ["inner_model"]
+__all__ = ["cache_kwargs", "inner_model"]
 
 # wrappers whose `__getattr__` forwards to `.module` (so they seem to have a `config`)
 _MODULE_WRAPPERS = ("FullyShardedDataParallel", "DistributedDataParallel", "DataParallel", "DeepSpeedEngine")
@@ -34,3 +38,11 @@ def inner_model(model: torch.nn.Module) -> torch.nn.Module:
         else:
             break
     return model
+
+
+def cache_kwargs(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """`{name: cache}` for a call of `model`, by the name its forward takes the KV cache: `cache` from transformers
+    5.24 on (`past_key_values` is a deprecated alias there), `past_key_values` before, where a `cache=` would go into
+    `**kwargs` unused and the model would run without its cache."""
+    forward = inspect.signature(inner_model(model).forward).parameters
+    return {"cache" if "cache" in forward else "past_key_values": cache}

@@ -16,7 +16,7 @@ import torch
 from transformers import TrainingArguments
 
 from hf_attn_zoo.families import spec
-from hf_attn_zoo.kernels.kv_cache import cache_kwargs
+from hf_attn_zoo.wrappers import cache_kwargs
 from hf_attn_zoo.tuning.trainer import checkpointing_args
 
 

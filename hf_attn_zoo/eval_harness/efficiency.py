@@ -26,7 +26,8 @@ import torch
 from transformers import DynamicCache
 
 from hf_attn_zoo.assets.corpora import held_out_texts
-from hf_attn_zoo.kernels.kv_cache import cache_kwargs, kv_cache_bytes
+from hf_attn_zoo.kernels.kv_cache import kv_cache_bytes
+from hf_attn_zoo.wrappers import cache_kwargs
 
 
 __all__ = [

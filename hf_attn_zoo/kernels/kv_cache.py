@@ -16,9 +16,7 @@ left the window (secondary sinks, detected online by `hf_attn_zoo.kernels.stream
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
@@ -27,7 +25,6 @@ __all__ = [
     "RetainingLayer",
     "SinkScoreLayer",
     "SinkWindowLayer",
-    "cache_kwargs",
     "current_kv_layer",
     "kv_cache_bytes",
     "use_kv_layer",
@@ -323,13 +320,3 @@ def kv_cache_bytes(cache) -> int:
         elif getattr(layer, "keys", None) is not None:
             total += layer.keys.nbytes + layer.values.nbytes
     return total
-
-
-def cache_kwargs(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
-    """`{name: cache}` for a call of `model`, by the name its forward takes the KV cache: `cache` from transformers
-    5.24 on (`past_key_values` is a deprecated alias there), `past_key_values` before, where a `cache=` would go into
-    `**kwargs` unused and the model would run without its cache."""
-    from ..wrappers import inner_model
-
-    forward = inspect.signature(inner_model(model).forward).parameters
-    return {"cache" if "cache" in forward else "past_key_values": cache}

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ...errors import InvalidOptionError
-from ...kernels.kv_cache import cache_kwargs
+from ...wrappers import cache_kwargs
 from .config import SCMoEConfig, _resolve_config
 from .contrast import _weak_routing, contrastive_scores
 
