@@ -246,13 +246,14 @@ def run_study(
             cached["tokens_per_second"] = tuned.get("train_tokens_per_second")
             evaluation.write_text(json.dumps(cached, indent=1))
         results["runs"].setdefault(variant, {})[str(budget)] = cached
+        # the evaluations are what the study keeps: the models below the largest budget, and every optimizer state,
+        # are not needed again once evaluated (a wsd run's, once all of its branches are)
         variant_done = all(v != variant for v, _ in jobs[index + 1 :])
-        if finals and variant_done and not keep_models:
-            # the evaluations are what the study keeps: the models below the largest budget, and every optimizer
-            # state, are not needed again
-            for (v, b), final in finals.items():
-                if v == variant:
-                    _prune(final.parent, keep=b == largest)
+        if not keep_models and (schedule == "cosine" or variant_done):
+            done = [(variant, budget)] if schedule == "cosine" else [key for key in finals if key[0] == variant]
+            for key in done:
+                if key in finals:
+                    _prune(finals.pop(key).parent, keep=key[1] == largest)
     return results
 
 
