@@ -77,7 +77,8 @@ def pack(dest: Path, corpora: list[str], wheels: bool) -> None:
     shutil.copy2(source / "__init__.py", b / "__init__.py")
     with tarfile.open(b / "corpora.tar.xz", "w:xz", preset=6) as tar:
         for name in corpora:
-            tar.add(corpus_path(name), arcname=_corpus_arcname(name, corpus_path(name)))
+            found = corpus_path(name)
+            tar.add(found, arcname=_corpus_arcname(name, found))
     if wheels:
         platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
         subprocess.run(

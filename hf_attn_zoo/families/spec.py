@@ -19,7 +19,7 @@ from typing import Any, Literal, cast
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, model_validator
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel, __version__
 
 from ..errors import UnsupportedArchitectureError
 from .discover import discover_layout
@@ -260,16 +260,10 @@ def family_specs() -> dict[str, FamilySpec]:
     specs = {}
     for name, data in _declared().items():
         if data["model_types"][0] not in CONFIG_MAPPING_NAMES:
-            logger.debug("family %s: transformers %s has no model type %r", name, _version(), data["model_types"][0])
+            logger.debug("family %s: transformers %s has no model type %r", name, __version__, data["model_types"][0])
             continue
         specs[name] = _spec(data, _tiny_config(data["model_types"], data.get("tiny", {})))
     return specs
-
-
-def _version() -> str:
-    import transformers
-
-    return transformers.__version__
 
 
 def supported_model_types() -> list[str]:

@@ -424,25 +424,10 @@ def _each_row(
     return torch.stack(rows)
 
 
-@torch.library.custom_op("hf_attn_zoo::hyper_attention_rows", mutates_args=())
-def _rows_op(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    padding: torch.Tensor,
-    scaling: float | None,
-    block_size: int,
-    sample_size: int,
-    lsh_num_projs: int,
-    min_seq_len: int,
-    seed: int,
-    softcap: float | None,
-) -> torch.Tensor:
-    """`_each_row` as one operator: the number of real tokens of a row (which shapes its recursion) is data, so
-    `torch.compile` calls the eager rows instead of tracing them (no graph break, the same numbers)."""
-    return _each_row(
-        query, key, value, padding, scaling, block_size, sample_size, lsh_num_projs, min_seq_len, seed, softcap
-    )
+# `_each_row` as one operator: the number of real tokens of a row (which shapes its recursion) is data, so
+# `torch.compile` calls the eager rows instead of tracing them (no graph break, the same numbers); `_each_row` itself
+# stays the eager path, which keeps its gradients
+_rows_op = torch.library.custom_op("hf_attn_zoo::hyper_attention_rows", _each_row, mutates_args=())
 
 
 @_rows_op.register_fake
