@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import re
+import sys
 import types
 import typing
 from collections.abc import Callable
@@ -33,6 +34,7 @@ __all__ = [
     "get_patch",
     "method_info",
     "option_infos",
+    "patch_paper",
     "register_patch",
     "take_module_losses",
 ]
@@ -267,6 +269,8 @@ class MethodInfo:
     options: tuple[OptionInfo, ...] = field(default_factory=tuple)
     training_free: bool = False
     kind: MethodKind = "patch"
+    paper: str = ""  # the paper(s) it implements, as its module docstring cites them (`Title (arXiv:NNNN.NNNNN)`)
+    replaces: tuple[str, ...] = ()  # the `targets` of a patch; empty for a decoding method
 
 
 def option_infos(config_class: type) -> tuple[OptionInfo, ...]:
@@ -284,5 +288,20 @@ def option_infos(config_class: type) -> tuple[OptionInfo, ...]:
     )
 
 
+def patch_paper(cls: type[Patch]) -> str:
+    """The paper(s) a patch implements: the first paragraph of its module's docstring, on one line (every patch
+    module opens by citing its paper; a patch registered from a module without a docstring has none)."""
+    module = sys.modules.get(cls.__module__)
+    doc = module.__doc__ if module is not None else None
+    return " ".join(doc.strip().split("\n\n")[0].split()) if doc else ""
+
+
 def method_info(cls: type[Patch]) -> MethodInfo:
-    return MethodInfo(cls.name, cls.summary, option_infos(cls.config_class), cls.capabilities.training_free)
+    return MethodInfo(
+        cls.name,
+        cls.summary,
+        option_infos(cls.config_class),
+        cls.capabilities.training_free,
+        paper=patch_paper(cls),
+        replaces=tuple(cls.targets),
+    )

@@ -1,12 +1,25 @@
-"""What is supported, as the README shows it: the method table and the family x method table, generated from the
-registries and the family data (`scripts/readme_tables.py` writes them into the README; a test fails on drift)."""
+"""What is supported, as the README shows it: the method table, the papers table and the family x method table,
+generated from the registries and the family data (`scripts/readme_tables.py` writes them into the README; a test
+fails on drift)."""
 
 from __future__ import annotations
+
+import re
 
 from .families.spec import family_specs
 from .registry import PATCHES, MethodInfo, get_patch
 
-__all__ = ["families_markdown", "methods_markdown", "support_matrix"]
+__all__ = ["families_markdown", "link_arxiv", "methods_markdown", "papers_markdown", "support_matrix"]
+
+# what a patch's `targets` replace, in words
+TARGET_WORDS = {
+    "attention": "attention module",
+    "attention_fn": "attention function",
+    "router": "MoE router",
+    "experts": "MoE experts",
+    "mlp": "MLP",
+}
+_ARXIV = re.compile(r"arXiv:\s*(\d{4}\.\d{4,5})")
 
 
 def methods_markdown(infos: list[MethodInfo]) -> str:
@@ -17,6 +30,21 @@ def methods_markdown(infos: list[MethodInfo]) -> str:
         rows.append(
             f"| `{info.name}` | {info.kind} | {info.summary} | {'yes' if info.training_free else 'no'} | {options} |"
         )
+    return "\n".join(rows)
+
+
+def link_arxiv(text: str) -> str:
+    """`text` with every `arXiv:NNNN.NNNNN` a markdown link to the paper."""
+    return _ARXIV.sub(lambda m: f"[arXiv:{m.group(1)}](https://arxiv.org/abs/{m.group(1)})", text)
+
+
+def papers_markdown(infos: list[MethodInfo]) -> str:
+    """The table of papers: each method, the paper(s) it implements (arXiv ids linked) and what it replaces."""
+    rows = ["| method | paper | replaces |", "|---|---|---|"]
+    for info in infos:
+        paper = link_arxiv(info.paper)
+        replaces = " + ".join(TARGET_WORDS.get(t, t) for t in info.replaces) or "decoding (the model is unchanged)"
+        rows.append(f"| `{info.name}` | {paper} | {replaces} |")
     return "\n".join(rows)
 
 

@@ -1,4 +1,5 @@
-"""Write (or check) the README's generated tables: the methods, the family x method support table, and the MoH study
+"""Write (or check) the README's generated tables: the methods, their papers, the family x method support table, and
+the MoH study
 (from its committed `docs/moh_study/report.json`, written by `hf-attn-zoo moh-study`).
 
     python scripts/readme_tables.py          # rewrite the tables between their markers
@@ -25,10 +26,11 @@ def tables() -> dict[str, str]:
 
     import hf_attn_zoo
     from hf_attn_zoo.studies.moh import study_markdown
-    from hf_attn_zoo.support import families_markdown, methods_markdown
+    from hf_attn_zoo.support import families_markdown, methods_markdown, papers_markdown
 
     return {
         "methods": methods_markdown(hf_attn_zoo.methods()),
+        "papers": papers_markdown(hf_attn_zoo.methods()),
         "families": families_markdown(),
         "moh_study": study_markdown(json.loads(MOH_STUDY.read_text())),
     }

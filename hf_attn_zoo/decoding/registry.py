@@ -26,6 +26,8 @@ class DecodingMethod:
         config_class (`type`): the dataclass of its options (every field with a `help`).
         usage (`str`): how to run it (it is not applied with `patch()`).
         training_free (`bool`, *optional*, defaults to `True`): decoding methods add no weights.
+        paper (`str`, *optional*): the paper it implements (`Title (arXiv:XXXX.XXXXX)`), for the README and model
+            cards.
     """
 
     name: str
@@ -33,6 +35,7 @@ class DecodingMethod:
     config_class: type
     usage: str
     training_free: bool = True
+    paper: str = ""
 
 
 DECODING_METHODS: dict[str, DecodingMethod] = {}
@@ -56,5 +59,10 @@ def register_decoding(method: DecodingMethod) -> DecodingMethod:
 def decoding_info(method: DecodingMethod) -> MethodInfo:
     """The `MethodInfo` (kind `"decoding"`) `hf_attn_zoo.methods()` lists for a decoding method."""
     return MethodInfo(
-        method.name, method.summary, option_infos(method.config_class), method.training_free, kind="decoding"
+        method.name,
+        method.summary,
+        option_infos(method.config_class),
+        method.training_free,
+        kind="decoding",
+        paper=method.paper,
     )

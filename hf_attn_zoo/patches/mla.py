@@ -1,6 +1,6 @@
 """Multi-head latent attention (MLA, DeepSeek-V2 arXiv:2405.04434) retrofitted into a GQA / MHA model: partial RoPE
 (MHA2MLA, arXiv:2502.14837; TransMLA's RoRoPE, arXiv:2502.07864) and one low-rank latent for the no-RoPE keys and the
-values, in DeepSeek-V3's layout:
+values, in DeepSeek-V3's layout.
 
     q_h = M_h W_q x = [q_h^nope (n); q_h^rope (D)]      per query head (M_h: `query_map`, from the original W_q)
     [c; k^rope] = A x + a                               the latent (rank r) and one RoPE key shared by all heads

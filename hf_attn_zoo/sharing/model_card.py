@@ -8,7 +8,7 @@ replaced (unless `overwrite=True`); ours is regenerated on every save.
 Where the facts come from:
 
 - patches: `config.hf_attn_zoo` (method, layers, options per entry); the paper: the first paragraph of the method's
-  module docstring (every patch module cites its paper there);
+  module docstring (every patch module cites its paper there: `registry.patch_paper`);
 - base model: `base_model=`, else the checkpoint the model was loaded from (`config._name_or_path`): a hub id is the
   base itself, a folder carrying our card passes its `base_model` on, the embedded default model is
   SmolLM2-135M-Instruct; else the `base_model` of the card already in the folder. The license is read from the base's
@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import re
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ import torch
 from ..errors import InvalidOptionError, UnknownModelError
 from ..outputs import atomic_output
 from ..patching import PATCHED_ATTENTION, RECORD_KEY, VERSION_KEY, new_parameters, package_version, patch_plan
+from ..support import link_arxiv
 from ..wrappers import inner_model
 
 __all__ = [
@@ -64,11 +64,9 @@ TUNED_EVAL = "tuned"
 _RUN_FILES = ("recipe.yaml", "result.json")
 _PARTIAL = re.compile(r"\.partial(-\d+)?$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_ARXIV = re.compile(r"arXiv:\s*(\d{4}\.\d{4,5})")
 # the embedded default model is converted from this checkpoint's GGUF (hf_attn_zoo.assets)
 _DEFAULT_SOURCE = ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")
 _OPTION_WIDTH = 60
-_SCMOE_PAPER = "Unchosen Experts Can Contribute Too: Unleashing MoE Models' Power by Self-Contrast (arXiv:2405.14507)"
 
 
 @dataclass(frozen=True)
@@ -315,20 +313,13 @@ def _summary(base: _Base, records: list[dict[str, Any]], config: dict[str, Any],
 
 
 def _paper(method: str) -> str:
-    """The paper a method implements, from the first paragraph of its module docstring, arXiv ids linked."""
-    from ..registry import PATCHES
+    """The paper a method implements (`registry.patch_paper`, else its summary), arXiv ids linked."""
+    from ..registry import PATCHES, patch_paper
 
     found = PATCHES.get(method)
     if found is None:
         return ""
-    module = sys.modules.get(found.__module__)
-    doc = (module.__doc__ if module is not None else None) or found.summary
-    paragraph = " ".join(doc.strip().split("\n\n")[0].split())
-    return _link_arxiv(paragraph)
-
-
-def _link_arxiv(text: str) -> str:
-    return _ARXIV.sub(lambda m: f"[arXiv:{m.group(1)}](https://arxiv.org/abs/{m.group(1)})", text)
+    return link_arxiv(patch_paper(found) or found.summary)
 
 
 def _option(name: str, value: Any) -> str:
@@ -485,11 +476,13 @@ def _eval_section(columns: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def _scmoe_section(location: str) -> list[str]:
+    from ..decoding import DECODING_METHODS
+
     return [
         "## SCMoE decoding (`custom_generate`)",
         "",
         "The repository carries `custom_generate/` (transformers' convention for custom decoding methods): SCMoE "
-        f"self-contrast decoding, from {_link_arxiv(_SCMOE_PAPER)}.",
+        f"self-contrast decoding, from {link_arxiv(DECODING_METHODS['scmoe'].paper)}.",
         "",
         "```python",
         f'out = model.generate(**inputs, custom_generate="{location}", trust_remote_code=True, beta=0.5, '

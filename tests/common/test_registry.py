@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,8 @@ import hf_attn_zoo
 from hf_attn_zoo.decoding import SCMoEConfig
 from hf_attn_zoo.decoding.registry import DECODING_METHODS, DecodingMethod, register_decoding
 from hf_attn_zoo.errors import UnknownMethodError
-from hf_attn_zoo.registry import PATCHES, Patch, register_patch
+from hf_attn_zoo.registry import PATCHES, Patch, patch_paper, register_patch
+from hf_attn_zoo.support import papers_markdown
 from tests.matrix import METHOD_CASES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,8 +31,9 @@ def test_every_method_is_in_the_test_matrix_and_has_its_files():
 @pytest.mark.parametrize("name", sorted(PATCHES))
 def test_method_documents_itself(name):
     cls = PATCHES[name]
-    module = __import__(cls.__module__, fromlist=["_"])
-    assert "arXiv:" in module.__doc__, "cite the paper as 'Title (arXiv:XXXX.XXXXX)'"
+    # the first paragraph of the module docstring is what the README's papers table and model cards show
+    assert "arXiv:" in patch_paper(cls), "open the module docstring citing the paper as 'Title (arXiv:XXXX.XXXXX)'"
+    assert patch_paper(cls).endswith("."), "end the paper's paragraph with a full stop"
     for field in dataclasses.fields(cls.config_class):
         assert field.metadata.get("help"), f"{name}.{field.name} has no help text"
 
@@ -70,6 +74,24 @@ def test_methods_lists_the_decoding_methods_beside_the_patches():
     assert (options["beta"].default, options["beta"].bounds) == (0.5, ">= 0")
     assert options["weak"].type == "one of 'rank', 'top1', 'top_m'" and options["weak"].default == "rank"
     assert (options["weak_rank"].default, options["m"].default, options["ban_eos"].default) == (2, None, False)
+
+
+def test_the_papers_table_cites_every_method_and_says_what_it_replaces():
+    table = papers_markdown(hf_attn_zoo.methods()).splitlines()
+    rows = {line.split(" | ")[0].strip("| `"): line for line in table[2:]}
+    assert list(rows) == [*sorted(PATCHES), *sorted(DECODING_METHODS)]
+    assert "[arXiv:2410.11842](https://arxiv.org/abs/2410.11842)" in rows["moh"]
+    assert rows["moh"].endswith("| attention function |")
+    assert rows["bam"].endswith("| attention module + attention function |")
+    assert rows["mote"].endswith("| MoE router |")
+    assert "[arXiv:2405.14507](https://arxiv.org/abs/2405.14507)" in rows["scmoe"]
+    assert rows["scmoe"].endswith("| decoding (the model is unchanged) |")
+
+
+def test_a_patch_from_a_module_without_a_docstring_has_no_paper(monkeypatch):
+    monkeypatch.setitem(sys.modules, "my_plugin", types.ModuleType("my_plugin"))
+    undocumented = type("Undocumented", (PATCHES["moh"],), {"__module__": "my_plugin"})
+    assert patch_paper(undocumented) == ""
 
 
 def test_a_decoding_method_is_not_a_patch():

@@ -92,5 +92,7 @@ register_decoding(
         config_class=SCMoEConfig,
         usage="hf_attn_zoo.decoding.scmoe_generate(model, ids, mask, beta=0.5), model.generate(..., "
         "custom_generate=hf_attn_zoo.decoding.scmoe_decode), or lm-eval --model_args pretrained=DIR,scmoe=true",
+        paper="Unchosen Experts Can Contribute Too: Unleashing MoE Models' Power by Self-Contrast (arXiv:2405.14507, "
+        "NeurIPS 2024)",
     )
 )
