@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..assets.model import cache_dir
 from ..errors import OutputExistsError
+from .trend import GapTrend, fit_gap_trend
 
 if TYPE_CHECKING:
     from ..tuning.run_folder import TuneResult
@@ -54,6 +55,7 @@ __all__ = [
     "study_markdown",
     "study_root",
     "study_rows",
+    "study_trends",
     "tune_variant",
     "write_study_report",
 ]
@@ -348,6 +350,52 @@ def study_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+TARGET_GAP = 0.02  # the issue's target: MoH within 2% of dense
+
+
+def study_trends(rows: list[dict[str, Any]], target: float = TARGET_GAP) -> dict[str, GapTrend]:
+    """A power law of the gap against tokens (`studies.trend`) for every variant with at least two tuned budgets."""
+    trends = {}
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        points = [(r["budget"], *r["gap"]) for r in rows if r["variant"] == variant and r["budget"] and r["gap"]]
+        trend = fit_gap_trend(points, target)
+        if trend is not None:
+            trends[variant] = trend
+    return trends
+
+
+def _trend_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    trends = study_trends(rows)
+    if not trends:
+        return []
+    lines = [
+        "",
+        f"Trend: a power law `gap = c * tokens^b` fitted to each variant's tuned budgets (weighted by their standard "
+        f"errors, `hf_attn_zoo.studies.trend`), and the budget where it reaches {TARGET_GAP:.0%}. That budget is an "
+        "extrapolation, often across orders of magnitude: read it as an order of magnitude.",
+        "",
+        f"| variant | budgets fitted | exponent b | {TARGET_GAP:.0%} gap at |",
+        "|---|---:|---:|---:|",
+    ]
+    for variant, trend in trends.items():
+        tuned = sorted(
+            (r for r in rows if r["variant"] == variant and r["budget"] and r["gap"]), key=lambda r: r["budget"]
+        )
+        measured = [r["budget"] for r in tuned if r["gap"][0] <= TARGET_GAP]
+        if measured:
+            where = f"reached: {_tokens(measured[0])} tokens (measured)"
+        elif trend.tokens_at_target is None:
+            where = "never: the gap does not shrink"
+        else:
+            log10 = math.log10(trend.tokens_at_target)
+            mantissa, exponent = f"{trend.tokens_at_target:.0e}".split("e")
+            where = f"~{mantissa}e{int(exponent)} tokens (10^{log10:.1f} ± {trend.log10_tokens_se:.1f})"
+        span = f"{_tokens(tuned[0]['budget'])}-{_tokens(tuned[-1]['budget'])} ({len(tuned)})"
+        vs = "" if tuned[0]["baseline"] == "dense" else f" (vs {tuned[0]['baseline']})"
+        lines.append(f"| `{variant}`{vs} | {span} | {trend.exponent:+.3f} ± {trend.exponent_se:.3f} | {where} |")
+    return lines
+
+
 def study_markdown(report: dict[str, Any]) -> str:
     """The report's tables (markdown) from `report.json`'s content: perplexity and gap per budget, lm-eval at the
     largest budget."""
@@ -381,6 +429,7 @@ def study_markdown(report: dict[str, Any]) -> str:
                 cells.append(f"{row['ppl']:.2f} | {gap:+.1%} ± {se:.1%}{vs}")
         description = VARIANTS[variant].description if variant in VARIANTS else variant
         lines.append(f"| `{variant}`: {description} | " + " | ".join(cells) + " |")
+    lines += _trend_markdown(rows)
     largest = str(max(budgets))
     task_names = sorted({t for v in runs.values() for t in v.get(largest, {}).get("tasks", {})})
     if task_names:

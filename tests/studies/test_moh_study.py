@@ -114,3 +114,31 @@ def test_wsd_study_trains_one_run_per_variant_with_decay_branches(
     # a folder holds one study: other settings would mix their runs with these
     with pytest.raises(OutputExistsError, match=r"holds a study with \{'schedule': 'wsd'.*another --out"):
         study.run_study(tmp_path, plan, ppl_blocks=3, tasks=[], overrides=overrides, schedule="cosine")
+
+
+def test_the_report_extrapolates_each_tuned_trend_to_the_target_gap():
+    dense = [2.0, 2.4, 2.8, 2.2]
+
+    def run(gap: float, wobble: float) -> dict:
+        nll = [d + math.log1p(gap) + w for d, w in zip(dense, (wobble, -wobble, wobble, -wobble))]
+        return {"nll": nll, "ppl": math.exp(sum(nll) / 4)}
+
+    report = {
+        "budgets": [0, 16384, 65536],
+        "ppl_blocks": 4,
+        "runs": {
+            "dense": {b: {"nll": dense, "ppl": math.exp(sum(dense) / 4)} for b in ("0", "16384", "65536")},
+            "ranked": {"0": run(0.3, 0.01), "16384": run(0.11, 0.01), "65536": run(0.09, 0.005)},
+            "learned": {"16384": run(0.05, 0.01), "65536": run(0.015, 0.002)},
+            "onorm": {"16384": run(0.05, 0.01)},
+        },
+    }
+    text = study.study_markdown(report)
+    trends = study.study_trends(study.study_rows(report))
+    assert list(trends) == ["ranked", "learned"]  # onorm has one tuned budget; budget 0 is not fitted
+    ranked = trends["ranked"]
+    assert ranked.points == 2 and ranked.gap_at(16384) == pytest.approx(0.11, rel=1e-6)
+    log10 = math.log10(ranked.tokens_at_target)
+    assert f"| `ranked` | 16k-64k (2) | {ranked.exponent:+.3f} ± {ranked.exponent_se:.3f} |" in text
+    assert f"(10^{log10:.1f} ± {ranked.log10_tokens_se:.1f}) |" in text
+    assert "| `learned` | 16k-64k (2) |" in text and "reached: 64k tokens (measured) |" in text
