@@ -110,6 +110,12 @@ class RetainingLayer(DynamicLayer):
         if self.keys is not None and self.keys.numel():
             self.keys, self.values = self.keys[indices], self.values[indices]
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: each row takes its beam's cache. One mechanism with `batch_select_indices`, which a subclass
+        with more per-row state extends, so that state cannot be left in the old order."""
+        if self.is_initialized:
+            self.batch_select_indices(beam_idx.to(self.device))
+
     @property
     def nbytes(self) -> int:
         """Bytes of the keys and values held."""

@@ -81,10 +81,6 @@ class LinearStateLayer(RetainingLayer):
         if self.state is not None:
             self.state = LinearState(fn(self.state.kv), fn(self.state.k))
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self._each(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         self._each(lambda t: t.repeat_interleave(repeats, dim=0))

@@ -31,7 +31,7 @@ What it replaces: each MoE router instance's `forward` (wrapped; the original is
 record the block input's shape, the 2-D padding mask, the KV cache, and (attention mode) the layer's query/key
 states through a `zoo` attention handler. KV-cached decoding equals the full forward: the earlier tokens' gate
 distributions (and, for the similarity mode, their keys) are kept on the cache object, per layer, and cropped with
-it; beam search (which reorders the cache) is not supported. Neutral setting: `strength=0`.
+it, and reordered with it (beam search). Neutral setting: `strength=0`.
 
 Departures from the paper: `strength` (a = 1 is the paper) so a pretrained MoE can be eased into it; the learned
 similarity is a low-rank correction of the identity instead of a full `W_s`, and works on normalised inputs.
@@ -192,18 +192,33 @@ def _memory(
     gates, keys = kept
     if gates.shape[0] != batch:
         raise InvalidInputError(
-            f"graph_routing: the cache was filled with a batch of {gates.shape[0]} rows, this forward has {batch} "
-            "(beam search and cache reordering are not supported)"
+            f"graph_routing: the cache was filled with a batch of {gates.shape[0]} rows, this forward has {batch}; "
+            "continue a cache with the batch that filled it"
         )
     # a cropped cache (assisted decoding): keep the first `past` tokens, as the cache does
     return gates[:, :past], None if keys is None else keys[:, :past]
 
 
 def _store(cache: Any, layer: int, gates: torch.Tensor, keys: torch.Tensor | None) -> None:
-    cache.__dict__.setdefault(_MEMORY, {})[layer] = (
-        gates.detach(),
-        None if keys is None else keys.detach(),
-    )
+    if _MEMORY not in cache.__dict__:
+        cache.__dict__[_MEMORY] = {}
+        # the memory is per batch row, like the keys: beam search's reorders (and batch selections) must move it too.
+        # Bound to this cache instance, so that a deep copy of the cache reorders its own copy.
+        for name in ("reorder_cache", "batch_select_indices"):
+            setattr(cache, name, types.MethodType(_select_rows_too(name), cache))
+    cache.__dict__[_MEMORY][layer] = (gates.detach(), None if keys is None else keys.detach())
+
+
+def _select_rows_too(name: str):
+    """`Cache.<name>` (rows by index: a beam reorder or a batch selection), then the same rows of the memory."""
+
+    def select(cache: Any, rows: torch.Tensor) -> None:
+        getattr(type(cache), name)(cache, rows)
+        memory = cache.__dict__[_MEMORY]
+        for layer, kept in memory.items():
+            memory[layer] = tuple(None if t is None else t.index_select(0, rows.to(t.device)) for t in kept)
+
+    return select
 
 
 def _similarity_mix(

@@ -274,11 +274,6 @@ class RoutingKVLayer(RetainingLayer):
         super().reset()
         self.clusters = None
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        if self.clusters is not None:
-            self.clusters = self.clusters.index_select(0, beam_idx.to(self.clusters.device))
-
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         if self.clusters is not None:

@@ -105,6 +105,20 @@ def test_left_padded_batch_generation_equals_each_row_alone(method, family):
             assert torch.equal(together[row : row + 1], alone), f"row {row} changed by the batch's left padding"
 
 
+@pytest.mark.parametrize("method,family", GRID_GENERATE)
+def test_beam_search_with_the_cache_equals_beam_search_without(method, family):
+    """Beam search reorders the cache after every step: state a patch keeps per batch row (kept queries, cluster ids,
+    secondary sinks, routing memory ...) must follow its beam, or the cached search picks other tokens than the
+    uncached one, which recomputes every step from the tokens alone."""
+    _, model = _patched(method, family)
+    options = {"max_new_tokens": 5, "min_new_tokens": 5, "num_beams": 3, "do_sample": False, "pad_token_id": 0}
+    ids = _ids(2, 7)
+    with torch.no_grad():
+        cached = model.generate(ids, **options)
+        uncached = model.generate(ids, use_cache=False, **options)
+    assert torch.equal(cached, uncached)
+
+
 @pytest.mark.parametrize("method,family", GRID)
 def test_gradients_reach_new_parameters(method, family):
     _, model = _patched(method, family)

@@ -337,6 +337,14 @@ def test_generate_with_extra_sinks_is_greedy_decoding_of_the_masked_pattern():
     assert torch.equal(generated, ids)
 
 
+def test_beam_search_moves_each_rows_secondary_sinks_with_its_beam():
+    model = _patched(window=3, sinks=1, extra_sinks=2)
+    options = {"max_new_tokens": 8, "min_new_tokens": 8, "num_beams": 3, "do_sample": False, "pad_token_id": 0}
+    prompt = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model.generate(prompt, **options), model.generate(prompt, use_cache=False, **options))
+
+
 SOFTCAP = 0.5  # below the typical scaled score of the random inputs, so the cap changes the weights
 
 

@@ -3,6 +3,8 @@ mode against eager attention probabilities, both modes on every MoE family (deco
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,6 +153,25 @@ def test_generate_with_left_padding_matches_each_row_alone():
     for i, row in enumerate(rows):
         alone = model.generate(row, attention_mask=torch.ones_like(row), **options)[:, row.shape[1] :]
         assert torch.equal(together[i : i + 1], alone)
+
+
+@pytest.mark.parametrize("mode", ["attention", "similarity"])
+def test_beam_search_reorders_the_routing_memory_with_the_cache(mode):
+    model = hf_attn_zoo.patch(tiny_model("qwen2_moe"), "graph_routing", mode=mode, strength=0.9)
+    options = {"max_new_tokens": 6, "min_new_tokens": 6, "num_beams": 3, "do_sample": False, "pad_token_id": 0}
+    ids = _ids(2, 9)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **options), model.generate(ids, use_cache=False, **options))
+        # the memory belongs to its cache: a deep copy (a reused prompt cache) reorders its own rows only
+        cache = DynamicCache(config=model.config)
+        model(ids, cache=cache, use_cache=True)
+    memory = cache.__dict__["_zoo_graph_routing_memory"]
+    before = {layer: gates.clone() for layer, (gates, _) in memory.items()}
+    twin = copy.deepcopy(cache)
+    twin.reorder_cache(torch.tensor([1, 0]))
+    for layer, (gates, _) in twin.__dict__["_zoo_graph_routing_memory"].items():
+        assert torch.equal(gates, before[layer].flip(0)) and torch.equal(memory[layer][0], before[layer])
+    assert torch.equal(twin.layers[0].keys, cache.layers[0].keys.flip(0))
 
 
 def test_a_cache_filled_without_the_patch_is_refused():
