@@ -204,6 +204,29 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     return wrapper
 
 
+def _check_cache(model: torch.nn.Module, cache: Any) -> None:
+    """Refuse a cache whose layers are not dynamic (a `StaticCache`: keys in the slots of a fixed-size buffer) when a
+    patch of `model` cannot decode over one (`Capabilities.static_cache`): its outputs would be silently wrong."""
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return
+    refusing = [h.method for h in _handles(model) if not get_patch(h.method).capabilities.static_cache]
+    if not refusing:
+        return
+    from transformers.cache_utils import DynamicLayer
+
+    preallocated = next((layer for layer in layers if not isinstance(layer, DynamicLayer)), None)
+    if preallocated is not None:
+        methods = list(dict.fromkeys(refusing))
+        which = f"the {methods[0]} patch decodes" if len(methods) == 1 else f"the {', '.join(methods)} patches decode"
+        raise InvalidInputError(
+            f"{which} over a dynamic KV cache, and this call passed a "
+            f"{type(cache).__name__} with pre-allocated {type(preallocated).__name__} layers (generate's "
+            "cache_implementation='static'?); use transformers' DynamicCache, generate's default (torch.compile "
+            "works with it: see the README's torch.compile section)."
+        )
+
+
 def _ensure_input_check(model: torch.nn.Module) -> None:
     """A forward pre-hook on the patched causal LM that refuses inputs the patched attention cannot take."""
     if _INPUT_HOOK in model.__dict__:
@@ -212,7 +235,9 @@ def _ensure_input_check(model: torch.nn.Module) -> None:
 
 
 def _check_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook: refuse an empty input and one longer than `max_position_embeddings` with one clear error."""
+    """Forward pre-hook: refuse an empty input, one longer than `max_position_embeddings`, and a pre-allocated KV cache
+    a patch cannot decode over, each with one clear error."""
+    _check_cache(module, kwargs.get("cache", kwargs.get("past_key_values")))
     name, tokens = "input_ids", kwargs.get("input_ids", args[0] if args else None)
     if tokens is None:
         name, tokens = "inputs_embeds", kwargs.get("inputs_embeds")

@@ -116,6 +116,11 @@ class Capabilities:
     # under torch.compile one decode step's graph serves the next ones (the cache length is a dynamic size); False
     # where a call's structure follows the length itself, so each new length may recompile
     static_decode_graph: bool = True
+    # decodes over a pre-allocated cache (`StaticCache`, generate's `cache_implementation="static"`), whose keys fill
+    # the slots of a fixed-size buffer instead of ending at the last query; False: such a cache is refused with the
+    # reason (the methods that keep per-position state in their own dynamic cache layers, or place their pattern
+    # from the key count)
+    static_cache: bool = True
 
 
 class PatchHandle:

@@ -35,8 +35,9 @@ their modules are what `hf_attn_zoo.new_module_names` lists for PEFT's `modules_
 
 Costs and limits: the attention and the KV cache are N x those of the dense layer (`kv="experts"`); with
 `routing="top_k"` every expert is still computed (only the mixing is sparse). Per-head q/k norms (Qwen3, Gemma 3) are
-shared by all experts; families whose q/k norm spans the whole projection (OLMo 2) are not supported. Pre-allocated
-caches sized from the config (`StaticCache`) do not fit `kv="experts"`'s N x KV heads; the default dynamic cache does.
+shared by all experts; families whose q/k norm spans the whole projection (OLMo 2) are not supported. A pre-allocated
+`StaticCache` sizes its buffers from the first keys it stores, so it holds `kv="experts"`'s N x KV heads too (the
+common grid decodes the default `kv="experts"` over one on every family).
 LoRA on `o_proj` adapts the concatenated, ungated expert outputs. The attention router has no auxiliary loss (the
 paper relies on soft routing for balance).
 

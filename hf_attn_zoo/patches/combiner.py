@@ -179,7 +179,12 @@ class CombinerPatch(Patch):
     config_class = CombinerConfig
     # the complete blocks and region levels of a decode call are Python structure (tables, loops) sized by the length
     capabilities = Capabilities(
-        training_free=True, new_params=False, kv_cache=True, generate=True, static_decode_graph=False
+        training_free=True,
+        new_params=False,
+        kv_cache=True,
+        generate=True,
+        static_decode_graph=False,
+        static_cache=False,
     )
     targets = ("attention_fn",)
 

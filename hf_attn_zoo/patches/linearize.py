@@ -308,7 +308,7 @@ class LinearizePatch(Patch):
     name = "linearize"
     summary = "Linear attention (nala / hedgehog / elu / relu maps) + optional softmax window (LoLCATs), state cache."
     config_class: ClassVar[type[PatchConfig]] = LinearizeConfig
-    capabilities = Capabilities(training_free=False, new_params=True, kv_cache=True, generate=True)
+    capabilities = Capabilities(training_free=False, new_params=True, kv_cache=True, generate=True, static_cache=False)
     targets = ("attention_fn",)
 
     def check(self, family: FamilySpec, model_config: PretrainedConfig) -> str | None:

@@ -176,7 +176,7 @@ class MoAPatch(Patch):
     name = "moa"
     summary = "MoA: per-head elastic sink + window spans (alpha + beta * N) from a profiled MILP plan, per-head KV."
     config_class = MoAConfig
-    capabilities = Capabilities(training_free=True, new_params=False, kv_cache=True, generate=True)
+    capabilities = Capabilities(training_free=True, new_params=False, kv_cache=True, generate=True, static_cache=False)
     targets = ("attention_fn",)
 
     def check(self, family: FamilySpec, model_config: PretrainedConfig) -> str | None:

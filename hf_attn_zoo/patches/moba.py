@@ -201,7 +201,7 @@ class MoBAPatch(Patch):
     name = "moba"
     summary = "MoBA: per-query top-k key blocks gated by mean-pooled keys (+ FlashMoBA small blocks, key conv)."
     config_class = MoBAConfig
-    capabilities = Capabilities(training_free=False, new_params=True, kv_cache=True, generate=True)
+    capabilities = Capabilities(training_free=False, new_params=True, kv_cache=True, generate=True, static_cache=False)
     targets = ("attention_fn",)
 
     def check(self, family: FamilySpec, model_config: PretrainedConfig) -> str | None:

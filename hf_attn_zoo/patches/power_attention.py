@@ -77,7 +77,7 @@ class PowerAttentionPatch(Patch):
     name = "power_attention"
     summary = "PowerAttention: sink + local window + power-of-two dilated blocks (static block-sparse)."
     config_class = PowerAttentionConfig
-    capabilities = Capabilities(training_free=True, new_params=False, kv_cache=True, generate=True)
+    capabilities = Capabilities(training_free=True, new_params=False, kv_cache=True, generate=True, static_cache=False)
     targets = ("attention_fn",)
 
     def check(self, family: FamilySpec, model_config: PretrainedConfig) -> str | None:

@@ -343,7 +343,7 @@ class RoutingAttentionPatch(Patch):
     name = "routing_attention"
     summary = "Routing Transformer: window + sinks, plus same-k-means-cluster keys on routing heads (EMA centroids)."
     config_class = RoutingAttentionConfig
-    capabilities = Capabilities(training_free=False, new_params=False, kv_cache=True, generate=True)
+    capabilities = Capabilities(training_free=False, new_params=False, kv_cache=True, generate=True, static_cache=False)
     targets = ("attention_fn",)
 
     def check(self, family: FamilySpec, model_config: PretrainedConfig) -> str | None:

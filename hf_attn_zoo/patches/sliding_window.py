@@ -136,7 +136,7 @@ class SlidingWindowPatch(Patch):
     name = "sliding_window"
     summary = "Sliding window + attention sinks (StreamingLLM) / causal 1-D neighbourhood attention, bounded KV cache."
     config_class = SlidingWindowConfig
-    capabilities = Capabilities(training_free=True, new_params=False, kv_cache=True, generate=True)
+    capabilities = Capabilities(training_free=True, new_params=False, kv_cache=True, generate=True, static_cache=False)
     targets = ("attention_fn",)
 
     def check(self, family: FamilySpec, model_config: PretrainedConfig) -> str | None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import hf_attn_zoo
+from hf_attn_zoo.errors import InvalidInputError
 from hf_attn_zoo.families import family_specs
 from hf_attn_zoo.registry import PATCHES, get_patch
 from tests.matrix import (
@@ -117,6 +118,23 @@ def test_beam_search_with_the_cache_equals_beam_search_without(method, family):
         cached = model.generate(ids, **options)
         uncached = model.generate(ids, use_cache=False, **options)
     assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("method,family", GRID_GENERATE)
+def test_a_static_cache_decodes_as_the_dynamic_one_or_is_refused(method, family):
+    """`cache_implementation="static"` (a pre-allocated buffer, the usual companion of torch.compile): the tokens of
+    the default dynamic cache where the patch declares it can (`Capabilities.static_cache`), else one clear error
+    before anything runs, never other tokens."""
+    _, model = _patched(method, family)
+    options = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    ids = _ids(2, 7)
+    with torch.no_grad():
+        dynamic = model.generate(ids, **options)
+        if PATCHES[method].capabilities.static_cache:
+            assert torch.equal(model.generate(ids, cache_implementation="static", **options), dynamic)
+        else:
+            with pytest.raises(InvalidInputError, match=f"the {method} patch decodes over a dynamic KV cache"):
+                model.generate(ids, cache_implementation="static", **options)
 
 
 @pytest.mark.parametrize("method,family", GRID)
