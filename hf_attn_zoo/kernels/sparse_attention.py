@@ -89,7 +89,9 @@ class AttentionPattern(abc.ABC):
 class PaddingTracker:
     """The 2-D attention mask of the model call in progress, read by the sparse handlers.
 
-    `install` adds a forward pre-hook (stores the mask) and a forward hook (clears it) on the causal LM.
+    `install` adds a forward pre-hook (stores the mask) and a forward hook (clears it) on the causal LM. A forward
+    that records gradients keeps it until the next call: activation checkpointing recomputes the layers during the
+    backward, after the model call returned, and the recomputation must see the padding the forward saw.
     """
 
     def __init__(self) -> None:
@@ -103,7 +105,8 @@ class PaddingTracker:
             self.active = True
 
         def after(module, args, kwargs, output):
-            self.mask, self.active = None, False
+            if not torch.is_grad_enabled():
+                self.mask, self.active = None, False
 
         return [
             model.register_forward_pre_hook(before, with_kwargs=True),

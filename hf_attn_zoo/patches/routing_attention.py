@@ -31,7 +31,8 @@ The retrofit (this patch), on a pretrained model's own q/k/v projections:
   so decoding reproduces the full forward (the cluster id of every cached key is kept in the KV cache,
   `RoutingKVLayer`); no balanced capacity, so a cluster may be large.
 - Centroids are persistent buffers (`attention.routing_centroids.means`, saved with the model), updated by the EMA in
-  training mode only, after the forward that used them. At patch time they are random unit vectors from `seed`
+  training mode only, after the forward that used them (a recomputation by activation checkpointing routes by the
+  centroids its forward used, and does not step again). At patch time they are random unit vectors from `seed`
   (deterministic, never uninitialised: lucidrains/routing-transformer#4); run `init_routing_centroids` (the
   `routing_kmeans_init` recipe hook) on real text before tuning or evaluating, which runs spherical k-means on the
   model's own normalised q/k vectors.
@@ -174,6 +175,15 @@ class RoutingCentroids(nn.Module):
         self.register_buffer("routed_kv", torch.tensor(routed_kv, dtype=torch.long, device=device), persistent=False)
         self.last_aux_loss: torch.Tensor | None = None
         self.recorded: dict[int, list[torch.Tensor]] | None = None
+        # the centroids before the last EMA step: what its forward routed by (see `_routing_means`)
+        self._before_step: torch.Tensor | None = None
+
+    def _routing_means(self) -> torch.Tensor:
+        """The centroids this call routes by: `means`, except in a recomputation by activation checkpointing (inside
+        the backward pass), which must route as its forward did, before that forward's EMA step."""
+        if self._before_step is not None and torch._C._current_graph_task_id() != -1:
+            return self._before_step
+        return self.means
 
     def extra_repr(self) -> str:
         kv, clusters, dim = self.means.shape
@@ -189,7 +199,7 @@ class RoutingCentroids(nn.Module):
         # fp32 distances to the centroids: in bf16 close scores tie and the argmax flips
         q = F.normalize(query[:, self.routing_index].float(), dim=-1)  # [B, R, Q, D]
         k = F.normalize(key.float(), dim=-1)  # [B, KV, Q, D]
-        means = self.means.float()
+        means = self._routing_means().float()
         with torch.no_grad():
             q_routes = torch.einsum("brqd,rcd->brqc", q, means[self.routing_kv]).argmax(-1)
             k_routes = torch.einsum("bkqd,kcd->bkqc", k, means).argmax(-1)
@@ -216,13 +226,14 @@ class RoutingCentroids(nn.Module):
         vectors, index = torch.cat([q_vectors, k_vectors]), torch.cat([q_index, k_index])
         if vectors.shape[0]:
             # commitment loss on queries and keys (gradient to the q/k projections only: the centroids are buffers)
-            centroids = self.means.float().flatten(0, 1)[index]
+            centroids = self._routing_means().float().flatten(0, 1)[index]
             self.last_aux_loss = (vectors - centroids).pow(2).sum(-1).mean()
         # a recomputation by gradient checkpointing runs inside the backward pass: count each step once
         if torch._C._current_graph_task_id() != -1:
             return
         if self.config.centroid_data == "keys":
             vectors, index = k_vectors, k_index
+        self._before_step = self.means.detach().clone()
         with torch.no_grad():
             flat = self.means.float().flatten(0, 1)
             sums = torch.zeros_like(flat).index_add_(0, index, vectors.detach())

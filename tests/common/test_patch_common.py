@@ -153,6 +153,31 @@ def test_gradients_reach_new_parameters(method, family):
 
 
 @pytest.mark.parametrize("method,family", GRID)
+def test_activation_checkpointing_gives_the_same_gradients(method, family):
+    """Activation checkpointing (how large models are tuned) recomputes each layer in the backward pass, after the
+    model call returned: what a patch reads there (the batch's padding, its routing state) must be what the forward
+    read, or the gradients differ from those of the plain backward."""
+    _, model = _patched(method, family)
+    model.train()
+    ids = _ids(2, 10)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding: the handlers read it from the model call
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # buffers a training forward updates (EMA)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.load_state_dict(state)
+        model.zero_grad()
+        torch.manual_seed(0)
+        model(ids, attention_mask=mask, labels=ids, use_cache=False).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, plain in grads[0].items():
+        torch.testing.assert_close(grads[1][name], plain, atol=1e-5 * plain.abs().max().item(), rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("method,family", GRID)
 def test_lora_on_top_of_the_patch(method, family):
     from peft import LoraConfig, get_peft_model
 
