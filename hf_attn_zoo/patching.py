@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicLayer
 from transformers.utils import ModelOutput
 
 from .errors import (
@@ -31,7 +32,7 @@ from .errors import (
 )
 from .families.spec import resolve_family
 from .layers import LayerSelector, resolve_layers
-from .registry import PatchHandle, get_patch
+from .registry import PATCHES, PatchHandle, get_patch
 from .sharing.save_hook import install_save_hook, remove_save_hook
 from .version import __version__
 from .wrappers import inner_model
@@ -210,21 +211,22 @@ def _check_cache(model: torch.nn.Module, cache: Any) -> None:
     layers = getattr(cache, "layers", None)
     if not layers:
         return
-    refusing = [h.method for h in _handles(model) if not get_patch(h.method).capabilities.static_cache]
+    refusing = [h.method for h in _handles(model) if not PATCHES[h.method].capabilities.static_cache]
     if not refusing:
         return
-    from transformers.cache_utils import DynamicLayer
+    for layer in layers:  # a loop, not a generator: Dynamo traces this hook in a compiled model
+        if not isinstance(layer, DynamicLayer):
+            _refuse_preallocated(cache, layer, refusing)
 
-    preallocated = next((layer for layer in layers if not isinstance(layer, DynamicLayer)), None)
-    if preallocated is not None:
-        methods = list(dict.fromkeys(refusing))
-        which = f"the {methods[0]} patch decodes" if len(methods) == 1 else f"the {', '.join(methods)} patches decode"
-        raise InvalidInputError(
-            f"{which} over a dynamic KV cache, and this call passed a "
-            f"{type(cache).__name__} with pre-allocated {type(preallocated).__name__} layers (generate's "
-            "cache_implementation='static'?); use transformers' DynamicCache, generate's default (torch.compile "
-            "works with it: see the README's torch.compile section)."
-        )
+
+def _refuse_preallocated(cache: Any, preallocated: Any, refusing: list[str]) -> None:
+    methods = list(dict.fromkeys(refusing))
+    which = f"the {methods[0]} patch decodes" if len(methods) == 1 else f"the {', '.join(methods)} patches decode"
+    raise InvalidInputError(
+        f"{which} over a dynamic KV cache, and this call passed a {type(cache).__name__} with pre-allocated "
+        f"{type(preallocated).__name__} layers (generate's cache_implementation='static'?); use transformers' "
+        "DynamicCache, generate's default (torch.compile works with it: see the README's torch.compile section)."
+    )
 
 
 def _ensure_input_check(model: torch.nn.Module) -> None:

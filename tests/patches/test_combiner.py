@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 import hf_attn_zoo
-from hf_attn_zoo.errors import InvalidOptionError, UnsupportedArchitectureError
+from hf_attn_zoo.errors import InvalidInputError, InvalidOptionError, UnsupportedArchitectureError
 from hf_attn_zoo.kernels.combiner import naive_combiner_attention
 from hf_attn_zoo.patches import combiner as combiner_patch
 from hf_attn_zoo.patches.combiner import QueryCacheLayer
@@ -81,11 +81,16 @@ def test_more_direct_blocks_move_toward_the_dense_model():
 
 
 def test_a_cache_without_queries_is_refused_with_the_fix():
-    model = hf_attn_zoo.patch(tiny_model("llama"), "combiner", block_size=2)
+    base = tiny_model("llama")
     ids = _ids(1, 8)
-    cache = StaticCache(config=model.config, max_cache_len=16)
-    with torch.no_grad(), pytest.raises(UnsupportedArchitectureError, match="DynamicCache"):
-        model(ids, cache=cache, use_cache=True)
+    cache = DynamicCache(config=base.config)
+    with torch.no_grad():
+        base(ids[:, :6], cache=cache, use_cache=True)  # filled before the patch: keys, but no queries
+        model = hf_attn_zoo.patch(base, "combiner", block_size=2)
+        with pytest.raises(UnsupportedArchitectureError, match="DynamicCache"):
+            model(ids[:, 6:], cache=cache, use_cache=True)
+    with torch.no_grad(), pytest.raises(InvalidInputError, match="the combiner patch decodes over a dynamic KV cache"):
+        model(ids, cache=StaticCache(config=model.config, max_cache_len=16), use_cache=True)
 
 
 @pytest.mark.parametrize(
