@@ -82,9 +82,10 @@ def passkey(model, tokenizer, doc: dict, streaming: bool, prefill: int, chunk: i
     ids = tokenizer(doc["prompt"], return_tensors="pt").input_ids
     if streaming:
         logits, cache = chunked_logits(model, ids, prefill, chunk)
+        kv = cache_kwargs(model, cache)
     else:
-        cache = DynamicCache(config=model.config)
-        logits = model(ids, **cache_kwargs(model, cache), use_cache=True).logits
+        kv = cache_kwargs(model, DynamicCache(config=model.config))
+        logits = model(ids, **kv, use_cache=True).logits
     text = ""
     for _ in range(10):
         token = logits[:, -1:].argmax(-1)
@@ -92,7 +93,7 @@ def passkey(model, tokenizer, doc: dict, streaming: bool, prefill: int, chunk: i
         text += piece
         if "\n" in piece or "." in piece:
             break
-        logits = model(token, **cache_kwargs(model, cache), use_cache=True).logits
+        logits = model(token, **kv, use_cache=True).logits
     found = re.search(r"\d+", text)
     return found is not None and found.group(0) == doc["key"]
 

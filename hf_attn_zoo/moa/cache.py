@@ -227,10 +227,8 @@ class MoACacheLayer(RetainingLayer):
         self._map(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices])
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        # each bucket where it is (an offloaded one is on the CPU); beam search comes here too (`reorder_cache`)
+        self._map(lambda t: t[indices.to(t.device)])
 
     def offload(self) -> None:
         self._map(lambda t: t.to("cpu", non_blocking=True))

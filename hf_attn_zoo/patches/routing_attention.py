@@ -181,9 +181,7 @@ class RoutingCentroids(nn.Module):
     def _routing_means(self) -> torch.Tensor:
         """The centroids this call routes by: `means`, except in a recomputation by activation checkpointing (inside
         the backward pass), which must route as its forward did, before that forward's EMA step."""
-        if self._before_step is not None and torch._C._current_graph_task_id() != -1:
-            return self._before_step
-        return self.means
+        return self._before_step if self._before_step is not None and _recomputing() else self.means
 
     def extra_repr(self) -> str:
         kv, clusters, dim = self.means.shape
@@ -228,8 +226,7 @@ class RoutingCentroids(nn.Module):
             # commitment loss on queries and keys (gradient to the q/k projections only: the centroids are buffers)
             centroids = self._routing_means().float().flatten(0, 1)[index]
             self.last_aux_loss = (vectors - centroids).pow(2).sum(-1).mean()
-        # a recomputation by gradient checkpointing runs inside the backward pass: count each step once
-        if torch._C._current_graph_task_id() != -1:
+        if _recomputing():  # count each step once
             return
         if self.config.centroid_data == "keys":
             vectors, index = k_vectors, k_index
@@ -259,6 +256,11 @@ class RoutingCentroids(nn.Module):
                 rows = part.transpose(1, 2)  # [B, Q, n, D]
                 rows = rows[real] if real is not None else rows.flatten(0, 1)
                 self.recorded.setdefault(g, []).append(rows.reshape(-1, rows.shape[-1]).detach().cpu())
+
+
+def _recomputing() -> bool:
+    """Whether this forward is a recomputation by activation checkpointing: it runs inside the backward pass."""
+    return torch._C._current_graph_task_id() != -1
 
 
 class RoutingKVLayer(RetainingLayer):

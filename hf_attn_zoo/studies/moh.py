@@ -354,12 +354,16 @@ def study_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 TARGET_GAP = 0.02  # the issue's target: MoH within 2% of dense
 
 
+def _tuned_rows(rows: list[dict[str, Any]], variant: str) -> list[dict[str, Any]]:
+    """`variant`'s rows with a gap after some tuning (the points of its trend), smallest budget first."""
+    return sorted((r for r in rows if r["variant"] == variant and r["budget"] and r["gap"]), key=lambda r: r["budget"])
+
+
 def study_trends(rows: list[dict[str, Any]], target: float = TARGET_GAP) -> dict[str, GapTrend]:
     """A power law of the gap against tokens (`studies.trend`) for every variant with at least two tuned budgets."""
     trends = {}
     for variant in dict.fromkeys(r["variant"] for r in rows):
-        points = [(r["budget"], *r["gap"]) for r in rows if r["variant"] == variant and r["budget"] and r["gap"]]
-        trend = fit_gap_trend(points, target)
+        trend = fit_gap_trend([(r["budget"], *r["gap"]) for r in _tuned_rows(rows, variant)], target)
         if trend is not None:
             trends[variant] = trend
     return trends
@@ -379,9 +383,7 @@ def _trend_markdown(rows: list[dict[str, Any]]) -> list[str]:
         "|---|---:|---:|---:|",
     ]
     for variant, trend in trends.items():
-        tuned = sorted(
-            (r for r in rows if r["variant"] == variant and r["budget"] and r["gap"]), key=lambda r: r["budget"]
-        )
+        tuned = _tuned_rows(rows, variant)
         measured = [r["budget"] for r in tuned if r["gap"][0] <= TARGET_GAP]
         if measured:
             where = f"reached: {_tokens(measured[0])} tokens (measured)"
